@@ -20,7 +20,7 @@ import (
 
 // templateVersion changes whenever what the template holds changes in a way
 // the key below cannot see.
-const templateVersion = "1"
+const templateVersion = "2"
 
 // ownerFile, in an instance or build directory, holds the pid of the process
 // that made it, so sweepStale can remove what dead processes left behind.
