@@ -1,5 +1,51 @@
 // Package testenv starts real servers for pgward's tests and for
-// `pgward demo`: a private PostgreSQL with fixed roles, TLS and a Unix
-// socket; throwaway certificate authorities; and helpers that run commands
-// as other uids and skip tests that need privileges they lack.
+// `pgward demo`, so that tests exercise the real PostgreSQL and not a fake.
+//
+// It owns:
+//
+//   - Postgres: a private PostgreSQL server (StartPostgres, or Require in a
+//     test) listening on 127.0.0.1:<Port> with TLS and on the Unix socket
+//     <SocketDir>/.s.PGSQL.<Port>, with fixed roles that each use one
+//     authentication method (SuperUser and ScramUser: scram-sha-256, MD5User:
+//     md5, PasswordUser: cleartext password; pg_hba.conf has no trust line)
+//     and a Database every role may use. Durability is off (fsync,
+//     full_page_writes, synchronous_commit): with synchronous_commit=off,
+//     transactions committed in the last few hundred milliseconds before
+//     Kill may be lost, so fault tests should not count on them.
+//   - CA: throwaway certificate authorities and the server and client
+//     certificates they issue.
+//   - RunAs, RequireRoot and UnprivilegedIDs: running commands as other
+//     uids, and skipping, with the reason, tests that need root.
+//
+// # Lifecycle
+//
+// StartPostgres creates /dev/shm/pgw-XXXX (a tmpfs when there is a roomy one,
+// else /tmp; override with PGWARD_TESTENV_TMPDIR), copies a template cluster
+// into it, writes a fresh CA, server certificate, postgresql.conf and
+// pg_hba.conf, starts the postmaster as a child process and returns once
+// postmaster.pid says "ready". The template is built once per machine,
+// server version and account (initdb, roles, database, clean shutdown) under
+// <tmp>/pgward-testenv-<euid>/, guarded by a file lock so concurrent test
+// binaries build it once; that first start takes about a second, later ones
+// about 100ms. Restart (fast shutdown, same port), Kill (SIGKILL of the
+// postmaster and all its backends) and StartAgain (crash recovery, same
+// port) support fault tests. Stop is idempotent and removes the directory.
+//
+// Postgres will not run as root. When the tests run as root the server runs
+// as the system account ServerUserName, created with useradd if missing
+// (nobody if that fails); otherwise it runs as the calling user. The
+// postmaster gets SIGKILL if the process that started it dies, and the next
+// StartPostgres removes directories whose owner process is gone.
+//
+// Binaries are found by FindBinDir (PGWARD_PG_BINDIR, PATH, pg_config,
+// /usr/lib/postgresql/*/bin). When they are missing Require skips, naming
+// InstallCommand, except under CI=true, where it fails: CI never silently
+// skips the real server.
+//
+// # What it does not do
+//
+// It does not pool or share servers between test binaries (share one per
+// binary from TestMain when tests do not disturb each other), does not make
+// durable or tuned servers, and never uses trust authentication: every login
+// to a test server proves a password, as pgward's upstreams require.
 package testenv

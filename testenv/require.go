@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"os"
+	"strings"
 	"testing"
 	"time"
 )
@@ -15,18 +16,25 @@ const StartTimeout = 2 * time.Minute
 // Require starts a Postgres for this test and stops it in tb.Cleanup. With
 // no server binaries installed it skips, naming InstallCommand, except when
 // CI=true, where it fails: CI must never silently skip the real server.
-// Only the first opts is used.
+// Only the first opts is used; a nil Logf becomes tb.Logf.
 func Require(tb testing.TB, opts ...Options) *Postgres {
 	tb.Helper()
 	var o Options
 	if len(opts) > 0 {
 		o = opts[0]
 	}
+	if o.Logf == nil {
+		o.Logf = tb.Logf
+	}
 	if _, err := FindBinDir(); err != nil {
-		if errors.Is(err, ErrNoPostgres) && os.Getenv("CI") != "true" {
-			tb.Skipf("testenv: %v", err)
+		msg := err.Error()
+		if !strings.Contains(msg, InstallCommand) {
+			msg += " (install with `" + InstallCommand + "`)"
 		}
-		tb.Fatalf("testenv: %v", err)
+		if errors.Is(err, ErrNoPostgres) && os.Getenv("CI") != "true" {
+			tb.Skipf("testenv: %s", msg)
+		}
+		tb.Fatalf("testenv: %s (CI=true: tests must not skip the real server)", msg)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), StartTimeout)
 	defer cancel()

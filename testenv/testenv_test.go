@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"testing"
@@ -520,5 +521,42 @@ func TestFindBinDir(t *testing.T) {
 	t.Setenv(testenv.BinDirEnv, t.TempDir())
 	if _, err := testenv.FindBinDir(); !errors.Is(err, testenv.ErrNoPostgres) {
 		t.Errorf("with %s pointing at an empty dir: err = %v, want ErrNoPostgres", testenv.BinDirEnv, err)
+	}
+}
+
+// recordTB captures how Require ends a test without ending this one.
+type recordTB struct {
+	testing.TB
+	skipped, failed string
+}
+
+func (r *recordTB) Helper() {}
+func (r *recordTB) Skipf(format string, args ...any) {
+	r.skipped = fmt.Sprintf(format, args...)
+	runtime.Goexit()
+}
+func (r *recordTB) Fatalf(format string, args ...any) {
+	r.failed = fmt.Sprintf(format, args...)
+	runtime.Goexit()
+}
+
+func TestRequireWithoutBinaries(t *testing.T) {
+	t.Setenv(testenv.BinDirEnv, t.TempDir())
+	for _, ci := range []string{"", "true"} {
+		t.Setenv("CI", ci)
+		r := &recordTB{TB: t}
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			testenv.Require(r)
+		}()
+		<-done
+		if ci == "true" {
+			if r.failed == "" || r.skipped != "" {
+				t.Errorf("CI=true: skipped=%q failed=%q, want a failure", r.skipped, r.failed)
+			}
+		} else if !strings.Contains(r.skipped, testenv.InstallCommand) || r.failed != "" {
+			t.Errorf("CI unset: skipped=%q failed=%q, want a skip naming %q", r.skipped, r.failed, testenv.InstallCommand)
+		}
 	}
 }
