@@ -560,3 +560,26 @@ func TestRequireWithoutBinaries(t *testing.T) {
 		}
 	}
 }
+
+func TestExtraHBAAndConf(t *testing.T) {
+	ctx := ctxT(t)
+	p := testenv.Require(t, testenv.Options{
+		ExtraHBA:  []string{"hostnossl all all 127.0.0.1/32 reject"},
+		ExtraConf: []string{"work_mem = '7MB'"},
+	})
+	plain := fmt.Sprintf("host=%s port=%d user=%s password=%s dbname=%s sslmode=disable",
+		p.Host, p.Port, testenv.ScramUser, testenv.ScramPassword, testenv.Database)
+	if c, err := pgconn.Connect(ctx, plain); err == nil {
+		c.Close(ctx)
+		t.Error("plain TCP accepted despite the reject line")
+	}
+	conn, err := pgx.Connect(ctx, p.TLSDSN(testenv.ScramUser, testenv.ScramPassword, testenv.Database))
+	if err != nil {
+		t.Fatalf("TLS: %v", err)
+	}
+	defer conn.Close(ctx)
+	var wm string
+	if err := conn.QueryRow(ctx, "SHOW work_mem").Scan(&wm); err != nil || wm != "7MB" {
+		t.Errorf("work_mem = %q (%v), want 7MB", wm, err)
+	}
+}
