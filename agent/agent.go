@@ -1,0 +1,286 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"go.opentelemetry.io/otel/trace"
+
+	"github.com/pgward/pgward/broker"
+	"github.com/pgward/pgward/broker/secrets"
+	"github.com/pgward/pgward/exporter"
+)
+
+// Options are what New needs.
+type Options struct {
+	Config     *Config
+	ConfigPath string // for Reload; may be empty
+	Logger     *slog.Logger
+	// TracerProvider for the session traces; nil mints ids without exporting.
+	TracerProvider trace.TracerProvider
+}
+
+// Agent is the node agent: broker, identity, secrets, audit, metrics and
+// eBPF, wired together.
+type Agent struct {
+	log      *slog.Logger
+	cfgPath  string
+	cfg      *Config
+	broker   *broker.Server
+	resolver *Resolver
+	metrics  *exporter.Metrics
+	audit    *exporter.Audit
+	observer *exporter.Observer
+	source   secrets.Source
+	closers  []func() error // closed in reverse order
+
+	unixLn    *net.UnixListener
+	tcpLn     net.Listener
+	metricsLn net.Listener
+	httpSrv   *http.Server
+	ebpf      *ebpfState
+
+	mu     sync.Mutex
+	closed bool
+}
+
+// New builds the agent and opens its listeners. It cleans up what it opened
+// when it fails.
+func New(ctx context.Context, opts Options) (a *Agent, err error) {
+	if opts.Config == nil {
+		return nil, errors.New("agent: no configuration")
+	}
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	a = &Agent{log: log, cfg: opts.Config, cfgPath: opts.ConfigPath}
+	defer func() {
+		if err != nil {
+			a.closeAll()
+		}
+	}()
+	cfg := opts.Config
+
+	reg := prometheus.NewRegistry()
+	a.metrics = exporter.NewMetrics(reg)
+
+	a.audit, err = exporter.OpenAudit(cfg.Audit, a.metrics, log)
+	if err != nil {
+		return nil, fmt.Errorf("open audit log: %w", err)
+	}
+	a.closers = append(a.closers, a.audit.Close)
+	a.observer = exporter.NewObserver(log, a.metrics, a.audit)
+
+	a.source, err = newSource(cfg, log)
+	if err != nil {
+		return nil, err
+	}
+	if c, ok := a.source.(interface{ Close() error }); ok {
+		a.closers = append(a.closers, c.Close)
+	}
+
+	a.resolver = &Resolver{RequireEBPF: cfg.Identity.RequireEBPF}
+	if err := a.startEBPF(ctx); err != nil {
+		return nil, err
+	}
+
+	a.broker, err = broker.New(broker.Options{
+		Config:         cfg.Config,
+		Resolver:       a.resolver,
+		Secrets:        a.source,
+		Observer:       a.observer,
+		Logger:         log,
+		TracerProvider: opts.TracerProvider,
+	})
+	if err != nil {
+		return nil, err
+	}
+
+	a.unixLn, err = broker.ListenUnix(cfg.Listen)
+	if err != nil {
+		return nil, err
+	}
+	a.closers = append(a.closers, a.unixLn.Close)
+	if cfg.Listen.TCP != "" {
+		a.tcpLn, err = net.Listen("tcp", cfg.Listen.TCP)
+		if err != nil {
+			return nil, fmt.Errorf("listen.tcp: %w", err)
+		}
+		a.closers = append(a.closers, a.tcpLn.Close)
+		if a.ebpf != nil {
+			a.ebpf.watchTCP(a.tcpLn.Addr())
+		}
+	}
+	if cfg.Metrics.Listen != "" {
+		a.metricsLn, err = net.Listen("tcp", cfg.Metrics.Listen)
+		if err != nil {
+			return nil, fmt.Errorf("metrics.listen: %w", err)
+		}
+		a.closers = append(a.closers, a.metricsLn.Close)
+		a.httpSrv = &http.Server{Handler: a.metrics.Handler(a.ready), ReadHeaderTimeout: 5 * time.Second}
+	}
+	return a, nil
+}
+
+func newSource(cfg *Config, log *slog.Logger) (secrets.Source, error) {
+	switch cfg.Secrets.Backend {
+	case "", "file":
+		f, err := secrets.NewFile(cfg.Secrets.File, log)
+		if err != nil {
+			return nil, fmt.Errorf("secrets backend file: %w", err)
+		}
+		return f, nil
+	case "env":
+		return secrets.NewEnv(cfg.Secrets.Env), nil
+	case "vault":
+		return newVaultSource(cfg, log)
+	}
+	return nil, fmt.Errorf("secrets.backend %q is not one of file, env, vault", cfg.Secrets.Backend)
+}
+
+// ready is /readyz.
+func (a *Agent) ready() (bool, string) {
+	if a.broker.Draining() {
+		return false, "draining"
+	}
+	if a.ebpf == nil || a.ebpf.tracker == nil {
+		return true, "ebpf: not attached (peer credentials only)"
+	}
+	return true, ""
+}
+
+// SocketPath is the node socket clients connect to.
+func (a *Agent) SocketPath() string { return a.cfg.Listen.SocketPath() }
+
+// MetricsAddr is the address of the metrics endpoint, or nil.
+func (a *Agent) MetricsAddr() net.Addr {
+	if a.metricsLn == nil {
+		return nil
+	}
+	return a.metricsLn.Addr()
+}
+
+// TCPAddr is the loopback TCP listener's address, or nil.
+func (a *Agent) TCPAddr() net.Addr {
+	if a.tcpLn == nil {
+		return nil
+	}
+	return a.tcpLn.Addr()
+}
+
+// Broker is the running broker (for tests and the CLI).
+func (a *Agent) Broker() *broker.Server { return a.broker }
+
+// Run serves until ctx ends, then drains for the configured grace period
+// and closes everything. A second cancellation is the caller's business
+// (cmd exits at once).
+func (a *Agent) Run(ctx context.Context) error {
+	serveCtx, stop := context.WithCancel(context.WithoutCancel(ctx))
+	defer stop()
+	errc := make(chan error, 3)
+	n := 1
+	go func() { errc <- a.broker.Serve(serveCtx, a.unixLn) }()
+	if a.tcpLn != nil {
+		n++
+		go func() { errc <- a.broker.Serve(serveCtx, a.tcpLn) }()
+	}
+	if a.httpSrv != nil {
+		go func() {
+			if err := a.httpSrv.Serve(a.metricsLn); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				a.log.Error("metrics endpoint failed", "err", err)
+			}
+		}()
+	}
+	if a.ebpf != nil {
+		a.ebpf.run(serveCtx)
+	}
+	a.log.Info("pgward agent ready", "socket", a.SocketPath(), "metrics", a.cfg.Metrics.Listen, "tcp", a.cfg.Listen.TCP)
+	var runErr error
+	select {
+	case <-ctx.Done():
+	case err := <-errc:
+		n--
+		if err != nil && !errors.Is(err, broker.ErrServerClosed) {
+			runErr = err
+		}
+	}
+	grace := a.cfg.Shutdown.GraceOrDefault()
+	a.log.Info("draining sessions", "grace", grace, "sessions", a.broker.ActiveSessions())
+	dctx, cancel := context.WithTimeout(context.Background(), grace)
+	err := a.broker.Shutdown(dctx)
+	cancel()
+	if err != nil {
+		a.log.Warn("grace period over: ended the remaining sessions", "err", err)
+	}
+	stop()
+	for ; n > 0; n-- {
+		<-errc
+	}
+	a.closeAll()
+	return runErr
+}
+
+// Reload re-reads the configuration file and applies policy, upstreams and
+// secrets settings. An invalid file changes nothing; the error lists every
+// problem.
+func (a *Agent) Reload() error {
+	if a.cfgPath == "" {
+		return errors.New("reload: the agent was not started from a file")
+	}
+	cfg, err := LoadConfig(a.cfgPath)
+	if err != nil {
+		return err
+	}
+	if cfg.Listen != a.cfg.Listen {
+		a.log.Warn("reload: listen settings changed; they take effect at restart")
+		cfg.Listen = a.cfg.Listen
+	}
+	if err := a.broker.Reload(cfg.Config); err != nil {
+		return err
+	}
+	if f, ok := a.source.(*secrets.File); ok {
+		if err := f.Reload(); err != nil {
+			a.log.Warn("reload: secrets file invalid; keeping the last good content", "err", err)
+		}
+	}
+	a.cfg = cfg
+	a.log.Info("configuration reloaded", "path", a.cfgPath)
+	return nil
+}
+
+// Close stops everything at once. It is idempotent.
+func (a *Agent) Close() error {
+	if a.broker != nil {
+		a.broker.Close()
+	}
+	a.closeAll()
+	return nil
+}
+
+func (a *Agent) closeAll() {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.closed {
+		return
+	}
+	a.closed = true
+	if a.httpSrv != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		_ = a.httpSrv.Shutdown(ctx)
+		cancel()
+	}
+	for i := len(a.closers) - 1; i >= 0; i-- {
+		if err := a.closers[i](); err != nil && !errors.Is(err, net.ErrClosed) && !errors.Is(err, os.ErrClosed) {
+			a.log.Debug("close", "err", err)
+		}
+	}
+}

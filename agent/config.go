@@ -1,0 +1,267 @@
+package agent
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+
+	"gopkg.in/yaml.v3"
+
+	"github.com/pgward/pgward/broker"
+	"github.com/pgward/pgward/broker/secrets"
+	"github.com/pgward/pgward/exporter"
+)
+
+// Config is pgward's whole configuration file (DESIGN.md §4). The broker's
+// part (listen, upstreams, principals, grants, limits) is inline.
+type Config struct {
+	broker.Config `yaml:",inline"`
+
+	Secrets  SecretsConfig        `yaml:"secrets"`
+	Identity IdentityConfig       `yaml:"identity"`
+	Audit    exporter.AuditConfig `yaml:"audit"`
+	Metrics  MetricsConfig        `yaml:"metrics"`
+	EBPF     EBPFConfig           `yaml:"ebpf"`
+	Shutdown ShutdownConfig       `yaml:"shutdown"`
+}
+
+// SecretsConfig chooses and configures the secrets backend.
+type SecretsConfig struct {
+	Backend string             `yaml:"backend"` // file | env | vault
+	File    secrets.FileConfig `yaml:"file"`
+	Env     secrets.EnvConfig  `yaml:"env"`
+	Vault   yaml.Node          `yaml:"vault"` // decoded by the vault backend
+}
+
+// IdentityConfig tunes identity verification.
+type IdentityConfig struct {
+	// RequireEBPF refuses connections that no eBPF connect record matches.
+	RequireEBPF bool `yaml:"require_ebpf"`
+}
+
+// MetricsConfig is the HTTP endpoint for /metrics, /healthz and /readyz.
+type MetricsConfig struct {
+	Listen string `yaml:"listen"` // host:port; empty disables the endpoint
+}
+
+// EBPFConfig configures the kernel probes.
+type EBPFConfig struct {
+	// Enabled is auto (use eBPF when the kernel and privileges allow, else
+	// peer credentials only, said once at WARN), true (fail to start without
+	// it) or false.
+	Enabled string `yaml:"enabled"`
+	// Enforce refuses direct connects to guarded endpoints (ECONNREFUSED).
+	Enforce bool `yaml:"enforce"`
+	// Guard lists more endpoints to guard (host:port or socket file paths),
+	// besides every upstream's address.
+	Guard []string `yaml:"guard"`
+	// Cgroup is where the programs attach; default the cgroup2 root.
+	Cgroup string `yaml:"cgroup"`
+}
+
+// ShutdownConfig bounds draining on SIGTERM.
+type ShutdownConfig struct {
+	Grace time.Duration `yaml:"grace"` // default 30s
+}
+
+// DefaultGrace is how long SIGTERM lets sessions finish.
+const DefaultGrace = 30 * time.Second
+
+// GraceOrDefault is the configured grace period or the default.
+func (c ShutdownConfig) GraceOrDefault() time.Duration {
+	if c.Grace <= 0 {
+		return DefaultGrace
+	}
+	return c.Grace
+}
+
+// LoadConfig reads and validates a configuration file. Every problem is
+// reported, each with its line number.
+func LoadConfig(path string) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read config: %w", err)
+	}
+	return ParseConfig(data, path)
+}
+
+// ParseConfig parses and validates configuration text; name prefixes messages.
+func ParseConfig(data []byte, name string) (*Config, error) {
+	var cfg Config
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	if err := dec.Decode(&cfg); err != nil {
+		if errors.Is(err, errEmpty) || err.Error() == "EOF" {
+			return nil, fmt.Errorf("%s: the file is empty", name)
+		}
+		var te *yaml.TypeError
+		if errors.As(err, &te) {
+			errs := make([]error, 0, len(te.Errors))
+			for _, e := range te.Errors {
+				errs = append(errs, fmt.Errorf("%s:%s", name, strings.TrimPrefix(e, "line ")))
+			}
+			return nil, errors.Join(errs...)
+		}
+		return nil, fmt.Errorf("%s: %s", name, strings.TrimPrefix(err.Error(), "yaml: "))
+	}
+	var root yaml.Node
+	_ = yaml.Unmarshal(data, &root)
+	if err := cfg.Validate(); err != nil {
+		return nil, withLines(err, &root, name)
+	}
+	return &cfg, nil
+}
+
+var errEmpty = errors.New("EOF")
+
+// Validate checks every part of the configuration and reports every problem.
+func (c *Config) Validate() error {
+	var errs []error
+	if err := c.Config.Validate(); err != nil {
+		errs = append(errs, err)
+	}
+	fe := func(path, format string, args ...any) {
+		errs = append(errs, &broker.FieldError{Path: path, Err: fmt.Errorf(format, args...)})
+	}
+	switch c.Secrets.Backend {
+	case "", "file":
+		if c.Secrets.File.Path == "" {
+			fe("secrets.file.path", "is required for the file backend")
+		}
+	case "env":
+	case "vault":
+		if c.Secrets.Vault.Kind == 0 {
+			fe("secrets.vault", "is required for the vault backend")
+		}
+	default:
+		fe("secrets.backend", "%q is not one of file, env, vault", c.Secrets.Backend)
+	}
+	if err := c.Audit.Validate(); err != nil {
+		var fieldErrs interface{ Unwrap() []error }
+		list := []error{err}
+		if errors.As(err, &fieldErrs) {
+			list = fieldErrs.Unwrap()
+		}
+		for _, e := range list {
+			// The exporter names its keys ("audit.path: required").
+			key, msg, ok := strings.Cut(e.Error(), ": ")
+			if !ok || !strings.HasPrefix(key, "audit") {
+				key, msg = "audit", e.Error()
+			}
+			fe(key, "%s", msg)
+		}
+	}
+	if c.Metrics.Listen != "" {
+		if _, _, err := net.SplitHostPort(c.Metrics.Listen); err != nil {
+			fe("metrics.listen", "%q is not host:port", c.Metrics.Listen)
+		}
+	}
+	switch c.EBPF.Enabled {
+	case "", "auto", "true", "false":
+	default:
+		fe("ebpf.enabled", "%q is not one of auto, true, false", c.EBPF.Enabled)
+	}
+	for i, g := range c.EBPF.Guard {
+		if strings.HasPrefix(g, "/") {
+			continue
+		}
+		if _, _, err := net.SplitHostPort(g); err != nil {
+			fe(fmt.Sprintf("ebpf.guard[%d]", i), "%q is neither host:port nor a socket file path", g)
+		}
+	}
+	if c.EBPF.Enforce && c.EBPF.Enabled == "false" {
+		fe("ebpf.enforce", "needs eBPF, but ebpf.enabled is false")
+	}
+	if c.Identity.RequireEBPF && c.EBPF.Enabled == "false" {
+		fe("identity.require_ebpf", "needs eBPF, but ebpf.enabled is false")
+	}
+	if c.Shutdown.Grace < 0 {
+		fe("shutdown.grace", "must not be negative")
+	}
+	return errors.Join(errs...)
+}
+
+// withLines prefixes each field error with the line of its key.
+func withLines(err error, root *yaml.Node, name string) error {
+	var out []error
+	var walk func(error)
+	walk = func(e error) {
+		if j, ok := e.(interface{ Unwrap() []error }); ok {
+			for _, x := range j.Unwrap() {
+				walk(x)
+			}
+			return
+		}
+		var fe *broker.FieldError
+		if errors.As(e, &fe) {
+			if line := lineOf(root, fe.Path); line > 0 {
+				out = append(out, fmt.Errorf("%s:%d: %w", name, line, e))
+				return
+			}
+		}
+		out = append(out, fmt.Errorf("%s: %w", name, e))
+	}
+	walk(err)
+	return errors.Join(out...)
+}
+
+var (
+	segRe = regexp.MustCompile(`^([^\[]*)((?:\[\d+\])*)$`)
+	idxRe = regexp.MustCompile(`\d+`)
+)
+
+// lineOf finds the line of a key path like "upstreams.orders.tls.mode" or
+// "grants[0].principal"; for a missing key, the line of its nearest parent.
+// Names that contain dots (an upstream called "a.b") are matched whole.
+func lineOf(root *yaml.Node, path string) int {
+	n := root
+	if n.Kind == yaml.DocumentNode && len(n.Content) > 0 {
+		n = n.Content[0]
+	}
+	line := 0
+	segs := strings.Split(path, ".")
+	for i := 0; i < len(segs); {
+		matched := false
+		for end := len(segs); end > i && !matched; end-- {
+			m := segRe.FindStringSubmatch(strings.Join(segs[i:end], "."))
+			if m == nil {
+				continue
+			}
+			child, l := mapGet(n, m[1])
+			if child == nil {
+				continue
+			}
+			line, n, i, matched = l, child, end, true
+			for _, s := range idxRe.FindAllString(m[2], -1) {
+				k, _ := strconv.Atoi(s)
+				if n.Kind != yaml.SequenceNode || k >= len(n.Content) {
+					return line
+				}
+				n = n.Content[k]
+				line = n.Line
+			}
+		}
+		if !matched {
+			return line
+		}
+	}
+	return line
+}
+
+func mapGet(n *yaml.Node, key string) (*yaml.Node, int) {
+	if n.Kind != yaml.MappingNode {
+		return nil, 0
+	}
+	for j := 0; j+1 < len(n.Content); j += 2 {
+		if n.Content[j].Value == key {
+			return n.Content[j+1], n.Content[j].Line
+		}
+	}
+	return nil, 0
+}

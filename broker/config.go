@@ -1,0 +1,358 @@
+package broker
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"path"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Config is the broker's part of pgward's configuration. The agent loads it
+// from YAML (the yaml tags are the config keys of DESIGN.md §4); Validate
+// reports every problem with its key path.
+type Config struct {
+	Listen     ListenConfig              `yaml:"listen"`
+	Upstreams  map[string]UpstreamConfig `yaml:"upstreams"`
+	Principals map[string]Principal      `yaml:"principals"`
+	Grants     []Grant                   `yaml:"grants"`
+	Limits     LimitsConfig              `yaml:"limits"`
+}
+
+// ListenConfig is where clients connect.
+type ListenConfig struct {
+	// UnixDir is the directory of the socket file <UnixDir>/.s.PGSQL.<Port>,
+	// libpq's convention, so clients use host=<UnixDir>. Default /run/pgward.
+	UnixDir string `yaml:"unix_dir"`
+	// Port is the number in the socket file name (and nothing else). Default 5432.
+	Port int `yaml:"port"`
+	// Mode is the socket file's permission bits, octal. Default "0666": every
+	// connection is identity-checked, so the socket may be open to all.
+	Mode string `yaml:"mode"`
+	// TCP is an optional loopback listener address (host:port). Its callers are
+	// identified from eBPF records only.
+	TCP string `yaml:"tcp"`
+	// MaxConnections caps concurrent client connections (sessions and those
+	// still in startup). Over it, clients get 53300. Default 10000.
+	MaxConnections int `yaml:"max_connections"`
+	// LoginTimeout bounds the time from accept to a relaying session
+	// (startup, identity, credentials, upstream authentication). Default 10s.
+	LoginTimeout time.Duration `yaml:"login_timeout"`
+	// MaxMessageSize caps one protocol message from a client or upstream, in
+	// bytes. Default 256 MiB (Postgres itself allows 1 GiB).
+	MaxMessageSize int `yaml:"max_message_size"`
+}
+
+// UpstreamConfig is one Postgres server clients may use, by name.
+type UpstreamConfig struct {
+	// Address is host:port, or the path of a socket file such as
+	// /var/run/postgresql/.s.PGSQL.5432.
+	Address string `yaml:"address"`
+	// Database is the real database name; defaults to the upstream's name.
+	Database string    `yaml:"database"`
+	TLS      TLSConfig `yaml:"tls"`
+	// Auth lists the authentication methods pgward accepts from this upstream:
+	// scram-sha-256 (default), md5, password. A method not listed is refused,
+	// so a server (or a machine in the middle) cannot downgrade to harvest the secret.
+	Auth []string `yaml:"auth"`
+	// ConnectTimeout bounds dialling and authenticating. Default 5s.
+	ConnectTimeout time.Duration `yaml:"connect_timeout"`
+}
+
+// TLSConfig is how pgward talks TLS to an upstream.
+type TLSConfig struct {
+	// Mode is disable, require, verify-ca or verify-full (libpq's meanings,
+	// without the fallbacks: require never falls back to plaintext).
+	// Default disable for socket files, verify-full otherwise.
+	Mode       string `yaml:"mode"`
+	CAFile     string `yaml:"ca_file"`
+	ServerName string `yaml:"server_name"` // defaults to the address's host
+	CertFile   string `yaml:"cert_file"`   // client certificate, optional
+	KeyFile    string `yaml:"key_file"`
+}
+
+// Principal is a named set of selectors over an Identity. Every selector
+// given must match (and, within one selector, any of its values).
+type Principal struct {
+	Match Selectors `yaml:"match"`
+}
+
+// Selectors match an Identity. Unset selectors match anything; a principal
+// with no selector at all is invalid.
+type Selectors struct {
+	UID               []uint32          `yaml:"uid"`
+	GID               []uint32          `yaml:"gid"`
+	User              StringList        `yaml:"user"`
+	Exe               StringList        `yaml:"exe"`          // exact path or glob (path.Match)
+	Comm              StringList        `yaml:"comm"`         // exact
+	SystemdUnit       StringList        `yaml:"systemd_unit"` // exact or glob
+	Cgroup            StringList        `yaml:"cgroup"`       // exact or glob over the cgroup path
+	ContainerID       StringList        `yaml:"container_id"`
+	K8sNamespace      StringList        `yaml:"k8s.namespace"`
+	K8sServiceAccount StringList        `yaml:"k8s.service_account"`
+	K8sPod            StringList        `yaml:"k8s.pod"`
+	K8sLabels         map[string]string `yaml:"k8s.labels"`
+}
+
+// StringList is a list of strings that may be written as one scalar in YAML.
+type StringList []string
+
+// UnmarshalYAML accepts a scalar or a sequence (yaml.v2-style unmarshaler,
+// which yaml.v3 honours, so this package needs no YAML import).
+func (l *StringList) UnmarshalYAML(unmarshal func(any) error) error {
+	var one string
+	if err := unmarshal(&one); err == nil {
+		*l = StringList{one}
+		return nil
+	}
+	var many []string
+	if err := unmarshal(&many); err != nil {
+		return errors.New("must be a string or a list of strings")
+	}
+	*l = many
+	return nil
+}
+
+// Grant gives a principal the use of roles on an upstream.
+type Grant struct {
+	Principal string   `yaml:"principal"`
+	Upstream  string   `yaml:"upstream"`
+	Roles     []string `yaml:"roles"`
+}
+
+// LimitsConfig throttles authentication per principal (per uid for callers
+// that match no principal).
+type LimitsConfig struct {
+	AuthRate             float64 `yaml:"auth_rate"`              // requests per second; 0 = unlimited
+	AuthBurst            int     `yaml:"auth_burst"`             // bucket size; default 2×rate
+	SessionsPerPrincipal int     `yaml:"sessions_per_principal"` // 0 = unlimited
+}
+
+// FieldError is a configuration problem at a key path such as
+// "upstreams.orders.tls.mode". The agent adds the line number.
+type FieldError struct {
+	Path string
+	Err  error
+}
+
+func (e *FieldError) Error() string { return e.Path + ": " + e.Err.Error() }
+func (e *FieldError) Unwrap() error { return e.Err }
+
+func fieldErr(path, format string, args ...any) error {
+	return &FieldError{Path: path, Err: fmt.Errorf(format, args...)}
+}
+
+// Defaults.
+const (
+	DefaultUnixDir        = "/run/pgward"
+	DefaultPort           = 5432
+	DefaultMode           = "0666"
+	DefaultMaxConnections = 10000
+	DefaultLoginTimeout   = 10 * time.Second
+	DefaultMaxMessageSize = 256 << 20
+	DefaultConnectTimeout = 5 * time.Second
+)
+
+// SocketPath is the listener's socket file, <unix_dir>/.s.PGSQL.<port>.
+func (c ListenConfig) SocketPath() string {
+	return path.Join(c.unixDir(), ".s.PGSQL."+strconv.Itoa(c.port()))
+}
+
+func (c ListenConfig) unixDir() string {
+	if c.UnixDir == "" {
+		return DefaultUnixDir
+	}
+	return c.UnixDir
+}
+
+func (c ListenConfig) port() int {
+	if c.Port == 0 {
+		return DefaultPort
+	}
+	return c.Port
+}
+
+// FileMode is the socket's permission bits.
+func (c ListenConfig) FileMode() uint32 {
+	m := c.Mode
+	if m == "" {
+		m = DefaultMode
+	}
+	v, _ := strconv.ParseUint(m, 8, 32)
+	return uint32(v)
+}
+
+func (c ListenConfig) maxConnections() int {
+	if c.MaxConnections <= 0 {
+		return DefaultMaxConnections
+	}
+	return c.MaxConnections
+}
+
+func (c ListenConfig) loginTimeout() time.Duration {
+	if c.LoginTimeout <= 0 {
+		return DefaultLoginTimeout
+	}
+	return c.LoginTimeout
+}
+
+func (c ListenConfig) maxMessageSize() int {
+	if c.MaxMessageSize <= 0 {
+		return DefaultMaxMessageSize
+	}
+	return c.MaxMessageSize
+}
+
+// IsSocketPath reports whether the address names a Unix socket file.
+func (u UpstreamConfig) IsSocketPath() bool { return strings.HasPrefix(u.Address, "/") }
+
+func (u UpstreamConfig) tlsMode() string {
+	if u.TLS.Mode != "" {
+		return u.TLS.Mode
+	}
+	if u.IsSocketPath() {
+		return "disable"
+	}
+	return "verify-full"
+}
+
+func (u UpstreamConfig) authMethods() []string {
+	if len(u.Auth) == 0 {
+		return []string{"scram-sha-256"}
+	}
+	return u.Auth
+}
+
+func (u UpstreamConfig) connectTimeout() time.Duration {
+	if u.ConnectTimeout <= 0 {
+		return DefaultConnectTimeout
+	}
+	return u.ConnectTimeout
+}
+
+func (u UpstreamConfig) database(name string) string {
+	if u.Database != "" {
+		return u.Database
+	}
+	return name
+}
+
+// Validate reports every problem in the configuration, joined.
+func (c *Config) Validate() error {
+	var errs []error
+	add := func(err error) { errs = append(errs, err) }
+
+	if c.Listen.Port < 0 || c.Listen.Port > 65535 {
+		add(fieldErr("listen.port", "%d is not a port number (1-65535)", c.Listen.Port))
+	}
+	if c.Listen.UnixDir != "" && !strings.HasPrefix(c.Listen.UnixDir, "/") {
+		add(fieldErr("listen.unix_dir", "%q must be an absolute path", c.Listen.UnixDir))
+	}
+	if len(c.Listen.SocketPath()) > 107 {
+		add(fieldErr("listen.unix_dir", "socket path %q is longer than the 107 bytes a Unix socket path may have", c.Listen.SocketPath()))
+	}
+	if c.Listen.Mode != "" {
+		if v, err := strconv.ParseUint(c.Listen.Mode, 8, 32); err != nil || v > 0o777 {
+			add(fieldErr("listen.mode", "%q is not an octal permission such as \"0666\"", c.Listen.Mode))
+		}
+	}
+	if c.Listen.TCP != "" {
+		host, _, err := net.SplitHostPort(c.Listen.TCP)
+		if err != nil {
+			add(fieldErr("listen.tcp", "%q is not host:port: %w", c.Listen.TCP, err))
+		} else if ip := net.ParseIP(host); host != "localhost" && (ip == nil || !ip.IsLoopback()) {
+			add(fieldErr("listen.tcp", "%q is not a loopback address: the TCP listener identifies callers from this host's kernel only", c.Listen.TCP))
+		}
+	}
+	if c.Listen.MaxConnections < 0 {
+		add(fieldErr("listen.max_connections", "must not be negative"))
+	}
+	if c.Listen.MaxMessageSize < 0 || c.Listen.MaxMessageSize > 1<<30 {
+		add(fieldErr("listen.max_message_size", "must be between 0 (default) and 1073741824"))
+	}
+
+	if len(c.Upstreams) == 0 {
+		add(fieldErr("upstreams", "at least one upstream is needed"))
+	}
+	for _, name := range sortedKeys(c.Upstreams) {
+		u := c.Upstreams[name]
+		p := "upstreams." + name
+		if u.Address == "" {
+			add(fieldErr(p+".address", "is required (host:port or a socket file path)"))
+		} else if !u.IsSocketPath() {
+			if _, port, err := net.SplitHostPort(u.Address); err != nil || port == "" {
+				add(fieldErr(p+".address", "%q is neither host:port nor an absolute socket file path", u.Address))
+			}
+		}
+		switch u.TLS.Mode {
+		case "", "disable", "require", "verify-ca", "verify-full":
+		default:
+			add(fieldErr(p+".tls.mode", "%q is not one of disable, require, verify-ca, verify-full", u.TLS.Mode))
+		}
+		if m := u.tlsMode(); (m == "verify-ca" || m == "verify-full") && u.TLS.CAFile == "" {
+			add(fieldErr(p+".tls.ca_file", "is required when tls.mode is %s", m))
+		}
+		if (u.TLS.CertFile == "") != (u.TLS.KeyFile == "") {
+			add(fieldErr(p+".tls", "cert_file and key_file go together"))
+		}
+		if u.IsSocketPath() && u.tlsMode() != "disable" {
+			add(fieldErr(p+".tls.mode", "TLS over a socket file is not supported; use disable"))
+		}
+		for i, m := range u.Auth {
+			switch m {
+			case "scram-sha-256", "md5", "password":
+			default:
+				add(fieldErr(fmt.Sprintf("%s.auth[%d]", p, i), "%q is not one of scram-sha-256, md5, password", m))
+			}
+		}
+	}
+
+	for _, name := range sortedKeys(c.Principals) {
+		pr := c.Principals[name]
+		p := "principals." + name
+		if !pr.Match.any() {
+			add(fieldErr(p+".match", "a principal needs at least one selector, or it would match every process"))
+		}
+		for _, g := range [][]string{pr.Match.Exe, pr.Match.SystemdUnit, pr.Match.Cgroup} {
+			for _, pat := range g {
+				if _, err := path.Match(pat, ""); err != nil {
+					add(fieldErr(p+".match", "bad pattern %q: %w", pat, err))
+				}
+			}
+		}
+	}
+	for i, g := range c.Grants {
+		p := fmt.Sprintf("grants[%d]", i)
+		if _, ok := c.Principals[g.Principal]; !ok {
+			add(fieldErr(p+".principal", "%q is not a defined principal", g.Principal))
+		}
+		if _, ok := c.Upstreams[g.Upstream]; !ok {
+			add(fieldErr(p+".upstream", "%q is not a defined upstream", g.Upstream))
+		}
+		if len(g.Roles) == 0 {
+			add(fieldErr(p+".roles", "at least one role is needed"))
+		}
+	}
+	if c.Limits.AuthRate < 0 || c.Limits.AuthBurst < 0 || c.Limits.SessionsPerPrincipal < 0 {
+		add(fieldErr("limits", "limits must not be negative"))
+	}
+	return errors.Join(errs...)
+}
+
+func (s Selectors) any() bool {
+	return len(s.UID) > 0 || len(s.GID) > 0 || len(s.User) > 0 || len(s.Exe) > 0 || len(s.Comm) > 0 ||
+		len(s.SystemdUnit) > 0 || len(s.Cgroup) > 0 || len(s.ContainerID) > 0 || len(s.K8sNamespace) > 0 ||
+		len(s.K8sServiceAccount) > 0 || len(s.K8sPod) > 0 || len(s.K8sLabels) > 0
+}
+
+func sortedKeys[V any](m map[string]V) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	return keys
+}

@@ -1,0 +1,54 @@
+package broker
+
+import (
+	"net"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgproto3"
+)
+
+// SQLSTATEs pgward sends.
+const (
+	CodeInvalidAuthorization = "28000" // no grant, identity failure, claim mismatch
+	CodeInvalidPassword      = "28P01" // upstream rejected the stored credential
+	CodeUnknownDatabase      = "3D000"
+	CodeCannotConnect        = "08001" // upstream unreachable, backend unavailable
+	CodeConnectionFailure    = "08006"
+	CodeProtocolViolation    = "08P01"
+	CodeTooManyConnections   = "53300"
+	CodeInsufficientPriv     = "42501"
+	CodeIOError              = "58030" // audit log unavailable
+	CodeAdminShutdown        = "57P01"
+	CodeFeatureNotSupported  = "0A000"
+)
+
+// ClientError is a refusal the client sees: an ErrorResponse with our own
+// SQLSTATE and message, never internal or upstream text that could hold a secret.
+type ClientError struct {
+	Code    string
+	Message string
+	Hint    string
+	Reason  FailureReason // metric label; empty when not an auth failure
+}
+
+func (e *ClientError) Error() string { return e.Code + ": " + e.Message }
+
+func refuse(code string, reason FailureReason, msg, hint string) *ClientError {
+	return &ClientError{Code: code, Message: msg, Hint: hint, Reason: reason}
+}
+
+// sendError writes a FATAL ErrorResponse to c, bounded in time. The caller closes c.
+func sendError(c net.Conn, e *ClientError) {
+	buf, err := (&pgproto3.ErrorResponse{
+		Severity:            "FATAL",
+		SeverityUnlocalized: "FATAL",
+		Code:                e.Code,
+		Message:             e.Message,
+		Hint:                e.Hint,
+	}).Encode(nil)
+	if err != nil {
+		return
+	}
+	_ = c.SetWriteDeadline(time.Now().Add(2 * time.Second))
+	_, _ = c.Write(buf)
+}

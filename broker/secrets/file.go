@@ -1,0 +1,164 @@
+package secrets
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"sync"
+	"syscall"
+	"time"
+
+	"gopkg.in/yaml.v3"
+)
+
+// FileConfig configures the file backend.
+type FileConfig struct {
+	// Path of the secrets file: upstream → role → {password, user}. It must
+	// not be readable or writable by group or others.
+	Path string `yaml:"path"`
+}
+
+// File reads credentials from a YAML file, re-reading it when it changes
+// (checked at most once a second). A changed file that is invalid or too
+// open is refused and the last good content stays in use.
+type File struct {
+	path string
+	log  *slog.Logger
+
+	mu      sync.Mutex
+	creds   map[string]map[string]fileEntry
+	stamp   fileStamp
+	checked time.Time
+	now     func() time.Time
+}
+
+type fileEntry struct {
+	User     string `yaml:"user"`
+	Password string `yaml:"password"`
+}
+
+type fileStamp struct {
+	ino   uint64
+	size  int64
+	mtime time.Time
+}
+
+// NewFile loads the secrets file. The error names every problem.
+func NewFile(cfg FileConfig, log *slog.Logger) (*File, error) {
+	if cfg.Path == "" {
+		return nil, errors.New("secrets.file.path is required")
+	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	f := &File{path: cfg.Path, log: log, now: time.Now}
+	creds, stamp, err := loadFile(cfg.Path)
+	if err != nil {
+		return nil, err
+	}
+	f.creds, f.stamp, f.checked = creds, stamp, f.now()
+	return f, nil
+}
+
+func loadFile(path string) (map[string]map[string]fileEntry, fileStamp, error) {
+	fh, err := os.Open(path)
+	if err != nil {
+		return nil, fileStamp{}, fmt.Errorf("open secrets file: %w", err)
+	}
+	defer fh.Close()
+	fi, err := fh.Stat()
+	if err != nil {
+		return nil, fileStamp{}, fmt.Errorf("stat secrets file: %w", err)
+	}
+	if !fi.Mode().IsRegular() {
+		return nil, fileStamp{}, fmt.Errorf("secrets file %s is not a regular file", path)
+	}
+	if fi.Mode().Perm()&0o077 != 0 {
+		return nil, fileStamp{}, fmt.Errorf("secrets file %s has mode %04o: it must not be accessible by group or others (chmod 600 %s)", path, fi.Mode().Perm(), path)
+	}
+	st := fileStamp{size: fi.Size(), mtime: fi.ModTime()}
+	if sys, ok := fi.Sys().(*syscall.Stat_t); ok {
+		st.ino = sys.Ino
+	}
+	data, err := readAll(fh, 16<<20)
+	if err != nil {
+		return nil, fileStamp{}, fmt.Errorf("read secrets file: %w", err)
+	}
+	var creds map[string]map[string]fileEntry
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	if err := dec.Decode(&creds); err != nil && !errors.Is(err, errEOF) {
+		// yaml's messages carry line numbers and keys, never values of scalars we did not ask for.
+		return nil, fileStamp{}, fmt.Errorf("secrets file %s: %s", path, sanitizeYAMLError(err))
+	}
+	var problems []error
+	for up, roles := range creds {
+		for role, e := range roles {
+			if e.Password == "" {
+				problems = append(problems, fmt.Errorf("secrets file %s: %s.%s: password is empty", path, up, role))
+			}
+		}
+	}
+	if err := errors.Join(problems...); err != nil {
+		return nil, fileStamp{}, err
+	}
+	return creds, st, nil
+}
+
+// Fetch returns the credential for role on upstream.
+func (f *File) Fetch(_ context.Context, upstream, role string) (Credential, error) {
+	f.maybeReload()
+	f.mu.Lock()
+	e, ok := f.creds[upstream][role]
+	f.mu.Unlock()
+	if !ok {
+		return Credential{}, fmt.Errorf("file %s: %s.%s: %w", f.path, upstream, role, ErrNotFound)
+	}
+	return Credential{User: e.User, Password: NewSecret(e.Password)}, nil
+}
+
+// Reload re-reads the file now. On error the old content stays in use.
+func (f *File) Reload() error {
+	creds, st, err := loadFile(f.path)
+	if err != nil {
+		return err
+	}
+	f.mu.Lock()
+	f.creds, f.stamp, f.checked = creds, st, f.now()
+	f.mu.Unlock()
+	return nil
+}
+
+func (f *File) maybeReload() {
+	f.mu.Lock()
+	if f.now().Sub(f.checked) < time.Second {
+		f.mu.Unlock()
+		return
+	}
+	f.checked = f.now()
+	old := f.stamp
+	f.mu.Unlock()
+	fi, err := os.Stat(f.path)
+	if err != nil {
+		f.log.Warn("secrets file unreadable; keeping the last good content", "path", f.path, "err", err)
+		return
+	}
+	st := fileStamp{size: fi.Size(), mtime: fi.ModTime()}
+	if sys, ok := fi.Sys().(*syscall.Stat_t); ok {
+		st.ino = sys.Ino
+	}
+	if st == old {
+		return
+	}
+	if err := f.Reload(); err != nil {
+		f.log.Warn("secrets file changed but is invalid; keeping the last good content", "path", f.path, "err", err)
+		f.mu.Lock()
+		f.stamp = st // do not retry until it changes again
+		f.mu.Unlock()
+		return
+	}
+	f.log.Info("secrets file reloaded", "path", f.path)
+}

@@ -1,0 +1,333 @@
+package broker
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"go.opentelemetry.io/otel/trace"
+	"go.opentelemetry.io/otel/trace/noop"
+
+	"github.com/pgward/pgward/broker/secrets"
+)
+
+// Options are what New needs. Config must be valid; the rest default to
+// doing nothing (NopObserver, a discarding logger, a no-op tracer) except
+// Resolver and Secrets, which are required.
+type Options struct {
+	Config         Config
+	Resolver       IdentityResolver
+	Secrets        secrets.Source
+	Observer       Observer
+	Logger         *slog.Logger
+	TracerProvider trace.TracerProvider
+}
+
+// Server accepts client connections and runs their sessions.
+type Server struct {
+	resolver IdentityResolver
+	secrets  secrets.Source
+	obs      Observer
+	log      *slog.Logger
+	tracer   trace.Tracer
+
+	state atomic.Pointer[serverState] // swapped by Reload
+
+	mu        sync.Mutex
+	listeners map[net.Listener]struct{}
+	sessions  map[*session]struct{}
+	closing   bool
+	conns     atomic.Int64 // accepted connections not yet closed
+	wg        sync.WaitGroup
+
+	cancels cancelMap
+	limiter *limiter
+}
+
+// serverState is the part of the server a reload replaces.
+type serverState struct {
+	cfg       Config
+	policy    *Policy
+	upstreams map[string]*upstream
+}
+
+// New checks the configuration and builds a Server. It opens nothing.
+func New(opts Options) (*Server, error) {
+	if opts.Resolver == nil {
+		return nil, errors.New("broker: an IdentityResolver is required")
+	}
+	if opts.Secrets == nil {
+		return nil, errors.New("broker: a secrets Source is required")
+	}
+	st, err := newState(opts.Config)
+	if err != nil {
+		return nil, err
+	}
+	s := &Server{
+		resolver:  opts.Resolver,
+		secrets:   opts.Secrets,
+		obs:       opts.Observer,
+		log:       opts.Logger,
+		listeners: map[net.Listener]struct{}{},
+		sessions:  map[*session]struct{}{},
+		cancels:   cancelMap{m: map[cancelKey]*session{}},
+	}
+	if s.obs == nil {
+		s.obs = NopObserver{}
+	}
+	if s.log == nil {
+		s.log = slog.New(slog.DiscardHandler)
+	}
+	tp := opts.TracerProvider
+	if tp == nil {
+		tp = noop.NewTracerProvider()
+	}
+	s.tracer = tp.Tracer("github.com/pgward/pgward/broker")
+	s.limiter = newLimiter(opts.Config.Limits)
+	s.state.Store(st)
+	return s, nil
+}
+
+func newState(cfg Config) (*serverState, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	st := &serverState{cfg: cfg, policy: NewPolicy(cfg.Principals, cfg.Grants), upstreams: map[string]*upstream{}}
+	for name, uc := range cfg.Upstreams {
+		u, err := newUpstream(name, uc)
+		if err != nil {
+			return nil, err
+		}
+		st.upstreams[name] = u
+	}
+	return st, nil
+}
+
+// Reload replaces the policy and upstreams. Sessions whose grant no longer
+// holds are ended with reason "grant_revoked"; the others are untouched. An
+// invalid config changes nothing and returns every problem.
+func (s *Server) Reload(cfg Config) error {
+	st, err := newState(cfg)
+	if err != nil {
+		return err
+	}
+	s.state.Store(st)
+	s.limiter.setConfig(cfg.Limits)
+	s.mu.Lock()
+	var revoked []*session
+	for sess := range s.sessions {
+		d := st.policy.Authorize(sess.info.Identity, sess.info.Upstream, sess.info.User, sess.claim)
+		if !d.Allowed {
+			revoked = append(revoked, sess)
+		}
+	}
+	s.mu.Unlock()
+	for _, sess := range revoked {
+		sess.log.Warn("grant revoked by reload: ending session")
+		sess.terminate("grant_revoked", CodeInvalidAuthorization, "pgward ended this session: the policy no longer grants this role to this process")
+	}
+	return nil
+}
+
+// Config returns the running configuration.
+func (s *Server) Config() Config { return s.state.Load().cfg }
+
+// ListenUnix creates the node socket <unix_dir>/.s.PGSQL.<port> with the
+// configured mode. A socket file left by a dead pgward is removed; one that
+// answers is in use and is an error.
+func ListenUnix(cfg ListenConfig) (*net.UnixListener, error) {
+	path := cfg.SocketPath()
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, fmt.Errorf("create socket directory: %w", err)
+	}
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode()&os.ModeSocket == 0 {
+			return nil, fmt.Errorf("%s exists and is not a socket: remove it or choose another listen.unix_dir", path)
+		}
+		c, err := net.DialTimeout("unix", path, time.Second)
+		if err == nil {
+			c.Close()
+			return nil, fmt.Errorf("%s is in use by a live server: is another pgward running?", path)
+		}
+		if !errors.Is(err, syscall.ECONNREFUSED) && !errors.Is(err, syscall.ENOENT) {
+			return nil, fmt.Errorf("check socket %s: %w", path, err)
+		}
+		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("remove stale socket %s: %w", path, err)
+		}
+	}
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", path, err)
+	}
+	ln.SetUnlinkOnClose(true)
+	if err := os.Chmod(path, os.FileMode(cfg.FileMode())); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("chmod %s: %w", path, err)
+	}
+	return ln, nil
+}
+
+// Serve accepts connections on ln until ctx ends, Shutdown or Close is
+// called, or accepting fails. It closes ln when it returns.
+func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
+	s.mu.Lock()
+	if s.closing {
+		s.mu.Unlock()
+		ln.Close()
+		return ErrServerClosed
+	}
+	s.listeners[ln] = struct{}{}
+	s.mu.Unlock()
+	stop := context.AfterFunc(ctx, func() { ln.Close() })
+	defer stop()
+	defer func() {
+		s.mu.Lock()
+		delete(s.listeners, ln)
+		s.mu.Unlock()
+		ln.Close()
+	}()
+	var delay time.Duration
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			s.mu.Lock()
+			closing := s.closing
+			s.mu.Unlock()
+			if closing || ctx.Err() != nil {
+				return ErrServerClosed
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() || errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) {
+				// Out of descriptors: back off rather than spin.
+				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+				s.log.Warn("accept failed; backing off", "err", err, "delay", delay)
+				time.Sleep(delay)
+				continue
+			}
+			return fmt.Errorf("accept: %w", err)
+		}
+		delay = 0
+		s.wg.Add(1)
+		n := s.conns.Add(1)
+		go func() {
+			defer s.wg.Done()
+			defer s.conns.Add(-1)
+			if n > int64(s.state.Load().cfg.Listen.maxConnections()) {
+				s.log.Warn("too many connections; refusing", "limit", s.state.Load().cfg.Listen.maxConnections())
+				sendError(c, refuse(CodeTooManyConnections, "", fmt.Sprintf("pgward has too many connections (listen.max_connections is %d)", s.state.Load().cfg.Listen.maxConnections()), "Try again later, or raise listen.max_connections."))
+				c.Close()
+				return
+			}
+			s.handle(ctx, c)
+		}()
+	}
+}
+
+// ErrServerClosed is returned by Serve after Shutdown or Close.
+var ErrServerClosed = errors.New("broker: server closed")
+
+// Shutdown stops accepting, then waits for sessions to end until ctx is
+// done; the sessions still open then are ended with reason "shutdown"
+// (each with its audit record). It returns when every connection is closed.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.mu.Lock()
+	s.closing = true
+	for ln := range s.listeners {
+		ln.Close()
+	}
+	s.mu.Unlock()
+	done := make(chan struct{})
+	go func() { s.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+	}
+	s.terminateAll("shutdown")
+	<-done
+	return ctx.Err()
+}
+
+// Close ends every session at once and stops accepting. It is idempotent.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	s.closing = true
+	for ln := range s.listeners {
+		ln.Close()
+	}
+	s.mu.Unlock()
+	s.terminateAll("shutdown")
+	s.wg.Wait()
+	return nil
+}
+
+func (s *Server) terminateAll(reason string) {
+	s.mu.Lock()
+	all := make([]*session, 0, len(s.sessions))
+	for sess := range s.sessions {
+		all = append(all, sess)
+	}
+	s.mu.Unlock()
+	for _, sess := range all {
+		sess.terminate(reason, CodeAdminShutdown, "pgward is shutting down; reconnect to continue")
+	}
+}
+
+// Draining reports whether Shutdown or Close was called.
+func (s *Server) Draining() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.closing
+}
+
+// ActiveSessions is the number of relaying sessions.
+func (s *Server) ActiveSessions() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.sessions)
+}
+
+func (s *Server) addSession(sess *session) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closing {
+		return false
+	}
+	s.sessions[sess] = struct{}{}
+	return true
+}
+
+func (s *Server) removeSession(sess *session) {
+	s.mu.Lock()
+	delete(s.sessions, sess)
+	s.mu.Unlock()
+}
+
+func newUUID() string {
+	var b [16]byte
+	_, _ = rand.Read(b[:])
+	b[6] = b[6]&0x0f | 0x40
+	b[8] = b[8]&0x3f | 0x80
+	var out [36]byte
+	hex.Encode(out[0:8], b[0:4])
+	out[8] = '-'
+	hex.Encode(out[9:13], b[4:6])
+	out[13] = '-'
+	hex.Encode(out[14:18], b[6:8])
+	out[18] = '-'
+	hex.Encode(out[19:23], b[8:10])
+	out[23] = '-'
+	hex.Encode(out[24:], b[10:])
+	return string(out[:])
+}

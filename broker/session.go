@@ -1,0 +1,440 @@
+package broker
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgproto3"
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	"go.opentelemetry.io/otel/trace"
+
+	"github.com/pgward/pgward/broker/secrets"
+)
+
+// forwardedParams are the startup parameters passed upstream (lower-cased
+// names); everything else the client sends is dropped.
+var forwardedParams = map[string]bool{
+	"application_name": true, "client_encoding": true, "datestyle": true, "timezone": true,
+	"intervalstyle": true, "extra_float_digits": true, "search_path": true,
+}
+
+// forbiddenSettings may not be set through startup options: they would let
+// the client act as another role than the one it was granted.
+var forbiddenSettings = map[string]bool{"role": true, "session_authorization": true}
+
+// claimSetting is the startup option a client uses to claim a principal.
+const claimSetting = "pgward.principal"
+
+type identityResult struct {
+	id  Identity
+	err error
+	dur time.Duration
+}
+
+// handle runs one client connection from accept to close. It owns c.
+func (s *Server) handle(ctx context.Context, c net.Conn) {
+	defer c.Close()
+	st := s.state.Load()
+	accepted := time.Now()
+	_ = c.SetDeadline(accepted.Add(st.cfg.Listen.loginTimeout()))
+
+	// Who is calling is learned from the kernel right away, while the
+	// client's startup packet is read: the process may not live long.
+	idc := make(chan identityResult, 1)
+	go func() {
+		t := time.Now()
+		id, err := s.resolver.Resolve(ctx, c)
+		idc <- identityResult{id, err, time.Since(t)}
+	}()
+
+	pkt, err := s.readStartup(c)
+	if err != nil {
+		<-idc
+		if errors.Is(err, errProtocol) {
+			s.log.Warn("malformed startup packet", "err", err, "remote", remoteString(c))
+			sendError(c, refuse(CodeProtocolViolation, ReasonProtocol, "invalid startup packet: "+strings.TrimPrefix(err.Error(), errProtocol.Error()+": "), ""))
+			s.obs.Auth(ctx, &AuthRequest{Failure: ReasonProtocol})
+		} else if !errors.Is(err, io.EOF) {
+			s.log.Debug("client left during startup", "err", err)
+		}
+		return
+	}
+	if pkt.kind == packetCancel {
+		r := <-idc
+		s.handleCancel(ctx, pkt, r)
+		return
+	}
+	s.startSession(ctx, c, st, pkt, idc, accepted)
+}
+
+// readStartup reads startup packets, answering SSLRequest and GSSENCRequest
+// with 'N', until a StartupMessage or CancelRequest.
+func (s *Server) readStartup(c net.Conn) (*startupPacket, error) {
+	for i := 0; ; i++ {
+		pkt, err := readStartupPacket(c)
+		if err != nil {
+			return nil, err
+		}
+		switch pkt.kind {
+		case packetSSL, packetGSSENC:
+			if i >= 2 {
+				return nil, fmt.Errorf("%w: repeated encryption requests", errProtocol)
+			}
+			if _, err := c.Write([]byte{'N'}); err != nil {
+				return nil, err
+			}
+			continue
+		}
+		return pkt, nil
+	}
+}
+
+// session is one relaying client session.
+type session struct {
+	srv   *Server
+	info  SessionInfo
+	claim string
+	log   *slog.Logger
+	span  trace.Span
+	ctx   context.Context
+
+	client net.Conn
+	up     *upstreamConn
+	ups    *upstream
+	key    cancelKey
+	lease  *secrets.Lease
+
+	termOnce sync.Once
+	termMu   sync.Mutex
+	termCode string
+	termMsg  string
+	reason   string
+}
+
+func (s *Server) startSession(ctx context.Context, c net.Conn, st *serverState, pkt *startupPacket, idc chan identityResult, accepted time.Time) {
+	ctx, span := s.tracer.Start(ctx, "pgward.session", trace.WithSpanKind(trace.SpanKindServer))
+	defer span.End()
+	reqID := span.SpanContext().TraceID().String()
+	if !span.SpanContext().TraceID().IsValid() {
+		var b [16]byte
+		_, _ = rand.Read(b[:])
+		reqID = trace.TraceID(b).String()
+	}
+	span.SetAttributes(attribute.String("pgward.request_id", reqID))
+	log := s.log.With("request_id", reqID)
+
+	role := pkt.params["user"]
+	dbname := pkt.params["database"]
+	if dbname == "" {
+		dbname = role
+	}
+	info := SessionInfo{
+		RequestID: reqID, SessionID: newUUID(), Protocol: "postgres",
+		Upstream: dbname, User: role, Start: accepted,
+		ApplicationName: pkt.params["application_name"],
+	}
+	req := &AuthRequest{RequestID: reqID, Durations: map[Stage]time.Duration{}}
+	fail := func(e *ClientError, level slog.Level, logMsg string, attrs ...any) {
+		req.Failure = e.Reason
+		req.Durations[StageTotal] = time.Since(accepted)
+		info.Success, info.Code, info.Error = false, e.Code, e.Message
+		log.Log(ctx, level, logMsg, append(attrs, "sqlstate", e.Code, "role", role, "upstream", dbname)...)
+		span.SetStatus(codes.Error, e.Code)
+		_ = s.obs.SessionStart(ctx, &info)
+		s.obs.Auth(ctx, req)
+		sendError(c, e)
+	}
+
+	authCtx, authSpan := s.tracer.Start(ctx, "pgward.auth")
+	defer authSpan.End()
+
+	// Identity.
+	_, idSpan := s.tracer.Start(authCtx, "identity.verify")
+	r := <-idc
+	idSpan.End()
+	req.Verification.Attempted = true
+	req.Durations[StageIdentity] = r.dur
+	if r.err != nil {
+		idSpan.SetStatus(codes.Error, "identity verification failed")
+		fail(refuse(CodeInvalidAuthorization, ReasonIdentity,
+			"pgward could not verify the identity of the connecting process",
+			"Connect from a process that stays alive during login, on this host's pgward socket."),
+			slog.LevelWarn, "identity verification failed", "err", r.err)
+		return
+	}
+	req.Verification.OK = true
+	id := r.id
+	info.Identity = id
+	log = log.With("pid", id.PID, "uid", id.UID)
+
+	// Protocol details and startup parameters.
+	if pkt.minor > 0 || len(pkt.unsupportedOptions) > 0 {
+		buf, _ := (&pgproto3.NegotiateProtocolVersion{NewestMinorProtocol: 0, UnrecognizedOptions: pkt.unsupportedOptions}).Encode(nil)
+		if _, err := c.Write(buf); err != nil {
+			return
+		}
+	}
+	params, claim, perr := filterParams(pkt.params)
+	if perr != nil {
+		fail(perr, slog.LevelWarn, "refused startup parameters", "err", perr.Message, "identity", id.String())
+		return
+	}
+
+	// Upstream and policy.
+	ups, ok := st.upstreams[dbname]
+	if !ok {
+		fail(refuse(CodeUnknownDatabase, ReasonUnauthorized,
+			fmt.Sprintf("pgward has no upstream named %q", dbname),
+			"Set dbname to the name of an upstream in the pgward configuration ("+strings.Join(sortedKeys(st.upstreams), ", ")+")."),
+			slog.LevelWarn, "unknown upstream requested", "identity", id.String())
+		return
+	}
+	info.Database = ups.cfg.database(dbname)
+	info.URI = ups.cfg.Address
+	d := st.policy.Authorize(id, dbname, role, claim)
+	if d.ClaimAttempted {
+		req.Matching = Check{Attempted: true, OK: !d.ClaimFailed}
+	}
+	if d.ClaimFailed {
+		fail(refuse(CodeInvalidAuthorization, ReasonIdentity,
+			fmt.Sprintf("the connecting process (%s) does not match claimed principal %q", id, claim),
+			"Remove pgward.principal from the options, or connect from a process that principal's selectors match."),
+			slog.LevelWarn, "claimed principal does not match the caller", "claim", claim, "matched", d.Matched, "identity", id.String())
+		return
+	}
+	if !d.Allowed {
+		req.Unauthorized = true
+		req.Retrieval.Attempted = true
+		hint := "Add a grant of this role on this upstream to one of the caller's principals"
+		if len(d.Matched) == 0 {
+			hint = "Define a principal whose selectors match this process, and grant it the role"
+		} else {
+			hint += " (" + strings.Join(d.Matched, ", ") + ")"
+		}
+		fail(refuse(CodeInvalidAuthorization, ReasonUnauthorized,
+			fmt.Sprintf("no grant lets %s use role %q on upstream %q", id, role, dbname),
+			hint+" in the pgward policy."),
+			slog.LevelWarn, "unauthorized request: no grant", "matched", d.Matched, "identity", id.String())
+		return
+	}
+	info.Principal = d.Principal
+	log = log.With("principal", d.Principal, "sid", info.SessionID)
+
+	// Throttling, per principal.
+	release, lerr := s.limiter.acquire(d.Principal)
+	if lerr != nil {
+		req.Retrieval.Attempted = false
+		fail(lerr, slog.LevelWarn, "throttled", "identity", id.String())
+		return
+	}
+	defer release()
+
+	// Credentials.
+	req.Retrieval.Attempted = true
+	fctx, fspan := s.tracer.Start(authCtx, "credentials.fetch")
+	t := time.Now()
+	cred, err := s.secrets.Fetch(fctx, dbname, role)
+	req.Durations[StageCredentials] = time.Since(t)
+	fspan.End()
+	if err != nil {
+		fspan.SetStatus(codes.Error, "credential fetch failed")
+		code := CodeCannotConnect
+		if errors.Is(err, secrets.ErrDenied) || errors.Is(err, secrets.ErrNotFound) {
+			code = CodeInvalidAuthorization
+		}
+		fail(refuse(code, ReasonBackendError,
+			fmt.Sprintf("pgward could not get the credential for role %q on upstream %q from its secrets backend: %s", role, dbname, backendProblem(err)),
+			"Check the secrets backend and that it holds this role's credential."),
+			slog.LevelError, "credential fetch failed", "err", err)
+		return
+	}
+	req.Retrieval.OK = true
+	if cred.Lease != nil && cred.Lease.Release != nil {
+		defer cred.Lease.Release()
+	}
+
+	// Upstream authentication.
+	uctx, uspan := s.tracer.Start(authCtx, "upstream.auth")
+	uctx, cancel := context.WithTimeout(uctx, ups.cfg.connectTimeout())
+	t = time.Now()
+	up, err := ups.connect(uctx, role, cred, params)
+	cancel()
+	req.Durations[StageUpstreamAuth] = time.Since(t)
+	uspan.End()
+	if err != nil {
+		uspan.SetStatus(codes.Error, "upstream authentication failed")
+		switch {
+		case errors.Is(err, errUpstreamRejected):
+			fail(refuse(CodeInvalidPassword, ReasonUpstreamRejected,
+				fmt.Sprintf("upstream %q rejected the credential pgward holds for role %q", dbname, role),
+				"Check the secrets backend: the stored password may be wrong or expired."),
+				slog.LevelError, "upstream rejected the stored credential", "err", err)
+		case errors.Is(err, errAuthMethodRefused):
+			fail(refuse(CodeCannotConnect, ReasonUpstreamRejected,
+				fmt.Sprintf("upstream %q asked for an authentication method pgward does not allow for it", dbname),
+				"Allow the method in upstreams."+dbname+".auth, or configure the server for SCRAM-SHA-256."),
+				slog.LevelWarn, "upstream asked for a refused authentication method", "err", err)
+		default:
+			fail(refuse(CodeCannotConnect, ReasonBackendError,
+				fmt.Sprintf("pgward could not connect to upstream %q", dbname),
+				"Check that the upstream server is running and reachable from the pgward host."),
+				slog.LevelError, "upstream connection failed", "err", err)
+		}
+		return
+	}
+	authSpan.End()
+
+	sess := &session{
+		srv: s, info: info, claim: claim, log: log, span: span, ctx: ctx,
+		client: c, up: up, ups: ups, lease: cred.Lease,
+	}
+	if !s.addSession(sess) {
+		up.conn.Close()
+		fail(refuse(CodeAdminShutdown, "", "pgward is shutting down", "Reconnect in a moment."), slog.LevelInfo, "refused: shutting down")
+		return
+	}
+	defer s.removeSession(sess)
+
+	sess.info.Success = true
+	if err := s.obs.SessionStart(ctx, &sess.info); err != nil {
+		up.conn.Close()
+		info := sess.info
+		_ = info
+		req.Durations[StageTotal] = time.Since(accepted)
+		s.obs.Auth(ctx, req)
+		log.Error("audit log unavailable: refusing session", "err", err)
+		sendError(c, refuse(CodeIOError, "", "pgward's audit log is unavailable, so no session can start", "Ask the operator to check pgward's audit log destination."))
+		return
+	}
+	req.Durations[StageTotal] = time.Since(accepted)
+	s.obs.Auth(ctx, req)
+
+	sess.key = s.cancels.add(up.pid, sess)
+	defer s.cancels.remove(sess.key)
+
+	if err := sess.greet(); err != nil {
+		up.conn.Close()
+		sess.info.EndReason = "client_closed"
+		sess.info.End = time.Now()
+		s.obs.SessionEnd(ctx, &sess.info)
+		return
+	}
+	_ = c.SetDeadline(time.Time{})
+	log.Info("session started", "role", role, "upstream", dbname, "exe", id.Exe)
+	sess.run()
+}
+
+// backendProblem names the kind of secrets backend failure, never its detail
+// (which could carry a path or token).
+func backendProblem(err error) string {
+	switch {
+	case errors.Is(err, secrets.ErrNotFound):
+		return "no credential is stored for it"
+	case errors.Is(err, secrets.ErrDenied):
+		return "the backend denied pgward access"
+	case errors.Is(err, secrets.ErrUnavailable):
+		return "the backend is unavailable"
+	case errors.Is(err, context.DeadlineExceeded):
+		return "the backend did not answer in time"
+	}
+	return "the backend failed"
+}
+
+// filterParams applies the startup parameter allowlist and extracts the
+// claimed principal from options.
+func filterParams(in map[string]string) (map[string]string, string, *ClientError) {
+	out := map[string]string{}
+	var claim string
+	if v, ok := in["replication"]; ok && v != "false" && v != "0" && v != "off" && v != "no" {
+		return nil, "", refuse(CodeInvalidAuthorization, ReasonProtocol,
+			"replication connections are not allowed through pgward", "Connect to the server directly for replication.")
+	}
+	for k, v := range in {
+		lk := strings.ToLower(k)
+		if forwardedParams[lk] {
+			out[k] = v
+			continue
+		}
+		if lk == "options" {
+			settings, order, err := parseOptions(v)
+			if err != nil {
+				return nil, "", refuse(CodeProtocolViolation, ReasonProtocol, "invalid startup options: "+err.Error(), "Pass settings as -c name=value.")
+			}
+			kept := order[:0:0]
+			for _, name := range order {
+				switch {
+				case name == claimSetting:
+					claim = settings[name]
+				case forbiddenSettings[name]:
+					return nil, "", refuse(CodeInsufficientPriv, ReasonProtocol,
+						fmt.Sprintf("startup option %q is not allowed through pgward", name),
+						"The role is chosen by the user connection parameter and checked against the pgward policy.")
+				default:
+					kept = append(kept, name)
+				}
+			}
+			if len(kept) > 0 {
+				out[k] = formatOptions(settings, kept)
+			}
+		}
+	}
+	return out, claim, nil
+}
+
+// greet sends the client what a server sends after authentication.
+func (sess *session) greet() error {
+	var buf []byte
+	buf, _ = (&pgproto3.AuthenticationOk{}).Encode(buf)
+	names := make([]string, 0, len(sess.up.params))
+	for k := range sess.up.params {
+		names = append(names, k)
+	}
+	slices.Sort(names)
+	for _, k := range names {
+		buf, _ = (&pgproto3.ParameterStatus{Name: k, Value: sess.up.params[k]}).Encode(buf)
+	}
+	var key [4]byte
+	binary.BigEndian.PutUint32(key[:], sess.key.secret)
+	buf, _ = (&pgproto3.BackendKeyData{ProcessID: sess.up.pid, SecretKey: key[:]}).Encode(buf)
+	buf, _ = (&pgproto3.ReadyForQuery{TxStatus: 'I'}).Encode(buf)
+	_, err := sess.client.Write(buf)
+	return err
+}
+
+// terminate ends the session from outside (shutdown, revoked grant, expired
+// lease): the client gets an ErrorResponse at the next message boundary and
+// both connections close.
+func (sess *session) terminate(reason, code, msg string) {
+	sess.termOnce.Do(func() {
+		sess.termMu.Lock()
+		sess.reason, sess.termCode, sess.termMsg = reason, code, msg
+		sess.termMu.Unlock()
+		// Closing the upstream ends the upstream→client pump, which tells the
+		// client why at a message boundary, then closes the client.
+		sess.up.conn.Close()
+	})
+}
+
+func (sess *session) termination() (reason, code, msg string) {
+	sess.termMu.Lock()
+	defer sess.termMu.Unlock()
+	return sess.reason, sess.termCode, sess.termMsg
+}
+
+func remoteString(c net.Conn) string {
+	if a := c.RemoteAddr(); a != nil && a.String() != "" && a.String() != "@" {
+		return a.String()
+	}
+	return "unix"
+}
