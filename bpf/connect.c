@@ -116,7 +116,7 @@ struct {
 	__type(value, __u64);
 } lost SEC(".maps");
 
-/* TCP connects recorded by connect4/6, keyed by struct sock address, waiting
+/* Watched TCP connects recorded by connect4/6, keyed by struct sock address, waiting
  * for inet_sock_set_state to leave SYN_SENT with the source port chosen. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -238,7 +238,7 @@ static __always_inline int on_tcp_connect(struct bpf_sock_addr *ctx, struct tcp_
 	e->inode = sock_inode(sk);
 	fill_task(e);
 
-	if (!deny) {
+	if ((flags & FLAG_WATCHED) && !deny) {
 		__u64 skp = (__u64)sk;
 		bpf_map_update_elem(&pending, &skp, e, BPF_ANY);
 	}

@@ -150,16 +150,20 @@ func (e Endpoint) unixKey() connectUnixKey {
 // Probes owns the loaded maps and programs, their links and the ring buffer
 // reader. Close releases them in reverse order.
 type Probes struct {
-	maps     connectMaps
-	progs    []*ebpf.Program
-	links    []link.Link
-	attached []string
-	skipped  []error
-	rd       *ringbuf.Reader
-	rec      ringbuf.Record
+	maps      connectMaps
+	progs     []*ebpf.Program
+	progNames []string // parallel to progs
+	links     []link.Link
+	attached  []string
+	skipped   []error
+	rd        *ringbuf.Reader
+	rec       ringbuf.Record
 
-	mu  sync.Mutex // endpoint flags and config updates
-	cfg connectConfig
+	mu        sync.Mutex // endpoint flags, config, late attachment, closing
+	cfg       connectConfig
+	spec      *ebpf.CollectionSpec
+	sockState bool // inet_sock_set_state attached, or tried
+	closed    bool
 
 	closeOnce sync.Once
 	closeErr  error
@@ -167,8 +171,9 @@ type Probes struct {
 
 // Load loads the programs, attaches them and opens the event ring buffer.
 // cgroup/connect4 and cgroup/connect6 are required; cgroup/connect_unix falls
-// back to sys_enter_connect; inet_sock_set_state is optional. What could not
-// be attached is in Skipped. On error nothing stays loaded, and the error
+// back to sys_enter_connect. inet_sock_set_state, which runs on every TCP
+// state change of the host, is attached by the first Watch of a TCP endpoint.
+// What could not be attached is in Skipped. On error nothing stays loaded, and the error
 // wraps ErrUnsupported or ErrPermission when that is the cause.
 func Load(opts Options) (_ *Probes, err error) {
 	if err := opts.validate(); err != nil {
@@ -217,20 +222,15 @@ func Load(opts Options) (_ *Probes, err error) {
 		}
 	}
 
-	tracefsErr := ensureTracefs()
 	if err := p.attachUnix(spec, opts.CgroupPath); err != nil {
 		p.skipped = append(p.skipped, err)
-		if tracefsErr != nil {
-			p.skipped = append(p.skipped, fmt.Errorf("%s: %w", ProgSysEnterConnect, tracefsErr))
+		if err := ensureTracefs(); err != nil {
+			p.skipped = append(p.skipped, fmt.Errorf("%s: %w", ProgSysEnterConnect, err))
 		} else if err := p.attachTracepoint(spec, connectProgSysEnterConnect, "syscalls", "sys_enter_connect", ProgSysEnterConnect); err != nil {
 			p.skipped = append(p.skipped, err)
 		}
 	}
-	if tracefsErr != nil {
-		p.skipped = append(p.skipped, fmt.Errorf("%s: %w", ProgInetSockSetState, tracefsErr))
-	} else if err := p.attachTracepoint(spec, connectProgInetSockSetState, "sock", "inet_sock_set_state", ProgInetSockSetState); err != nil {
-		p.skipped = append(p.skipped, err)
-	}
+	p.spec = spec // for inet_sock_set_state, attached by the first Watch of a TCP endpoint
 
 	if p.rd, err = ringbuf.NewReader(p.maps.Events); err != nil {
 		return nil, classify(fmt.Errorf("open ring buffer: %w", err))
@@ -271,6 +271,7 @@ func (p *Probes) loadProgram(spec *ebpf.CollectionSpec, prog, name string) (*ebp
 		return nil, classify(fmt.Errorf("load %s: %w", name, err))
 	}
 	p.progs = append(p.progs, obj.Prog)
+	p.progNames = append(p.progNames, name)
 	return obj.Prog, nil
 }
 
@@ -346,6 +347,18 @@ func (p *Probes) setFlags(ep Endpoint, set, clear uint32) error {
 
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	if p.closed {
+		return ErrClosed
+	}
+	if ep.TCP.IsValid() && set&flagWatched != 0 && !p.sockState {
+		// Without it, watched TCP connects get no source port: not fatal.
+		p.sockState = true
+		if err := ensureTracefs(); err != nil {
+			p.skipped = append(p.skipped, fmt.Errorf("%s: %w", ProgInetSockSetState, err))
+		} else if err := p.attachTracepoint(p.spec, connectProgInetSockSetState, "sock", "inet_sock_set_state", ProgInetSockSetState); err != nil {
+			p.skipped = append(p.skipped, err)
+		}
+	}
 	var flags uint32
 	if err := m.Lookup(key, &flags); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("look up endpoint %s: %w", ep, err)
@@ -367,6 +380,9 @@ func (p *Probes) setFlags(ep Endpoint, set, clear uint32) error {
 func (p *Probes) SetEnforce(on bool) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	if p.closed {
+		return ErrClosed
+	}
 	cfg := p.cfg
 	cfg.Enforce = 0
 	if on {
@@ -382,6 +398,9 @@ func (p *Probes) SetExempt(tgid uint32, cgroupID uint64) error {
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	if p.closed {
+		return ErrClosed
+	}
 	cfg := p.cfg
 	cfg.ExemptTgid, cfg.ExemptCgroupId = tgid, cgroupID
 	return p.putConfig(cfg)
@@ -421,15 +440,26 @@ func (p *Probes) Lost() uint64 {
 }
 
 // Attached names the attached programs (the Prog* constants).
-func (p *Probes) Attached() []string { return append([]string(nil), p.attached...) }
+func (p *Probes) Attached() []string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return append([]string(nil), p.attached...)
+}
 
 // Skipped says why optional programs are not attached.
-func (p *Probes) Skipped() []error { return append([]error(nil), p.skipped...) }
+func (p *Probes) Skipped() []error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return append([]error(nil), p.skipped...)
+}
 
 // Close detaches every program and releases every object, in reverse order
 // of creation. It is idempotent.
 func (p *Probes) Close() error {
 	p.closeOnce.Do(func() {
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		p.closed = true
 		var errs []error
 		if p.rd != nil {
 			errs = append(errs, p.rd.Close())

@@ -3,4 +3,4 @@
 package bpf
 
 // sourceSHA256 is the SHA-256 of connect.c and pgward.h, concatenated.
-const sourceSHA256 = "6cdbc3cb681e28dccc1e214b1d9422022903d1c94d7e6b440dc21cfb13cf9b0e"
+const sourceSHA256 = "ab840c5b4d419759d95df9eed9691a20d42976cf5563afa4f062ed2c366add9b"
