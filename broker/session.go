@@ -331,7 +331,6 @@ func (s *Server) startSession(ctx context.Context, c net.Conn, st *serverState, 
 		return
 	}
 	_ = c.SetDeadline(time.Time{})
-	log.Info("session started", "role", role, "upstream", dbname, "exe", id.Exe)
 	sess.run()
 }
 

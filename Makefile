@@ -1,0 +1,58 @@
+# pgward: make build | test | demo | bench | lint | fuzz | generate
+GO       ?= go
+VERSION  ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS  := -X main.version=$(VERSION)
+# Fuzz targets run briefly in `make test`, longer in `make fuzz`.
+FUZZTIME ?= 8s
+FUZZ_TARGETS := \
+	./broker:FuzzStartupPacket \
+	./broker:FuzzFrontendStream \
+	./broker:FuzzBackendStream \
+	./agent:FuzzCgroupPath \
+	./agent:FuzzParseConfig
+
+.PHONY: all build test unit fuzz-short fuzz demo bench lint generate deps clean
+
+all: build
+
+build:
+	$(GO) build -ldflags "$(LDFLAGS)" -o bin/pgward ./cmd/pgward
+
+deps:
+	bash .ci/install.sh
+
+# The whole suite, with the race detector, against real Postgres. As root
+# (CI) nothing is skipped.
+test: deps lint unit fuzz-short
+
+unit:
+	$(GO) test -race -count=1 -timeout 15m ./...
+
+fuzz-short:
+	@for t in $(FUZZ_TARGETS); do \
+		pkg=$${t%%:*}; name=$${t##*:}; \
+		echo "fuzz $$pkg $$name for $(FUZZTIME)"; \
+		$(GO) test -run '^$$' -fuzz "^$$name\$$" -fuzztime $(FUZZTIME) $$pkg || exit 1; \
+	done
+
+fuzz:
+	$(MAKE) fuzz-short FUZZTIME=5m
+
+lint:
+	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1; }
+	$(GO) vet ./...
+
+# A private Postgres and an agent with an example policy; prints the psql line.
+demo: build
+	./bin/pgward demo
+
+# pgbench through pgward and directly, side by side.
+bench: deps build
+	$(GO) run ./cmd/pgward-bench
+
+generate:
+	@command -v clang >/dev/null || { apt-get update -qq && apt-get install -y -qq clang llvm libbpf-dev; }
+	$(GO) generate ./bpf/
+
+clean:
+	rm -rf bin

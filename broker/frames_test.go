@@ -1,0 +1,196 @@
+package broker
+
+import (
+	"bytes"
+	"context"
+	"encoding/binary"
+	"errors"
+	"testing"
+
+	"go.opentelemetry.io/otel/trace"
+	"go.opentelemetry.io/otel/trace/noop"
+)
+
+func msg(typ byte, body ...[]byte) []byte {
+	b := []byte{typ, 0, 0, 0, 0}
+	for _, p := range body {
+		b = append(b, p...)
+	}
+	binary.BigEndian.PutUint32(b[1:], uint32(len(b)-1))
+	return b
+}
+
+func cstr(s string) []byte { return append([]byte(s), 0) }
+
+func u16(v uint16) []byte { return binary.BigEndian.AppendUint16(nil, v) }
+func u32(v uint32) []byte { return binary.BigEndian.AppendUint32(nil, v) }
+
+func testSession() *session {
+	_, sp := noop.NewTracerProvider().Tracer("").Start(context.Background(), "x")
+	return &session{srv: &Server{tracer: noop.NewTracerProvider().Tracer("")}, span: sp}
+}
+
+var _ trace.Span
+
+// feed runs a stream through a scanner in chunks the way the relay does,
+// returning the forwarded bytes.
+func feed(t testing.TB, fs *frameScanner, stream []byte, chunks []int) ([]byte, error) {
+	var out, buf []byte
+	pos := 0
+	for ci := 0; pos < len(stream); ci++ {
+		n := len(stream) - pos
+		if len(chunks) > 0 {
+			n = min(n, max(1, chunks[ci%len(chunks)]))
+		}
+		buf = append(buf, stream[pos:pos+n]...)
+		pos += n
+		fwd, need, err := fs.scan(buf)
+		out = append(out, buf[:fwd]...)
+		buf = buf[fwd:]
+		if err != nil {
+			return out, err
+		}
+		if need > fs.maxBody+5 {
+			t.Fatalf("asked for %d bytes, over the limit", need)
+		}
+	}
+	return out, nil
+}
+
+func TestFrameScannerAuditsPipeline(t *testing.T) {
+	sess := testSession()
+	tr := &tracker{stmts: map[string]*stmtInfo{}, portals: map[string]*portalInfo{}}
+	fs := &frameScanner{maxBody: 1 << 20}
+	for _, c := range []byte{'Q', 'P', 'B', 'E', 'C', 'F', 'S', 'D', 'X'} {
+		fs.want[c] = true
+	}
+	var events []*QueryEvent
+	fs.inspect = func(typ byte, body []byte) error {
+		p, err := sess.frontendMessage(tr, typ, body)
+		if p != nil {
+			q := *p.q
+			q.Params = append([]Param(nil), q.Params...)
+			for i := range q.Params {
+				q.Params[i].Value = bytes.Clone(q.Params[i].Value)
+			}
+			events = append(events, &q)
+		}
+		return err
+	}
+	var stream []byte
+	stream = append(stream, msg('Q', cstr("select 1"))...)
+	stream = append(stream, msg('P', cstr("s1"), cstr("select $1::int"), u16(1), u32(23))...)
+	stream = append(stream, msg('B', cstr(""), cstr("s1"), u16(1), u16(0), u16(2), u32(2), []byte("42"), u32(0xffffffff), u16(0))...)
+	stream = append(stream, msg('d', bytes.Repeat([]byte("c"), 70000))...) // streamed, never buffered whole
+	stream = append(stream, msg('E', cstr(""), u32(0))...)
+	stream = append(stream, msg('S')...)
+	for _, chunks := range [][]int{nil, {1}, {3, 7}, {4096}} {
+		events = events[:0]
+		tr.queue = nil
+		out, err := feed(t, fs, stream, chunks)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(out, stream) {
+			t.Fatalf("chunks %v: forwarded %d of %d bytes", chunks, len(out), len(stream))
+		}
+		if len(events) != 2 || events[0].Text != "select 1" || events[1].Text != "select $1::int" ||
+			len(events[1].Params) != 2 || string(events[1].Params[0].Value) != "42" || events[1].Params[0].OID != 23 ||
+			events[1].Params[1].Value != nil {
+			t.Fatalf("chunks %v: events %+v", chunks, events)
+		}
+	}
+}
+
+func TestFrameScannerRejectsBadLengths(t *testing.T) {
+	for _, l := range []uint32{0, 3, 0x7fffffff, 0x80000000, 0xffffffff} {
+		fs := &frameScanner{maxBody: 1 << 20}
+		b := append([]byte{'d'}, u32(l)...)
+		if _, _, err := fs.scan(append(b, 1, 2, 3)); !errors.Is(err, errProtocol) {
+			t.Errorf("length %#x: %v", l, err)
+		}
+	}
+}
+
+// FuzzFrontendStream: whatever the client sends, the scanner never panics,
+// forwards only whole declared frames (or streamed pieces of them), and
+// forwards the same bytes however the stream is split into reads.
+func FuzzFrontendStream(f *testing.F) {
+	f.Add(append(msg('Q', cstr("select 1")), msg('X')...), uint8(3))
+	f.Add(append(msg('P', cstr("a"), cstr("select $1"), u16(1), u32(25)), msg('B', cstr(""), cstr("a"), u16(0), u16(1), u32(1), []byte("x"), u16(0))...), uint8(1))
+	f.Add([]byte{'Q', 0x7f, 0xff, 0xff, 0xff}, uint8(5))
+	f.Add([]byte{'B', 0, 0, 0, 8, 0, 0, 0xff, 0xff}, uint8(2))
+	f.Fuzz(func(t *testing.T, stream []byte, split uint8) {
+		run := func(chunks []int) ([]byte, error) {
+			sess := testSession()
+			tr := &tracker{stmts: map[string]*stmtInfo{}, portals: map[string]*portalInfo{}}
+			fs := &frameScanner{maxBody: 1 << 16}
+			for _, c := range []byte{'Q', 'P', 'B', 'E', 'C', 'F', 'S', 'D', 'X'} {
+				fs.want[c] = true
+			}
+			fs.inspect = func(typ byte, body []byte) error {
+				_, err := sess.frontendMessage(tr, typ, body)
+				return err
+			}
+			return feed(t, fs, stream, chunks)
+		}
+		whole, errWhole := run(nil)
+		pieces, errPieces := run([]int{int(split%16) + 1})
+		if (errWhole == nil) != (errPieces == nil) {
+			// A split may stop earlier only because less was read.
+			if errWhole != nil && len(pieces) > len(whole) {
+				t.Fatalf("split forwarded past the error: %d > %d", len(pieces), len(whole))
+			}
+		}
+		if errWhole == nil && errPieces == nil && !bytes.Equal(whole, pieces) {
+			t.Fatalf("forwarded bytes depend on the split")
+		}
+		if !bytes.HasPrefix(stream, whole) {
+			t.Fatal("forwarded bytes are not the stream's prefix")
+		}
+		// Forwarded bytes end on a frame boundary unless a frame is streamed.
+		checkFrames(t, whole)
+	})
+}
+
+func checkFrames(t *testing.T, b []byte) {
+	for len(b) >= 5 {
+		l := int(int32(binary.BigEndian.Uint32(b[1:])))
+		if l < 4 {
+			t.Fatalf("forwarded a frame of length %d", l)
+		}
+		if 1+l > len(b) {
+			return // streamed tail of an uninspected message
+		}
+		b = b[1+l:]
+	}
+}
+
+// FuzzBackendStream: server bytes complete pending statements without
+// panicking, whatever their order.
+func FuzzBackendStream(f *testing.F) {
+	f.Add(append(append(msg('C', cstr("SELECT 1")), msg('E', []byte("CXX000\x00Mboom\x00\x00"))...), msg('Z', []byte{'I'})...), uint8(2))
+	f.Add(append(msg('t', u16(1), u32(23)), msg('s')...), uint8(1))
+	f.Fuzz(func(t *testing.T, stream []byte, split uint8) {
+		sess := testSession()
+		tr := &tracker{stmts: map[string]*stmtInfo{}, portals: map[string]*portalInfo{}}
+		si := &stmtInfo{text: "x"}
+		tr.queue = []pending{{kind: pendDescribe, stmt: si}, {kind: pendExecute, q: &QueryEvent{}}, {kind: pendSync}, {kind: pendQuery, q: &QueryEvent{}}}
+		fs := &frameScanner{maxBody: 1 << 16}
+		for _, c := range []byte{'C', 'E', 'I', 's', 'Z', 't'} {
+			fs.want[c] = true
+		}
+		var done []pending
+		fs.inspect = func(typ byte, body []byte) error {
+			done = sess.backendMessage(tr, typ, body, done)
+			return nil
+		}
+		out, _ := feed(t, fs, stream, []int{int(split%16) + 1})
+		if !bytes.HasPrefix(stream, out) {
+			t.Fatal("forwarded bytes are not the stream's prefix")
+		}
+		if len(done)+len(tr.queue) > 4 {
+			t.Fatalf("statements multiplied: %d done, %d pending", len(done), len(tr.queue))
+		}
+	})
+}

@@ -1,0 +1,73 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"strconv"
+	"syscall"
+
+	"github.com/pgward/pgward/agent"
+	"github.com/pgward/pgward/exporter"
+)
+
+func cmdAgent(args []string, stderr io.Writer) int {
+	fs := newFlags("agent", stderr)
+	configPath := fs.String("config", "/etc/pgward/pgward.yaml", "configuration file")
+	if err := fs.Parse(args); err != nil {
+		return exitUsage
+	}
+	log, err := exporter.NewLogger(stderr, os.Getenv)
+	if err != nil {
+		fmt.Fprintln(stderr, "pgward:", err)
+		return exitUsage
+	}
+	cfg, err := agent.LoadConfig(*configPath)
+	if err != nil {
+		fmt.Fprintln(stderr, "pgward: invalid configuration:")
+		fmt.Fprintln(stderr, err)
+		return exitBadInput
+	}
+	tp, shutdownTracing, err := newTracerProvider(context.Background(), os.Getenv)
+	if err != nil {
+		fmt.Fprintln(stderr, "pgward: tracing:", err)
+		return exitUsage
+	}
+	defer shutdownTracing(context.Background())
+
+	var a *agent.Agent
+	ctx, stop := signalContext(func() {
+		if a == nil {
+			return
+		}
+		if err := a.Reload(); err != nil {
+			log.Error("reload refused: keeping the running configuration", "err", err)
+		}
+	})
+	defer stop()
+	a, err = agent.New(ctx, agent.Options{Config: cfg, ConfigPath: *configPath, Logger: log, TracerProvider: tp})
+	if err != nil {
+		log.Error("cannot start", "err", err)
+		return exitFailure
+	}
+	if err := a.Run(ctx); err != nil {
+		log.Error("agent stopped", "err", err)
+		return exitFailure
+	}
+	return exitOK
+}
+
+func cmdReload(args []string, stderr io.Writer) int {
+	fs := newFlags("reload", stderr)
+	pid := fs.Int("pid", 0, "pid of the running agent")
+	if err := fs.Parse(args); err != nil || *pid <= 0 {
+		fmt.Fprintln(stderr, "pgward reload: --pid PID is required (systemd: systemctl reload pgward)")
+		return exitUsage
+	}
+	if err := syscall.Kill(*pid, syscall.SIGHUP); err != nil {
+		fmt.Fprintf(stderr, "pgward reload: signal pid %s: %v\n", strconv.Itoa(*pid), err)
+		return exitFailure
+	}
+	return exitOK
+}

@@ -1,0 +1,114 @@
+// Command pgward is the node agent that lets applications use PostgreSQL
+// without holding a password. See README.md.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"syscall"
+)
+
+// version is set at build time with -ldflags "-X main.version=…".
+var version = "dev"
+
+const usage = `pgward: PostgreSQL without passwords for the applications on this node.
+
+Usage:
+  pgward agent --config FILE     run the node agent
+  pgward check-config FILE       validate a configuration file and explain it
+  pgward audit verify FILE...    check an audit log's sequence and hash chain
+  pgward reload --pid PID        ask a running agent to reload (same as SIGHUP)
+  pgward demo                    start a private Postgres and an agent with an example policy
+  pgward version                 print the version
+
+Environment: PGWARD_LOG_FORMAT=json|text, PGWARD_LOG_LEVEL=debug|info|warn|error,
+and the standard OTEL_* variables for traces.
+`
+
+// Exit codes.
+const (
+	exitOK       = 0
+	exitFailure  = 1
+	exitUsage    = 2
+	exitBadInput = 3 // invalid config, audit chain broken
+)
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+func run(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return exitUsage
+	}
+	switch args[0] {
+	case "agent":
+		return cmdAgent(args[1:], stderr)
+	case "check-config":
+		return cmdCheckConfig(args[1:], stdout, stderr)
+	case "audit":
+		return cmdAudit(args[1:], stdout, stderr)
+	case "reload":
+		return cmdReload(args[1:], stderr)
+	case "demo":
+		return cmdDemo(args[1:], stdout, stderr)
+	case "version", "--version", "-v":
+		fmt.Fprintln(stdout, "pgward", version)
+		return exitOK
+	case "help", "-h", "--help":
+		fmt.Fprint(stdout, usage)
+		return exitOK
+	}
+	fmt.Fprintf(stderr, "pgward: unknown command %q\n\n%s", args[0], usage)
+	return exitUsage
+}
+
+func newFlags(name string, stderr io.Writer) *flag.FlagSet {
+	fs := flag.NewFlagSet("pgward "+name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	return fs
+}
+
+// signalContext is cancelled by the first SIGTERM or SIGINT; a second one
+// exits at once. SIGHUP calls onHUP.
+func signalContext(onHUP func()) (context.Context, func()) {
+	ctx, cancel := context.WithCancel(context.Background())
+	ch := make(chan os.Signal, 4)
+	signal.Notify(ch, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
+	done := make(chan struct{})
+	go func() {
+		stopping := false
+		for {
+			select {
+			case <-done:
+				return
+			case s := <-ch:
+				switch {
+				case s == syscall.SIGHUP:
+					if onHUP != nil {
+						onHUP()
+					}
+				case stopping:
+					fmt.Fprintln(os.Stderr, "pgward: second signal, exiting now")
+					os.Exit(exitFailure)
+				default:
+					stopping = true
+					cancel()
+				}
+			}
+		}
+	}()
+	return ctx, func() {
+		signal.Stop(ch)
+		close(done)
+		cancel()
+	}
+}
+
+var errUsage = errors.New("usage")
