@@ -1,0 +1,474 @@
+package exporter
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+)
+
+// Durability says when an audit write counts as done (config key audit.durability).
+type Durability string
+
+// The durability modes.
+const (
+	// DurabilityFsync: the line is written and fsync'ed before the statement
+	// (or session) goes ahead.
+	DurabilityFsync Durability = "fsync"
+	// DurabilityWrite: the line is handed to the kernel with write(2) before
+	// the statement goes ahead; it survives a crash of pgward, not of the host.
+	// The default.
+	DurabilityWrite Durability = "write"
+	// DurabilityAsync: the line is queued for a writer goroutine; the caller
+	// never waits and never fails. A full queue or a failed write loses the
+	// event, counted in pgward_audit_events_dropped_total.
+	DurabilityAsync Durability = "async"
+)
+
+// Defaults of AuditConfig.
+const (
+	DefaultAuditMaxSize  = 100 << 20 // bytes
+	DefaultAuditMaxFiles = 10
+	asyncQueueLen        = 4096
+)
+
+// AuditConfig is the `audit:` section of the agent's configuration.
+type AuditConfig struct {
+	// Path of the active audit file. Rotated files are Path.1 (newest) … Path.N.
+	Path string `yaml:"path"`
+	// Durability is fsync, write (default) or async.
+	Durability Durability `yaml:"durability"`
+	// Parameters is redacted (default), full or none.
+	Parameters ParamMode `yaml:"parameters"`
+	// MaxSize is the size in bytes at which the active file is rotated;
+	// 0 means DefaultAuditMaxSize. A single line larger than MaxSize is still
+	// written whole, into a file of its own.
+	MaxSize int64 `yaml:"max_size"`
+	// MaxFiles is how many rotated files are kept besides the active one;
+	// 0 means DefaultAuditMaxFiles.
+	MaxFiles int `yaml:"max_files"`
+}
+
+// WithDefaults returns c with every zero field set to its default.
+func (c AuditConfig) WithDefaults() AuditConfig {
+	if c.Durability == "" {
+		c.Durability = DurabilityWrite
+	}
+	if c.Parameters == "" {
+		c.Parameters = ParamsRedacted
+	}
+	if c.MaxSize == 0 {
+		c.MaxSize = DefaultAuditMaxSize
+	}
+	if c.MaxFiles == 0 {
+		c.MaxFiles = DefaultAuditMaxFiles
+	}
+	return c
+}
+
+// Validate reports every problem of c (after defaults), naming the key.
+func (c AuditConfig) Validate() error {
+	c = c.WithDefaults()
+	var errs []error
+	if c.Path == "" {
+		errs = append(errs, errors.New("audit.path: required"))
+	}
+	switch c.Durability {
+	case DurabilityFsync, DurabilityWrite, DurabilityAsync:
+	default:
+		errs = append(errs, fmt.Errorf("audit.durability: %q is not one of fsync, write, async", c.Durability))
+	}
+	switch c.Parameters {
+	case ParamsRedacted, ParamsFull, ParamsNone:
+	default:
+		errs = append(errs, fmt.Errorf("audit.parameters: %q is not one of redacted, full, none", c.Parameters))
+	}
+	if c.MaxSize < 0 {
+		errs = append(errs, fmt.Errorf("audit.max_size: %d must not be negative", c.MaxSize))
+	}
+	if c.MaxFiles < 0 {
+		errs = append(errs, fmt.Errorf("audit.max_files: %d must not be negative", c.MaxFiles))
+	}
+	return errors.Join(errs...)
+}
+
+// ErrAuditUnavailable is returned (wrapped) when an event could not be made
+// durable; the broker refuses the session or stops forwarding.
+var ErrAuditUnavailable = errors.New("audit trail unavailable")
+
+// ErrAuditClosed is returned (wrapped in ErrAuditUnavailable) after Close.
+var ErrAuditClosed = errors.New("audit sink closed")
+
+// auditFile is what the sink needs of an *os.File; tests inject failures.
+type auditFile interface {
+	io.Writer
+	Sync() error
+	Truncate(size int64) error
+	Close() error
+}
+
+// Audit is the audit sink: it appends hash-chained JSON lines to a file,
+// rotating it by size. It is safe for concurrent use.
+//
+// Chain: every line ends with "seq" (1, 2, … within a file) and "prev_hash",
+// the hex SHA-256 of the previous line's bytes without its newline. The first
+// line of the first file has 64 zeros; the first line of a rotated-to file
+// carries the hash of the last line of the file before it, so the chain runs
+// across files while seq restarts at 1 in each. On reopen the sink continues
+// the existing file's chain.
+//
+// A failed write leaves the chain as it was: bytes of a partial line are cut
+// off again (now, or before the next write), the event is not counted in the
+// chain and the caller gets ErrAuditUnavailable. The next write that succeeds
+// continues the chain, so the sink recovers by itself when the disk does.
+type Audit struct {
+	cfg     AuditConfig
+	log     *slog.Logger
+	metrics *Metrics
+	open    func(name string) (auditFile, error)
+
+	mu      sync.Mutex
+	f       auditFile // nil after a failed reopen; retried on the next write
+	size    int64     // bytes of complete lines in f
+	seq     int64     // seq of the last line in f
+	prev    [sha256.Size]byte
+	dirty   bool // f may hold bytes past size from a failed write
+	failing bool // the last write failed (for one log line per outage)
+	closed  bool
+
+	// async mode
+	amu     sync.RWMutex // guards sending on ch against Close
+	aclosed bool         // ch is closed; under amu
+	ch      chan *[]byte
+	done    chan struct{}
+
+	pool sync.Pool // *[]byte line buffers
+}
+
+// OpenAudit opens (creating it 0600 if needed) the audit file of cfg and
+// continues its chain. m and log may be nil. A torn last line (a crash in the
+// middle of a write) is cut off with a warning; a last line that is not a
+// pgward audit event is an error: move the file aside.
+func OpenAudit(cfg AuditConfig, m *Metrics, log *slog.Logger) (*Audit, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	a := &Audit{cfg: cfg.WithDefaults(), log: log, metrics: m, open: openAuditFile}
+	a.pool.New = func() any { b := make([]byte, 0, 2048); return &b }
+	if err := a.recover(); err != nil {
+		return nil, err
+	}
+	f, err := a.open(a.cfg.Path)
+	if err != nil {
+		return nil, fmt.Errorf("open audit file: %w", err)
+	}
+	a.f = f
+	if a.cfg.Durability == DurabilityAsync {
+		a.ch = make(chan *[]byte, asyncQueueLen)
+		a.done = make(chan struct{})
+		go a.writeLoop()
+	}
+	return a, nil
+}
+
+func openAuditFile(name string) (auditFile, error) {
+	return os.OpenFile(name, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+}
+
+// recover reads the chain state (size, seq, prev) of an existing file.
+func (a *Audit) recover() error {
+	path := a.cfg.Path
+	last, size, torn, err := readLastLine(path)
+	switch {
+	case errors.Is(err, os.ErrNotExist):
+	case err != nil:
+		return fmt.Errorf("read audit file: %w", err)
+	}
+	if torn > 0 {
+		a.log.Warn("audit file ends in a partial line from an interrupted write; cutting it off",
+			"path", path, "bytes", torn)
+		if err := os.Truncate(path, size); err != nil {
+			return fmt.Errorf("cut partial line of audit file: %w", err)
+		}
+	}
+	if last != nil {
+		seq, _, err := chainFields(last)
+		if err != nil {
+			return fmt.Errorf("audit file %s: last line is not a pgward audit event (%w); move the file aside", path, err)
+		}
+		a.size, a.seq, a.prev = size, seq, sha256.Sum256(last)
+		return nil
+	}
+	// Empty or new file: link to the newest rotated file, if any.
+	last, _, _, err = readLastLine(path + ".1")
+	if err == nil && last != nil {
+		a.prev = sha256.Sum256(last)
+	}
+	return nil
+}
+
+// readLastLine returns the last complete line of the file (without newline),
+// the size up to the end of it, and how many bytes follow it without a newline.
+func readLastLine(path string) (last []byte, size, torn int64, err error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, 0, 0, err
+	}
+	defer f.Close()
+	st, err := f.Stat()
+	if err != nil {
+		return nil, 0, 0, err
+	}
+	end := st.Size()
+	const chunk = 64 << 10
+	var tail []byte // bytes from some offset to end
+	off := end
+	for {
+		// Find the last newline, then the one before it.
+		if i := bytes.LastIndexByte(tail, '\n'); i >= 0 {
+			lineEnd := off + int64(i) // offset of the last newline
+			torn = end - lineEnd - 1
+			if j := bytes.LastIndexByte(tail[:i], '\n'); j >= 0 || off == 0 {
+				return append([]byte(nil), tail[j+1:i]...), lineEnd + 1, torn, nil
+			}
+		} else if off == 0 {
+			return nil, 0, end, nil // no complete line
+		}
+		n := min(int64(chunk), off)
+		off -= n
+		buf := make([]byte, n, n+int64(len(tail)))
+		if _, err := f.ReadAt(buf, off); err != nil {
+			return nil, 0, 0, err
+		}
+		tail = append(buf, tail...)
+	}
+}
+
+// chainFields reads seq and prev_hash of an audit line.
+func chainFields(line []byte) (seq int64, prev string, err error) {
+	var v struct {
+		Seq      *int64  `json:"seq"`
+		PrevHash *string `json:"prev_hash"`
+	}
+	if err := json.Unmarshal(line, &v); err != nil {
+		return 0, "", err
+	}
+	if v.Seq == nil || v.PrevHash == nil {
+		return 0, "", errors.New("no seq or prev_hash")
+	}
+	return *v.Seq, *v.PrevHash, nil
+}
+
+func (a *Audit) getBuf() *[]byte {
+	b := a.pool.Get().(*[]byte)
+	*b = (*b)[:0]
+	return b
+}
+
+func (a *Audit) putBuf(b *[]byte) {
+	if cap(*b) > 64<<10 {
+		return // don't keep the buffer of an outsized statement
+	}
+	a.pool.Put(b)
+}
+
+// commit appends the chain fields to body (an event object without its
+// closing brace), writes it, and recycles the buffer. In async mode it queues
+// and never fails.
+func (a *Audit) commit(event int, body *[]byte) error {
+	if a.ch != nil {
+		a.amu.RLock()
+		defer a.amu.RUnlock()
+		if a.aclosed {
+			a.putBuf(body)
+			a.dropped(1)
+			return nil
+		}
+		select {
+		case a.ch <- body:
+		default:
+			a.putBuf(body)
+			a.dropped(1)
+		}
+		if a.metrics != nil {
+			a.metrics.auditEvents[event].Inc()
+		}
+		return nil
+	}
+	a.mu.Lock()
+	err := a.writeLocked(body)
+	a.mu.Unlock()
+	a.putBuf(body)
+	if err != nil {
+		return err
+	}
+	if a.metrics != nil {
+		a.metrics.auditEvents[event].Inc()
+	}
+	return nil
+}
+
+func (a *Audit) writeLoop() {
+	defer close(a.done)
+	for b := range a.ch {
+		a.mu.Lock()
+		err := a.writeLocked(b)
+		a.mu.Unlock()
+		if err != nil {
+			a.dropped(1)
+		}
+		a.putBuf(b)
+	}
+}
+
+func (a *Audit) dropped(n int) {
+	if a.metrics != nil {
+		a.metrics.auditDropped.Add(float64(n))
+	}
+}
+
+// writeLocked writes one line. a.mu is held.
+func (a *Audit) writeLocked(body *[]byte) error {
+	if err := a.writeLine(body); err != nil {
+		if a.metrics != nil {
+			a.metrics.auditWriteFailures.Inc()
+		}
+		if !a.failing {
+			a.failing = true
+			a.log.Error("audit write failed; refusing new sessions and statements until it succeeds",
+				"path", a.cfg.Path, "durability", string(a.cfg.Durability), "error", err)
+		}
+		return fmt.Errorf("%w: %w", ErrAuditUnavailable, err)
+	}
+	if a.failing {
+		a.failing = false
+		a.log.Info("audit writes succeed again", "path", a.cfg.Path, "seq", a.seq)
+	}
+	return nil
+}
+
+func (a *Audit) writeLine(body *[]byte) error {
+	if a.closed {
+		return ErrAuditClosed
+	}
+	if a.f == nil {
+		f, err := a.open(a.cfg.Path)
+		if err != nil {
+			return fmt.Errorf("reopen audit file: %w", err)
+		}
+		a.f = f
+	}
+	if a.dirty {
+		if err := a.f.Truncate(a.size); err != nil {
+			return fmt.Errorf("cut partial line: %w", err)
+		}
+		a.dirty = false
+	}
+	line := *body
+	bodyLen := len(line)
+	// Rotation needs the line's length first; the chain tail is ≤ 110 bytes.
+	if a.size > 0 && a.size+int64(bodyLen)+110 > a.cfg.MaxSize {
+		if err := a.rotate(); err != nil {
+			return err
+		}
+	}
+	line = appendIntField(line, "seq", a.seq+1)
+	line = appendKey(line, "prev_hash")
+	line = append(line, '"')
+	line = hex.AppendEncode(line, a.prev[:])
+	line = append(line, '"', '}')
+	sum := sha256.Sum256(line)
+	line = append(line, '\n')
+	*body = line
+	n, err := a.f.Write(line)
+	if err == nil && a.cfg.Durability == DurabilityFsync {
+		if err = a.f.Sync(); err != nil {
+			err = fmt.Errorf("fsync: %w", err)
+			n = len(line)
+		}
+	}
+	if err != nil {
+		if n > 0 {
+			a.dirty = a.f.Truncate(a.size) != nil
+		}
+		return err
+	}
+	a.size += int64(len(line))
+	a.seq++
+	a.prev = sum
+	return nil
+}
+
+// rotate renames Path → Path.1 (shifting older files up, dropping the
+// oldest beyond MaxFiles) and opens a fresh Path. The chain hash carries over;
+// seq restarts. a.mu is held.
+func (a *Audit) rotate() error {
+	path := a.cfg.Path
+	if a.cfg.Durability == DurabilityFsync {
+		if err := a.f.Sync(); err != nil {
+			return fmt.Errorf("fsync before rotation: %w", err)
+		}
+	}
+	_ = os.Remove(path + "." + strconv.Itoa(a.cfg.MaxFiles))
+	for i := a.cfg.MaxFiles - 1; i >= 1; i-- {
+		from := path + "." + strconv.Itoa(i)
+		if err := os.Rename(from, path+"."+strconv.Itoa(i+1)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			a.log.Warn("rotate audit file", "from", from, "error", err)
+		}
+	}
+	if err := os.Rename(path, path+".1"); err != nil {
+		// Keep writing to the current file rather than losing events.
+		a.log.Warn("rotate audit file; writing on past audit.max_size", "path", path, "error", err)
+		return nil
+	}
+	_ = a.f.Close()
+	a.f, a.size, a.seq, a.dirty = nil, 0, 0, false
+	f, err := a.open(path)
+	if err != nil {
+		return fmt.Errorf("open audit file after rotation: %w", err)
+	}
+	a.f = f
+	if a.cfg.Durability == DurabilityFsync {
+		if d, err := os.Open(filepath.Dir(path)); err == nil {
+			_ = d.Sync()
+			_ = d.Close()
+		}
+	}
+	return nil
+}
+
+// Close flushes queued events (async), syncs and closes the file. It is idempotent.
+func (a *Audit) Close() error {
+	if a.ch != nil {
+		a.amu.Lock()
+		if !a.aclosed {
+			a.aclosed = true
+			close(a.ch)
+		}
+		a.amu.Unlock()
+		<-a.done
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.closed = true
+	if a.f == nil {
+		return nil
+	}
+	err := a.f.Sync()
+	if cerr := a.f.Close(); err == nil {
+		err = cerr
+	}
+	a.f = nil
+	return err
+}

@@ -1,0 +1,472 @@
+package exporter_test
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/pgward/pgward/broker"
+	"github.com/pgward/pgward/exporter"
+)
+
+type fixture struct {
+	obs   *exporter.Observer
+	audit *exporter.Audit
+	reg   *prometheus.Registry
+	m     *exporter.Metrics
+	logs  *bytes.Buffer
+	path  string
+}
+
+func newFixture(t testing.TB, cfg exporter.AuditConfig) *fixture {
+	return newFixtureLevel(t, cfg, slog.LevelDebug)
+}
+
+func newFixtureLevel(t testing.TB, cfg exporter.AuditConfig, level slog.Level) *fixture {
+	t.Helper()
+	if cfg.Path == "" {
+		cfg.Path = filepath.Join(t.TempDir(), "audit.jsonl")
+	}
+	reg := prometheus.NewRegistry()
+	m := exporter.NewMetrics(reg)
+	logs := &bytes.Buffer{}
+	log := slog.New(slog.NewJSONHandler(logs, &slog.HandlerOptions{Level: level}))
+	a, err := exporter.OpenAudit(cfg, m, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { a.Close() })
+	return &fixture{obs: exporter.NewObserver(log, m, a), audit: a, reg: reg, m: m, logs: logs, path: cfg.Path}
+}
+
+func testSession() *broker.SessionInfo {
+	return &broker.SessionInfo{
+		RequestID: "4bf92f3577b34da6a3ce929d0e0e4736",
+		SessionID: "8d5e7c1e-7a43-4a3b-9f55-0d2b1d0c2a11",
+		Protocol:  "postgres",
+		Upstream:  "orders", Database: "orders", URI: "db.internal:5432", User: "orders_rw",
+		Principal: "billing",
+		Identity: broker.Identity{
+			PID: 4242, UID: 1001, GID: 1001, User: "billing", Exe: "/usr/bin/psql", Comm: "psql",
+			Cgroup: "/system.slice/billing.service", SystemdUnit: "billing.service",
+			Attested: true, CgroupID: 7711, StartTime: 123456789, NSPID: 4242, Pinned: true,
+		},
+		ApplicationName: "psql",
+		Start:           time.Date(2025, 1, 2, 3, 4, 5, 0, time.UTC),
+		Success:         true,
+	}
+}
+
+// readLines parses every line of the audit file.
+func readLines(t testing.TB, path string) []map[string]any {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	var out []map[string]any
+	sc := bufio.NewScanner(f)
+	sc.Buffer(nil, 1<<20)
+	for sc.Scan() {
+		var v map[string]any
+		if err := json.Unmarshal(sc.Bytes(), &v); err != nil {
+			t.Fatalf("line %d: %v: %s", len(out)+1, err, sc.Bytes())
+		}
+		out = append(out, v)
+	}
+	return out
+}
+
+func verifyFile(t testing.TB, path string) int {
+	t.Helper()
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	n, err := exporter.Verify(f)
+	if err != nil {
+		t.Fatalf("Verify(%s) after %d lines: %v", path, n, err)
+	}
+	return n
+}
+
+func TestAuditSessionLifecycle(t *testing.T) {
+	fx := newFixture(t, exporter.AuditConfig{Parameters: exporter.ParamsFull})
+	ctx := context.Background()
+	s := testSession()
+	if err := fx.obs.SessionStart(ctx, s); err != nil {
+		t.Fatal(err)
+	}
+	q1 := &broker.QueryEvent{Index: 1, Text: "SELECT * FROM orders WHERE id = $1", Extended: true,
+		Params: []broker.Param{{OID: 23, Value: []byte("7")}}}
+	q2 := &broker.QueryEvent{Index: 2, Text: "ALTER ROLE orders_rw PASSWORD 'hunter2'"}
+	for _, q := range []*broker.QueryEvent{q1, q2} {
+		if err := fx.obs.Query(ctx, s, q); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Results arrive in order; the second failed.
+	q1.Rows, q1.Tag, q1.Success, q1.Duration = 1, "SELECT 1", true, 1500*time.Microsecond
+	fx.obs.QueryDone(ctx, s, q1)
+	q2.Rows, q2.Success, q2.Code, q2.Error = -1, false, "42501", "permission denied to alter role"
+	fx.obs.QueryDone(ctx, s, q2)
+	fx.obs.Cancel(ctx, &broker.CancelEvent{RequestID: "c1", Caller: s.Identity, Forwarded: true, Session: s})
+	s.End, s.EndReason, s.BytesIn, s.BytesOut, s.Queries = s.Start.Add(time.Minute), "client_closed", 100, 2000, 2
+	fx.obs.SessionEnd(ctx, s)
+	if err := fx.obs.DirectConnect(ctx, exporter.DirectConnectEvent{Process: broker.Identity{PID: 99, UID: 0, Comm: "psql"},
+		Dest: "db.internal:5432", Upstream: "orders", Blocked: true}); err != nil {
+		t.Fatal(err)
+	}
+
+	lines := readLines(t, fx.path)
+	want := []struct {
+		event, code string
+		ei          float64
+	}{
+		{"db.session.start", "PGW00I", 1},
+		{"db.session.query", "PGW02I", 2},
+		{"db.session.query", "PGW02I", 3},
+		{"db.session.query.result", "PGW03I", 4},
+		{"db.session.query.result", "PGW03W", 5},
+		{"db.session.cancel", "PGW04I", 6},
+		{"db.session.end", "PGW01I", 7},
+		{"db.connect.direct", "PGW06W", 0},
+	}
+	if len(lines) != len(want) {
+		t.Fatalf("%d lines, want %d", len(lines), len(want))
+	}
+	common := []string{"event", "code", "time", "uid", "sid", "ei", "request_id", "seq", "prev_hash",
+		"db_protocol", "db_service", "db_uri", "db_name", "db_user", "principal", "process", "success"}
+	uids := map[any]bool{}
+	for i, w := range want {
+		l := lines[i]
+		if l["event"] != w.event || l["code"] != w.code || l["ei"] != w.ei || l["seq"] != float64(i+1) {
+			t.Errorf("line %d: event %v code %v ei %v seq %v; want %s %s %v %d", i+1, l["event"], l["code"], l["ei"], l["seq"], w.event, w.code, w.ei, i+1)
+		}
+		for _, k := range common {
+			if _, ok := l[k]; !ok {
+				t.Errorf("line %d (%s) lacks %q", i+1, w.event, k)
+			}
+		}
+		if _, err := time.Parse(time.RFC3339Nano, l["time"].(string)); err != nil || !strings.HasSuffix(l["time"].(string), "Z") {
+			t.Errorf("line %d: time %v is not RFC 3339 UTC", i+1, l["time"])
+		}
+		uids[l["uid"]] = true
+	}
+	if len(uids) != len(want) {
+		t.Errorf("event uids are not unique: %v", uids)
+	}
+	check := func(line int, key string, want any) {
+		t.Helper()
+		got, _ := json.Marshal(lines[line-1][key])
+		w, _ := json.Marshal(want)
+		if string(got) != string(w) {
+			t.Errorf("line %d %s = %s, want %s", line, key, got, w)
+		}
+	}
+	check(1, "db_service", "orders")
+	check(1, "request_id", s.RequestID)
+	check(1, "process", map[string]any{"pid": 4242, "uid": 1001, "gid": 1001, "user": "billing", "comm": "psql",
+		"exe": "/usr/bin/psql", "cgroup": "/system.slice/billing.service", "systemd_unit": "billing.service",
+		"container_id": "", "start_time": 123456789, "cgroup_id": 7711, "ns_pid": 4242, "attested": true, "pinned": true})
+	check(2, "db_query", q1.Text)
+	check(2, "db_query_parameters", []any{map[string]any{"oid": 23, "type": "int4", "format": "text", "value": "7"}})
+	check(3, "db_query", "ALTER ROLE orders_rw PASSWORD '[REDACTED]'")
+	check(4, "rows", 1)
+	check(4, "query_ei", 2)
+	check(4, "duration_ms", 1.5)
+	check(5, "query_ei", 3)
+	check(5, "sqlstate", "42501")
+	check(5, "success", false)
+	check(7, "reason", "client_closed")
+	check(7, "bytes_in", 100)
+	check(7, "queries", 2)
+	check(8, "blocked", true)
+	check(8, "db_uri", "db.internal:5432")
+	if n := verifyFile(t, fx.path); n != len(want) {
+		t.Errorf("Verify = %d lines, want %d", n, len(want))
+	}
+	if got := metricValue(t, fx.reg, "pgward_audit_events_total", "event", exporter.EventQuery); got != 2 {
+		t.Errorf("audit_events_total{event=db.session.query} = %v, want 2", got)
+	}
+	if bytes.Contains(mustRead(t, fx.path), []byte("hunter2")) {
+		t.Error("password literal reached the audit file")
+	}
+}
+
+func mustRead(t testing.TB, path string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func TestAuditDeniedSession(t *testing.T) {
+	fx := newFixture(t, exporter.AuditConfig{})
+	s := testSession()
+	s.Success, s.Code, s.Error = false, "28000", `pgward: uid 1001 (billing) holds no grant for role "orders_admin" on "orders"`
+	s.User = "orders_admin"
+	if err := fx.obs.SessionStart(context.Background(), s); err != nil {
+		t.Fatal(err)
+	}
+	l := readLines(t, fx.path)
+	if len(l) != 1 || l[0]["code"] != "PGW00W" || l[0]["success"] != false || l[0]["error"] != s.Error || l[0]["sqlstate"] != "28000" {
+		t.Fatalf("denied start = %v", l)
+	}
+	if got := metricValue(t, fx.reg, "pgward_sessions_active"); got != 0 {
+		t.Errorf("sessions_active = %v after a denial", got)
+	}
+	if !strings.Contains(fx.logs.String(), `"level":"WARN","msg":"session refused"`) {
+		t.Errorf("no WARN for the denial:\n%s", fx.logs)
+	}
+}
+
+func TestAuditParameterModes(t *testing.T) {
+	params := []broker.Param{
+		{OID: 25, Value: []byte("orders_rw")},
+		{OID: 25, Value: []byte("hunter2")},
+		{OID: 20, Format: 1, Value: []byte{0, 0, 0, 0, 0, 0, 0, 42}},
+	}
+	tests := []struct {
+		mode exporter.ParamMode
+		want string // db_query_parameters as JSON; "" = absent
+	}{
+		{exporter.ParamsFull, `[{"oid":25,"type":"text","format":"text","value":"orders_rw"},{"oid":25,"type":"text","format":"text","value":"[REDACTED]"},{"oid":20,"type":"int8","format":"binary","value":"42"}]`},
+		{exporter.ParamsRedacted, `[{"oid":25,"type":"text","format":"text","length":9},{"oid":25,"type":"text","format":"text","value":"[REDACTED]"},{"oid":20,"type":"int8","format":"binary","length":8}]`},
+		{exporter.ParamsNone, ``},
+	}
+	for _, tt := range tests {
+		t.Run(string(tt.mode), func(t *testing.T) {
+			fx := newFixture(t, exporter.AuditConfig{Parameters: tt.mode})
+			s := testSession()
+			q := &broker.QueryEvent{Index: 1, Extended: true, Text: "SELECT set_config('role', $1, false); ALTER ROLE x PASSWORD $2; SELECT $3::int8", Params: params}
+			if err := fx.obs.Query(context.Background(), s, q); err != nil {
+				t.Fatal(err)
+			}
+			var line struct {
+				P json.RawMessage `json:"db_query_parameters"`
+			}
+			if err := json.Unmarshal(bytes.TrimSpace(mustRead(t, fx.path)), &line); err != nil {
+				t.Fatal(err)
+			}
+			if string(line.P) != tt.want {
+				t.Errorf("db_query_parameters = %s\nwant %s", line.P, tt.want)
+			}
+			if bytes.Contains(mustRead(t, fx.path), []byte("hunter2")) {
+				t.Error("bound password reached the audit file")
+			}
+		})
+	}
+}
+
+func TestAuditDurabilityModes(t *testing.T) {
+	for _, d := range []exporter.Durability{exporter.DurabilityFsync, exporter.DurabilityWrite, exporter.DurabilityAsync} {
+		t.Run(string(d), func(t *testing.T) {
+			fx := newFixture(t, exporter.AuditConfig{Durability: d})
+			s := testSession()
+			const n = 200
+			for i := 1; i <= n; i++ {
+				if err := fx.obs.Query(context.Background(), s, &broker.QueryEvent{Index: int64(i), Text: "SELECT 1"}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if err := fx.audit.Close(); err != nil {
+				t.Fatal(err)
+			}
+			if err := fx.audit.Close(); err != nil {
+				t.Fatalf("second Close: %v", err)
+			}
+			if got := verifyFile(t, fx.path); got != n {
+				t.Errorf("%d lines verified, want %d", got, n)
+			}
+			if d != exporter.DurabilityAsync {
+				if err := fx.obs.Query(context.Background(), s, &broker.QueryEvent{Index: n + 1, Text: "SELECT 1"}); !errors.Is(err, exporter.ErrAuditUnavailable) {
+					t.Errorf("Query after Close = %v, want ErrAuditUnavailable", err)
+				}
+			}
+		})
+	}
+}
+
+func TestAuditReopenContinuesChain(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.jsonl")
+	write := func(n int) {
+		a, err := exporter.OpenAudit(exporter.AuditConfig{Path: path}, nil, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		obs := exporter.NewObserver(nil, nil, a)
+		for i := range n {
+			if err := obs.Query(context.Background(), testSession(), &broker.QueryEvent{Index: int64(i + 1), Text: "SELECT 1"}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := a.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(3)
+	write(2)
+	if got := verifyFile(t, path); got != 5 {
+		t.Fatalf("verified %d, want 5", got)
+	}
+	// A crash in the middle of a write leaves a partial line: reopening cuts it.
+	f, err := os.OpenFile(path, os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.WriteString(`{"event":"db.session.query","co`)
+	f.Close()
+	if _, err := exporter.Verify(bytes.NewReader(mustRead(t, path))); err == nil {
+		t.Fatal("Verify accepted a torn last line")
+	}
+	write(1)
+	if got := verifyFile(t, path); got != 6 {
+		t.Fatalf("verified %d after torn tail, want 6", got)
+	}
+	// A last line that is not an audit event: refuse to continue.
+	os.WriteFile(path, []byte("not json\n"), 0o600)
+	if _, err := exporter.OpenAudit(exporter.AuditConfig{Path: path}, nil, nil); err == nil || !strings.Contains(err.Error(), "move the file aside") {
+		t.Errorf("OpenAudit on a foreign file = %v", err)
+	}
+}
+
+func TestAuditRotation(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "audit.jsonl")
+	fx := newFixture(t, exporter.AuditConfig{Path: path, MaxSize: 4096, MaxFiles: 3})
+	s := testSession()
+	for i := 1; i <= 100; i++ {
+		if err := fx.obs.Query(context.Background(), s, &broker.QueryEvent{Index: int64(i), Text: "SELECT 1"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	fx.audit.Close()
+	files, _ := filepath.Glob(path + "*")
+	if len(files) != 4 {
+		t.Fatalf("files %v, want the active one and 3 rotated", files)
+	}
+	chain := []string{path + ".3", path + ".2", path + ".1", path}
+	total := 0
+	for _, f := range chain {
+		st, err := os.Stat(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.Size() > 4096 {
+			t.Errorf("%s is %d bytes, over max_size", f, st.Size())
+		}
+		if st.Mode().Perm() != 0o600 {
+			t.Errorf("%s mode %v, want 0600", f, st.Mode().Perm())
+		}
+		total += verifyFile(t, f) // seq restarts at 1 in each file
+	}
+	n, err := exporter.VerifyFiles(chain...)
+	if err != nil || n != total {
+		t.Fatalf("VerifyFiles = %d, %v; want %d", n, err, total)
+	}
+	// Files out of order break the link between them.
+	if _, err := exporter.VerifyFiles(path+".2", path+".3"); err == nil {
+		t.Error("VerifyFiles accepted files out of order")
+	}
+	// The first line of the newest file carries the hash of the last line of .1.
+	lines := readLines(t, path)
+	if lines[0]["seq"] != 1.0 || lines[0]["prev_hash"] == exporter.ZeroHash {
+		t.Errorf("first line of rotated-to file: seq %v prev_hash %v", lines[0]["seq"], lines[0]["prev_hash"])
+	}
+}
+
+func TestVerifyDetects(t *testing.T) {
+	fx := newFixture(t, exporter.AuditConfig{})
+	s := testSession()
+	for i := 1; i <= 5; i++ {
+		if err := fx.obs.Query(context.Background(), s, &broker.QueryEvent{Index: int64(i), Text: fmt.Sprintf("SELECT %d", i)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	good := mustRead(t, fx.path)
+	lines := strings.SplitAfter(string(good), "\n")[:5]
+	tests := []struct {
+		name     string
+		data     string
+		kind     string
+		line, ok int
+	}{
+		{"intact", string(good), "", 0, 5},
+		{"edited", lines[0] + lines[1] + strings.Replace(lines[2], "SELECT 3", "SELECT 4", 1) + lines[3] + lines[4], "hash", 4, 3},
+		{"removed", lines[0] + lines[1] + lines[3] + lines[4], "seq", 3, 2},
+		{"removed first", strings.Join(lines[1:], ""), "seq", 1, 0},
+		{"swapped", lines[0] + lines[2] + lines[1] + lines[3] + lines[4], "seq", 2, 1},
+		{"truncated", string(good[:len(good)-10]), "truncated", 5, 4},
+		{"malformed", lines[0] + "garbage\n" + lines[2], "malformed", 2, 1},
+		{"empty", "", "", 0, 0},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			n, err := exporter.Verify(strings.NewReader(tt.data))
+			if n != tt.ok {
+				t.Errorf("n = %d, want %d", n, tt.ok)
+			}
+			if tt.kind == "" {
+				if err != nil {
+					t.Fatalf("Verify: %v", err)
+				}
+				return
+			}
+			var ce *exporter.ChainError
+			if !errors.As(err, &ce) || ce.Kind != tt.kind || ce.Line != tt.line {
+				t.Fatalf("err = %v, want %s at line %d", err, tt.kind, tt.line)
+			}
+		})
+	}
+}
+
+func TestAuditConfigValidate(t *testing.T) {
+	err := exporter.AuditConfig{Durability: "sometimes", Parameters: "all", MaxSize: -1, MaxFiles: -2}.Validate()
+	for _, want := range []string{"audit.path", "audit.durability", "audit.parameters", "audit.max_size", "audit.max_files"} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("Validate error %v does not name %s", err, want)
+		}
+	}
+	if err := (exporter.AuditConfig{Path: "/x"}).Validate(); err != nil {
+		t.Errorf("defaults do not validate: %v", err)
+	}
+}
+
+func BenchmarkAuditQuery(b *testing.B) {
+	for _, d := range []exporter.Durability{exporter.DurabilityWrite, exporter.DurabilityAsync} {
+		b.Run(string(d), func(b *testing.B) {
+			fx := newFixtureLevel(b, exporter.AuditConfig{Durability: d, Parameters: exporter.ParamsFull, MaxSize: 1 << 40}, slog.LevelInfo)
+			s := testSession()
+			q := &broker.QueryEvent{Index: 1, Extended: true,
+				Text:   "SELECT id, total, created_at FROM orders WHERE customer_id = $1 AND status = $2",
+				Params: []broker.Param{{OID: 20, Format: 1, Value: []byte{0, 0, 0, 0, 0, 0, 0x30, 0x39}}, {OID: 25, Value: []byte("open")}}}
+			ctx := context.Background()
+			b.ReportAllocs()
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				q.Index = int64(i + 1)
+				if err := fx.obs.Query(ctx, s, q); err != nil {
+					b.Fatal(err)
+				}
+				q.Success, q.Rows = true, 1
+				fx.obs.QueryDone(ctx, s, q)
+			}
+		})
+	}
+}

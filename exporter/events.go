@@ -1,0 +1,271 @@
+package exporter
+
+import (
+	"math/rand/v2"
+	"slices"
+	"strconv"
+	"time"
+
+	"github.com/pgward/pgward/broker"
+)
+
+// Event codes: "PGW", two digits for the event, and a severity letter —
+// I (information: the action happened as intended) or W (warning: a refusal,
+// a failure or a security-relevant anomaly). See docs/audit-events.md.
+const (
+	CodeSessionStart       = "PGW00I"
+	CodeSessionDenied      = "PGW00W"
+	CodeSessionEnd         = "PGW01I"
+	CodeSessionEndError    = "PGW01W"
+	CodeQuery              = "PGW02I"
+	CodeQueryResult        = "PGW03I"
+	CodeQueryResultError   = "PGW03W"
+	CodeCancel             = "PGW04I"
+	CodeCancelRejected     = "PGW04W"
+	CodeDirectConnect      = "PGW05W"
+	CodeDirectConnectBlock = "PGW06W"
+)
+
+// DirectConnectEvent is a connect to a guarded Postgres endpoint by a process
+// other than pgward, seen by the eBPF tracker.
+type DirectConnectEvent struct {
+	Time     time.Time       // when the connect happened; zero means now
+	Process  broker.Identity // who connected (from the eBPF record and /proc)
+	Dest     string          // the endpoint: host:port or a socket path
+	Upstream string          // the upstream's name in the config, when the endpoint is one
+	Blocked  bool            // the program refused the connect (ebpf.enforce)
+}
+
+// header starts an event object: every field the contract puts on every event.
+func header(buf []byte, now time.Time, event, code string, s *broker.SessionInfo, ei int64, requestID string, id *broker.Identity) []byte {
+	buf = append(buf, '{')
+	buf = appendStringField(buf, "event", event)
+	buf = appendStringField(buf, "code", code)
+	buf = appendKey(buf, "time")
+	buf = append(buf, '"')
+	buf = now.UTC().AppendFormat(buf, time.RFC3339Nano)
+	buf = append(buf, '"')
+	buf = appendKey(buf, "uid")
+	buf = appendUUID(buf)
+	var sid, proto, service, uri, name, user, principal string
+	if s != nil {
+		sid, proto, service, uri, name, user, principal = s.SessionID, s.Protocol, s.Upstream, s.URI, s.Database, s.User, s.Principal
+	}
+	if proto == "" {
+		proto = "postgres"
+	}
+	buf = appendStringField(buf, "sid", sid)
+	buf = appendIntField(buf, "ei", ei)
+	buf = appendStringField(buf, "request_id", requestID)
+	buf = appendStringField(buf, "db_protocol", proto)
+	buf = appendStringField(buf, "db_service", service)
+	buf = appendStringField(buf, "db_uri", uri)
+	buf = appendStringField(buf, "db_name", name)
+	buf = appendStringField(buf, "db_user", user)
+	buf = appendStringField(buf, "principal", principal)
+	buf = appendKey(buf, "process")
+	return appendProcess(buf, id)
+}
+
+// appendUUID appends a random (version 4) UUID as a JSON string. The runtime's
+// ChaCha8 generator behind math/rand/v2 is per-thread and allocation-free.
+func appendUUID(buf []byte) []byte {
+	var b [16]byte
+	hi, lo := rand.Uint64(), rand.Uint64()
+	for i := range 8 {
+		b[i] = byte(hi >> (56 - 8*i))
+		b[8+i] = byte(lo >> (56 - 8*i))
+	}
+	b[6] = b[6]&0x0f | 0x40
+	b[8] = b[8]&0x3f | 0x80
+	buf = append(buf, '"')
+	for i, c := range b {
+		if i == 4 || i == 6 || i == 8 || i == 10 {
+			buf = append(buf, '-')
+		}
+		buf = append(buf, hexDigits[c>>4], hexDigits[c&0xf])
+	}
+	return append(buf, '"')
+}
+
+func appendProcess(buf []byte, id *broker.Identity) []byte {
+	if id == nil {
+		return append(buf, "null"...)
+	}
+	buf = append(buf, '{')
+	buf = appendIntField(buf, "pid", int64(id.PID))
+	buf = appendUintField(buf, "uid", uint64(id.UID))
+	buf = appendUintField(buf, "gid", uint64(id.GID))
+	buf = appendStringField(buf, "user", id.User)
+	buf = appendStringField(buf, "comm", id.Comm)
+	buf = appendStringField(buf, "exe", id.Exe)
+	buf = appendStringField(buf, "cgroup", id.Cgroup)
+	buf = appendStringField(buf, "systemd_unit", id.SystemdUnit)
+	buf = appendStringField(buf, "container_id", id.ContainerID)
+	if p := id.Pod; p != nil {
+		buf = appendKey(buf, "pod")
+		buf = append(buf, '{')
+		buf = appendStringField(buf, "namespace", p.Namespace)
+		buf = appendStringField(buf, "name", p.Name)
+		buf = appendStringField(buf, "service_account", p.ServiceAccount)
+		buf = appendKey(buf, "labels")
+		buf = append(buf, '{')
+		var stack [16]string
+		keys := stack[:0]
+		for k := range p.Labels {
+			keys = append(keys, k)
+		}
+		slices.Sort(keys)
+		for _, k := range keys {
+			if len(buf) > 0 && buf[len(buf)-1] != '{' {
+				buf = append(buf, ',')
+			}
+			buf = appendJSONString(buf, k)
+			buf = append(buf, ':')
+			buf = appendJSONString(buf, p.Labels[k])
+		}
+		buf = append(buf, '}', '}')
+	}
+	buf = appendUintField(buf, "start_time", id.StartTime)
+	buf = appendUintField(buf, "cgroup_id", id.CgroupID)
+	buf = appendIntField(buf, "ns_pid", int64(id.NSPID))
+	buf = appendBoolField(buf, "attested", id.Attested)
+	buf = appendBoolField(buf, "pinned", id.Pinned)
+	return append(buf, '}')
+}
+
+func appendTimeField(buf []byte, key string, t time.Time) []byte {
+	buf = appendKey(buf, key)
+	if t.IsZero() {
+		return append(buf, "null"...)
+	}
+	buf = append(buf, '"')
+	buf = t.UTC().AppendFormat(buf, time.RFC3339Nano)
+	return append(buf, '"')
+}
+
+func appendMillisField(buf []byte, key string, d time.Duration) []byte {
+	return strconv.AppendFloat(appendKey(buf, key), float64(d)/float64(time.Millisecond), 'f', 3, 64)
+}
+
+// The event writers below build one line each and hand it to commit.
+
+func (a *Audit) sessionStart(now time.Time, s *broker.SessionInfo, ei int64) error {
+	b := a.getBuf()
+	code := CodeSessionStart
+	if !s.Success {
+		code = CodeSessionDenied
+	}
+	buf := header(*b, now, EventSessionStart, code, s, ei, s.RequestID, &s.Identity)
+	buf = appendBoolField(buf, "success", s.Success)
+	buf = appendStringFieldOmit(buf, "error", s.Error)
+	buf = appendStringFieldOmit(buf, "sqlstate", s.Code)
+	buf = appendStringFieldOmit(buf, "application_name", s.ApplicationName)
+	buf = appendTimeField(buf, "session_start", s.Start)
+	*b = buf
+	return a.commit(evSessionStart, b)
+}
+
+func (a *Audit) sessionEnd(now time.Time, s *broker.SessionInfo, ei int64) error {
+	b := a.getBuf()
+	code := CodeSessionEnd
+	failed := s.EndReason == "error" || s.EndReason == "audit_unavailable"
+	if failed {
+		code = CodeSessionEndError
+	}
+	buf := header(*b, now, EventSessionEnd, code, s, ei, s.RequestID, &s.Identity)
+	buf = appendBoolField(buf, "success", !failed)
+	buf = appendStringFieldOmit(buf, "error", s.Error)
+	buf = appendStringField(buf, "reason", s.EndReason)
+	buf = appendTimeField(buf, "session_start", s.Start)
+	end := s.End
+	if end.IsZero() {
+		end = now
+	}
+	buf = appendTimeField(buf, "session_stop", end)
+	buf = appendIntField(buf, "bytes_in", s.BytesIn)
+	buf = appendIntField(buf, "bytes_out", s.BytesOut)
+	buf = appendIntField(buf, "queries", s.Queries)
+	*b = buf
+	return a.commit(evSessionEnd, b)
+}
+
+func (a *Audit) query(now time.Time, s *broker.SessionInfo, q *broker.QueryEvent, ei int64) error {
+	b := a.getBuf()
+	buf := header(*b, now, EventQuery, CodeQuery, s, ei, s.RequestID, &s.Identity)
+	buf = appendBoolField(buf, "success", true)
+	text, secret := redactSQL(q.Text)
+	buf = appendStringField(buf, "db_query", text)
+	if q.Extended && a.cfg.Parameters != ParamsNone {
+		buf = appendKey(buf, "db_query_parameters")
+		buf = append(buf, '[')
+		for i, p := range q.Params {
+			if i > 0 {
+				buf = append(buf, ',')
+			}
+			buf = appendParam(buf, p, a.cfg.Parameters, slices.Contains(secret, i+1))
+		}
+		buf = append(buf, ']')
+	}
+	buf = appendIntField(buf, "query_index", q.Index)
+	buf = appendBoolField(buf, "extended", q.Extended)
+	if q.Extended {
+		buf = appendStringField(buf, "statement_name", q.Statement)
+		buf = appendStringField(buf, "portal_name", q.Portal)
+	}
+	*b = buf
+	return a.commit(evQuery, b)
+}
+
+func (a *Audit) queryResult(now time.Time, s *broker.SessionInfo, q *broker.QueryEvent, ei, queryEI int64) error {
+	b := a.getBuf()
+	code := CodeQueryResult
+	if !q.Success {
+		code = CodeQueryResultError
+	}
+	buf := header(*b, now, EventQueryResult, code, s, ei, s.RequestID, &s.Identity)
+	buf = appendBoolField(buf, "success", q.Success)
+	buf = appendStringFieldOmit(buf, "error", q.Error)
+	buf = appendStringFieldOmit(buf, "sqlstate", q.Code)
+	buf = appendIntField(buf, "query_index", q.Index)
+	buf = appendIntField(buf, "query_ei", queryEI)
+	if q.Rows >= 0 {
+		buf = appendIntField(buf, "rows", q.Rows)
+	}
+	buf = appendStringFieldOmit(buf, "command_tag", q.Tag)
+	buf = appendMillisField(buf, "duration_ms", q.Duration)
+	*b = buf
+	return a.commit(evQueryResult, b)
+}
+
+func (a *Audit) cancel(now time.Time, c *broker.CancelEvent, ei int64) error {
+	b := a.getBuf()
+	code := CodeCancel
+	if !c.Forwarded {
+		code = CodeCancelRejected
+	}
+	buf := header(*b, now, EventCancel, code, c.Session, ei, c.RequestID, &c.Caller)
+	buf = appendBoolField(buf, "success", c.Forwarded)
+	buf = appendStringFieldOmit(buf, "reason", c.Reason)
+	if c.Session != nil {
+		buf = appendStringField(buf, "target_request_id", c.Session.RequestID)
+		buf = appendIntField(buf, "target_pid", int64(c.Session.Identity.PID))
+	}
+	*b = buf
+	return a.commit(evCancel, b)
+}
+
+func (a *Audit) directConnect(now time.Time, e *DirectConnectEvent) error {
+	b := a.getBuf()
+	code := CodeDirectConnect
+	if e.Blocked {
+		code = CodeDirectConnectBlock
+	}
+	s := broker.SessionInfo{Upstream: e.Upstream, URI: e.Dest}
+	buf := header(*b, now, EventDirect, code, &s, 0, "", &e.Process)
+	buf = appendBoolField(buf, "success", !e.Blocked)
+	buf = appendBoolField(buf, "blocked", e.Blocked)
+	buf = appendTimeField(buf, "connect_time", e.Time)
+	*b = buf
+	return a.commit(evDirect, b)
+}

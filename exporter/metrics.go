@@ -1,0 +1,243 @@
+package exporter
+
+import (
+	"net/http"
+	"sync/atomic"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/pgward/pgward/broker"
+)
+
+const namespace = "pgward"
+
+// Audit event names (the "event" field and the audit_events_total label).
+const (
+	EventSessionStart = "db.session.start"
+	EventSessionEnd   = "db.session.end"
+	EventQuery        = "db.session.query"
+	EventQueryResult  = "db.session.query.result"
+	EventCancel       = "db.session.cancel"
+	EventDirect       = "db.connect.direct"
+)
+
+// event indexes into Metrics.auditEvents.
+const (
+	evSessionStart = iota
+	evSessionEnd
+	evQuery
+	evQueryResult
+	evCancel
+	evDirect
+	numEvents
+)
+
+var eventNames = [numEvents]string{
+	evSessionStart: EventSessionStart,
+	evSessionEnd:   EventSessionEnd,
+	evQuery:        EventQuery,
+	evQueryResult:  EventQueryResult,
+	evCancel:       EventCancel,
+	evDirect:       EventDirect,
+}
+
+var stages = []broker.Stage{broker.StageTotal, broker.StageIdentity, broker.StageCredentials, broker.StageUpstreamAuth}
+
+var failureReasons = []broker.FailureReason{
+	broker.ReasonIdentity, broker.ReasonUnauthorized, broker.ReasonThrottled,
+	broker.ReasonBackendError, broker.ReasonUpstreamRejected, broker.ReasonProtocol,
+}
+
+// reasonOther is the auth_failures_total label for a reason the exporter does
+// not know (a newer broker); it keeps the label set bounded.
+const reasonOther = "other"
+
+// EBPFStats is what the eBPF tracker reports about itself.
+type EBPFStats struct {
+	Events uint64 // connect events read from the ring buffer, since start
+	Lost   uint64 // events the kernel could not queue (ring buffer full), since start
+	Probes int    // programs attached now
+}
+
+// Metrics is pgward's Prometheus metric set, registered on a private registry.
+// Every label value comes from a fixed set, created up front, so the hot path
+// does no label lookups.
+type Metrics struct {
+	reg *prometheus.Registry
+
+	requests, responses, errorResponses                prometheus.Counter
+	duration                                           map[broker.Stage]prometheus.Observer
+	verifyAttempts, verifyFailures                     prometheus.Counter
+	matchAttempts, matchFailures                       prometheus.Counter
+	retrievalAttempts, retrievalFailures, unauthorized prometheus.Counter
+	authFailures                                       map[broker.FailureReason]prometheus.Counter
+	authFailuresOther                                  prometheus.Counter
+	sessionsActive                                     prometheus.Gauge
+	sessionsTotal, queries                             prometheus.Counter
+	relayToUpstream, relayToClient                     prometheus.Counter
+	cancelForwarded, cancelRejected                    prometheus.Counter
+	directBlocked, directAllowed                       prometheus.Counter
+	auditEvents                                        [numEvents]prometheus.Counter
+	auditWriteFailures, auditDropped                   prometheus.Counter
+	ebpf                                               atomic.Pointer[func() EBPFStats]
+	ebpfEventsDesc, ebpfLostDesc, ebpfProbesDesc       *prometheus.Desc
+}
+
+// NewMetrics creates every pgward_ metric on reg, with the Go and process
+// collectors. It panics if reg already holds them (a wiring bug).
+func NewMetrics(reg *prometheus.Registry) *Metrics {
+	m := &Metrics{reg: reg}
+	counter := func(name, help string) prometheus.Counter {
+		c := prometheus.NewCounter(prometheus.CounterOpts{Namespace: namespace, Name: name, Help: help})
+		reg.MustRegister(c)
+		return c
+	}
+	m.requests = counter("requests_total", "Authentication requests (connections that sent a startup message or failed identity before it).")
+	m.responses = counter("responses_total", "Authentication requests that ended in a session.")
+	m.errorResponses = counter("error_responses_total", "Authentication requests that were refused.")
+	m.verifyAttempts = counter("identity_verification_attempts_total", "Attempts to prove who the caller is from kernel facts.")
+	m.verifyFailures = counter("identity_verification_failures_total", "Identity verifications that failed.")
+	m.matchAttempts = counter("identity_matching_attempts_total", "Claimed principals checked against the kernel identity.")
+	m.matchFailures = counter("identity_matching_failures_total", "Claimed principals the kernel identity did not match.")
+	m.retrievalAttempts = counter("password_retrieval_attempts_total", "Requests for a credential: fetches made, plus requests refused as unauthorized.")
+	m.retrievalFailures = counter("password_retrieval_failures_total", "Credential fetches that failed at the secrets backend.")
+	m.unauthorized = counter("password_retrieval_unauthorized_total", "Requests for a role on an upstream the caller holds no grant for.")
+	m.sessionsTotal = counter("sessions_total", "Sessions started.")
+	m.queries = counter("queries_total", "Statements forwarded upstream (simple Query, or Execute).")
+	m.auditWriteFailures = counter("audit_write_failures_total", "Audit lines that could not be written (or fsync'ed).")
+	m.auditDropped = counter("audit_events_dropped_total", "Audit events lost in async durability: queue full or write failed.")
+
+	dur := prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Namespace: namespace, Name: "request_duration_seconds",
+		Help:    "Authentication request latency by stage.",
+		Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10},
+	}, []string{"stage"})
+	reg.MustRegister(dur)
+	m.duration = make(map[broker.Stage]prometheus.Observer, len(stages))
+	for _, s := range stages {
+		m.duration[s] = dur.WithLabelValues(string(s))
+	}
+
+	af := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: namespace, Name: "auth_failures_total",
+		Help: "Refused authentication requests by reason.",
+	}, []string{"reason"})
+	reg.MustRegister(af)
+	m.authFailures = make(map[broker.FailureReason]prometheus.Counter, len(failureReasons))
+	for _, r := range failureReasons {
+		m.authFailures[r] = af.WithLabelValues(string(r))
+	}
+	m.authFailuresOther = af.WithLabelValues(reasonOther)
+
+	m.sessionsActive = prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Name: "sessions_active", Help: "Sessions open now."})
+	reg.MustRegister(m.sessionsActive)
+
+	relay := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: namespace, Name: "relay_bytes_total", Help: "Bytes relayed by direction.",
+	}, []string{"direction"})
+	reg.MustRegister(relay)
+	m.relayToUpstream = relay.WithLabelValues("client_to_upstream")
+	m.relayToClient = relay.WithLabelValues("upstream_to_client")
+
+	cancel := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: namespace, Name: "cancel_requests_total", Help: "CancelRequests by outcome.",
+	}, []string{"outcome"})
+	reg.MustRegister(cancel)
+	m.cancelForwarded = cancel.WithLabelValues("forwarded")
+	m.cancelRejected = cancel.WithLabelValues("rejected")
+
+	direct := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: namespace, Name: "direct_connects_total",
+		Help: "Connects to a guarded Postgres endpoint that went around pgward, seen by eBPF.",
+	}, []string{"blocked"})
+	reg.MustRegister(direct)
+	m.directBlocked = direct.WithLabelValues("true")
+	m.directAllowed = direct.WithLabelValues("false")
+
+	events := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: namespace, Name: "audit_events_total", Help: "Audit events written (queued, in async durability) by event.",
+	}, []string{"event"})
+	reg.MustRegister(events)
+	for i, name := range eventNames {
+		m.auditEvents[i] = events.WithLabelValues(name)
+	}
+
+	m.ebpfEventsDesc = prometheus.NewDesc(namespace+"_ebpf_events_total", "Connect events read from the eBPF ring buffer.", nil, nil)
+	m.ebpfLostDesc = prometheus.NewDesc(namespace+"_ebpf_events_lost_total", "Connect events lost because the eBPF ring buffer was full.", nil, nil)
+	m.ebpfProbesDesc = prometheus.NewDesc(namespace+"_ebpf_probes_attached", "eBPF programs attached now; 0 means identity from peer credentials only.", nil, nil)
+	reg.MustRegister(ebpfCollector{m})
+
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
+}
+
+// SetEBPFStats installs the function scraped for the ebpf_* metrics (the
+// agent's tracker). Until it is called, or when f is nil, they read 0.
+func (m *Metrics) SetEBPFStats(f func() EBPFStats) {
+	if f == nil {
+		m.ebpf.Store(nil)
+		return
+	}
+	m.ebpf.Store(&f)
+}
+
+type ebpfCollector struct{ m *Metrics }
+
+func (c ebpfCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- c.m.ebpfEventsDesc
+	ch <- c.m.ebpfLostDesc
+	ch <- c.m.ebpfProbesDesc
+}
+
+func (c ebpfCollector) Collect(ch chan<- prometheus.Metric) {
+	var s EBPFStats
+	if f := c.m.ebpf.Load(); f != nil {
+		s = (*f)()
+	}
+	ch <- prometheus.MustNewConstMetric(c.m.ebpfEventsDesc, prometheus.CounterValue, float64(s.Events))
+	ch <- prometheus.MustNewConstMetric(c.m.ebpfLostDesc, prometheus.CounterValue, float64(s.Lost))
+	ch <- prometheus.MustNewConstMetric(c.m.ebpfProbesDesc, prometheus.GaugeValue, float64(s.Probes))
+}
+
+// ReadyFunc reports whether the agent should receive traffic, and a reason
+// that /readyz prints either way (e.g. "ebpf: not attached (peer credentials
+// only)" while ready, "draining" while not).
+type ReadyFunc func() (ok bool, reason string)
+
+// Handler serves the operations endpoints:
+//
+//	/metrics, /v1/metrics/prometheus  the registry, Prometheus text/OpenMetrics
+//	/healthz                          200 "ok" while the process serves HTTP
+//	/readyz                           200 "ok[: reason]" or 503 "not ready: reason"
+//
+// ready may be nil (always ready).
+func (m *Metrics) Handler(ready ReadyFunc) http.Handler {
+	mux := http.NewServeMux()
+	prom := promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{EnableOpenMetrics: true})
+	mux.Handle("GET /metrics", prom)
+	mux.Handle("GET /v1/metrics/prometheus", prom)
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		_, _ = w.Write([]byte("ok\n"))
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
+		ok, reason := true, ""
+		if ready != nil {
+			ok, reason = ready()
+		}
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		w.Header().Set("Cache-Control", "no-store")
+		switch {
+		case ok && reason == "":
+			_, _ = w.Write([]byte("ok\n"))
+		case ok:
+			_, _ = w.Write([]byte("ok: " + reason + "\n"))
+		default:
+			w.WriteHeader(http.StatusServiceUnavailable)
+			_, _ = w.Write([]byte("not ready: " + reason + "\n"))
+		}
+	})
+	return mux
+}

@@ -1,0 +1,330 @@
+package exporter
+
+import (
+	"context"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/pgward/pgward/broker"
+)
+
+// Observer implements broker.Observer: each call becomes metrics, an audit
+// event and, where an operator should see it, a log line carrying the
+// request_id (and sid, principal, pid, uid once known). Denials and
+// malicious-looking activity are logged at WARN with the evidence.
+//
+// Fail-closed: SessionStart (of a successful session) and Query return the
+// audit sink's error, so the broker refuses the session or stops forwarding.
+type Observer struct {
+	log   *slog.Logger
+	m     *Metrics
+	audit *Audit // nil: no audit trail
+
+	mu       sync.Mutex
+	sessions map[string]*sessionState // by SessionInfo.SessionID
+}
+
+// sessionState numbers a session's events (ei) and remembers the ei of each
+// statement in flight, so db.session.query.result can point at its query.
+type sessionState struct {
+	mu      sync.Mutex
+	ei      int64
+	pending []pendingQuery
+}
+
+type pendingQuery struct{ index, ei int64 }
+
+var _ broker.Observer = (*Observer)(nil)
+
+// NewObserver returns an Observer writing to log, m and audit. m nil uses a
+// private throwaway registry; audit nil writes no audit trail (and so never
+// refuses anything).
+func NewObserver(log *slog.Logger, m *Metrics, audit *Audit) *Observer {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if m == nil {
+		m = NewMetrics(prometheus.NewRegistry())
+	}
+	return &Observer{log: log, m: m, audit: audit, sessions: make(map[string]*sessionState)}
+}
+
+// state returns the session's event counter, creating it when missing (a
+// session whose start this Observer did not see).
+func (o *Observer) state(sid string) *sessionState {
+	o.mu.Lock()
+	st := o.sessions[sid]
+	if st == nil {
+		st = &sessionState{}
+		o.sessions[sid] = st
+	}
+	o.mu.Unlock()
+	return st
+}
+
+func (st *sessionState) next() int64 {
+	st.mu.Lock()
+	st.ei++
+	ei := st.ei
+	st.mu.Unlock()
+	return ei
+}
+
+func sessionAttrs(s *broker.SessionInfo) []any {
+	return []any{
+		slog.String("request_id", s.RequestID),
+		slog.String("sid", s.SessionID),
+		slog.String("principal", s.Principal),
+		slog.Int("pid", int(s.Identity.PID)),
+		slog.Uint64("uid", uint64(s.Identity.UID)),
+		slog.String("db_service", s.Upstream),
+		slog.String("db_user", s.User),
+	}
+}
+
+func identityAttr(id *broker.Identity) slog.Attr {
+	attrs := []any{
+		slog.Int("pid", int(id.PID)), slog.Uint64("uid", uint64(id.UID)), slog.Uint64("gid", uint64(id.GID)),
+		slog.String("user", id.User), slog.String("exe", id.Exe), slog.String("comm", id.Comm),
+		slog.String("cgroup", id.Cgroup), slog.Bool("attested", id.Attested),
+	}
+	if id.SystemdUnit != "" {
+		attrs = append(attrs, slog.String("systemd_unit", id.SystemdUnit))
+	}
+	if id.ContainerID != "" {
+		attrs = append(attrs, slog.String("container_id", id.ContainerID))
+	}
+	if id.Pod != nil {
+		attrs = append(attrs, slog.String("pod", id.Pod.Namespace+"/"+id.Pod.Name))
+	}
+	return slog.Group("process", attrs...)
+}
+
+// Auth counts an authentication request and its checks.
+func (o *Observer) Auth(ctx context.Context, r *broker.AuthRequest) {
+	m := o.m
+	m.requests.Inc()
+	if r.Failure == "" {
+		m.responses.Inc()
+	} else {
+		m.errorResponses.Inc()
+		if c, ok := m.authFailures[r.Failure]; ok {
+			c.Inc()
+		} else {
+			m.authFailuresOther.Inc()
+		}
+	}
+	count := func(c broker.Check, attempts, failures prometheus.Counter) {
+		if c.Attempted {
+			attempts.Inc()
+			if !c.OK {
+				failures.Inc()
+			}
+		}
+	}
+	count(r.Verification, m.verifyAttempts, m.verifyFailures)
+	count(r.Matching, m.matchAttempts, m.matchFailures)
+	count(r.Retrieval, m.retrievalAttempts, m.retrievalFailures)
+	if r.Unauthorized {
+		if !r.Retrieval.Attempted {
+			m.retrievalAttempts.Inc()
+		}
+		m.unauthorized.Inc()
+	}
+	for stage, d := range r.Durations {
+		if h, ok := m.duration[stage]; ok && d > 0 {
+			h.Observe(d.Seconds())
+		}
+	}
+	if r.Failure == "" {
+		if o.log.Enabled(ctx, slog.LevelDebug) {
+			o.log.DebugContext(ctx, "authentication succeeded", "request_id", r.RequestID,
+				"duration", r.Durations[broker.StageTotal])
+		}
+		return
+	}
+	// Throttling and backend trouble are not the caller's fault; everything
+	// else is a refusal an operator may need to look at.
+	level := slog.LevelWarn
+	if r.Failure == broker.ReasonBackendError {
+		level = slog.LevelError
+	}
+	o.log.Log(ctx, level, "authentication refused", "request_id", r.RequestID, "reason", string(r.Failure),
+		"verification", checkString(r.Verification), "matching", checkString(r.Matching),
+		"retrieval", checkString(r.Retrieval), "unauthorized", r.Unauthorized)
+}
+
+func checkString(c broker.Check) string {
+	switch {
+	case !c.Attempted:
+		return "not_attempted"
+	case c.OK:
+		return "ok"
+	}
+	return "failed"
+}
+
+// SessionStart audits a session start or refusal; for a successful start an
+// audit failure is returned and the session must be refused.
+func (o *Observer) SessionStart(ctx context.Context, s *broker.SessionInfo) error {
+	var err error
+	if o.audit != nil {
+		st := o.state(s.SessionID)
+		err = o.audit.sessionStart(time.Now(), s, st.next())
+		if !s.Success || err != nil {
+			o.forget(s.SessionID)
+		}
+	}
+	if !s.Success {
+		o.log.WarnContext(ctx, "session refused", append(sessionAttrs(s),
+			"sqlstate", s.Code, "error", s.Error, "db_name", s.Database, identityAttr(&s.Identity))...)
+		return err
+	}
+	if err != nil {
+		o.log.ErrorContext(ctx, "session refused: audit trail unavailable", append(sessionAttrs(s), "error", err)...)
+		return err
+	}
+	o.m.sessionsActive.Inc()
+	o.m.sessionsTotal.Inc()
+	o.log.InfoContext(ctx, "session started", append(sessionAttrs(s),
+		"db_name", s.Database, "application_name", s.ApplicationName, identityAttr(&s.Identity))...)
+	return nil
+}
+
+// Query audits a statement before it is forwarded; an error stops forwarding.
+func (o *Observer) Query(ctx context.Context, s *broker.SessionInfo, q *broker.QueryEvent) error {
+	if o.audit != nil {
+		st := o.state(s.SessionID)
+		st.mu.Lock()
+		st.ei++
+		ei := st.ei
+		st.pending = append(st.pending, pendingQuery{q.Index, ei})
+		st.mu.Unlock()
+		if err := o.audit.query(time.Now(), s, q, ei); err != nil {
+			st.mu.Lock()
+			st.pending = st.pending[:len(st.pending)-1]
+			st.mu.Unlock()
+			o.log.ErrorContext(ctx, "statement not forwarded: audit trail unavailable",
+				append(sessionAttrs(s), "query_index", q.Index, "error", err)...)
+			return err
+		}
+	}
+	o.m.queries.Inc()
+	if o.log.Enabled(ctx, slog.LevelDebug) {
+		o.log.DebugContext(ctx, "statement", append(sessionAttrs(s), "query_index", q.Index, "extended", q.Extended)...)
+	}
+	return nil
+}
+
+// QueryDone audits a statement's outcome.
+func (o *Observer) QueryDone(ctx context.Context, s *broker.SessionInfo, q *broker.QueryEvent) {
+	if o.audit != nil {
+		st := o.state(s.SessionID)
+		st.mu.Lock()
+		st.ei++
+		ei := st.ei
+		var queryEI int64
+		for i, p := range st.pending {
+			if p.index == q.Index {
+				queryEI = p.ei
+				st.pending = append(st.pending[:i], st.pending[i+1:]...)
+				break
+			}
+		}
+		st.mu.Unlock()
+		// The statement already ran; a failure here is counted and logged by the sink.
+		_ = o.audit.queryResult(time.Now(), s, q, ei, queryEI)
+	}
+	if o.log.Enabled(ctx, slog.LevelDebug) {
+		o.log.DebugContext(ctx, "statement done", append(sessionAttrs(s), "query_index", q.Index,
+			"success", q.Success, "sqlstate", q.Code, "rows", q.Rows, "duration", q.Duration)...)
+	}
+}
+
+// SessionEnd audits the end of a session SessionStart accepted.
+func (o *Observer) SessionEnd(ctx context.Context, s *broker.SessionInfo) {
+	o.m.sessionsActive.Dec()
+	if o.audit != nil {
+		st := o.state(s.SessionID)
+		_ = o.audit.sessionEnd(time.Now(), s, st.next())
+		o.forget(s.SessionID)
+	}
+	level := slog.LevelInfo
+	if s.EndReason == "error" || s.EndReason == "audit_unavailable" {
+		level = slog.LevelWarn
+	}
+	end := s.End
+	if end.IsZero() {
+		end = time.Now()
+	}
+	o.log.Log(ctx, level, "session ended", append(sessionAttrs(s), "reason", s.EndReason, "error", s.Error,
+		"duration", end.Sub(s.Start), "queries", s.Queries, "bytes_in", s.BytesIn, "bytes_out", s.BytesOut)...)
+}
+
+func (o *Observer) forget(sid string) {
+	o.mu.Lock()
+	delete(o.sessions, sid)
+	o.mu.Unlock()
+}
+
+// Cancel counts and audits a CancelRequest; one that was not forwarded
+// (forged or stale key, or a caller other than the session's) is logged at WARN.
+func (o *Observer) Cancel(ctx context.Context, c *broker.CancelEvent) {
+	if c.Forwarded {
+		o.m.cancelForwarded.Inc()
+	} else {
+		o.m.cancelRejected.Inc()
+	}
+	if o.audit != nil {
+		var ei int64
+		if c.Session != nil {
+			o.mu.Lock()
+			st := o.sessions[c.Session.SessionID]
+			o.mu.Unlock()
+			if st != nil {
+				ei = st.next()
+			}
+		}
+		_ = o.audit.cancel(time.Now(), c, ei)
+	}
+	attrs := []any{"request_id", c.RequestID, identityAttr(&c.Caller)}
+	if c.Session != nil {
+		attrs = append(attrs, "target_sid", c.Session.SessionID, "target_request_id", c.Session.RequestID,
+			"target_pid", c.Session.Identity.PID, "target_uid", c.Session.Identity.UID)
+	}
+	if c.Forwarded {
+		o.log.InfoContext(ctx, "cancel request forwarded", attrs...)
+		return
+	}
+	o.log.WarnContext(ctx, "cancel request rejected", append(attrs, "reason", c.Reason)...)
+}
+
+// RelayBytes counts relayed bytes.
+func (o *Observer) RelayBytes(toUpstream bool, n int) {
+	if toUpstream {
+		o.m.relayToUpstream.Add(float64(n))
+	} else {
+		o.m.relayToClient.Add(float64(n))
+	}
+}
+
+// DirectConnect records a connect that went around pgward (from the agent's
+// eBPF tracker): counter, audit event db.connect.direct, WARN log. The error
+// is the audit sink's; the connect has happened (or was blocked) regardless.
+func (o *Observer) DirectConnect(ctx context.Context, e DirectConnectEvent) error {
+	if e.Blocked {
+		o.m.directBlocked.Inc()
+	} else {
+		o.m.directAllowed.Inc()
+	}
+	var err error
+	if o.audit != nil {
+		err = o.audit.directConnect(time.Now(), &e)
+	}
+	o.log.WarnContext(ctx, "direct connect to a guarded database endpoint", "dest", e.Dest,
+		"db_service", e.Upstream, "blocked", e.Blocked, identityAttr(&e.Process))
+	return err
+}
