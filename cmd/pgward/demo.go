@@ -171,6 +171,12 @@ func demoCheck(ctx context.Context, dir, auditPath string, stdout, stderr io.Wri
 		fmt.Fprintln(stderr, "demo check: the password is in the audit log")
 		return exitFailure
 	}
+	n, err := exporter.VerifyFiles(auditPath)
+	if err != nil {
+		fmt.Fprintf(stderr, "demo check: audit chain: %v\n", err)
+		return exitFailure
+	}
+	fmt.Fprintf(stdout, "demo check: audit chain ok (%d events)\n", n)
 	fmt.Fprintln(stdout, "demo check: ok: psql connected with no password and the query was audited")
 	return exitOK
 }
