@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log"
 	"net/http"
 	"net/http/httptest"
 	"sort"
@@ -189,6 +190,7 @@ func New(opts Options) *Server {
 	s.tokens[s.rootToken] = &token{id: s.rootToken, accessor: randomString(24),
 		opts: TokenOptions{Policies: []string{"root"}}, path: "auth/token/root", issued: now}
 	s.ts = httptest.NewUnstartedServer(http.HandlerFunc(s.serve))
+	s.ts.Config.ErrorLog = log.New(io.Discard, "", 0) // TLS handshake noise from tests of bad CAs
 	if opts.TLS {
 		s.ts.StartTLS()
 	} else {
@@ -485,7 +487,7 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 
 	switch {
 	case path == "sys/health":
-		s.health(w, sealed)
+		s.health(w, r, sealed)
 		return
 	case path == "sys/seal-status":
 		writeJSON(w, http.StatusOK, map[string]any{"type": "shamir", "initialized": true, "sealed": sealed,
@@ -537,10 +539,15 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 
 func isWrite(r *http.Request) bool { return r.Method == http.MethodPut || r.Method == http.MethodPost }
 
-func (s *Server) health(w http.ResponseWriter, sealed bool) {
-	status := http.StatusOK
+// health answers like Vault: 200 when unsealed and active, 503 when sealed,
+// or the codes the caller asks for (?activecode=, ?sealedcode=).
+func (s *Server) health(w http.ResponseWriter, r *http.Request, sealed bool) {
+	status, param := http.StatusOK, "activecode"
 	if sealed {
-		status = http.StatusServiceUnavailable
+		status, param = http.StatusServiceUnavailable, "sealedcode"
+	}
+	if v, err := strconv.Atoi(r.URL.Query().Get(param)); err == nil && v >= 200 && v < 600 {
+		status = v
 	}
 	writeJSON(w, status, map[string]any{"initialized": true, "sealed": sealed, "standby": false,
 		"server_time_utc": time.Now().Unix(), "version": "1.99.0-vaultsim"})
