@@ -82,13 +82,14 @@ const (
 // EventSize is the size of a raw event record.
 const EventSize = 232
 
-// ErrShortEvent is returned by DecodeEvent for a record that is too short.
-var ErrShortEvent = errors.New("bpf: short event record")
+// ErrBadEvent is wrapped by DecodeEvent's (and so Read's) errors for a
+// record it cannot decode.
+var ErrBadEvent = errors.New("bpf: malformed event record")
 
 // DecodeEvent decodes one ring buffer record as written by connect.c.
 func DecodeEvent(b []byte) (Event, error) {
 	if len(b) < EventSize {
-		return Event{}, fmt.Errorf("%w: %d bytes, want %d", ErrShortEvent, len(b), EventSize)
+		return Event{}, fmt.Errorf("%w: %d bytes, want %d", ErrBadEvent, len(b), EventSize)
 	}
 	le := binary.LittleEndian
 	e := Event{
@@ -123,11 +124,11 @@ func DecodeEvent(b []byte) (Event, error) {
 	case KindConnectUnix, KindConnectUnixTP:
 		path := b[120 : 120+108]
 		if pathLen > len(path) {
-			return Event{}, fmt.Errorf("bpf: event path length %d exceeds %d", pathLen, len(path))
+			return Event{}, fmt.Errorf("%w: path length %d exceeds %d", ErrBadEvent, pathLen, len(path))
 		}
 		e.Path = unixPath(path[:pathLen])
 	default:
-		return Event{}, fmt.Errorf("bpf: unknown event kind %d", e.Kind)
+		return Event{}, fmt.Errorf("%w: unknown kind %d", ErrBadEvent, e.Kind)
 	}
 	return e, nil
 }

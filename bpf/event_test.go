@@ -3,6 +3,7 @@ package bpf
 import (
 	"bytes"
 	"encoding/binary"
+	"errors"
 	"net/netip"
 	"testing"
 	"unsafe"
@@ -104,7 +105,7 @@ func TestEventDecode(t *testing.T) {
 	}
 
 	for _, bad := range [][]byte{nil, make([]byte, EventSize-1), encode(t, connectEvent{Kind: 99}), encode(t, connectEvent{Kind: 3, PathLen: 109})} {
-		if _, err := DecodeEvent(bad); err == nil {
+		if _, err := DecodeEvent(bad); !errors.Is(err, ErrBadEvent) {
 			t.Errorf("DecodeEvent(%d bytes) accepted a bad record", len(bad))
 		}
 	}

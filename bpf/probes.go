@@ -167,6 +167,7 @@ type Probes struct {
 
 	closeOnce sync.Once
 	closeErr  error
+	lost      uint64 // Lost at Close
 }
 
 // Load loads the programs, attaches them and opens the event ring buffer.
@@ -428,6 +429,15 @@ func (p *Probes) Read() (Event, error) {
 
 // Lost is the number of events dropped because the ring buffer was full.
 func (p *Probes) Lost() uint64 {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed {
+		return p.lost
+	}
+	return p.lostLocked()
+}
+
+func (p *Probes) lostLocked() uint64 {
 	var perCPU []uint64
 	if err := p.maps.Lost.Lookup(uint32(0), &perCPU); err != nil {
 		return 0
@@ -460,6 +470,9 @@ func (p *Probes) Close() error {
 		p.mu.Lock()
 		defer p.mu.Unlock()
 		p.closed = true
+		if p.maps.Lost != nil {
+			p.lost = p.lostLocked()
+		}
 		var errs []error
 		if p.rd != nil {
 			errs = append(errs, p.rd.Close())
