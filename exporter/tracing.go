@@ -1,0 +1,145 @@
+package exporter
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/url"
+	"strconv"
+	"strings"
+
+	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/exporters/otlp/otlptrace/otlptracegrpc"
+	"go.opentelemetry.io/otel/exporters/otlp/otlptrace/otlptracehttp"
+	"go.opentelemetry.io/otel/sdk/resource"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
+	"go.opentelemetry.io/otel/trace"
+)
+
+// NewTracerProvider builds the OpenTelemetry SDK tracer provider from the
+// standard environment (env is usually os.Getenv):
+//
+//	OTEL_EXPORTER_OTLP_TRACES_ENDPOINT  full URL of the traces endpoint, used as is
+//	OTEL_EXPORTER_OTLP_ENDPOINT         base URL; http/protobuf appends /v1/traces
+//	OTEL_EXPORTER_OTLP_TRACES_PROTOCOL,
+//	OTEL_EXPORTER_OTLP_PROTOCOL         grpc | http/protobuf (default, as the spec says)
+//	OTEL_TRACES_EXPORTER                otlp (default when an endpoint is set) | none
+//	OTEL_TRACES_SAMPLER[_ARG]           always_on, always_off, traceidratio,
+//	                                    parentbased_always_on (default),
+//	                                    parentbased_always_off, parentbased_traceidratio
+//	OTEL_SERVICE_NAME                   default "pgward"
+//
+// An http:// endpoint is plaintext, https:// uses TLS. The exporters
+// themselves read the remaining OTEL_EXPORTER_OTLP_* variables (headers,
+// certificate, compression, timeout) from the process environment.
+//
+// With no endpoint set (or OTEL_TRACES_EXPORTER=none) the provider still
+// mints trace and span ids — the broker uses the session's trace id as
+// request_id — but exports nothing. Spans that are not sampled also carry
+// valid ids.
+//
+// shutdown flushes queued spans and stops the exporter; call it once on exit.
+func NewTracerProvider(ctx context.Context, env func(string) string) (trace.TracerProvider, func(context.Context) error, error) {
+	sampler, err := samplerFromEnv(env)
+	if err != nil {
+		return nil, nil, err
+	}
+	name := env("OTEL_SERVICE_NAME")
+	if name == "" {
+		name = "pgward"
+	}
+	res, err := resource.Merge(resource.Default(), resource.NewSchemaless(attribute.String("service.name", name)))
+	if err != nil {
+		return nil, nil, fmt.Errorf("tracing resource: %w", err)
+	}
+	opts := []sdktrace.TracerProviderOption{sdktrace.WithSampler(sampler), sdktrace.WithResource(res)}
+
+	exp, err := newSpanExporter(ctx, env)
+	if err != nil {
+		return nil, nil, err
+	}
+	if exp != nil {
+		opts = append(opts, sdktrace.WithBatcher(exp))
+	}
+	tp := sdktrace.NewTracerProvider(opts...)
+	return tp, tp.Shutdown, nil
+}
+
+func newSpanExporter(ctx context.Context, env func(string) string) (sdktrace.SpanExporter, error) {
+	switch e := strings.TrimSpace(env("OTEL_TRACES_EXPORTER")); e {
+	case "", "otlp":
+	case "none":
+		return nil, nil
+	default:
+		return nil, fmt.Errorf("OTEL_TRACES_EXPORTER=%q: want otlp or none", e)
+	}
+	endpoint, base := env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"), false
+	if endpoint == "" {
+		endpoint, base = env("OTEL_EXPORTER_OTLP_ENDPOINT"), true
+	}
+	if endpoint == "" {
+		return nil, nil
+	}
+	u, err := url.Parse(endpoint)
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return nil, fmt.Errorf("OTLP endpoint %q: want an http:// or https:// URL", endpoint)
+	}
+	protocol := env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL")
+	if protocol == "" {
+		protocol = env("OTEL_EXPORTER_OTLP_PROTOCOL")
+	}
+	switch protocol {
+	case "grpc":
+		exp, err := otlptracegrpc.New(ctx, otlptracegrpc.WithEndpointURL(endpoint))
+		if err != nil {
+			return nil, fmt.Errorf("otlp grpc exporter: %w", err)
+		}
+		return exp, nil
+	case "", "http/protobuf":
+		if base {
+			u.Path = strings.TrimSuffix(u.Path, "/") + "/v1/traces"
+		}
+		exp, err := otlptracehttp.New(ctx, otlptracehttp.WithEndpointURL(u.String()))
+		if err != nil {
+			return nil, fmt.Errorf("otlp http exporter: %w", err)
+		}
+		return exp, nil
+	default:
+		return nil, fmt.Errorf("OTEL_EXPORTER_OTLP_PROTOCOL=%q: want grpc or http/protobuf", protocol)
+	}
+}
+
+func samplerFromEnv(env func(string) string) (sdktrace.Sampler, error) {
+	name, arg := strings.TrimSpace(env("OTEL_TRACES_SAMPLER")), strings.TrimSpace(env("OTEL_TRACES_SAMPLER_ARG"))
+	ratio := func() (float64, error) {
+		if arg == "" {
+			return 1, nil
+		}
+		r, err := strconv.ParseFloat(arg, 64)
+		if err != nil || r < 0 || r > 1 {
+			return 0, fmt.Errorf("OTEL_TRACES_SAMPLER_ARG=%q: want a ratio between 0 and 1", arg)
+		}
+		return r, nil
+	}
+	switch name {
+	case "", "parentbased_always_on":
+		return sdktrace.ParentBased(sdktrace.AlwaysSample()), nil
+	case "always_on":
+		return sdktrace.AlwaysSample(), nil
+	case "always_off":
+		return sdktrace.NeverSample(), nil
+	case "parentbased_always_off":
+		return sdktrace.ParentBased(sdktrace.NeverSample()), nil
+	case "traceidratio", "parentbased_traceidratio":
+		r, err := ratio()
+		if err != nil {
+			return nil, err
+		}
+		if name == "traceidratio" {
+			return sdktrace.TraceIDRatioBased(r), nil
+		}
+		return sdktrace.ParentBased(sdktrace.TraceIDRatioBased(r)), nil
+	}
+	return nil, errors.New("OTEL_TRACES_SAMPLER=" + strconv.Quote(name) +
+		": want one of always_on, always_off, traceidratio, parentbased_always_on, parentbased_always_off, parentbased_traceidratio")
+}
