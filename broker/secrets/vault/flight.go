@@ -12,7 +12,10 @@ import (
 type flightGroup struct {
 	mu sync.Mutex
 	m  map[string]*flight
-	wg *sync.WaitGroup // counts running calls, for Close
+	// track registers a new call with the owner's WaitGroup, or reports
+	// false when the owner is closed; done is called when the call ends.
+	track func() bool
+	done  func()
 }
 
 type flight struct {
@@ -29,11 +32,14 @@ func (g *flightGroup) do(ctx context.Context, key string, fn func() (any, error)
 		if g.m == nil {
 			g.m = map[string]*flight{}
 		}
+		if !g.track() {
+			g.mu.Unlock()
+			return nil, errClosed
+		}
 		f = &flight{done: make(chan struct{})}
 		g.m[key] = f
-		g.wg.Add(1)
 		go func() {
-			defer g.wg.Done()
+			defer g.done()
 			f.val, f.err = fn()
 			g.mu.Lock()
 			delete(g.m, key)

@@ -99,11 +99,13 @@ func (s *Source) startLinger(e *leaseEntry, d time.Duration) {
 	}
 	e.linger = time.AfterFunc(d, func() {
 		s.mu.Lock()
-		if e.ended || e.refs > 0 || e.lingerGen != gen {
+		if e.ended || e.refs > 0 || e.lingerGen != gen || s.closed {
 			s.mu.Unlock()
 			return
 		}
+		s.wg.Add(1) // under s.mu, not closed: see track
 		s.mu.Unlock()
+		defer s.wg.Done()
 		s.revoke(e, "unused")
 	})
 }

@@ -81,7 +81,7 @@ func New(cfg Config, log *slog.Logger) (*Source, error) {
 		live:    map[*leaseEntry]struct{}{},
 	}
 	s.bg, s.stopBg = context.WithCancel(context.Background())
-	s.flights.wg = &s.wg
+	s.flights.track, s.flights.done = s.track, s.wg.Done
 	s.auth = &authenticator{
 		cfg:     cfg.Auth,
 		client:  client,
@@ -90,7 +90,7 @@ func New(cfg Config, log *slog.Logger) (*Source, error) {
 		log:     log,
 		wake:    make(chan struct{}, 1),
 	}
-	s.auth.flights.wg = &s.wg
+	s.auth.flights.track, s.auth.flights.done = s.track, s.wg.Done
 
 	ctx, cancel := context.WithTimeout(context.Background(), cfg.timeout())
 	err = s.auth.relogin(ctx, 0)
@@ -174,7 +174,7 @@ func (s *Source) Fetch(ctx context.Context, upstream, role string) (secrets.Cred
 	closed := s.closed
 	s.mu.Unlock()
 	if closed {
-		return secrets.Credential{}, &Error{Op: "fetch", Detail: "source is closed", Kind: secrets.ErrUnavailable}
+		return secrets.Credential{}, errClosed
 	}
 	k := key{upstream, role}
 	if rc.KV != nil {
@@ -370,6 +370,22 @@ func (s *Source) call(ctx context.Context, fn func(ctx context.Context) error) e
 		return err
 	}
 	return fn(ctx)
+}
+
+// errClosed is returned by operations started after Close.
+var errClosed = &Error{Op: "fetch", Detail: "source is closed", Kind: secrets.ErrUnavailable}
+
+// track registers a background goroutine with s.wg unless s is closed. The
+// check and the Add happen under s.mu, which Close takes to set closed
+// before it waits, so no Add races the Wait.
+func (s *Source) track() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return false
+	}
+	s.wg.Add(1)
+	return true
 }
 
 // requestContext bounds one background Vault operation; Close cancels it.
