@@ -221,8 +221,11 @@ static __always_inline int on_tcp_connect(struct bpf_sock_addr *ctx, struct tcp_
 	if (!flags)
 		return 1;
 
-	struct bpf_sock_addr_kern *kctx = bpf_cast_to_kern_ctx(ctx);
-	struct sock *sk = kctx->sk;
+	/* bpf_skc_to_tcp_sock (5.9) rather than the bpf_cast_to_kern_ctx kfunc
+	 * (6.2), so that TCP works on kernels that need the Unix fallback. */
+	struct sock *sk = (struct sock *)bpf_skc_to_tcp_sock(ctx->sk);
+	if (!sk)
+		return deny ? refuse() : 1;
 
 	struct event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {

@@ -24,6 +24,17 @@
 // cgroup id, the process start time, its pid in its own pid namespace and the
 // connecting socket's inode.
 //
+// Kernel: BTF (CO-RE), ring buffers and bpf_set_retval put the floor at
+// Linux 5.18 for TCP; cgroup/connect_unix needs 6.7. Privileges: CAP_BPF,
+// CAP_PERFMON (task and socket reads), CAP_NET_ADMIN (cgroup attach) and
+// CAP_SYS_ADMIN where tracefs must be mounted, which Load does when needed.
+//
+// Cost, measured by BenchmarkConnectLoopback with kernel BPF statistics: a
+// connect to an endpoint that is neither guarded nor watched spends about
+// 0.16 µs in cgroup/connect4 (a loopback connect() takes about 60 µs); a
+// recorded connect about 7 µs, plus about 5 µs in inet_sock_set_state for a
+// watched TCP endpoint.
+//
 // Lifecycle: [Load] loads and attaches everything it can and returns a
 // [Probes] that owns every map, program and link; [Probes.Read] blocks for
 // the next event; [Probes.Close] detaches in reverse order and makes Read

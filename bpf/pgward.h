@@ -60,7 +60,10 @@ struct bpf_sock_addr {
 	__u32 protocol;
 	__u32 msg_src_ip4;
 	__u32 msg_src_ip6[4];
-	__u64 sk; /* __bpf_md_ptr(struct bpf_sock *, sk) */
+	union {
+		struct bpf_sock *sk; /* __bpf_md_ptr */
+		__u64 :64;
+	} __attribute__((aligned(8)));
 };
 
 /* Kernel-internal, relocated (CO-RE). */

@@ -3,4 +3,4 @@
 package bpf
 
 // sourceSHA256 is the SHA-256 of connect.c and pgward.h, concatenated.
-const sourceSHA256 = "ab840c5b4d419759d95df9eed9691a20d42976cf5563afa4f062ed2c366add9b"
+const sourceSHA256 = "9912a9535c7a5f8611b6dbacdb0a004f58a682ad754b4d65c575665dca2080be"
