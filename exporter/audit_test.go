@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -468,5 +469,110 @@ func BenchmarkAuditQuery(b *testing.B) {
 				fx.obs.QueryDone(ctx, s, q)
 			}
 		})
+	}
+}
+
+// exampleEvents writes one event of every code; docs/audit-events.md shows
+// their lines, and TestAuditDocExamples keeps the two in step.
+func exampleEvents(t testing.TB, fx *fixture) {
+	t.Helper()
+	ctx := context.Background()
+	s := testSession()
+	s.Identity.Pod = &broker.Pod{Namespace: "billing", Name: "billing-7c9f-x2x", ServiceAccount: "billing", Labels: map[string]string{"app": "billing"}}
+	s.Identity.ContainerID = "3f2a9c0e5b1d"
+	denied := *s
+	denied.SessionID, denied.RequestID, denied.User = "1c0de8f2-3b0e-4c43-8d36-5d6b1f7e9a20", "0af7651916cd43dd8448eb211c80319c", "orders_admin"
+	denied.Success, denied.Code, denied.Error = false, "28000", `pgward: uid 1001 (billing) holds no grant for role "orders_admin" on upstream "orders"`
+	if err := fx.obs.SessionStart(ctx, &denied); err != nil {
+		t.Fatal(err)
+	}
+	if err := fx.obs.SessionStart(ctx, s); err != nil {
+		t.Fatal(err)
+	}
+	q1 := &broker.QueryEvent{Index: 1, Extended: true, Text: "SELECT id, total FROM orders WHERE customer_id = $1 AND status = $2",
+		Params: []broker.Param{{OID: 20, Format: 1, Value: []byte{0, 0, 0, 0, 0, 0, 0x30, 0x39}}, {OID: 25, Value: []byte("open")}}}
+	if err := fx.obs.Query(ctx, s, q1); err != nil {
+		t.Fatal(err)
+	}
+	q1.Success, q1.Rows, q1.Tag, q1.Duration = true, 3, "SELECT 3", 1234*time.Microsecond
+	fx.obs.QueryDone(ctx, s, q1)
+	q2 := &broker.QueryEvent{Index: 2, Text: "ALTER ROLE orders_rw PASSWORD 'hunter2'"}
+	if err := fx.obs.Query(ctx, s, q2); err != nil {
+		t.Fatal(err)
+	}
+	q2.Success, q2.Rows, q2.Code, q2.Error, q2.Duration = false, -1, "42501", "permission denied to alter role", 310*time.Microsecond
+	fx.obs.QueryDone(ctx, s, q2)
+	fx.obs.Cancel(ctx, &broker.CancelEvent{RequestID: "5b8aa5a2d2c872e8321cf37308d69df2", Caller: s.Identity, Forwarded: true, Session: s})
+	intruder := broker.Identity{PID: 6666, UID: 1002, GID: 1002, User: "mallory", Exe: "/usr/bin/python3", Comm: "python3",
+		Cgroup: "/user.slice/user-1002.slice/session-4.scope", Attested: true, CgroupID: 9120, StartTime: 99887766, NSPID: 6666}
+	fx.obs.Cancel(ctx, &broker.CancelEvent{RequestID: "9f3c1a7e0b2d4c5e8f6a7b8c9d0e1f2a", Caller: intruder, Reason: "unknown_key"})
+	s.End, s.EndReason, s.BytesIn, s.BytesOut, s.Queries = s.Start.Add(42*time.Second), "client_closed", 412, 1873, 2
+	fx.obs.SessionEnd(ctx, s)
+	if err := fx.obs.DirectConnect(ctx, exporter.DirectConnectEvent{Time: s.End, Process: intruder, Dest: "10.0.0.5:5432", Upstream: "orders"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := fx.obs.DirectConnect(ctx, exporter.DirectConnectEvent{Time: s.End, Process: intruder, Dest: "10.0.0.5:5432", Upstream: "orders", Blocked: true}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestAuditDocExamples checks docs/audit-events.md: its example lines form
+// one valid chain, and each has exactly the fields the encoder writes today
+// for an event of the same code.
+func TestAuditDocExamples(t *testing.T) {
+	doc := string(mustRead(t, filepath.Join("..", "docs", "audit-events.md")))
+	var examples []string
+	for _, block := range strings.Split(doc, "```json\n")[1:] {
+		line, _, _ := strings.Cut(block, "\n```")
+		examples = append(examples, line)
+	}
+	if len(examples) < 11 {
+		t.Fatalf("%d examples in docs/audit-events.md, want one per code", len(examples))
+	}
+	n, err := exporter.Verify(strings.NewReader(strings.Join(examples, "\n") + "\n"))
+	if err != nil || n != len(examples) {
+		t.Fatalf("doc examples do not verify as one chain: %d, %v", n, err)
+	}
+
+	fx := newFixture(t, exporter.AuditConfig{Parameters: exporter.ParamsFull})
+	exampleEvents(t, fx)
+	keys := func(m map[string]any) string {
+		var ks []string
+		for k, v := range m {
+			ks = append(ks, k)
+			if p, ok := v.(map[string]any); ok {
+				for pk := range p {
+					ks = append(ks, k+"."+pk)
+				}
+			}
+		}
+		slices.Sort(ks)
+		return strings.Join(ks, " ")
+	}
+	want := map[string][]string{} // code → the field sets written (a simple and an extended query differ)
+	for _, l := range readLines(t, fx.path) {
+		want[l["code"].(string)] = append(want[l["code"].(string)], keys(l))
+	}
+	seen := map[string]bool{}
+	for _, ex := range examples {
+		var m map[string]any
+		if err := json.Unmarshal([]byte(ex), &m); err != nil {
+			t.Fatal(err)
+		}
+		code := m["code"].(string)
+		seen[code] = true
+		if got := keys(m); !slices.Contains(want[code], got) {
+			t.Errorf("doc example %s has fields\n%s\nthe encoder writes one of\n%s", code, got, strings.Join(want[code], "\n"))
+		}
+	}
+	for _, code := range []string{exporter.CodeSessionStart, exporter.CodeSessionDenied, exporter.CodeSessionEnd,
+		exporter.CodeQuery, exporter.CodeQueryResult, exporter.CodeQueryResultError, exporter.CodeCancel,
+		exporter.CodeCancelRejected, exporter.CodeDirectConnect, exporter.CodeDirectConnectBlock} {
+		if !seen[code] {
+			t.Errorf("no example of %s in docs/audit-events.md", code)
+		}
+		if !strings.Contains(doc, "`"+code+"`") {
+			t.Errorf("code %s not in the code table", code)
+		}
 	}
 }
