@@ -163,6 +163,7 @@ func (s *Source) watch(e *leaseEntry) {
 	now := time.Now()
 	nextCheck := now.Add(check)
 	nextRenew := now.Add(e.ttl0 * 2 / 3)
+	lookupWarned := false
 	for {
 		s.mu.Lock()
 		exp, renewing := e.expires, !e.capped && !e.noRenew
@@ -214,6 +215,11 @@ func (s *Source) watch(e *leaseEntry) {
 			case errors.Is(err, secrets.ErrNotFound):
 				s.end(e, ReasonRevoked)
 				return
+			case errors.Is(err, secrets.ErrDenied) && !lookupWarned:
+				lookupWarned = true
+				s.log.Warn("vault lease lookup denied; revocations made in Vault are noticed only at renewal",
+					"lease_id", e.id, "upstream", e.key.upstream, "role", e.key.role, "error", err)
+				nextCheck = time.Now().Add(check)
 			default:
 				s.log.Debug("vault lease lookup failed", "lease_id", e.id, "error", err)
 				nextCheck = time.Now().Add(check)

@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"net"
 	"net/http"
@@ -53,7 +54,8 @@ var _ secrets.Source = (*Source)(nil)
 // New validates cfg, builds the Vault client and logs in. When Vault cannot
 // be reached (down, sealed, timing out) New still succeeds: it logs a warning
 // and keeps trying to log in, and fetches fail with ErrUnavailable meanwhile.
-// A refused login (ErrDenied) or an unreadable credential file is an error.
+// A refused login (ErrDenied) or a missing or unreadable credential file is
+// an error.
 // log may be nil.
 func New(cfg Config, log *slog.Logger) (*Source, error) {
 	if err := cfg.Validate(); err != nil {
@@ -95,7 +97,7 @@ func New(cfg Config, log *slog.Logger) (*Source, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), cfg.timeout())
 	err = s.auth.relogin(ctx, 0)
 	cancel()
-	if err != nil && !errors.Is(err, secrets.ErrUnavailable) {
+	if err != nil && (!errors.Is(err, secrets.ErrUnavailable) || errors.Is(err, fs.ErrNotExist) || errors.Is(err, fs.ErrPermission)) {
 		s.stopBg()
 		s.wg.Wait()
 		return nil, err

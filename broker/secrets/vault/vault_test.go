@@ -407,6 +407,36 @@ func TestVaultUnreachableAtStart(t *testing.T) {
 	}
 }
 
+func TestNewFailsOnBadCredentials(t *testing.T) {
+	h := newHarness(t)
+	cfg := h.withKVMount(h.config(map[string]map[string]vault.RoleConfig{"orders": {"a": kvRole("pgward/a", "", 0)}}))
+	good := cfg.Auth.TokenFile
+	for name, edit := range map[string]func(*vault.Config){
+		"missing token file": func(c *vault.Config) { c.Auth.TokenFile = filepath.Join(t.TempDir(), "nope") },
+		"empty token file": func(c *vault.Config) {
+			c.Auth.TokenFile = filepath.Join(t.TempDir(), "empty")
+			must(t, os.WriteFile(c.Auth.TokenFile, nil, 0o600))
+		},
+		"unknown token": func(c *vault.Config) { c.Auth.TokenFile = h.tokenFile("hvs.unknown-" + randHex(8)) },
+		"missing secret_id file": func(c *vault.Config) {
+			c.Auth = vault.AuthConfig{Method: vault.MethodAppRole, RoleID: "r", SecretIDFile: filepath.Join(t.TempDir(), "nope")}
+		},
+		"missing jwt file": func(c *vault.Config) {
+			c.Auth = vault.AuthConfig{Method: vault.MethodKubernetes, Role: "r", JWTFile: filepath.Join(t.TempDir(), "nope")}
+		},
+		"invalid config": func(c *vault.Config) { c.Address = "" },
+	} {
+		c := cfg
+		c.Auth.TokenFile = good
+		edit(&c)
+		if _, err := vault.New(c, nil); err == nil {
+			t.Errorf("%s: New succeeded", name)
+		} else {
+			t.Logf("%s: %v", name, err)
+		}
+	}
+}
+
 func TestSealed(t *testing.T) {
 	h := newHarness(t)
 	h.needSim("seals Vault")
