@@ -131,9 +131,42 @@ func New(ctx context.Context, opts Options) (a *Agent, err error) {
 	return a, nil
 }
 
+// newSource builds every secrets backend the configuration uses
+// (secrets.backend, and upstreams.<name>.secrets where set) and routes each
+// upstream to its own, so that one backend's outage leaves the others'
+// upstreams working.
 func newSource(cfg *Config, log *slog.Logger) (secrets.Source, error) {
-	switch cfg.Secrets.Backend {
-	case "", "file":
+	def := cfg.Secrets.Backend
+	if def == "" {
+		def = "file"
+	}
+	backends := map[string]secrets.Source{}
+	route := map[string]secrets.Source{}
+	for name, u := range cfg.Upstreams {
+		b := u.Secrets
+		if b == "" {
+			b = def
+		}
+		if backends[b] == nil {
+			src, err := openBackend(b, cfg, log)
+			if err != nil {
+				for _, s := range backends {
+					if c, ok := s.(interface{ Close() error }); ok {
+						c.Close()
+					}
+				}
+				return nil, err
+			}
+			backends[b] = src
+		}
+		route[name] = backends[b]
+	}
+	return &router{route: route, backends: backends}, nil
+}
+
+func openBackend(name string, cfg *Config, log *slog.Logger) (secrets.Source, error) {
+	switch name {
+	case "file":
 		f, err := secrets.NewFile(cfg.Secrets.File, log)
 		if err != nil {
 			return nil, fmt.Errorf("secrets backend file: %w", err)
@@ -142,9 +175,40 @@ func newSource(cfg *Config, log *slog.Logger) (secrets.Source, error) {
 	case "env":
 		return secrets.NewEnv(cfg.Secrets.Env), nil
 	case "vault":
+		if cfg.Secrets.Vault == nil {
+			return nil, errors.New("secrets backend vault: secrets.vault is not configured")
+		}
 		return newVaultSource(cfg, log)
 	}
-	return nil, fmt.Errorf("secrets.backend %q is not one of file, env, vault", cfg.Secrets.Backend)
+	return nil, fmt.Errorf("secrets backend %q is not one of file, env, vault", name)
+}
+
+// router sends each upstream's fetches to its backend.
+type router struct {
+	route    map[string]secrets.Source
+	backends map[string]secrets.Source
+}
+
+func (r *router) Fetch(ctx context.Context, upstream, role string) (secrets.Credential, error) {
+	src := r.route[upstream]
+	if src == nil {
+		return secrets.Credential{}, fmt.Errorf("upstream %s: %w", upstream, secrets.ErrNotFound)
+	}
+	return src.Fetch(ctx, upstream, role)
+}
+
+func (r *router) Close() error {
+	for _, s := range r.backends {
+		if c, ok := s.(interface{ Close() error }); ok {
+			c.Close()
+		}
+	}
+	return nil
+}
+
+func (r *router) file() *secrets.File {
+	f, _ := r.backends["file"].(*secrets.File)
+	return f
 }
 
 // ready is /readyz.
@@ -247,7 +311,7 @@ func (a *Agent) Reload() error {
 	if err := a.broker.Reload(cfg.Config); err != nil {
 		return err
 	}
-	if f, ok := a.source.(*secrets.File); ok {
+	if f := a.source.(*router).file(); f != nil {
 		if err := f.Reload(); err != nil {
 			a.log.Warn("reload: secrets file invalid; keeping the last good content", "err", err)
 		}

@@ -15,6 +15,7 @@ import (
 
 	"github.com/pgward/pgward/broker"
 	"github.com/pgward/pgward/broker/secrets"
+	"github.com/pgward/pgward/broker/secrets/vault"
 	"github.com/pgward/pgward/exporter"
 )
 
@@ -36,7 +37,7 @@ type SecretsConfig struct {
 	Backend string             `yaml:"backend"` // file | env | vault
 	File    secrets.FileConfig `yaml:"file"`
 	Env     secrets.EnvConfig  `yaml:"env"`
-	Vault   yaml.Node          `yaml:"vault"` // decoded by the vault backend
+	Vault   *vault.Config      `yaml:"vault"`
 }
 
 // IdentityConfig tunes identity verification.
@@ -129,18 +130,43 @@ func (c *Config) Validate() error {
 	fe := func(path, format string, args ...any) {
 		errs = append(errs, &broker.FieldError{Path: path, Err: fmt.Errorf(format, args...)})
 	}
+	used := map[string]bool{}
+	def := c.Secrets.Backend
+	if def == "" {
+		def = "file"
+	}
+	for _, u := range c.Upstreams {
+		if u.Secrets == "" {
+			used[def] = true
+		} else {
+			used[u.Secrets] = true
+		}
+	}
+	if used["file"] && c.Secrets.File.Path == "" {
+		fe("secrets.file.path", "is required for the file backend")
+	}
 	switch c.Secrets.Backend {
-	case "", "file":
-		if c.Secrets.File.Path == "" {
-			fe("secrets.file.path", "is required for the file backend")
-		}
-	case "env":
+	case "", "file", "env":
 	case "vault":
-		if c.Secrets.Vault.Kind == 0 {
-			fe("secrets.vault", "is required for the vault backend")
-		}
 	default:
 		fe("secrets.backend", "%q is not one of file, env, vault", c.Secrets.Backend)
+	}
+	if used["vault"] {
+		if c.Secrets.Vault == nil {
+			fe("secrets.vault", "is required for the vault backend")
+		} else if err := c.Secrets.Vault.Validate(); err != nil {
+			list := []error{err}
+			if j, ok := err.(interface{ Unwrap() []error }); ok {
+				list = j.Unwrap()
+			}
+			for _, e := range list {
+				key, msg, ok := strings.Cut(e.Error(), ": ")
+				if !ok {
+					key, msg = "", e.Error()
+				}
+				fe(strings.TrimSuffix("secrets.vault."+key, "."), "%s", msg)
+			}
+		}
 	}
 	if err := c.Audit.Validate(); err != nil {
 		var fieldErrs interface{ Unwrap() []error }

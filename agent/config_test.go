@@ -94,3 +94,22 @@ func FuzzParseConfig(f *testing.F) {
 		}
 	})
 }
+
+func TestParseConfigVault(t *testing.T) {
+	_, err := ParseConfig([]byte(`upstreams:
+  orders: { address: /run/pg/.s.PGSQL.5432 }
+secrets:
+  backend: vault
+  vault:
+    address: not-a-url
+    auth: { method: token }
+audit: { path: /tmp/a.jsonl }
+`), "v.yaml")
+	if err == nil || !strings.Contains(err.Error(), "v.yaml:6: secrets.vault.address") || !strings.Contains(err.Error(), "secrets.vault.auth.token_file") {
+		t.Fatalf("got %v", err)
+	}
+	_, err = ParseConfig([]byte("upstreams: {o: {address: /x}}\nsecrets: {backend: vault}\naudit: {path: /a}\n"), "v.yaml")
+	if err == nil || !strings.Contains(err.Error(), "secrets.vault: is required") {
+		t.Fatalf("got %v", err)
+	}
+}

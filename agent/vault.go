@@ -1,12 +1,26 @@
 package agent
 
 import (
-	"errors"
+	"fmt"
 	"log/slog"
 
 	"github.com/pgward/pgward/broker/secrets"
+	"github.com/pgward/pgward/broker/secrets/vault"
 )
 
+// vaultSource adapts *vault.Source, whose Close returns nothing, to the
+// agent's closers.
+type vaultSource struct{ *vault.Source }
+
+func (v vaultSource) Close() error {
+	v.Source.Close()
+	return nil
+}
+
 func newVaultSource(cfg *Config, log *slog.Logger) (secrets.Source, error) {
-	return nil, errors.New("secrets backend vault: not wired yet")
+	src, err := vault.New(*cfg.Secrets.Vault, log)
+	if err != nil {
+		return nil, fmt.Errorf("secrets backend vault: %w", err)
+	}
+	return vaultSource{src}, nil
 }

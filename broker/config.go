@@ -60,6 +60,9 @@ type UpstreamConfig struct {
 	Auth []string `yaml:"auth"`
 	// ConnectTimeout bounds dialling and authenticating. Default 5s.
 	ConnectTimeout time.Duration `yaml:"connect_timeout"`
+	// Secrets names the secrets backend holding this upstream's credentials
+	// (file, env or vault); empty means secrets.backend. The agent routes on it.
+	Secrets string `yaml:"secrets"`
 }
 
 // TLSConfig is how pgward talks TLS to an upstream.
@@ -300,6 +303,11 @@ func (c *Config) Validate() error {
 		}
 		if u.IsSocketPath() && u.tlsMode() != "disable" {
 			add(fieldErr(p+".tls.mode", "TLS over a socket file is not supported; use disable"))
+		}
+		switch u.Secrets {
+		case "", "file", "env", "vault":
+		default:
+			add(fieldErr(p+".secrets", "%q is not one of file, env, vault", u.Secrets))
 		}
 		for i, m := range u.Auth {
 			switch m {
