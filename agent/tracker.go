@@ -219,7 +219,9 @@ func (t *Tracker) SetGuarded(eps []bpf.Endpoint) error {
 // SetEnforce turns the refusal of direct connects on or off.
 func (t *Tracker) SetEnforce(on bool) error { return t.probes.SetEnforce(on) }
 
-// Run reads connect records until ctx ends, then detaches the probes.
+// Run reads connect records until ctx ends, then detaches the probes. It
+// returns nil when ctx ended or Close was called, and an error (having
+// detached the probes) when the ring buffer cannot be read.
 func (t *Tracker) Run(ctx context.Context) error {
 	stop := context.AfterFunc(ctx, func() { t.probes.Close() })
 	defer stop()
@@ -228,10 +230,14 @@ func (t *Tracker) Run(ctx context.Context) error {
 		if errors.Is(err, bpf.ErrClosed) {
 			return nil
 		}
-		if err != nil {
+		if errors.Is(err, bpf.ErrBadEvent) {
 			// A record we cannot decode is a bug, not a reason to stop.
 			t.log.Error("eBPF event", "error", err)
 			continue
+		}
+		if err != nil {
+			t.probes.Close()
+			return fmt.Errorf("eBPF events: %w", err)
 		}
 		t.events.Add(1)
 		t.handle(ConnectRecord{e})

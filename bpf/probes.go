@@ -108,8 +108,8 @@ func (e Endpoint) validate() error {
 			return fmt.Errorf("endpoint %q: NUL in path", e.Path)
 		}
 		// sun_path is 108 bytes; a file system path needs its NUL.
-		if max := unixPathMax - 1; e.Path[0] != '@' && len(e.Path) > max {
-			return fmt.Errorf("endpoint %q: path longer than %d bytes", e.Path, max)
+		if limit := unixPathMax - 1; e.Path[0] != '@' && len(e.Path) > limit {
+			return fmt.Errorf("endpoint %q: path longer than %d bytes", e.Path, limit)
 		}
 		if e.Path == "@" || len(e.Path) > unixPathMax {
 			return fmt.Errorf("endpoint %q: abstract name empty or longer than %d bytes", e.Path, unixPathMax-1)
