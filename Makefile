@@ -9,7 +9,8 @@ FUZZ_TARGETS := \
 	./broker:FuzzFrontendStream \
 	./broker:FuzzBackendStream \
 	./agent:FuzzCgroupPath \
-	./agent:FuzzParseConfig
+	./agent:FuzzParseConfig \
+	./bpf:FuzzDecodeEvent
 
 .PHONY: all build test unit fuzz-short fuzz demo bench lint generate deps clean
 
@@ -50,8 +51,10 @@ demo: build
 bench: deps build
 	$(GO) run ./cmd/pgward-bench
 
+# Rebuild the eBPF objects (committed, so `go build` needs no clang).
 generate:
-	@command -v clang >/dev/null || { apt-get update -qq && apt-get install -y -qq clang llvm libbpf-dev; }
+	@command -v clang >/dev/null && command -v llvm-strip >/dev/null && test -f /usr/include/bpf/bpf_helpers.h || \
+		(apt-get update -qq && apt-get install -y -qq clang llvm libbpf-dev)
 	$(GO) generate ./bpf/
 
 clean:

@@ -104,6 +104,11 @@ func guardedEndpoints(ctx context.Context, cfg *Config) ([]bpf.Endpoint, map[str
 			}
 		}
 		for _, ip := range ips {
+			if ip.IsLoopback() || ip.IsUnspecified() {
+				// A local server is reached through every local address
+				// (127.0.0.2, ::1, the host's own): guard the port on all.
+				ip = netip.IPv6Unspecified()
+			}
 			ep := bpf.Endpoint{TCP: netip.AddrPortFrom(ip.Unmap(), uint16(p))}
 			eps = append(eps, ep)
 			names[ep.String()] = upstream

@@ -41,6 +41,12 @@ type Check struct {
 // Observer.Auth exactly once per request, success or failure.
 type AuthRequest struct {
 	RequestID string
+	// The evidence: who asked (zero when identity failed before it was
+	// known), for what, and the principal claimed in the startup options.
+	Identity         Identity
+	Upstream         string
+	Role             string
+	ClaimedPrincipal string
 	// Verification: proving who the caller is (peer credentials, eBPF record, /proc).
 	Verification Check
 	// Matching: the claimed principal against the kernel identity. Attempted
@@ -69,6 +75,8 @@ type SessionInfo struct {
 	URI       string // db_uri: the upstream's address
 	User      string // db_user: the role
 	Principal string
+	// ClaimedPrincipal is what the client claimed (options -c pgward.principal), if anything.
+	ClaimedPrincipal string
 
 	Identity Identity
 	// Parameters are the startup parameters forwarded upstream (allowlisted).

@@ -144,7 +144,7 @@ func (s *Server) startSession(ctx context.Context, c net.Conn, st *serverState, 
 		Upstream: dbname, User: role, Start: accepted,
 		ApplicationName: pkt.params["application_name"],
 	}
-	req := &AuthRequest{RequestID: reqID, Durations: map[Stage]time.Duration{}}
+	req := &AuthRequest{RequestID: reqID, Upstream: dbname, Role: role, Durations: map[Stage]time.Duration{}}
 	fail := func(e *ClientError, level slog.Level, logMsg string, attrs ...any) {
 		req.Failure = e.Reason
 		req.Durations[StageTotal] = time.Since(accepted)
@@ -176,6 +176,7 @@ func (s *Server) startSession(ctx context.Context, c net.Conn, st *serverState, 
 	req.Verification.OK = true
 	id := r.id
 	info.Identity = id
+	req.Identity = id
 	log = log.With("pid", id.PID, "uid", id.UID)
 
 	// Protocol details and startup parameters.
@@ -186,6 +187,7 @@ func (s *Server) startSession(ctx context.Context, c net.Conn, st *serverState, 
 		}
 	}
 	params, claim, perr := filterParams(pkt.params)
+	req.ClaimedPrincipal, info.ClaimedPrincipal = claim, claim
 	if perr != nil {
 		fail(perr, slog.LevelWarn, "refused startup parameters", "err", perr.Message, "identity", id.String())
 		return

@@ -29,7 +29,7 @@ func cmdAgent(args []string, stderr io.Writer) int {
 		fmt.Fprintln(stderr, err)
 		return exitBadInput
 	}
-	tp, shutdownTracing, err := newTracerProvider(context.Background(), os.Getenv)
+	tp, shutdownTracing, err := exporter.NewTracerProvider(context.Background(), os.Getenv)
 	if err != nil {
 		fmt.Fprintln(stderr, "pgward: tracing:", err)
 		return exitUsage

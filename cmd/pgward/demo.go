@@ -100,7 +100,7 @@ func cmdDemo(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "pgward demo: example config invalid:", err)
 		return exitFailure
 	}
-	tp, shutdownTracing, err := newTracerProvider(ctx, os.Getenv)
+	tp, shutdownTracing, err := exporter.NewTracerProvider(ctx, os.Getenv)
 	if err != nil {
 		fmt.Fprintln(stderr, "pgward demo: tracing:", err)
 		return exitFailure
