@@ -886,7 +886,12 @@ func (s *Server) creds(w http.ResponseWriter, r *http.Request, mount, name strin
 	password := "A1a-" + randomString(20)
 	now := time.Now()
 	exp := now.Add(role.DefaultTTL)
-	if err := s.runStatements(r.Context(), role.CreationStatements, username, password, exp); err != nil {
+	// Not the request's context: a client that gives up mid-way must not
+	// leave a half-made role behind with no lease to drop it.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := s.runStatements(ctx, role.CreationStatements, username, password, exp); err != nil {
+		_ = s.dropRole(&lease{Lease: Lease{Username: username}, role: role})
 		writeErrors(w, http.StatusInternalServerError, []string{"failed to create user: " + err.Error()})
 		return
 	}

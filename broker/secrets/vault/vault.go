@@ -345,6 +345,16 @@ func (s *Source) issue(k key, path string) (*leaseEntry, error) {
 	return e, nil
 }
 
+// Invalidate drops the cached static (KV) credential of role on upstream, so
+// the next Fetch reads Vault again: for a caller whose login with it was just
+// refused because the password was rotated. Dynamic credentials are not
+// affected. Other sessions' fetches in flight are not interrupted.
+func (s *Source) Invalidate(upstream, role string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.static, key{upstream, role})
+}
+
 // revokeID revokes a lease pgward will not use (best effort, bounded).
 func (s *Source) revokeID(id string) {
 	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.timeout())

@@ -77,13 +77,22 @@ func TestKVLogin(t *testing.T) {
 	}
 	_ = conn.Close(context.Background())
 
-	// Served from the cache the second time.
+	// Served from the cache the second time; read again after Invalidate.
 	if _, err := src.Fetch(context.Background(), "orders", user); err != nil {
 		t.Fatal(err)
 	}
 	if h.sim != nil {
 		if n := h.sim.Count("GET", h.kvMount+"/data/"); n != 1 {
 			t.Errorf("kv reads = %d, want 1 (cached)", n)
+		}
+	}
+	src.Invalidate("orders", user)
+	if _, err := src.Fetch(context.Background(), "orders", user); err != nil {
+		t.Fatal(err)
+	}
+	if h.sim != nil {
+		if n := h.sim.Count("GET", h.kvMount+"/data/"); n != 2 {
+			t.Errorf("kv reads after Invalidate = %d, want 2", n)
 		}
 	}
 }
@@ -315,6 +324,11 @@ func TestDatabaseRevokedInVault(t *testing.T) {
 		t.Errorf("Reason = %q, want %q", r, vault.ReasonRevoked)
 	}
 	eventually(t, 5*time.Second, "role dropped", func() bool { return !h.roleExists(cred.User) })
+	if h.sim != nil { // the simulator's revocation terminates the role's backends
+		if err := conn.Ping(context.Background()); err == nil {
+			t.Error("session of the revoked role still alive")
+		}
+	}
 	next, err := src.Fetch(context.Background(), "orders", "rw")
 	must(t, err)
 	defer next.Lease.Release()
