@@ -152,9 +152,20 @@ func (o *Observer) Auth(ctx context.Context, r *broker.AuthRequest) {
 	if r.Failure == broker.ReasonBackendError {
 		level = slog.LevelError
 	}
-	o.log.Log(ctx, level, "authentication refused", "request_id", r.RequestID, "reason", string(r.Failure),
+	attrs := []any{"request_id", r.RequestID, "reason", string(r.Failure),
 		"verification", checkString(r.Verification), "matching", checkString(r.Matching),
-		"retrieval", checkString(r.Retrieval), "unauthorized", r.Unauthorized)
+		"retrieval", checkString(r.Retrieval), "unauthorized", r.Unauthorized}
+	// The evidence: who asked for what.
+	if r.Upstream != "" || r.Role != "" {
+		attrs = append(attrs, "db_service", r.Upstream, "db_user", r.Role)
+	}
+	if r.ClaimedPrincipal != "" {
+		attrs = append(attrs, "claimed_principal", r.ClaimedPrincipal)
+	}
+	if r.Verification.OK {
+		attrs = append(attrs, identityAttr(&r.Identity))
+	}
+	o.log.Log(ctx, level, "authentication refused", attrs...)
 }
 
 func checkString(c broker.Check) string {
