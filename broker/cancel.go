@@ -50,7 +50,9 @@ func (c *cancelMap) get(k cancelKey) *session {
 
 // handleCancel forwards a CancelRequest when its key names a live session
 // of the same uid; otherwise it drops it and says so at WARN. Like a
-// server, it never answers the client.
+// server, it never answers the client. A uid that sent too many wrong keys
+// (cancelBurst, refilled at cancelRate per second) has its cancel requests
+// dropped unread ("throttled"), so a 32-bit key cannot be guessed.
 func (s *Server) handleCancel(ctx context.Context, pkt *startupPacket, r identityResult) {
 	ev := &CancelEvent{Caller: r.id}
 	if r.err != nil {
@@ -59,7 +61,15 @@ func (s *Server) handleCancel(ctx context.Context, pkt *startupPacket, r identit
 		s.obs.Cancel(ctx, ev)
 		return
 	}
+	if !s.limiter.cancelAllowed(r.id.UID) {
+		ev.Reason = "throttled"
+		s.log.Warn("cancel request dropped unread: too many wrong cancel keys from this uid", "uid", r.id.UID, "pid", r.id.PID, "exe", r.id.Exe,
+			"limit_per_second", cancelRate, "burst", cancelBurst)
+		s.obs.Cancel(ctx, ev)
+		return
+	}
 	if len(pkt.cancelKey) != 4 {
+		s.limiter.wrongCancel(r.id.UID)
 		ev.Reason = "unknown_key"
 		s.log.Warn("cancel request with a key of the wrong length dropped", "uid", r.id.UID, "pid", r.id.PID, "key_len", len(pkt.cancelKey))
 		s.obs.Cancel(ctx, ev)
@@ -68,6 +78,7 @@ func (s *Server) handleCancel(ctx context.Context, pkt *startupPacket, r identit
 	k := cancelKey{pid: pkt.cancelPID, secret: binary.BigEndian.Uint32(pkt.cancelKey)}
 	sess := s.cancels.get(k)
 	if sess == nil {
+		s.limiter.wrongCancel(r.id.UID)
 		ev.Reason = "unknown_key"
 		s.log.Warn("cancel request with an unknown key dropped: forged or stale", "uid", r.id.UID, "pid", r.id.PID, "exe", r.id.Exe, "backend_pid", pkt.cancelPID)
 		s.obs.Cancel(ctx, ev)
@@ -76,6 +87,7 @@ func (s *Server) handleCancel(ctx context.Context, pkt *startupPacket, r identit
 	ev.Session = &sess.info
 	ev.RequestID = sess.info.RequestID
 	if r.id.UID != sess.info.Identity.UID && r.id.UID != 0 {
+		s.limiter.wrongCancel(r.id.UID)
 		ev.Reason = "uid_mismatch"
 		sess.log.Warn("cancel request from another uid dropped", "caller_uid", r.id.UID, "caller_pid", r.id.PID, "caller_exe", r.id.Exe)
 		s.obs.Cancel(ctx, ev)

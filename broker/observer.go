@@ -129,7 +129,8 @@ type CancelEvent struct {
 	RequestID string
 	Caller    Identity // who sent the CancelRequest
 	Forwarded bool
-	// Reason a cancel was not forwarded: "unknown_key", "uid_mismatch", "upstream_error".
+	// Reason a cancel was not forwarded: "unknown_key", "uid_mismatch",
+	// "upstream_error", "throttled" (too many wrong keys from this uid).
 	Reason string
 	// Session is the cancelled session when the key matched.
 	Session *SessionInfo

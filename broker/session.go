@@ -188,14 +188,32 @@ func (s *Server) startSession(ctx context.Context, c net.Conn, st *serverState, 
 	}
 	params, claim, perr := filterParams(pkt.params)
 	req.ClaimedPrincipal, info.ClaimedPrincipal = claim, claim
+
+	// Throttling: every request takes a token before anything costly, from
+	// its principal's bucket when a grant allows it, else from its uid's —
+	// so a flood of refused requests from one uid is throttled too, and
+	// leaves other principals alone.
+	ups, upsOK := st.upstreams[dbname]
+	var d Decision
+	if upsOK && perr == nil {
+		d = st.policy.Authorize(id, dbname, role, claim)
+	}
+	lkey := uidKey(id.UID)
+	if d.Allowed {
+		lkey = principalKey(d.Principal)
+	}
+	if lerr := s.limiter.admit(lkey); lerr != nil {
+		fail(lerr, slog.LevelWarn, "throttled: too many authentication requests", "caller", lkey.String(), "identity", id.String())
+		return
+	}
+
 	if perr != nil {
 		fail(perr, slog.LevelWarn, "refused startup parameters", "err", perr.Message, "identity", id.String())
 		return
 	}
 
 	// Upstream and policy.
-	ups, ok := st.upstreams[dbname]
-	if !ok {
+	if !upsOK {
 		fail(refuse(CodeUnknownDatabase, ReasonUnauthorized,
 			fmt.Sprintf("pgward has no upstream named %q", dbname),
 			"Set dbname to the name of an upstream in the pgward configuration ("+strings.Join(sortedKeys(st.upstreams), ", ")+")."),
@@ -204,7 +222,6 @@ func (s *Server) startSession(ctx context.Context, c net.Conn, st *serverState, 
 	}
 	info.Database = ups.cfg.database(dbname)
 	info.URI = ups.cfg.Address
-	d := st.policy.Authorize(id, dbname, role, claim)
 	if d.ClaimAttempted {
 		req.Matching = Check{Attempted: true, OK: !d.ClaimFailed}
 	}
@@ -233,11 +250,10 @@ func (s *Server) startSession(ctx context.Context, c net.Conn, st *serverState, 
 	info.Principal = d.Principal
 	log = log.With("principal", d.Principal, "sid", info.SessionID)
 
-	// Throttling, per principal.
+	// Concurrent sessions, per principal.
 	release, lerr := s.limiter.acquire(d.Principal)
 	if lerr != nil {
-		req.Retrieval.Attempted = false
-		fail(lerr, slog.LevelWarn, "throttled", "identity", id.String())
+		fail(lerr, slog.LevelWarn, "throttled: too many sessions", "caller", principalKey(d.Principal).String(), "identity", id.String())
 		return
 	}
 	defer release()
