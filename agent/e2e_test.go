@@ -22,6 +22,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"go.opentelemetry.io/otel/trace"
 
 	"github.com/pgward/pgward/broker"
 	"github.com/pgward/pgward/broker/secrets"
@@ -38,6 +39,7 @@ type harness struct {
 	auditPath string
 	logs      *syncBuffer
 	trapConns *atomic.Int64
+	tp        trace.TracerProvider // set by a mutate func to export spans
 	done      chan error
 	cancel    context.CancelFunc
 }
@@ -147,7 +149,7 @@ trap:
 		t.Fatalf("test config invalid: %v", err)
 	}
 	log := slog.New(slog.NewJSONHandler(h.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
-	a, err := New(context.Background(), Options{Config: cfg, Logger: log})
+	a, err := New(context.Background(), Options{Config: cfg, Logger: log, TracerProvider: h.tp})
 	if err != nil {
 		t.Fatalf("agent: %v", err)
 	}
