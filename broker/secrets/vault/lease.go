@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"strings"
 	"sync"
 	"time"
 
@@ -196,6 +197,11 @@ func (s *Source) watch(e *leaseEntry) {
 			case err == nil:
 				nextRenew = time.Now().Add(d * 2 / 3)
 				nextCheck = time.Now().Add(check)
+			case errors.Is(err, secrets.ErrNotFound) && strings.Contains(err.Error(), "not renewable"):
+				// Still valid until its TTL; only renewal is over.
+				s.mu.Lock()
+				e.capped = true
+				s.mu.Unlock()
 			case errors.Is(err, secrets.ErrNotFound):
 				s.end(e, ReasonRevoked)
 				return
@@ -231,7 +237,7 @@ func (s *Source) watch(e *leaseEntry) {
 // renewLease asks for the lease's original duration again and records what
 // Vault granted.
 func (s *Source) renewLease(e *leaseEntry) (time.Duration, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.timeout())
+	ctx, cancel := s.requestContext()
 	defer cancel()
 	var sec *api.Secret
 	err := s.call(ctx, func(ctx context.Context) (err error) {
@@ -259,7 +265,7 @@ func (s *Source) renewLease(e *leaseEntry) (time.Duration, error) {
 // lookupLease reads the lease's remaining TTL; a lease Vault no longer knows
 // was revoked.
 func (s *Source) lookupLease(e *leaseEntry) error {
-	ctx, cancel := context.WithTimeout(context.Background(), s.cfg.timeout())
+	ctx, cancel := s.requestContext()
 	defer cancel()
 	var sec *api.Secret
 	err := s.call(ctx, func(ctx context.Context) (err error) {

@@ -300,6 +300,30 @@ func TestDatabaseLeaseRenewal(t *testing.T) {
 	_ = conn.Close(context.Background())
 }
 
+func TestDatabaseRenewalRefused(t *testing.T) {
+	h := newHarness(t)
+	h.needSim("refuses renewals")
+	h.addDBRole("short", dbRole{ttl: 3 * time.Second, maxTTL: time.Hour})
+	src := h.source(h.config(map[string]map[string]vault.RoleConfig{"orders": {"rw": dbRoleCfg(h.dbMount, "short")}}))
+	h.sim.Inject(vaultsim.Fault{Path: "sys/leases/renew", Status: 400, Errors: []string{"lease is not renewable"}})
+	cred, err := src.Fetch(context.Background(), "orders", "rw")
+	must(t, err)
+	h.remember(cred.Password.Reveal())
+	defer cred.Lease.Release()
+	start := time.Now()
+	select {
+	case <-cred.Lease.Done:
+	case <-time.After(6 * time.Second):
+		t.Fatal("Done not closed at the end of a lease that could not be renewed")
+	}
+	if d := time.Since(start); d < 2*time.Second {
+		t.Errorf("ended after %v, before its 3s TTL", d)
+	}
+	if r := cred.Lease.Reason(); r != vault.ReasonExpired {
+		t.Errorf("Reason = %q, want %q", r, vault.ReasonExpired)
+	}
+}
+
 func TestDatabaseRevokedInVault(t *testing.T) {
 	h := newHarness(t)
 	h.addDBRole("rw", dbRole{ttl: time.Minute, maxTTL: time.Hour})
