@@ -142,24 +142,28 @@ func parseStartupPacket(body []byte) (*startupPacket, error) {
 // the server does (pg_split_opts): whitespace separates, backslash escapes.
 // It accepts "-c name=value", "-cname=value" and "--name=value".
 func parseOptions(s string) (map[string]string, []string, error) {
+	// Byte by byte, splitting on exactly what the server's isspace() does:
+	// a character the server splits on and pgward did not would let a value
+	// smuggle a setting ("-c x=\f-crole=postgres").
 	var words []string
 	var cur strings.Builder
 	inWord, esc := false, false
-	for _, r := range s {
+	for i := 0; i < len(s); i++ {
+		r := s[i]
 		switch {
 		case esc:
-			cur.WriteRune(r)
+			cur.WriteByte(r)
 			esc = false
 		case r == '\\':
 			esc, inWord = true, true
-		case r == ' ' || r == '\t' || r == '\n' || r == '\r':
+		case optionSpace(r):
 			if inWord {
 				words = append(words, cur.String())
 				cur.Reset()
 				inWord = false
 			}
 		default:
-			cur.WriteRune(r)
+			cur.WriteByte(r)
 			inWord = true
 		}
 	}
@@ -207,12 +211,19 @@ func formatOptions(settings map[string]string, order []string) string {
 			b.WriteByte(' ')
 		}
 		b.WriteString("-c ")
-		for _, r := range name + "=" + settings[name] {
-			if r == ' ' || r == '\\' || r == '\t' || r == '\n' || r == '\r' {
+		kv := name + "=" + settings[name]
+		for i := 0; i < len(kv); i++ {
+			if kv[i] == '\\' || optionSpace(kv[i]) {
 				b.WriteByte('\\')
 			}
-			b.WriteRune(r)
+			b.WriteByte(kv[i])
 		}
 	}
 	return b.String()
+}
+
+// optionSpace is the server's isspace() in the C locale, which
+// pg_split_opts splits options on.
+func optionSpace(c byte) bool {
+	return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v'
 }
