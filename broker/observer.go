@@ -106,9 +106,12 @@ type Param struct {
 
 // QueryEvent is one statement the client ran: a simple Query, or one Execute
 // of the extended protocol with the text remembered from its Parse.
+//
+// The broker recycles QueryEvents: an Observer must not keep one (or its
+// Text or Params) after the Query or QueryDone call returns.
 type QueryEvent struct {
 	Index     int64  // 1-based index of this statement in the session
-	Text      string // statement text
+	Text      string // statement text; only valid during the Observer.Query call
 	Statement string // prepared statement name ("" = unnamed); extended protocol only
 	Portal    string
 	Extended  bool

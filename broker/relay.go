@@ -2,6 +2,7 @@ package broker
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -11,6 +12,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unsafe"
 
 	"github.com/jackc/pgx/v5/pgproto3"
 	"go.opentelemetry.io/otel/attribute"
@@ -50,14 +52,21 @@ type portalInfo struct {
 }
 
 // tracker follows the statements of a session for audit. The client pump
-// adds; the upstream pump completes. mu guards queue and stmt oids; it is
-// never held across I/O.
+// adds; the upstream pump completes. mu guards queue, free and stmt oids; it
+// is never held across I/O.
 type tracker struct {
 	mu      sync.Mutex
-	queue   []pending
+	queue   []pending // queue[head:] are in flight
+	head    int
+	free    []*QueryEvent          // recycled events (steady state allocates none)
 	stmts   map[string]*stmtInfo   // client pump only (oids under mu)
 	portals map[string]*portalInfo // client pump only
+	tags    map[string]string      // interned command tags; upstream pump only
 	index   int64
+}
+
+func newTracker() *tracker {
+	return &tracker{stmts: map[string]*stmtInfo{}, portals: map[string]*portalInfo{}, tags: map[string]string{}}
 }
 
 func (t *tracker) push(p pending) {
@@ -66,10 +75,52 @@ func (t *tracker) push(p pending) {
 	t.mu.Unlock()
 }
 
+// newEvent returns a cleared QueryEvent, recycled when possible.
+func (t *tracker) newEvent() *QueryEvent {
+	t.mu.Lock()
+	var q *QueryEvent
+	if k := len(t.free); k > 0 {
+		q = t.free[k-1]
+		t.free[k-1] = nil
+		t.free = t.free[:k-1]
+	}
+	t.mu.Unlock()
+	if q == nil {
+		return &QueryEvent{}
+	}
+	*q = QueryEvent{}
+	return q
+}
+
+// recycle takes back events the observer is done with.
+func (t *tracker) recycle(done []pending) {
+	t.mu.Lock()
+	for _, p := range done {
+		if p.q != nil && len(t.free) < 64 {
+			p.q.Params = nil
+			t.free = append(t.free, p.q)
+		}
+	}
+	t.mu.Unlock()
+}
+
+// tag returns the command tag b as a string, interned so that the usual
+// tags ("SELECT 1", "UPDATE 1") cost no allocation.
+func (t *tracker) tag(b []byte) string {
+	if s, ok := t.tags[string(b)]; ok {
+		return s
+	}
+	s := string(b)
+	if len(t.tags) < 256 {
+		t.tags[s] = s
+	}
+	return s
+}
+
 // run relays until either side ends, then ends the session. It owns both
 // connections from here on and closes them.
 func (sess *session) run() {
-	tr := &tracker{stmts: map[string]*stmtInfo{}, portals: map[string]*portalInfo{}}
+	tr := newTracker()
 	upDone := make(chan struct{})
 	var clientGone bool
 	var clientMu sync.Mutex
@@ -125,7 +176,7 @@ func (sess *session) run() {
 	}
 	// Statements that never completed.
 	tr.mu.Lock()
-	for _, p := range tr.queue {
+	for _, p := range tr.queue[tr.head:] {
 		if p.q != nil {
 			p.q.Success, p.q.Code, p.q.Error = false, CodeConnectionFailure, "session ended before the statement completed"
 			p.q.Duration = time.Since(p.q.Start)
@@ -135,7 +186,7 @@ func (sess *session) run() {
 			}
 		}
 	}
-	tr.queue = nil
+	tr.queue, tr.head = nil, 0
 	tr.mu.Unlock()
 	sess.info.EndReason = reason
 	sess.info.End = time.Now()
@@ -149,64 +200,60 @@ var errUpstreamGone = errors.New("upstream connection closed")
 // pumpClient copies client → upstream, auditing each statement before it is
 // forwarded. It returns nil when the client ended the session normally.
 func (sess *session) pumpClient(tr *tracker) error {
-	buf := make([]byte, relayBufSize)
-	n := 0
-	var events []*pending
+	rd := newRelayReader(sess.client)
+	defer rd.release()
+	var events []*QueryEvent
 	fs := &frameScanner{maxBody: sess.srv.state.Load().cfg.Listen.maxMessageSize()}
 	for _, t := range []byte{'Q', 'P', 'B', 'E', 'C', 'F', 'S', 'D', 'X'} {
 		fs.want[t] = true
 	}
 	terminated := false
 	fs.inspect = func(typ byte, body []byte) error {
-		p, err := sess.frontendMessage(tr, typ, body)
+		q, err := sess.frontendMessage(tr, typ, body)
 		if err != nil {
 			return err
 		}
 		if typ == 'X' {
 			terminated = true
 		}
-		if p != nil {
-			events = append(events, p)
+		if q != nil {
+			events = append(events, q)
 		}
 		return nil
 	}
+	batch, _ := sess.srv.obs.(QueryBatcher)
 	for {
-		m, rerr := sess.client.Read(buf[n:])
-		n += m
+		m, rerr := rd.read()
 		if m > 0 {
+			for i := range events {
+				events[i] = nil
+			}
 			events = events[:0]
-			fwd, need, err := fs.scan(buf[:n])
+			fwd, need, err := fs.scan(rd.pending())
 			if err != nil {
 				sess.log.Warn("malformed message from client", "err", err)
 				sess.terminate("protocol_error", CodeProtocolViolation, "pgward received a malformed message and closed the session")
 				return err
 			}
-			// Audit first: nothing reaches the database unaudited.
-			for _, p := range events {
-				if err := sess.srv.obs.Query(sess.ctx, &sess.info, p.q); err != nil {
+			// Audit first: nothing reaches the database unaudited. The
+			// statements of one read are audited together, all durable
+			// before any of them is forwarded.
+			if len(events) > 0 {
+				if err := sess.audit(batch, events); err != nil {
 					sess.log.Error("audit log unavailable: stopping this session", "err", err)
 					sess.terminate("audit_unavailable", CodeIOError, "pgward's audit log is unavailable, so the statement was not sent; the session is closed")
 					return err
 				}
 			}
 			if fwd > 0 {
-				if _, err := sess.up.conn.Write(buf[:fwd]); err != nil {
+				if _, err := sess.up.conn.Write(rd.pending()[:fwd]); err != nil {
 					return errUpstreamGone
 				}
 				sess.info.BytesIn += int64(fwd)
 				sess.srv.obs.RelayBytes(true, fwd)
-				copy(buf, buf[fwd:n])
-				n -= fwd
+				rd.consume(fwd)
 			}
-			if need > len(buf) {
-				nb := make([]byte, need)
-				copy(nb, buf[:n])
-				buf = nb
-			} else if need == 0 && len(buf) > relayBufSize && n < relayBufSize {
-				nb := make([]byte, relayBufSize)
-				copy(nb, buf[:n])
-				buf = nb
-			}
+			rd.reserve(need)
 			if terminated {
 				return nil
 			}
@@ -223,36 +270,71 @@ func (sess *session) pumpClient(tr *tracker) error {
 	}
 }
 
+// QueryBatcher is an optional interface of an Observer: QueryBatch audits
+// the statements read from the client together, in order, as Query would
+// each of them. An error means none of them may be forwarded.
+type QueryBatcher interface {
+	QueryBatch(ctx context.Context, s *SessionInfo, qs []*QueryEvent) error
+}
+
+// audit hands the statements of one read to the observer before they are
+// forwarded. The text of a simple Query points into the relay buffer, so it
+// is cleared once the observer has seen it.
+func (sess *session) audit(batch QueryBatcher, events []*QueryEvent) error {
+	var err error
+	if batch != nil && len(events) > 1 {
+		err = batch.QueryBatch(sess.ctx, &sess.info, events)
+	} else {
+		for _, q := range events {
+			if err = sess.srv.obs.Query(sess.ctx, &sess.info, q); err != nil {
+				break
+			}
+		}
+	}
+	for _, q := range events {
+		if !q.Extended {
+			q.Text = ""
+		}
+	}
+	return err
+}
+
 // frontendMessage records what a client message means for audit. It returns
 // a pending statement to audit before forwarding, or nil.
-func (sess *session) frontendMessage(tr *tracker, typ byte, body []byte) (*pending, error) {
+func (sess *session) frontendMessage(tr *tracker, typ byte, body []byte) (*QueryEvent, error) {
 	bad := func(what string) error { return fmt.Errorf("%w: malformed %s message", errProtocol, what) }
 	switch typ {
 	case 'Q':
-		text, _, ok := cstring(body)
+		text, _, ok := cbytes(body)
 		if !ok {
 			return nil, bad("Query")
 		}
 		tr.index++
-		p := pending{kind: pendQuery, q: &QueryEvent{Index: tr.index, Text: text, Start: time.Now(), Rows: -1}}
-		p.span = sess.statementSpan(p.q)
+		q := tr.newEvent()
+		// The text is only needed until the observer has audited it, before
+		// the buffer is reused: no copy.
+		q.Index, q.Text, q.Start, q.Rows = tr.index, unsafe.String(unsafe.SliceData(text), len(text)), time.Now(), -1
+		p := pending{kind: pendQuery, q: q}
+		p.span = sess.statementSpan(q)
 		tr.push(p)
-		return &p, nil
+		return q, nil
 	case 'F':
 		if len(body) < 4 {
 			return nil, bad("FunctionCall")
 		}
 		tr.index++
 		oid := binary.BigEndian.Uint32(body)
-		p := pending{kind: pendQuery, q: &QueryEvent{Index: tr.index, Text: "<function call oid " + strconv.FormatUint(uint64(oid), 10) + ">", Start: time.Now(), Rows: -1}}
-		tr.push(p)
-		return &p, nil
+		q := tr.newEvent()
+		q.Index, q.Text, q.Start, q.Rows = tr.index, "<function call oid "+strconv.FormatUint(uint64(oid), 10)+">", time.Now(), -1
+		q.Extended = false
+		tr.push(pending{kind: pendQuery, q: q})
+		return q, nil
 	case 'P':
-		name, rest, ok := cstring(body)
+		name, rest, ok := cbytes(body)
 		if !ok {
 			return nil, bad("Parse")
 		}
-		text, rest, ok := cstring(rest)
+		text, rest, ok := cbytes(rest)
 		if !ok || len(rest) < 2 {
 			return nil, bad("Parse")
 		}
@@ -261,11 +343,16 @@ func (sess *session) frontendMessage(tr *tracker, typ byte, body []byte) (*pendi
 		if np < 0 || len(rest) < 4*np {
 			return nil, bad("Parse")
 		}
-		si := &stmtInfo{text: text, oids: make([]uint32, np)}
+		// Drivers re-Parse the same text (the unnamed statement, every
+		// time): keep what we know of it rather than allocate again.
+		if si := tr.stmts[string(name)]; si != nil && si.text == string(text) && sameDeclared(tr, si, rest[:4*np]) {
+			break
+		}
+		si := &stmtInfo{text: string(text), oids: make([]uint32, np)}
 		for i := range np {
 			si.oids[i] = binary.BigEndian.Uint32(rest[4*i:])
 		}
-		tr.stmts[name] = si
+		tr.stmts[string(name)] = si
 	case 'B':
 		portal, rest, ok := cbytes(body)
 		if !ok {
@@ -340,7 +427,11 @@ func (sess *session) frontendMessage(tr *tracker, typ byte, body []byte) (*pendi
 			return nil, bad("Execute")
 		}
 		tr.index++
-		q := &QueryEvent{Index: tr.index, Portal: string(portal), Extended: true, Start: time.Now(), Rows: -1}
+		q := tr.newEvent()
+		q.Index, q.Extended, q.Start, q.Rows = tr.index, true, time.Now(), -1
+		if len(portal) > 0 {
+			q.Portal = string(portal)
+		}
 		if pi := tr.portals[string(portal)]; pi != nil {
 			if pi.stmt != nil {
 				q.Text = pi.stmt.text
@@ -350,30 +441,30 @@ func (sess *session) frontendMessage(tr *tracker, typ byte, body []byte) (*pendi
 		p := pending{kind: pendExecute, q: q}
 		p.span = sess.statementSpan(q)
 		tr.push(p)
-		return &p, nil
+		return q, nil
 	case 'C':
 		if len(body) < 2 {
 			return nil, bad("Close")
 		}
-		name, _, ok := cstring(body[1:])
+		name, _, ok := cbytes(body[1:])
 		if !ok {
 			return nil, bad("Close")
 		}
 		if body[0] == 'S' {
-			delete(tr.stmts, name)
+			delete(tr.stmts, string(name))
 		} else {
-			delete(tr.portals, name)
+			delete(tr.portals, string(name))
 		}
 	case 'D':
 		if len(body) < 2 {
 			return nil, bad("Describe")
 		}
 		if body[0] == 'S' {
-			name, _, ok := cstring(body[1:])
+			name, _, ok := cbytes(body[1:])
 			if !ok {
 				return nil, bad("Describe")
 			}
-			if si := tr.stmts[name]; si != nil {
+			if si := tr.stmts[string(name)]; si != nil {
 				tr.push(pending{kind: pendDescribe, stmt: si})
 			}
 		}
@@ -383,11 +474,29 @@ func (sess *session) frontendMessage(tr *tracker, typ byte, body []byte) (*pendi
 	return nil, nil
 }
 
+// sameDeclared reports whether the parameter types a Parse declares (raw,
+// 4 bytes each) agree with what is known of si: each declared type (0 is
+// "let the server choose") equals the known one.
+func sameDeclared(tr *tracker, si *stmtInfo, declared []byte) bool {
+	tr.mu.Lock()
+	defer tr.mu.Unlock()
+	np := len(declared) / 4
+	if np > len(si.oids) {
+		return false
+	}
+	for i := range np {
+		if d := binary.BigEndian.Uint32(declared[4*i:]); d != 0 && d != si.oids[i] {
+			return false
+		}
+	}
+	return true
+}
+
 // pumpUpstream copies upstream → client and completes audited statements.
 // When it ends it tells the client why if it can, at a message boundary.
 func (sess *session) pumpUpstream(tr *tracker, clientGone func() bool) {
-	buf := make([]byte, relayBufSize)
-	n := 0
+	rd := newRelayReader(sess.up.conn)
+	defer rd.release()
 	fs := &frameScanner{maxBody: sess.srv.state.Load().cfg.Listen.maxMessageSize()}
 	for _, t := range []byte{'C', 'E', 'I', 's', 'Z', 't'} {
 		fs.want[t] = true
@@ -398,36 +507,26 @@ func (sess *session) pumpUpstream(tr *tracker, clientGone func() bool) {
 		return nil
 	}
 	for {
-		m, rerr := sess.up.conn.Read(buf[n:])
-		n += m
+		m, rerr := rd.read()
 		if m > 0 {
 			done = done[:0]
-			fwd, need, err := fs.scan(buf[:n])
+			fwd, need, err := fs.scan(rd.pending())
 			if err != nil {
 				sess.log.Error("malformed message from upstream", "err", err)
 				sess.terminate("protocol_error", CodeConnectionFailure, "pgward received a malformed message from the upstream server and closed the session")
 				rerr = err
 			}
 			if fwd > 0 {
-				if _, werr := sess.client.Write(buf[:fwd]); werr != nil {
+				if _, werr := sess.client.Write(rd.pending()[:fwd]); werr != nil {
 					sess.finish(tr, done)
 					return
 				}
 				sess.info.BytesOut += int64(fwd)
 				sess.srv.obs.RelayBytes(false, fwd)
-				copy(buf, buf[fwd:n])
-				n -= fwd
+				rd.consume(fwd)
 			}
 			sess.finish(tr, done)
-			if need > len(buf) {
-				nb := make([]byte, need)
-				copy(nb, buf[:n])
-				buf = nb
-			} else if need == 0 && len(buf) > relayBufSize && n < relayBufSize {
-				nb := make([]byte, relayBufSize)
-				copy(nb, buf[:n])
-				buf = nb
-			}
+			rd.reserve(need)
 		}
 		if rerr != nil {
 			if !fs.atBoundary() || clientGone() {
@@ -435,7 +534,7 @@ func (sess *session) pumpUpstream(tr *tracker, clientGone func() bool) {
 			}
 			_, code, msg := sess.termination()
 			if code == "" {
-				if n > 0 || !errors.Is(rerr, io.EOF) {
+				if rd.n > 0 || !errors.Is(rerr, io.EOF) {
 					code, msg = CodeConnectionFailure, "pgward lost the connection to the upstream server"
 				} else {
 					// The server closed cleanly; it has said why itself (e.g. 57P01).
@@ -456,15 +555,19 @@ func (sess *session) backendMessage(tr *tracker, typ byte, body []byte, done []p
 	tr.mu.Lock()
 	defer tr.mu.Unlock()
 	head := func() *pending {
-		if len(tr.queue) == 0 {
+		if tr.head == len(tr.queue) {
 			return nil
 		}
-		return &tr.queue[0]
+		return &tr.queue[tr.head]
 	}
 	pop := func() pending {
-		p := tr.queue[0]
-		tr.queue[0] = pending{}
-		tr.queue = tr.queue[1:]
+		p := tr.queue[tr.head]
+		tr.queue[tr.head] = pending{}
+		tr.head++
+		if tr.head == len(tr.queue) {
+			// Empty: start again at the front, keeping the array.
+			tr.queue, tr.head = tr.queue[:0], 0
+		}
 		return p
 	}
 	switch typ {
@@ -495,9 +598,9 @@ func (sess *session) backendMessage(tr *tracker, typ byte, body []byte, done []p
 		switch h.kind {
 		case pendQuery:
 			if typ == 'C' {
-				tag, _, _ := cstring(body)
-				h.q.Tag = tag
-				if r := rowsOf(tag); r >= 0 {
+				tag, _, _ := cbytes(body)
+				h.q.Tag = tr.tag(tag)
+				if r := rowsOf(h.q.Tag); r >= 0 {
 					if h.q.Rows < 0 {
 						h.q.Rows = 0
 					}
@@ -507,9 +610,9 @@ func (sess *session) backendMessage(tr *tracker, typ byte, body []byte, done []p
 		case pendExecute:
 			p := pop()
 			if typ == 'C' {
-				tag, _, _ := cstring(body)
-				p.q.Tag = tag
-				p.q.Rows = rowsOf(tag)
+				tag, _, _ := cbytes(body)
+				p.q.Tag = tr.tag(tag)
+				p.q.Rows = rowsOf(p.q.Tag)
 			}
 			if typ == 's' {
 				p.q.Tag = "suspended"
@@ -535,7 +638,7 @@ func (sess *session) backendMessage(tr *tracker, typ byte, body []byte, done []p
 		}
 	case 'Z':
 		// Everything up to the first Sync (or the simple Query) is over.
-		for len(tr.queue) > 0 {
+		for head() != nil {
 			p := pop()
 			switch p.kind {
 			case pendSync:
@@ -568,6 +671,7 @@ func (sess *session) finish(tr *tracker, done []pending) {
 			p.span.End()
 		}
 	}
+	tr.recycle(done)
 }
 
 // statementSpan starts a span for a statement when the session's trace is
@@ -577,8 +681,9 @@ func (sess *session) statementSpan(q *QueryEvent) trace.Span {
 	if !sess.span.IsRecording() {
 		return nil
 	}
-	op := operationName(q.Text)
-	text := q.Text
+	// q.Text may point into the relay buffer: the span keeps a copy.
+	text := strings.Clone(q.Text)
+	op := operationName(text)
 	if containsFold(text, "password") {
 		text = "[REDACTED: statement mentions a password]"
 	}

@@ -319,6 +319,82 @@ func (a *Audit) commit(event int, body *[]byte) error {
 	return nil
 }
 
+// commitBatch writes the lines of bodies with one write(2) (and one fsync),
+// all or none: on an error nothing of the batch is in the file. In async
+// mode it queues each.
+func (a *Audit) commitBatch(event int, bodies []*[]byte) error {
+	if a.ch != nil || len(bodies) == 1 {
+		var err error
+		for _, b := range bodies {
+			if e := a.commit(event, b); e != nil && err == nil {
+				err = e
+			}
+		}
+		return err
+	}
+	a.mu.Lock()
+	err := a.writeBatchLocked(bodies)
+	a.mu.Unlock()
+	for _, b := range bodies {
+		a.putBuf(b)
+	}
+	if err != nil {
+		return err
+	}
+	if a.metrics != nil {
+		a.metrics.auditEvents[event].Add(float64(len(bodies)))
+	}
+	return nil
+}
+
+// writeBatchLocked is writeLocked for several lines. a.mu is held.
+func (a *Audit) writeBatchLocked(bodies []*[]byte) error {
+	total := int64(0)
+	for _, b := range bodies {
+		total += int64(len(*b)) + 110
+	}
+	if a.closed || a.f == nil || a.dirty || (a.size > 0 && a.size+total > a.cfg.MaxSize) {
+		// The unusual cases (reopen, cut, rotation) go line by line.
+		for _, b := range bodies {
+			if err := a.writeLocked(b); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	out := a.getBuf()
+	defer a.putBuf(out)
+	seq, prev := a.seq, a.prev
+	for _, b := range bodies {
+		line := appendIntField(*b, "seq", seq+1)
+		line = appendKey(line, "prev_hash")
+		line = append(line, '"')
+		line = hex.AppendEncode(line, prev[:])
+		line = append(line, '"', '}')
+		prev = sha256.Sum256(line)
+		seq++
+		*b = line
+		*out = append(append(*out, line...), '\n')
+	}
+	n, err := a.f.Write(*out)
+	if err == nil && a.cfg.Durability == DurabilityFsync {
+		if err = a.f.Sync(); err != nil {
+			err = fmt.Errorf("fsync: %w", err)
+			n = len(*out)
+		}
+	}
+	if err != nil {
+		if n > 0 {
+			a.dirty = a.f.Truncate(a.size) != nil
+		}
+		return a.writeFailed(err)
+	}
+	a.size += int64(len(*out))
+	a.seq, a.prev = seq, prev
+	a.writeOK()
+	return nil
+}
+
 func (a *Audit) writeLoop() {
 	defer close(a.done)
 	for b := range a.ch {
@@ -341,21 +417,31 @@ func (a *Audit) dropped(n int) {
 // writeLocked writes one line. a.mu is held.
 func (a *Audit) writeLocked(body *[]byte) error {
 	if err := a.writeLine(body); err != nil {
-		if a.metrics != nil {
-			a.metrics.auditWriteFailures.Inc()
-		}
-		if !a.failing {
-			a.failing = true
-			a.log.Error("audit write failed; refusing new sessions and statements until it succeeds",
-				"path", a.cfg.Path, "durability", string(a.cfg.Durability), "error", err)
-		}
-		return fmt.Errorf("%w: %w", ErrAuditUnavailable, err)
+		return a.writeFailed(err)
 	}
+	a.writeOK()
+	return nil
+}
+
+// writeFailed counts and logs (once per outage) a failed write. a.mu is held.
+func (a *Audit) writeFailed(err error) error {
+	if a.metrics != nil {
+		a.metrics.auditWriteFailures.Inc()
+	}
+	if !a.failing {
+		a.failing = true
+		a.log.Error("audit write failed; refusing new sessions and statements until it succeeds",
+			"path", a.cfg.Path, "durability", string(a.cfg.Durability), "error", err)
+	}
+	return fmt.Errorf("%w: %w", ErrAuditUnavailable, err)
+}
+
+// writeOK notes a successful write. a.mu is held.
+func (a *Audit) writeOK() {
 	if a.failing {
 		a.failing = false
 		a.log.Info("audit writes succeed again", "path", a.cfg.Path, "seq", a.seq)
 	}
-	return nil
 }
 
 func (a *Audit) writeLine(body *[]byte) error {

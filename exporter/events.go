@@ -191,6 +191,21 @@ func (a *Audit) sessionEnd(now time.Time, s *broker.SessionInfo, ei int64) error
 }
 
 func (a *Audit) query(now time.Time, s *broker.SessionInfo, q *broker.QueryEvent, ei int64) error {
+	return a.commit(evQuery, a.queryLine(now, s, q, ei))
+}
+
+// queryBatch audits the statements of one client read with one write.
+func (a *Audit) queryBatch(now time.Time, s *broker.SessionInfo, qs []*broker.QueryEvent, ei int64) error {
+	var small [8]*[]byte
+	bodies := small[:0]
+	for i, q := range qs {
+		bodies = append(bodies, a.queryLine(now, s, q, ei+int64(i)))
+	}
+	return a.commitBatch(evQuery, bodies)
+}
+
+// queryLine builds a db.session.query event without its chain fields.
+func (a *Audit) queryLine(now time.Time, s *broker.SessionInfo, q *broker.QueryEvent, ei int64) *[]byte {
 	b := a.getBuf()
 	buf := header(*b, now, EventQuery, CodeQuery, s, ei, s.RequestID, &s.Identity)
 	buf = appendBoolField(buf, "success", true)
@@ -214,7 +229,7 @@ func (a *Audit) query(now time.Time, s *broker.SessionInfo, q *broker.QueryEvent
 		buf = appendStringField(buf, "portal_name", q.Portal)
 	}
 	*b = buf
-	return a.commit(evQuery, b)
+	return b
 }
 
 func (a *Audit) queryResult(now time.Time, s *broker.SessionInfo, q *broker.QueryEvent, ei, queryEI int64) error {

@@ -230,6 +230,34 @@ func (o *Observer) Query(ctx context.Context, s *broker.SessionInfo, q *broker.Q
 	return nil
 }
 
+// QueryBatch audits the statements of one client read, in order, with one
+// write to the audit file: all are durable before any is forwarded, and an
+// error means none may be.
+func (o *Observer) QueryBatch(ctx context.Context, s *broker.SessionInfo, qs []*broker.QueryEvent) error {
+	if o.audit != nil && len(qs) > 0 {
+		st := o.state(s.SessionID)
+		st.mu.Lock()
+		first := st.ei + 1
+		for _, q := range qs {
+			st.ei++
+			st.pending = append(st.pending, pendingQuery{q.Index, st.ei})
+		}
+		st.mu.Unlock()
+		if err := o.audit.queryBatch(time.Now(), s, qs, first); err != nil {
+			st.mu.Lock()
+			st.pending = st.pending[:max(0, len(st.pending)-len(qs))]
+			st.mu.Unlock()
+			o.log.ErrorContext(ctx, "statements not forwarded: audit trail unavailable",
+				append(sessionAttrs(s), "query_index", qs[0].Index, "statements", len(qs), "error", err)...)
+			return err
+		}
+	}
+	o.m.queries.Add(float64(len(qs)))
+	return nil
+}
+
+var _ broker.QueryBatcher = (*Observer)(nil)
+
 // QueryDone audits a statement's outcome.
 func (o *Observer) QueryDone(ctx context.Context, s *broker.SessionInfo, q *broker.QueryEvent) {
 	if o.audit != nil {
