@@ -7,6 +7,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/pgward/pgward/exporter/otlptest"
 	"github.com/pgward/pgward/testenv"
 )
 
@@ -56,12 +57,25 @@ func TestDemoAndAuditVerify(t *testing.T) {
 	if _, err := testenv.FindBinDir(); err != nil {
 		testenv.Require(t)
 	}
+	// With an OTLP endpoint set, the demo exports its traces.
+	rcv := otlptest.NewGRPC(t)
+	t.Setenv("OTEL_EXPORTER_OTLP_ENDPOINT", rcv.Endpoint())
+	t.Setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
 	code, out, errs := runCLI("demo", "--check")
 	if code != exitOK || !strings.Contains(out, "demo check: ok") || !strings.Contains(out, `psql "host=`) {
 		t.Fatalf("demo --check: %d\n%s\n%s", code, out, errs)
 	}
 	if !strings.Contains(out, "audit chain ok") {
 		t.Fatalf("demo did not verify its audit chain:\n%s", out)
+	}
+	var session bool
+	for _, s := range rcv.Spans() {
+		if s.Name == "pgward.session" && s.Attributes["pgward.request_id"] == s.TraceID {
+			session = true
+		}
+	}
+	if !session {
+		t.Fatalf("demo exported no pgward.session span (%d spans)", len(rcv.Spans()))
 	}
 	dir := t.TempDir()
 	if code, _, _ := runCLI("audit", "verify"); code != exitUsage {

@@ -1,0 +1,98 @@
+package agent
+
+import (
+	"context"
+	"encoding/binary"
+	"fmt"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/pgward/pgward/broker"
+	"github.com/pgward/pgward/testenv"
+)
+
+// TestCancelClientProcess is the process TestCancelFromAnotherUID runs as
+// another uid: it sends one CancelRequest and exits.
+func TestCancelClientProcess(t *testing.T) {
+	spec := os.Getenv("PGWARD_CANCEL_CLIENT")
+	if spec == "" {
+		t.Skip("the cancel client process of TestCancelFromAnotherUID")
+	}
+	f := strings.Fields(spec)
+	pid, _ := strconv.ParseUint(f[1], 10, 32)
+	key, _ := strconv.ParseUint(f[2], 10, 32)
+	c, err := net.Dial("unix", f[0])
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(2)
+	}
+	b := binary.BigEndian.AppendUint32(nil, 16)
+	b = binary.BigEndian.AppendUint32(b, 80877102)
+	b = binary.BigEndian.AppendUint32(b, uint32(pid))
+	b = binary.BigEndian.AppendUint32(b, uint32(key))
+	c.Write(b)
+	c.Read(make([]byte, 1))
+	os.Exit(0)
+}
+
+// The right key from another uid cancels nothing; from the session's own
+// uid it cancels.
+func TestCancelFromAnotherUID(t *testing.T) {
+	testenv.RequireRoot(t)
+	h := newHarness(t, nil)
+	uid := testenv.UnprivilegedIDs(t, 1)[0]
+	bin, err := trHelperBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The session must belong to a non-root uid: root may cancel anything.
+	// Run it as psql? Cancel needs the key, so use a granted uid through pgx
+	// in this process and send the foreign cancel as another uid.
+	c := h.connect(t, testenv.ScramUser, "orders")
+	key := sessionKey(t, h, c.PgConn().PID())
+	res := make(chan error, 1)
+	go func() {
+		_, err := c.Exec(context.Background(), "select pg_sleep(1)")
+		res <- err
+	}()
+	time.Sleep(200 * time.Millisecond)
+	cmd := testenv.RunAs(uid, uid, bin, "-test.run=^TestCancelClientProcess$")
+	cmd.Env = append(cmd.Env, fmt.Sprintf("PGWARD_CANCEL_CLIENT=%s %d %d", h.agent.SocketPath(), c.PgConn().PID(), key))
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("cancel client: %v %s", err, out)
+	}
+	if err := <-res; err != nil {
+		t.Fatalf("a cancel from uid %d with the right key cancelled root's query: %v", uid, err)
+	}
+	if !strings.Contains(h.logs.String(), "cancel request from another uid dropped") {
+		t.Fatal("foreign cancel not logged")
+	}
+}
+
+// sessionKey finds the cancel secret pgward handed out for a backend pid.
+func sessionKey(t *testing.T, h *harness, pid uint32) uint32 {
+	t.Helper()
+	k, ok := h.agent.Broker().CancelKeyFor(pid)
+	if !ok {
+		t.Fatalf("no session with backend pid %d", pid)
+	}
+	return k
+}
+
+func TestUpstreamUnreachable(t *testing.T) {
+	h := newHarness(t, func(h *harness, c *Config) {
+		c.Upstreams["down"] = broker.UpstreamConfig{Address: h.dir + "/nothing-listens-here.sock"}
+		c.Grants = append(c.Grants, broker.Grant{Principal: "me", Upstream: "down", Roles: []string{testenv.ScramUser}})
+		f := c.Secrets.File.Path
+		b, _ := os.ReadFile(f)
+		os.WriteFile(f, append(b, []byte("down:\n  "+testenv.ScramUser+": { password: x }\n")...), 0o600)
+	})
+	e := connectErr(t, h.dsn(testenv.ScramUser, "down"))
+	if e.Code != broker.CodeCannotConnect || !strings.Contains(e.Message, `could not connect to upstream "down"`) {
+		t.Fatalf("got %s %q", e.Code, e.Message)
+	}
+}
