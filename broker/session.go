@@ -9,6 +9,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -60,7 +61,14 @@ func (s *Server) handle(ctx context.Context, c net.Conn) {
 
 	pkt, err := s.readStartup(c)
 	if err != nil {
-		<-idc
+		r := <-idc
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			// A client that trickles its startup packet (slowloris) holds a
+			// connection slot until listen.login_timeout, never longer.
+			s.log.Warn("login timeout: closed a connection that did not finish its startup packet",
+				"timeout", st.cfg.Listen.loginTimeout(), "uid", r.id.UID, "pid", r.id.PID, "exe", r.id.Exe)
+			return
+		}
 		if errors.Is(err, errProtocol) {
 			s.log.Warn("malformed startup packet", "err", err, "remote", remoteString(c))
 			sendError(c, refuse(CodeProtocolViolation, ReasonProtocol, "invalid startup packet: "+strings.TrimPrefix(err.Error(), errProtocol.Error()+": "), ""))
