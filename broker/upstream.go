@@ -2,16 +2,19 @@ package broker
 
 import (
 	"context"
+	"crypto/md5"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
-	"strconv"
-	"strings"
+	"slices"
+	"time"
 
-	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgproto3"
 
 	"github.com/pgward/pgward/broker/secrets"
 )
@@ -97,85 +100,213 @@ var errAuthMethodRefused = errors.New("upstream asked for a refused authenticati
 // connect dials the upstream and authenticates as role with cred, forwarding
 // the allowlisted startup parameters. It owns the connection until it
 // returns it; on error nothing is left open.
+//
+// pgward speaks the startup itself (pgproto3 as the codec) rather than
+// through pgconn, so that SCRAM's PBKDF2 result can be cached per (secret,
+// salt, iterations) and reused by every later login: see scram.go. Only the
+// methods in the upstream's auth list are answered (libpq's require_auth):
+// a server that asks for anything else, or for nothing at all, is refused
+// before the secret is sent.
 func (u *upstream) connect(ctx context.Context, role string, cred secrets.Credential, params map[string]string) (*upstreamConn, error) {
 	user := cred.User
 	if user == "" {
 		user = role
 	}
-	// A fully specified connection string, so no PG* environment variable or
-	// service file of the agent's can change what is dialled.
-	cfg, err := pgconn.ParseConfig("host=/nonexistent port=5432 sslmode=disable user=x dbname=x")
-	if err != nil {
-		return nil, fmt.Errorf("upstream %s: %w", u.name, err)
-	}
-	cfg.User = user
-	cfg.Password = cred.Password.Reveal()
-	cfg.Database = u.cfg.database(u.name)
-	cfg.ConnectTimeout = u.cfg.connectTimeout()
-	cfg.RuntimeParams = params
-	cfg.Fallbacks = nil
-	cfg.RequireAuth = strings.Join(u.cfg.authMethods(), ",")
-	cfg.MaxProtocolMessageBodyLen = DefaultMaxMessageSize
-	cfg.OnNotice = nil
-	cfg.OnNotification = nil
-	cfg.TLSConfig = u.tls
-	cfg.ChannelBinding = "prefer"
-	if u.tls != nil && len(u.cfg.authMethods()) == 1 && u.cfg.authMethods()[0] == "scram-sha-256" {
-		// SCRAM over TLS: insist on SCRAM-SHA-256-PLUS, so a machine in the
-		// middle with another certificate cannot relay our exchange.
-		cfg.ChannelBinding = "require"
-	}
-	target := u.cfg.Address
 	network := "tcp"
 	if u.cfg.IsSocketPath() {
 		network = "unix"
-	} else {
-		host, port, _ := net.SplitHostPort(u.cfg.Address)
-		p, _ := strconv.ParseUint(port, 10, 16)
-		cfg.Host, cfg.Port = host, uint16(p)
 	}
-	dialer := &net.Dialer{}
-	cfg.DialFunc = func(ctx context.Context, _, _ string) (net.Conn, error) {
-		return dialer.DialContext(ctx, network, target)
+	target := u.cfg.Address
+	d := net.Dialer{}
+	raw, err := d.DialContext(ctx, network, target)
+	if err != nil {
+		return nil, fmt.Errorf("dial upstream: %w", err)
 	}
-	cfg.LookupFunc = func(ctx context.Context, host string) ([]string, error) { return []string{host}, nil }
+	ok := false
+	conn := raw
+	defer func() {
+		if !ok {
+			conn.Close()
+		}
+	}()
+	if dl, has := ctx.Deadline(); has {
+		_ = raw.SetDeadline(dl)
+	}
+	stop := context.AfterFunc(ctx, func() { _ = raw.SetDeadline(time.Unix(1, 0)) })
+	defer stop()
 
-	pc, err := pgconn.ConnectConfig(ctx, cfg)
-	if err != nil {
-		return nil, classifyConnectError(err)
+	var tlsState *tls.ConnectionState
+	if u.tls != nil {
+		tc, err := startTLS(ctx, raw, u.tls)
+		if err != nil {
+			return nil, err
+		}
+		conn = tc
+		st := tc.ConnectionState()
+		tlsState = &st
 	}
-	hc, err := pc.Hijack()
-	if err != nil {
-		pc.Close(context.Background())
-		return nil, fmt.Errorf("take over upstream connection: %w", err)
+
+	fe := pgproto3.NewFrontend(conn, conn)
+	fe.SetMaxBodyLen(DefaultMaxMessageSize)
+	sp := &pgproto3.StartupMessage{ProtocolVersion: pgproto3.ProtocolVersionNumber, Parameters: map[string]string{
+		"user": user, "database": u.cfg.database(u.name),
+	}}
+	for k, v := range params {
+		if k != "user" && k != "database" {
+			sp.Parameters[k] = v
+		}
 	}
-	return &upstreamConn{
-		conn:       hc.Conn,
-		pid:        hc.PID,
-		secretKey:  hc.SecretKey,
-		params:     hc.ParameterStatuses,
-		tls:        hc.TLSConfig != nil,
-		dialTarget: target,
-	}, nil
+	fe.Send(sp)
+	if err := fe.Flush(); err != nil {
+		return nil, fmt.Errorf("send startup message: %w", err)
+	}
+	methods := u.cfg.authMethods()
+	allowed := func(m string) bool { return slices.Contains(methods, m) }
+	requireCB := tlsState != nil && len(methods) == 1 && methods[0] == "scram-sha-256"
+	password := cred.Password.Reveal()
+	uc := &upstreamConn{params: map[string]string{}, tls: tlsState != nil, dialTarget: target}
+	asked := false         // the server asked for a password in some form
+	authenticated := false // AuthenticationOk seen
+	var sc *scramClient
+	for {
+		msg, err := fe.Receive()
+		if err != nil {
+			return nil, fmt.Errorf("read from upstream during startup: %w", err)
+		}
+		switch m := msg.(type) {
+		case *pgproto3.AuthenticationCleartextPassword:
+			if !allowed("password") || asked {
+				return nil, fmt.Errorf("%w: cleartext password (auth: %v)", errAuthMethodRefused, methods)
+			}
+			asked = true
+			fe.Send(&pgproto3.PasswordMessage{Password: password})
+		case *pgproto3.AuthenticationMD5Password:
+			if !allowed("md5") || asked {
+				return nil, fmt.Errorf("%w: md5 (auth: %v)", errAuthMethodRefused, methods)
+			}
+			asked = true
+			fe.Send(&pgproto3.PasswordMessage{Password: md5Password(user, password, m.Salt)})
+		case *pgproto3.AuthenticationSASL:
+			if !allowed("scram-sha-256") || asked {
+				return nil, fmt.Errorf("%w: SASL (auth: %v)", errAuthMethodRefused, methods)
+			}
+			asked = true
+			plus := tlsState != nil && slices.Contains(m.AuthMechanisms, scramMechPlus)
+			if !plus && !slices.Contains(m.AuthMechanisms, scramMech) {
+				return nil, fmt.Errorf("%w: SASL mechanisms %v", errAuthMethodRefused, m.AuthMechanisms)
+			}
+			if requireCB && !plus {
+				return nil, fmt.Errorf("%w: server did not offer channel binding (SCRAM-SHA-256-PLUS) over TLS", errAuthMethodRefused)
+			}
+			var cb []byte
+			if plus {
+				if len(tlsState.PeerCertificates) == 0 {
+					return nil, fmt.Errorf("%w: no server certificate for channel binding", errAuthMethodRefused)
+				}
+				if cb, err = tlsServerEndPoint(tlsState.PeerCertificates[0]); err != nil {
+					if requireCB {
+						return nil, fmt.Errorf("%w: %w", errAuthMethodRefused, err)
+					}
+					plus = false
+				}
+			}
+			if sc, err = newSCRAMClient(password, plus, cb, tlsState != nil); err != nil {
+				return nil, err
+			}
+			mech := scramMech
+			if plus {
+				mech = scramMechPlus
+			}
+			fe.Send(&pgproto3.SASLInitialResponse{AuthMechanism: mech, Data: sc.first()})
+		case *pgproto3.AuthenticationSASLContinue:
+			if sc == nil || sc.authMessage != nil {
+				return nil, fmt.Errorf("%w: unexpected SASLContinue", errProtocol)
+			}
+			final, err := sc.final(m.Data)
+			if err != nil {
+				return nil, err
+			}
+			fe.Send(&pgproto3.SASLResponse{Data: final})
+		case *pgproto3.AuthenticationSASLFinal:
+			if sc == nil || sc.authMessage == nil {
+				return nil, fmt.Errorf("%w: unexpected SASLFinal", errProtocol)
+			}
+			if err := sc.verify(m.Data); err != nil {
+				return nil, fmt.Errorf("%w: %w", errAuthMethodRefused, err)
+			}
+			sc.verified = true
+			continue
+		case *pgproto3.AuthenticationOk:
+			switch {
+			case !asked:
+				// The server asked for no authentication: require_auth
+				// (our auth list) has no "none".
+				return nil, fmt.Errorf("%w: server requested no authentication", errAuthMethodRefused)
+			case sc != nil && !sc.verified:
+				// SCRAM must end with the server's proof (SASLFinal).
+				return nil, fmt.Errorf("%w: AuthenticationOk before the server proved itself", errAuthMethodRefused)
+			}
+			authenticated = true
+			continue
+		case *pgproto3.ParameterStatus:
+			uc.params[m.Name] = m.Value
+			continue
+		case *pgproto3.BackendKeyData:
+			uc.pid, uc.secretKey = m.ProcessID, append([]byte(nil), m.SecretKey...)
+			continue
+		case *pgproto3.ReadyForQuery:
+			if !authenticated {
+				return nil, fmt.Errorf("%w: ReadyForQuery before authentication", errProtocol)
+			}
+			ok = true
+			uc.conn = conn
+			_ = conn.SetDeadline(time.Time{})
+			return uc, nil
+		case *pgproto3.ErrorResponse:
+			switch m.Code {
+			case "28P01", "28000":
+				return nil, fmt.Errorf("%w (SQLSTATE %s)", errUpstreamRejected, m.Code)
+			}
+			return nil, fmt.Errorf("upstream refused the connection (SQLSTATE %s)", m.Code)
+		case *pgproto3.NoticeResponse, *pgproto3.NegotiateProtocolVersion:
+			continue
+		default:
+			return nil, fmt.Errorf("%w: unexpected %T during startup", errProtocol, msg)
+		}
+		if err := fe.Flush(); err != nil {
+			return nil, fmt.Errorf("send to upstream during startup: %w", err)
+		}
+	}
 }
 
-// classifyConnectError turns pgconn's error into one of ours without its
-// text, which could name the server's internals. The wrapped cause is kept for
-// the log, never for the client.
-func classifyConnectError(err error) error {
-	var pgErr *pgconn.PgError
-	if errors.As(err, &pgErr) {
-		switch pgErr.Code {
-		case "28P01", "28000":
-			return fmt.Errorf("%w (SQLSTATE %s)", errUpstreamRejected, pgErr.Code)
-		}
-		return fmt.Errorf("upstream refused the connection (SQLSTATE %s)", pgErr.Code)
+// startTLS asks the server for TLS (SSLRequest) and runs the handshake. The
+// server's answer is read one byte alone, so bytes a machine in the middle
+// injects after it cannot end up inside the TLS session (CVE-2021-23222).
+func startTLS(ctx context.Context, c net.Conn, cfg *tls.Config) (*tls.Conn, error) {
+	req := appendUint32(appendUint32(nil, 8), 80877103)
+	if _, err := c.Write(req); err != nil {
+		return nil, fmt.Errorf("send SSLRequest: %w", err)
 	}
-	msg := err.Error()
-	if strings.Contains(msg, "require_auth") || strings.Contains(msg, "channel binding") {
-		return fmt.Errorf("%w: %s", errAuthMethodRefused, msg)
+	var b [1]byte
+	if _, err := io.ReadFull(c, b[:]); err != nil {
+		return nil, fmt.Errorf("read SSLRequest answer: %w", err)
 	}
-	return fmt.Errorf("dial upstream: %w", err)
+	if b[0] != 'S' {
+		return nil, errors.New("upstream refused TLS")
+	}
+	tc := tls.Client(c, cfg)
+	if err := tc.HandshakeContext(ctx); err != nil {
+		return nil, fmt.Errorf("tls handshake with upstream: %w", err)
+	}
+	return tc, nil
+}
+
+// md5Password is PostgreSQL's md5 password response.
+func md5Password(user, password string, salt [4]byte) string {
+	inner := md5.Sum([]byte(password + user))
+	h := hex.EncodeToString(inner[:])
+	outer := md5.Sum(append([]byte(h), salt[:]...))
+	return "md5" + hex.EncodeToString(outer[:])
 }
 
 // cancel sends a CancelRequest for the upstream backend. Like libpq it does

@@ -1,6 +1,12 @@
-// Command pgward-bench runs pgbench against a private Postgres directly and
-// through an in-process pgward, interleaved in the same run, and prints the
-// figures side by side. It is what `make bench` runs.
+// Command pgward-bench runs pgbench against a private Postgres directly,
+// through pgward, through a minimal byte relay and through PgBouncer
+// (session mode, when installed), interleaved in the same run, and prints
+// the medians side by side. It is what `make bench` runs.
+//
+// pgward and the relay each run in a process of their own (this binary,
+// re-executed), so each pays the same process boundary and the CPU and RSS
+// figures are theirs alone. pgward runs with audit durability "write" and
+// parameters "full".
 package main
 
 import (
@@ -9,29 +15,40 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"os/exec"
+	"os/signal"
+	"os/user"
 	"path/filepath"
 	"regexp"
+	"runtime"
+	"runtime/pprof"
 	"sort"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
 	"github.com/pgward/pgward/agent"
-	"github.com/pgward/pgward/broker"
-	"github.com/pgward/pgward/broker/secrets"
-	"github.com/pgward/pgward/exporter"
 	"github.com/pgward/pgward/testenv"
 )
 
 func main() {
-	duration := flag.Duration("duration", 10*time.Second, "length of each pgbench run")
+	switch os.Getenv("PGWARD_BENCH_ROLE") {
+	case "agent":
+		os.Exit(runAgent(os.Args[1]))
+	case "relay":
+		os.Exit(runRelay(os.Args[1], os.Args[2]))
+	}
+	duration := flag.Duration("duration", 7*time.Second, "length of each pgbench run")
 	rounds := flag.Int("rounds", 3, "interleaved rounds per configuration (the median is reported)")
 	clients := flag.Int("clients", 8, "pgbench clients")
 	scale := flag.Int("scale", 10, "pgbench scale")
+	only := flag.String("workloads", "", "comma-separated subset of workloads: simple,extended,prepared,tpcb,connect")
+	cpuprofile := flag.String("cpuprofile", "", "write a CPU profile of the pgward process to this file")
 	flag.Parse()
-	if err := run(*duration, *rounds, *clients, *scale); err != nil {
+	if err := run(*duration, *rounds, *clients, *scale, *only, *cpuprofile); err != nil {
 		fmt.Fprintln(os.Stderr, "pgward-bench:", err)
 		os.Exit(1)
 	}
@@ -39,13 +56,34 @@ func main() {
 
 type result struct{ tps, latencyMS float64 }
 
-func run(duration time.Duration, rounds, clients, scale int) error {
+type workload struct {
+	name, key string
+	args      []string
+	stmts     float64 // statements per transaction
+}
+
+var workloads = []workload{
+	{"select-only simple", "simple", []string{"-S", "-M", "simple"}, 1},
+	{"select-only extended", "extended", []string{"-S", "-M", "extended"}, 1},
+	{"select-only prepared", "prepared", []string{"-S", "-M", "prepared"}, 1},
+	{"tpc-b-like", "tpcb", []string{"-M", "prepared"}, 7},
+	{"connect/tx (-C -S)", "connect", []string{"-S", "-C", "-M", "simple"}, 1},
+}
+
+type target struct {
+	name, host, db string
+	port           int
+	env            []string
+	pid            int // the process whose CPU is counted, 0 for none
+}
+
+func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile string) error {
 	ctx := context.Background()
 	if _, err := exec.LookPath("pgbench"); err != nil {
 		return fmt.Errorf("pgbench not found: apt-get install -y postgresql-contrib")
 	}
 	fmt.Fprintln(os.Stderr, "starting a private PostgreSQL…")
-	pg, err := testenv.StartPostgres(ctx, testenv.Options{MaxConnections: 100})
+	pg, err := testenv.StartPostgres(ctx, testenv.Options{MaxConnections: 200})
 	if err != nil {
 		return err
 	}
@@ -62,88 +100,318 @@ func run(duration time.Duration, rounds, clients, scale int) error {
 		return err
 	}
 	defer os.RemoveAll(dir)
-	secretsPath := filepath.Join(dir, "secrets.yaml")
-	if err := os.WriteFile(secretsPath, []byte(fmt.Sprintf("bench:\n  %s: { password: %s }\n", testenv.ScramUser, testenv.ScramPassword)), 0o600); err != nil {
+	if err := os.Chmod(dir, 0o755); err != nil {
 		return err
 	}
-	cfg := &agent.Config{
-		Config: broker.Config{
-			Listen:     broker.ListenConfig{UnixDir: dir, Port: 5432},
-			Upstreams:  map[string]broker.UpstreamConfig{"bench": {Address: pg.SocketPath(), Database: testenv.Database}},
-			Principals: map[string]broker.Principal{"bench": {Match: broker.Selectors{UID: []uint32{uint32(os.Getuid())}}}},
-			Grants:     []broker.Grant{{Principal: "bench", Upstream: "bench", Roles: []string{testenv.ScramUser}}},
-		},
-		Secrets: agent.SecretsConfig{Backend: "file", File: secrets.FileConfig{Path: secretsPath}},
-		Audit:   exporter.AuditConfig{Path: filepath.Join(dir, "audit.jsonl"), Durability: exporter.DurabilityWrite, Parameters: exporter.ParamsFull, MaxSize: 256 << 20, MaxFiles: 2},
-		EBPF:    agent.EBPFConfig{Enabled: "false"},
-	}
-	a, err := agent.New(ctx, agent.Options{Config: cfg, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	pw := []string{"PGPASSWORD=" + testenv.ScramPassword}
+	targets := []target{{name: "direct", host: pg.SocketDir, db: testenv.Database, port: pg.Port, env: pw}}
+
+	// The minimal relay: bytes both ways, no parsing.
+	relayDir := filepath.Join(dir, "relay")
+	_ = os.Mkdir(relayDir, 0o755)
+	relay, err := startChild("relay", nil, filepath.Join(relayDir, ".s.PGSQL.5432"), pg.SocketPath())
 	if err != nil {
 		return err
 	}
-	actx, stop := context.WithCancel(ctx)
-	done := make(chan error, 1)
-	go func() { done <- a.Run(actx) }()
-	defer func() { stop(); <-done }()
+	defer stopChild(relay)
+	targets = append(targets, target{name: "relay", host: relayDir, db: testenv.Database, port: 5432, env: pw, pid: relay.Process.Pid})
 
-	type target struct {
-		name, host, db string
-		port           int
-		env            []string
+	// pgward in its own process.
+	cfgPath := filepath.Join(dir, "pgward.yaml")
+	if err := writeAgentConfig(dir, cfgPath, pg); err != nil {
+		return err
 	}
-	targets := []target{
-		{"direct", pg.SocketDir, testenv.Database, pg.Port, []string{"PGPASSWORD=" + testenv.ScramPassword}},
-		{"pgward", dir, "bench", 5432, nil},
+	var env []string
+	if cpuprofile != "" {
+		abs, _ := filepath.Abs(cpuprofile)
+		env = append(env, "PGWARD_BENCH_CPUPROFILE="+abs)
 	}
-	modes := []struct{ name, arg string }{{"select-only simple", "simple"}, {"select-only extended", "extended"}, {"select-only prepared", "prepared"}}
+	pgw, err := startChild("agent", env, cfgPath)
+	if err != nil {
+		return err
+	}
+	defer stopChild(pgw)
+	if err := waitSocket(filepath.Join(dir, ".s.PGSQL.5432")); err != nil {
+		return fmt.Errorf("pgward did not start: %w", err)
+	}
+	targets = append(targets, target{name: "pgward", host: dir, db: "bench", port: 5432, pid: pgw.Process.Pid})
+
+	// PgBouncer, session mode, SCRAM to the client and the server.
+	if bouncer, bdir, err := startPgBouncer(dir, pg); err != nil {
+		fmt.Fprintln(os.Stderr, "PgBouncer skipped:", err)
+	} else {
+		defer stopChild(bouncer)
+		targets = append(targets, target{name: "pgbouncer", host: bdir, db: "bench", port: 6432, env: pw, pid: bouncer.Process.Pid})
+	}
+
+	var wls []workload
+	for _, w := range workloads {
+		if only == "" || strings.Contains(","+only+",", ","+w.key+",") {
+			wls = append(wls, w)
+		}
+	}
 	results := map[string][]result{}
-	var cpu time.Duration
-	var pgwardQueries float64
+	cpu := map[string]time.Duration{}
+	stmts := map[string]float64{}
 	for r := 0; r < rounds; r++ {
-		for _, m := range modes {
+		for _, w := range wls {
 			for _, t := range targets {
-				before := cpuTime()
-				res, err := pgbench(t.host, t.port, t.db, t.env, m.arg, clients, duration)
+				before := procCPU(t.pid)
+				res, err := pgbench(t, w, clients, duration)
 				if err != nil {
-					return fmt.Errorf("%s %s: %w", m.name, t.name, err)
+					return fmt.Errorf("%s %s: %w", w.name, t.name, err)
 				}
-				if t.name == "pgward" {
-					cpu += cpuTime() - before
-					pgwardQueries += res.tps * duration.Seconds()
-				}
-				key := m.name + "|" + t.name
+				key := w.name + "|" + t.name
+				cpu[key] += procCPU(t.pid) - before
+				stmts[key] += res.tps * duration.Seconds() * w.stmts
 				results[key] = append(results[key], res)
-				fmt.Fprintf(os.Stderr, "round %d/%d %-22s %-7s %10.0f tps\n", r+1, rounds, m.name, t.name, res.tps)
+				fmt.Fprintf(os.Stderr, "round %d/%d %-22s %-9s %9.0f tps\n", r+1, rounds, w.name, t.name, res.tps)
 			}
 		}
 	}
-	fmt.Printf("\npgbench -S, %d clients, %s × %d interleaved rounds (median), scale %d, on %d cores\n\n", clients, duration, rounds, scale, numCPU())
-	fmt.Printf("%-22s %-8s %12s %12s %10s\n", "workload", "path", "tps", "latency ms", "vs direct")
-	for _, m := range modes {
-		direct := median(results[m.name+"|direct"])
+	fmt.Printf("\npgbench, %d clients, %s × %d interleaved rounds (median), scale %d, Unix sockets, %d CPUs, PostgreSQL %s\n",
+		clients, duration, rounds, scale, runtime.NumCPU(), pgVersion())
+	fmt.Printf("pgward: separate process, audit durability=write parameters=full; relay: separate process, 32 KiB copy loop; pgbouncer: pool_mode=session, auth_type=scram-sha-256\n\n")
+	fmt.Printf("%-22s %-10s %10s %11s %9s %9s %16s\n", "workload", "path", "tps", "latency ms", "vs direct", "vs relay", "CPU s/100k stmt")
+	for _, w := range wls {
+		direct := median(results[w.name+"|direct"])
+		relayRes := median(results[w.name+"|relay"])
 		for _, t := range targets {
-			med := median(results[m.name+"|"+t.name])
-			fmt.Printf("%-22s %-8s %12.0f %12.3f %9.2fx\n", m.name, t.name, med.tps, med.latencyMS, med.tps/direct.tps)
+			key := w.name + "|" + t.name
+			med := median(results[key])
+			c := "-"
+			if t.pid != 0 && stmts[key] > 0 {
+				c = fmt.Sprintf("%.2f", cpu[key].Seconds()/stmts[key]*100000)
+			}
+			fmt.Printf("%-22s %-10s %10.0f %11.3f %8.2fx %8.2fx %16s\n", w.name, t.name, med.tps, med.latencyMS, med.tps/direct.tps, med.tps/relayRes.tps, c)
 		}
 	}
-	if pgwardQueries > 0 {
-		fmt.Printf("\npgward CPU: %.2f s per 100k queries (in-process, audit write, parameters full)\n", cpu.Seconds()/pgwardQueries*100000)
+	rss, hwm := procRSS(pgw.Process.Pid)
+	fmt.Printf("\npgward process: RSS %d KiB now, %d KiB peak\n", rss, hwm)
+	if cpuprofile != "" {
+		stopChild(pgw)
+		fmt.Printf("CPU profile of pgward: %s (go tool pprof -top %s)\n", cpuprofile, cpuprofile)
 	}
-	var ru syscall.Rusage
-	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
-	fmt.Printf("max RSS of the bench process (pgward inside): %d MiB\n", ru.Maxrss/1024)
 	return nil
 }
 
+func writeAgentConfig(dir, path string, pg *testenv.Postgres) error {
+	secretsPath := filepath.Join(dir, "secrets.yaml")
+	if err := os.WriteFile(secretsPath, fmt.Appendf(nil, "bench:\n  %s: { password: %q }\n", testenv.ScramUser, testenv.ScramPassword), 0o600); err != nil {
+		return err
+	}
+	cfg := fmt.Sprintf(`listen: { unix_dir: %q, port: 5432 }
+upstreams:
+  bench: { address: %q, database: %q }
+secrets: { backend: file, file: { path: %q } }
+principals:
+  bench: { match: { uid: [%d] } }
+grants:
+  - { principal: bench, upstream: bench, roles: [%s] }
+limits: { auth_rate: 0, sessions_per_principal: 10000 }
+audit: { path: %q, durability: write, parameters: full, max_size: 268435456, max_files: 2 }
+ebpf: { enabled: "false" }
+`, dir, pg.SocketPath(), testenv.Database, secretsPath, os.Getuid(), testenv.ScramUser, filepath.Join(dir, "audit.jsonl"))
+	return os.WriteFile(path, []byte(cfg), 0o600)
+}
+
+// runAgent is the pgward child: the agent with the config at path until SIGTERM.
+func runAgent(path string) int {
+	if p := os.Getenv("PGWARD_BENCH_CPUPROFILE"); p != "" {
+		f, err := os.Create(p)
+		if err == nil {
+			_ = pprof.StartCPUProfile(f)
+			defer func() { pprof.StopCPUProfile(); f.Close() }()
+		}
+	}
+	cfg, err := agent.LoadConfig(path)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "agent config:", err)
+		return 1
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
+	defer stop()
+	a, err := agent.New(ctx, agent.Options{Config: cfg, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "agent:", err)
+		return 1
+	}
+	if err := a.Run(ctx); err != nil {
+		fmt.Fprintln(os.Stderr, "agent:", err)
+		return 1
+	}
+	return 0
+}
+
+// runRelay is the minimal relay child: every connection to listen is
+// copied byte for byte to and from a new connection to upstream, with a
+// 32 KiB buffer each way (what any userspace relay pays, and no more).
+func runRelay(listen, upstream string) int {
+	ln, err := net.Listen("unix", listen)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "relay:", err)
+		return 1
+	}
+	_ = os.Chmod(listen, 0o777)
+	go func() {
+		ch := make(chan os.Signal, 1)
+		signal.Notify(ch, syscall.SIGTERM)
+		<-ch
+		ln.Close()
+	}()
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return 0
+		}
+		go func() {
+			defer c.Close()
+			u, err := net.Dial("unix", upstream)
+			if err != nil {
+				return
+			}
+			defer u.Close()
+			done := make(chan struct{})
+			go func() {
+				copyBuf(u, c)
+				u.(*net.UnixConn).CloseWrite()
+				close(done)
+			}()
+			copyBuf(c, u)
+			<-done
+		}()
+	}
+}
+
+func copyBuf(dst, src net.Conn) {
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := src.Read(buf)
+		if n > 0 {
+			if _, werr := dst.Write(buf[:n]); werr != nil {
+				return
+			}
+		}
+		if err != nil {
+			return
+		}
+	}
+}
+
+func startChild(role string, env []string, args ...string) (*exec.Cmd, error) {
+	self, err := os.Executable()
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(self, args...)
+	cmd.Env = append(append(os.Environ(), "PGWARD_BENCH_ROLE="+role), env...)
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		return nil, err
+	}
+	if role == "relay" {
+		if err := waitSocket(args[0]); err != nil {
+			return nil, err
+		}
+	}
+	return cmd, nil
+}
+
+func stopChild(cmd *exec.Cmd) {
+	if cmd.ProcessState != nil {
+		return
+	}
+	_ = cmd.Process.Signal(syscall.SIGTERM)
+	done := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(15 * time.Second):
+		_ = cmd.Process.Kill()
+		<-done
+	}
+}
+
+func waitSocket(path string) error {
+	for i := 0; i < 300; i++ {
+		if c, err := net.Dial("unix", path); err == nil {
+			c.Close()
+			return nil
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	return fmt.Errorf("no socket %s", path)
+}
+
+// startPgBouncer runs PgBouncer in session mode as the test Postgres's
+// account (it refuses to run as root), SCRAM both ways with the password
+// in its auth file.
+func startPgBouncer(dir string, pg *testenv.Postgres) (*exec.Cmd, string, error) {
+	bin, err := exec.LookPath("pgbouncer")
+	if err != nil {
+		return nil, "", fmt.Errorf("pgbouncer not installed (apt-get install pgbouncer; make deps)")
+	}
+	bdir := filepath.Join(dir, "bouncer")
+	if err := os.Mkdir(bdir, 0o755); err != nil {
+		return nil, "", err
+	}
+	uid, gid := uint32(os.Getuid()), uint32(os.Getgid())
+	if os.Geteuid() == 0 {
+		u, err := user.Lookup(testenv.ServerUserName)
+		if err != nil {
+			return nil, "", err
+		}
+		id, _ := strconv.Atoi(u.Uid)
+		g, _ := strconv.Atoi(u.Gid)
+		uid, gid = uint32(id), uint32(g)
+	}
+	ini := fmt.Sprintf(`[databases]
+bench = host=%s port=%d dbname=%s
+[pgbouncer]
+listen_addr =
+listen_port = 6432
+unix_socket_dir = %s
+auth_type = scram-sha-256
+auth_file = %s/userlist.txt
+pool_mode = session
+max_client_conn = 500
+default_pool_size = 100
+logfile = %s/pgbouncer.log
+pidfile = %s/pgbouncer.pid
+log_connections = 0
+log_disconnections = 0
+`, pg.SocketDir, pg.Port, testenv.Database, bdir, bdir, bdir, bdir)
+	files := map[string]string{"pgbouncer.ini": ini, "userlist.txt": fmt.Sprintf("%q %q\n", testenv.ScramUser, testenv.ScramPassword)}
+	for name, body := range files {
+		p := filepath.Join(bdir, name)
+		if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
+			return nil, "", err
+		}
+		_ = os.Chown(p, int(uid), int(gid))
+	}
+	_ = os.Chown(bdir, int(uid), int(gid))
+	cmd := testenv.RunAs(uid, gid, bin, "-q", filepath.Join(bdir, "pgbouncer.ini"))
+	if err := cmd.Start(); err != nil {
+		return nil, "", err
+	}
+	if err := waitSocket(filepath.Join(bdir, ".s.PGSQL.6432")); err != nil {
+		stopChild(cmd)
+		return nil, "", err
+	}
+	return cmd, bdir, nil
+}
+
 var (
-	tpsRe = regexp.MustCompile(`tps = ([0-9.]+) \(without initial`)
+	tpsRe = regexp.MustCompile(`tps = ([0-9.]+) \((without initial|including reconnection)`)
 	latRe = regexp.MustCompile(`latency average = ([0-9.]+) ms`)
 )
 
-func pgbench(host string, port int, db string, env []string, mode string, clients int, d time.Duration) (result, error) {
-	cmd := exec.Command("pgbench", "-n", "-S", "-M", mode, "-c", strconv.Itoa(clients), "-j", "2",
-		"-T", strconv.Itoa(int(d.Seconds())), "-h", host, "-p", strconv.Itoa(port), "-U", testenv.ScramUser, db)
-	cmd.Env = append(os.Environ(), env...)
+func pgbench(t target, w workload, clients int, d time.Duration) (result, error) {
+	args := append([]string{"-n"}, w.args...)
+	args = append(args, "-c", strconv.Itoa(clients), "-j", "2", "-T", strconv.Itoa(int(d.Seconds())),
+		"-h", t.host, "-p", strconv.Itoa(t.port), "-U", testenv.ScramUser, t.db)
+	cmd := exec.Command("pgbench", args...)
+	cmd.Env = append(os.Environ(), t.env...)
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		return result{}, fmt.Errorf("%v\n%s", err, out)
@@ -159,23 +427,52 @@ func pgbench(host string, port int, db string, env []string, mode string, client
 }
 
 func median(rs []result) result {
+	if len(rs) == 0 {
+		return result{tps: 1}
+	}
 	s := append([]result(nil), rs...)
 	sort.Slice(s, func(i, j int) bool { return s[i].tps < s[j].tps })
 	return s[len(s)/2]
 }
 
-func cpuTime() time.Duration {
-	var ru syscall.Rusage
-	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+// procCPU is the user+system CPU time of process pid (0: none).
+func procCPU(pid int) time.Duration {
+	if pid == 0 {
+		return 0
+	}
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	s := string(b)
+	f := strings.Fields(s[strings.LastIndexByte(s, ')')+2:])
+	ut, _ := strconv.ParseInt(f[11], 10, 64)
+	st, _ := strconv.ParseInt(f[12], 10, 64)
+	return time.Duration(ut+st) * time.Second / 100 // USER_HZ
 }
 
-func numCPU() int {
-	n := 0
-	b, _ := os.ReadFile("/proc/cpuinfo")
-	for _, l := range regexp.MustCompile(`(?m)^processor`).FindAll(b, -1) {
-		_ = l
-		n++
+// procRSS is VmRSS and VmHWM of pid in KiB.
+func procRSS(pid int) (rss, hwm int64) {
+	b, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	for _, l := range strings.Split(string(b), "\n") {
+		f := strings.Fields(l)
+		if len(f) >= 2 {
+			switch f[0] {
+			case "VmRSS:":
+				rss, _ = strconv.ParseInt(f[1], 10, 64)
+			case "VmHWM:":
+				hwm, _ = strconv.ParseInt(f[1], 10, 64)
+			}
+		}
 	}
-	return n
+	return rss, hwm
+}
+
+func pgVersion() string {
+	out, err := exec.Command("pgbench", "--version").Output()
+	if err != nil {
+		return "?"
+	}
+	f := strings.Fields(string(out))
+	return f[len(f)-1]
 }
