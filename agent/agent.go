@@ -13,6 +13,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"go.opentelemetry.io/otel/trace"
+	"k8s.io/client-go/kubernetes"
 
 	"github.com/pgward/pgward/broker"
 	"github.com/pgward/pgward/broker/secrets"
@@ -26,6 +27,12 @@ type Options struct {
 	Logger     *slog.Logger
 	// TracerProvider for the session traces; nil mints ids without exporting.
 	TracerProvider trace.TracerProvider
+	// Notifier tells systemd about readiness, draining, reloads and
+	// liveness (Type=notify); nil when not run by systemd.
+	Notifier *Notifier
+	// KubeClient is used for pod identity instead of the one
+	// kubernetes.kubeconfig (or the in-cluster service account) gives; for tests.
+	KubeClient kubernetes.Interface
 }
 
 // Agent is the node agent: broker, identity, secrets, audit, metrics and
@@ -47,6 +54,8 @@ type Agent struct {
 	metricsLn net.Listener
 	httpSrv   *http.Server
 	ebpf      *ebpfState
+	notify    *Notifier
+	pods      *PodIndex // nil unless kubernetes.enabled
 
 	mu     sync.Mutex
 	closed bool
@@ -62,7 +71,7 @@ func New(ctx context.Context, opts Options) (a *Agent, err error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	a = &Agent{log: log, cfg: opts.Config, cfgPath: opts.ConfigPath}
+	a = &Agent{log: log, cfg: opts.Config, cfgPath: opts.ConfigPath, notify: opts.Notifier}
 	defer func() {
 		if err != nil {
 			a.closeAll()
@@ -89,6 +98,9 @@ func New(ctx context.Context, opts Options) (a *Agent, err error) {
 	}
 
 	a.resolver = &Resolver{RequireEBPF: cfg.Identity.RequireEBPF}
+	if err := a.startKubernetes(opts.KubeClient); err != nil {
+		return nil, err
+	}
 	if err := a.startEBPF(ctx); err != nil {
 		return nil, err
 	}
@@ -216,6 +228,9 @@ func (a *Agent) ready() (bool, string) {
 	if a.broker.Draining() {
 		return false, "draining"
 	}
+	if a.pods != nil && !a.pods.Synced() {
+		return false, "kubernetes: the node's pod list is not synced yet"
+	}
 	if a.ebpf == nil || a.ebpf.tracker == nil {
 		return true, "ebpf: not attached (peer credentials only)"
 	}
@@ -268,6 +283,14 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.ebpf.run(serveCtx)
 	}
 	a.log.Info("pgward agent ready", "socket", a.SocketPath(), "metrics", a.cfg.Metrics.Listen, "tcp", a.cfg.Listen.TCP)
+	a.sdNotify("READY=1", "STATUS=serving on "+a.SocketPath())
+	wdCtx, stopWatchdog := context.WithCancel(context.Background())
+	wdDone := make(chan struct{})
+	go func() {
+		defer close(wdDone)
+		a.notify.runWatchdog(wdCtx, func(err error) { a.log.Warn("systemd watchdog keep-alive failed", "err", err) })
+	}()
+	defer func() { stopWatchdog(); <-wdDone }()
 	var runErr error
 	select {
 	case <-ctx.Done():
@@ -279,6 +302,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	}
 	grace := a.cfg.Shutdown.GraceOrDefault()
 	a.log.Info("draining sessions", "grace", grace, "sessions", a.broker.ActiveSessions())
+	a.sdNotify("STOPPING=1", fmt.Sprintf("STATUS=draining %d sessions for up to %s", a.broker.ActiveSessions(), grace))
 	dctx, cancel := context.WithTimeout(context.Background(), grace)
 	err := a.broker.Shutdown(dctx)
 	cancel()
@@ -300,6 +324,10 @@ func (a *Agent) Reload() error {
 	if a.cfgPath == "" {
 		return errors.New("reload: the agent was not started from a file")
 	}
+	// Type=notify units may tell systemd a reload is under way; READY=1
+	// ends it whatever the outcome (the old configuration keeps serving).
+	a.sdNotify("RELOADING=1", "STATUS=reloading "+a.cfgPath)
+	defer a.sdNotify("READY=1", "STATUS=serving on "+a.SocketPath())
 	cfg, err := LoadConfig(a.cfgPath)
 	if err != nil {
 		return err
@@ -307,6 +335,10 @@ func (a *Agent) Reload() error {
 	if cfg.Listen != a.cfg.Listen {
 		a.log.Warn("reload: listen settings changed; they take effect at restart")
 		cfg.Listen = a.cfg.Listen
+	}
+	if cfg.Kubernetes != a.cfg.Kubernetes {
+		a.log.Warn("reload: kubernetes settings changed; they take effect at restart")
+		cfg.Kubernetes = a.cfg.Kubernetes
 	}
 	if err := a.broker.Reload(cfg.Config); err != nil {
 		return err
@@ -319,6 +351,13 @@ func (a *Agent) Reload() error {
 	a.cfg = cfg
 	a.log.Info("configuration reloaded", "path", a.cfgPath)
 	return nil
+}
+
+// sdNotify tells systemd about a state change; failures are logged, never fatal.
+func (a *Agent) sdNotify(state ...string) {
+	if err := a.notify.Notify(state...); err != nil {
+		a.log.Warn("systemd notification failed", "state", state[0], "err", err)
+	}
 }
 
 // Close stops everything at once. It is idempotent.

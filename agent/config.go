@@ -30,6 +30,8 @@ type Config struct {
 	Metrics  MetricsConfig        `yaml:"metrics"`
 	EBPF     EBPFConfig           `yaml:"ebpf"`
 	Shutdown ShutdownConfig       `yaml:"shutdown"`
+	// Kubernetes maps callers' containers to their pods (kubernetes.go).
+	Kubernetes KubernetesConfig `yaml:"kubernetes"`
 }
 
 // SecretsConfig chooses and configures the secrets backend.
@@ -210,6 +212,7 @@ func (c *Config) Validate() error {
 	if c.Shutdown.Grace < 0 {
 		fe("shutdown.grace", "must not be negative")
 	}
+	errs = append(errs, c.validateKubernetes()...)
 	return errors.Join(errs...)
 }
 

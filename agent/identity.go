@@ -41,6 +41,8 @@ type Resolver struct {
 	ProcRoot    string   // default /proc
 	Attester    Attester // nil: peer credentials only
 	RequireEBPF bool     // refuse connections without a matching eBPF record
+	// Pods maps a container id to its Kubernetes pod; nil: no pod identity.
+	Pods PodLookup
 
 	users sync.Map // uid → name
 }
@@ -128,7 +130,10 @@ func (r *Resolver) fillFromProc(id *broker.Identity, pidfd int) bool {
 		if pidfd < 0 {
 			return true
 		}
-		return unix.PidfdSendSignal(pidfd, 0, nil, 0) == nil
+		// Signal 0 checks existence: ESRCH once the process has exited.
+		// EPERM (a process of another uid, and no CAP_KILL) means it lives.
+		err := unix.PidfdSendSignal(pidfd, 0, nil, 0)
+		return err == nil || errors.Is(err, unix.EPERM)
 	}
 	if !alive() {
 		return false
@@ -151,6 +156,11 @@ func (r *Resolver) fillFromProc(id *broker.Identity, pidfd int) bool {
 		id.Cgroup = CgroupPath(b)
 		id.SystemdUnit = SystemdUnit(id.Cgroup)
 		id.ContainerID = ContainerID(id.Cgroup)
+	}
+	if r.Pods != nil && id.ContainerID != "" {
+		if pod, ok := r.Pods.PodFor(id.ContainerID); ok {
+			id.Pod = pod
+		}
 	}
 	if pidfd >= 0 {
 		if !alive() {

@@ -8,6 +8,8 @@ import (
 	"strconv"
 	"syscall"
 
+	"k8s.io/klog/v2"
+
 	"github.com/pgward/pgward/agent"
 	"github.com/pgward/pgward/exporter"
 )
@@ -35,6 +37,16 @@ func cmdAgent(args []string, stderr io.Writer) int {
 		return exitUsage
 	}
 	defer shutdownTracing(context.Background())
+	notifier, err := agent.NotifierFromEnv(os.Getenv, os.Getpid())
+	if err != nil {
+		// Not fatal: the unit may be Type=simple with a stray variable.
+		log.Warn("systemd notifications off", "err", err)
+	}
+	defer notifier.Close()
+	if cfg.Kubernetes.Enabled {
+		// client-go logs through klog; send it to our logger.
+		klog.SetSlogLogger(log.With("component", "client-go"))
+	}
 
 	var a *agent.Agent
 	ctx, stop := signalContext(func() {
@@ -46,7 +58,7 @@ func cmdAgent(args []string, stderr io.Writer) int {
 		}
 	})
 	defer stop()
-	a, err = agent.New(ctx, agent.Options{Config: cfg, ConfigPath: *configPath, Logger: log, TracerProvider: tp})
+	a, err = agent.New(ctx, agent.Options{Config: cfg, ConfigPath: *configPath, Logger: log, TracerProvider: tp, Notifier: notifier})
 	if err != nil {
 		log.Error("cannot start", "err", err)
 		return exitFailure
