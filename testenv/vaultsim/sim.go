@@ -808,7 +808,7 @@ func (s *Server) renewLease(w http.ResponseWriter, r *http.Request) {
 	l.timer.Reset(time.Until(exp))
 	cp := *l
 	s.mu.Unlock()
-	if err := s.runStatements(r.Context(), cp.role.RenewStatements, cp.Username, "", exp); err != nil {
+	if err := s.runStatements(context.WithoutCancel(r.Context()), cp.role.RenewStatements, cp.Username, "", exp); err != nil {
 		writeErrors(w, http.StatusInternalServerError, []string{"failed to renew: " + err.Error()})
 		return
 	}
