@@ -57,6 +57,11 @@ type Agent struct {
 	notify    *Notifier
 	pods      *PodIndex // nil unless kubernetes.enabled
 
+	// cfgMu guards cfg, which Reload replaces while Run and the
+	// accessors read it; reloadMu serialises reloads.
+	cfgMu    sync.Mutex
+	reloadMu sync.Mutex
+
 	mu     sync.Mutex
 	closed bool
 }
@@ -238,7 +243,14 @@ func (a *Agent) ready() (bool, string) {
 }
 
 // SocketPath is the node socket clients connect to.
-func (a *Agent) SocketPath() string { return a.cfg.Listen.SocketPath() }
+func (a *Agent) SocketPath() string { return a.config().Listen.SocketPath() }
+
+// config is the running configuration.
+func (a *Agent) config() *Config {
+	a.cfgMu.Lock()
+	defer a.cfgMu.Unlock()
+	return a.cfg
+}
 
 // MetricsAddr is the address of the metrics endpoint, or nil.
 func (a *Agent) MetricsAddr() net.Addr {
@@ -282,7 +294,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	if a.ebpf != nil {
 		a.ebpf.run(serveCtx)
 	}
-	a.log.Info("pgward agent ready", "socket", a.SocketPath(), "metrics", a.cfg.Metrics.Listen, "tcp", a.cfg.Listen.TCP)
+	a.log.Info("pgward agent ready", "socket", a.SocketPath(), "metrics", a.config().Metrics.Listen, "tcp", a.config().Listen.TCP)
 	a.sdNotify("READY=1", "STATUS=serving on "+a.SocketPath())
 	wdCtx, stopWatchdog := context.WithCancel(context.Background())
 	wdDone := make(chan struct{})
@@ -300,7 +312,7 @@ func (a *Agent) Run(ctx context.Context) error {
 			runErr = err
 		}
 	}
-	grace := a.cfg.Shutdown.GraceOrDefault()
+	grace := a.config().Shutdown.GraceOrDefault()
 	a.log.Info("draining sessions", "grace", grace, "sessions", a.broker.ActiveSessions())
 	a.sdNotify("STOPPING=1", fmt.Sprintf("STATUS=draining %d sessions for up to %s", a.broker.ActiveSessions(), grace))
 	dctx, cancel := context.WithTimeout(context.Background(), grace)
@@ -328,17 +340,20 @@ func (a *Agent) Reload() error {
 	// ends it whatever the outcome (the old configuration keeps serving).
 	a.sdNotify("RELOADING=1", "STATUS=reloading "+a.cfgPath)
 	defer a.sdNotify("READY=1", "STATUS=serving on "+a.SocketPath())
+	a.reloadMu.Lock()
+	defer a.reloadMu.Unlock()
+	old := a.config()
 	cfg, err := LoadConfig(a.cfgPath)
 	if err != nil {
 		return err
 	}
-	if cfg.Listen != a.cfg.Listen {
+	if cfg.Listen != old.Listen {
 		a.log.Warn("reload: listen settings changed; they take effect at restart")
-		cfg.Listen = a.cfg.Listen
+		cfg.Listen = old.Listen
 	}
-	if cfg.Kubernetes != a.cfg.Kubernetes {
+	if cfg.Kubernetes != old.Kubernetes {
 		a.log.Warn("reload: kubernetes settings changed; they take effect at restart")
-		cfg.Kubernetes = a.cfg.Kubernetes
+		cfg.Kubernetes = old.Kubernetes
 	}
 	if err := a.broker.Reload(cfg.Config); err != nil {
 		return err
@@ -348,7 +363,9 @@ func (a *Agent) Reload() error {
 			a.log.Warn("reload: secrets file invalid; keeping the last good content", "err", err)
 		}
 	}
+	a.cfgMu.Lock()
 	a.cfg = cfg
+	a.cfgMu.Unlock()
 	a.log.Info("configuration reloaded", "path", a.cfgPath)
 	return nil
 }
