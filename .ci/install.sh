@@ -11,7 +11,7 @@ command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
 command -v pgbench >/dev/null 2>&1 || need+=(postgresql-contrib)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v pgbouncer >/dev/null 2>&1 || need+=(pgbouncer)
-command -v systemd-analyze >/dev/null 2>&1 || true
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)  # verifies deploy/systemd/pgward.service
 
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -9,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -464,4 +466,80 @@ func buildPgward(t *testing.T) string {
 		t.Fatalf("go build ./cmd/pgward: %v\n%s", err, b)
 	}
 	return out
+}
+
+// deploy/systemd/pgward.service passes systemd-analyze verify, and its
+// seccomp filter does not deny the system calls eBPF needs.
+func TestSystemdUnit(t *testing.T) {
+	analyze, err := exec.LookPath("systemd-analyze")
+	if err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatal("systemd-analyze is missing under CI: .ci/install.sh installs the systemd package")
+		}
+		t.Skip("systemd-analyze not installed (apt-get install systemd); cannot verify the unit")
+	}
+	unit, err := os.ReadFile(filepath.Join("..", "deploy", "systemd", "pgward.service"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	text := string(unit)
+	// verify checks that ExecStart's binary exists: stand in this test binary.
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "pgward.service")
+	if err := os.WriteFile(path, []byte(strings.ReplaceAll(text, "/usr/local/bin/pgward", self)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command(analyze, "verify", path).CombinedOutput()
+	if err != nil || len(bytes.TrimSpace(out)) > 0 {
+		t.Fatalf("systemd-analyze verify: %v\n%s", err, out)
+	}
+
+	keys := map[string][]string{}
+	for _, l := range strings.Split(text, "\n") {
+		if k, v, ok := strings.Cut(l, "="); ok && !strings.HasPrefix(l, "#") {
+			keys[k] = append(keys[k], v)
+		}
+	}
+	for k, want := range map[string]string{
+		"Type": "notify", "RuntimeDirectory": "pgward", "LogsDirectory": "pgward",
+		"ExecReload": "/bin/kill -HUP $MAINPID", "NoNewPrivileges": "yes", "ProtectSystem": "strict",
+		"CapabilityBoundingSet": "CAP_BPF CAP_PERFMON CAP_NET_ADMIN CAP_SYS_PTRACE",
+		"RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6 AF_NETLINK",
+	} {
+		if got := keys[k]; len(got) != 1 || got[0] != want {
+			t.Errorf("%s=%q, want %q", k, got, want)
+		}
+	}
+	if stop, err := time.ParseDuration(strings.Join(keys["TimeoutStopSec"], "")); err != nil || stop <= DefaultGrace {
+		t.Errorf("TimeoutStopSec=%v must exceed the default shutdown.grace %v", keys["TimeoutStopSec"], DefaultGrace)
+	}
+	needed := []string{"bpf", "perf_event_open"}
+	for _, f := range keys["SystemCallFilter"] {
+		allow := !strings.HasPrefix(f, "~")
+		for _, item := range strings.Fields(strings.TrimPrefix(f, "~")) {
+			members := []string{item}
+			if strings.HasPrefix(item, "@") {
+				out, err := exec.Command(analyze, "syscall-filter", item).Output()
+				if err != nil {
+					t.Fatalf("syscall-filter %s: %v", item, err)
+				}
+				members = strings.Fields(string(out))
+			}
+			for _, sc := range needed {
+				if slices.Contains(members, sc) {
+					if allow {
+						needed = slices.DeleteFunc(needed, func(s string) bool { return s == sc })
+					} else {
+						t.Errorf("SystemCallFilter=%s denies %s, which eBPF needs", f, sc)
+					}
+				}
+			}
+		}
+	}
+	if len(needed) > 0 {
+		t.Errorf("SystemCallFilter does not allow %v", needed)
+	}
 }
