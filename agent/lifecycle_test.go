@@ -506,7 +506,7 @@ func TestSystemdUnit(t *testing.T) {
 	for k, want := range map[string]string{
 		"Type": "notify", "RuntimeDirectory": "pgward", "LogsDirectory": "pgward",
 		"ExecReload": "/bin/kill -HUP $MAINPID", "NoNewPrivileges": "yes", "ProtectSystem": "strict",
-		"CapabilityBoundingSet": "CAP_BPF CAP_PERFMON CAP_NET_ADMIN CAP_SYS_PTRACE",
+		"CapabilityBoundingSet":   "CAP_BPF CAP_PERFMON CAP_NET_ADMIN CAP_SYS_PTRACE",
 		"RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6 AF_NETLINK",
 	} {
 		if got := keys[k]; len(got) != 1 || got[0] != want {
