@@ -502,7 +502,9 @@ func (sess *session) pumpUpstream(tr *tracker, clientGone func() bool) {
 		fs.want[t] = true
 	}
 	var done []pending
+	saidWhy := false // the server's last message was a FATAL (or PANIC) ErrorResponse
 	fs.inspect = func(typ byte, body []byte) error {
+		saidWhy = typ == 'E' && fatalError(body)
 		done = sess.backendMessage(tr, typ, body, done)
 		return nil
 	}
@@ -534,7 +536,8 @@ func (sess *session) pumpUpstream(tr *tracker, clientGone func() bool) {
 			}
 			_, code, msg := sess.termination()
 			if code == "" {
-				if rd.n > 0 || !errors.Is(rerr, io.EOF) {
+				if rd.n > 0 || !errors.Is(rerr, io.EOF) || !saidWhy {
+					// Killed, crashed or cut off: the server said nothing.
 					code, msg = CodeConnectionFailure, "pgward lost the connection to the upstream server"
 				} else {
 					// The server closed cleanly; it has said why itself (e.g. 57P01).
@@ -724,6 +727,23 @@ func rowsOf(tag string) int64 {
 		return -1
 	}
 	return n
+}
+
+// fatalError reports whether an ErrorResponse body ends the session
+// (severity FATAL or PANIC), so the server has told the client why it closes.
+func fatalError(body []byte) bool {
+	for len(body) > 0 && body[0] != 0 {
+		t := body[0]
+		v, rest, ok := cbytes(body[1:])
+		if !ok {
+			return false
+		}
+		if t == 'V' || t == 'S' {
+			return string(v) == "FATAL" || string(v) == "PANIC"
+		}
+		body = rest
+	}
+	return false
 }
 
 // errorFields returns the SQLSTATE and message of an ErrorResponse body.

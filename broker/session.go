@@ -269,8 +269,11 @@ func (s *Server) startSession(ctx context.Context, c net.Conn, st *serverState, 
 	// Credentials.
 	req.Retrieval.Attempted = true
 	fctx, fspan := s.tracer.Start(authCtx, "credentials.fetch")
+	// A backend that hangs must not hold the login past listen.login_timeout.
+	fctx, fcancel := context.WithDeadline(fctx, accepted.Add(st.cfg.Listen.loginTimeout()))
 	t := time.Now()
 	cred, err := s.secrets.Fetch(fctx, dbname, role)
+	fcancel()
 	req.Durations[StageCredentials] = time.Since(t)
 	fspan.End()
 	if err != nil {
