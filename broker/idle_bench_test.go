@@ -113,7 +113,7 @@ func TestIdleSessionMemory(t *testing.T) {
 	if srv.ActiveSessions() != n+len(warm) {
 		t.Errorf("%d active sessions, want %d", srv.ActiveSessions(), n+len(warm))
 	}
-	if per > 64<<10 {
+	if per > 64<<10 && !raceEnabled { // the race detector's shadow memory inflates RSS
 		t.Errorf("%.1f KiB per idle session, want <= 64 KiB", per/1024)
 	}
 	// A session still works after all that idling.
