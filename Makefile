@@ -8,11 +8,18 @@ FUZZ_TARGETS := \
 	./broker:FuzzStartupPacket \
 	./broker:FuzzFrontendStream \
 	./broker:FuzzBackendStream \
+	./broker:FuzzParseOptions \
+	./broker:FuzzRelayNoSmuggling \
 	./agent:FuzzCgroupPath \
 	./agent:FuzzParseConfig \
-	./bpf:FuzzDecodeEvent
+	./agent:FuzzStatStartTime \
+	./agent:FuzzUnixDiagParse \
+	./bpf:FuzzDecodeEvent \
+	./exporter:FuzzJSONString \
+	./exporter:FuzzDecodeParam \
+	./exporter:FuzzRedactSQL
 
-.PHONY: all build test unit fuzz-short fuzz demo bench lint generate deps clean
+.PHONY: all build test unit fuzz-short fuzz soak demo bench lint generate deps clean
 
 all: build
 
@@ -38,6 +45,14 @@ fuzz-short:
 
 fuzz:
 	$(MAKE) fuzz-short FUZZTIME=5m
+
+# 500 concurrent sessions of mixed simple/extended/COPY traffic for 5
+# minutes (`make test` runs the same test with 100 sessions for 20s).
+SOAK_SESSIONS ?= 500
+SOAK_DURATION ?= 5m
+soak: deps
+	PGWARD_SOAK_SESSIONS=$(SOAK_SESSIONS) PGWARD_SOAK_DURATION=$(SOAK_DURATION) \
+		$(GO) test -count=1 -timeout 30m -v -run '^TestLoadMixedTraffic$$' ./agent/
 
 lint:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1; }
