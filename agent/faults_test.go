@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -149,8 +148,7 @@ func TestUpstreamTLSInjectedBytesAbortLogin(t *testing.T) {
 	if err := os.WriteFile(caFile, ca.CertPEM, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	var fake *faultpg.Server
-	fake = faultpg.Start(t, func(c net.Conn) error { return fake.TLSInjection(cert, faultpg.AuthOKReady())(c) })
+	fake := faultpg.Start(t, faultpg.TLSInjection(cert, faultpg.AuthOKReady()))
 	for _, mode := range []string{"require", "verify-full"} {
 		t.Run(mode, func(t *testing.T) {
 			before := fake.Accepted()

@@ -21,9 +21,9 @@ import (
 	"time"
 )
 
-// Script runs one accepted connection. The server closes conn after it
-// returns.
-type Script func(conn net.Conn) error
+// Script runs one accepted connection of s. The server closes conn after
+// it returns.
+type Script func(s *Server, conn net.Conn) error
 
 // Server is a fake PostgreSQL server.
 type Server struct {
@@ -92,7 +92,7 @@ func (s *Server) serve() {
 		go func() {
 			defer s.wg.Done()
 			_ = c.SetDeadline(time.Now().Add(30 * time.Second))
-			err := s.script(c)
+			err := s.script(s, c)
 			c.Close()
 			s.mu.Lock()
 			delete(s.conns, c)
@@ -149,8 +149,8 @@ func AuthOKReady() []byte {
 // TLSInjection answers an SSLRequest with 'S' immediately followed by
 // inject, then serves a TLS handshake with cert. Whatever the client sends
 // afterwards is recorded as a startup packet on the server (Startups).
-func (s *Server) TLSInjection(cert tls.Certificate, inject []byte) Script {
-	return func(c net.Conn) error {
+func TLSInjection(cert tls.Certificate, inject []byte) Script {
+	return func(s *Server, c net.Conn) error {
 		code, _, err := ReadPacket(c)
 		if err != nil {
 			return err
