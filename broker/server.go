@@ -52,6 +52,7 @@ type Server struct {
 
 	cancels cancelMap
 	limiter *limiter
+	reuse   reusePool // parked upstream connections (upstreams.<name>.reuse)
 }
 
 // serverState is the part of the server a reload replaces.
@@ -218,7 +219,16 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 			return fmt.Errorf("accept: %w", err)
 		}
 		delay = 0
+		// Add under the lock that Shutdown sets closing with, so no Add
+		// races a Wait that may already have seen zero.
+		s.mu.Lock()
+		if s.closing {
+			s.mu.Unlock()
+			c.Close()
+			return ErrServerClosed
+		}
 		s.wg.Add(1)
+		s.mu.Unlock()
 		n := s.conns.Add(1)
 		go func() {
 			defer s.wg.Done()
@@ -251,11 +261,13 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	go func() { s.wg.Wait(); close(done) }()
 	select {
 	case <-done:
+		s.reuse.closeAll()
 		return nil
 	case <-ctx.Done():
 	}
 	s.terminateAll("shutdown")
 	<-done
+	s.reuse.closeAll()
 	return ctx.Err()
 }
 
@@ -269,6 +281,7 @@ func (s *Server) Close() error {
 	s.mu.Unlock()
 	s.terminateAll("shutdown")
 	s.wg.Wait()
+	s.reuse.closeAll()
 	return nil
 }
 
