@@ -63,6 +63,39 @@ type UpstreamConfig struct {
 	// Secrets names the secrets backend holding this upstream's credentials
 	// (file, env or vault); empty means secrets.backend. The agent routes on it.
 	Secrets string `yaml:"secrets"`
+	// Reuse, when set, parks idle upstream connections at session end (after
+	// DISCARD ALL) for the next session of the same role and credential.
+	// Off by default. See reuse.go and docs/config.md.
+	Reuse *ReuseConfig `yaml:"reuse"`
+}
+
+// ReuseConfig is upstreams.<name>.reuse.
+type ReuseConfig struct {
+	// MaxIdle bounds the parked connections per (upstream, role,
+	// credential). Default 16.
+	MaxIdle int `yaml:"max_idle"`
+	// IdleTimeout closes a connection parked this long. Default 5m.
+	IdleTimeout time.Duration `yaml:"idle_timeout"`
+}
+
+// Defaults of ReuseConfig.
+const (
+	DefaultReuseMaxIdle     = 16
+	DefaultReuseIdleTimeout = 5 * time.Minute
+)
+
+func (r *ReuseConfig) maxIdle() int {
+	if r.MaxIdle <= 0 {
+		return DefaultReuseMaxIdle
+	}
+	return r.MaxIdle
+}
+
+func (r *ReuseConfig) idleTimeout() time.Duration {
+	if r.IdleTimeout <= 0 {
+		return DefaultReuseIdleTimeout
+	}
+	return r.IdleTimeout
 }
 
 // TLSConfig is how pgward talks TLS to an upstream.
@@ -308,6 +341,9 @@ func (c *Config) Validate() error {
 		case "", "file", "env", "vault":
 		default:
 			add(fieldErr(p+".secrets", "%q is not one of file, env, vault", u.Secrets))
+		}
+		if r := u.Reuse; r != nil && (r.MaxIdle < 0 || r.IdleTimeout < 0) {
+			add(fieldErr(p+".reuse", "max_idle and idle_timeout must not be negative"))
 		}
 		for i, m := range u.Auth {
 			switch m {

@@ -15,6 +15,9 @@ type frameScanner struct {
 	maxBody int
 	skip    int // bytes of the current uninspected message still to pass through
 	inspect func(typ byte, body []byte) error
+	// last and prev are the types of the last two messages whose header was
+	// seen (0 before any): connection reuse asks what the session ended on.
+	last, prev byte
 }
 
 // scan looks at buf (bytes read and not yet forwarded) and returns how many
@@ -39,6 +42,7 @@ func (f *frameScanner) scan(buf []byte) (fwd int, need int, err error) {
 		}
 		total := 1 + int(l)
 		if !f.want[typ] {
+			f.prev, f.last = f.last, typ
 			k := min(total, len(buf)-i)
 			i += k
 			f.skip = total - k
@@ -47,6 +51,7 @@ func (f *frameScanner) scan(buf []byte) (fwd int, need int, err error) {
 		if len(buf)-i < total {
 			return i, total, nil
 		}
+		f.prev, f.last = f.last, typ
 		if err := f.inspect(typ, buf[i+5:i+total]); err != nil {
 			return i, 0, err
 		}

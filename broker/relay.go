@@ -46,9 +46,14 @@ type stmtInfo struct {
 
 // portalInfo is what Bind told us; values live in buf.
 type portalInfo struct {
+	name   string
 	stmt   *stmtInfo
 	params []Param
 	buf    []byte
+	// pinned: an Execute of this read, not yet audited, points at params.
+	// A Bind to the same portal in the same read (a pipelined batch) then
+	// gets a portalInfo of its own rather than overwriting them.
+	pinned bool
 }
 
 // tracker follows the statements of a session for audit. The client pump
@@ -63,6 +68,21 @@ type tracker struct {
 	portals map[string]*portalInfo // client pump only
 	tags    map[string]string      // interned command tags; upstream pump only
 	index   int64
+	pinned  []*portalInfo // portals an unaudited Execute points into; client pump only
+	spare   []*portalInfo // replaced portals, to reuse; client pump only
+}
+
+// unpin is called once the statements of a read were audited: their
+// parameters are no longer needed, so replaced portals may be reused.
+func (t *tracker) unpin() {
+	for i, pi := range t.pinned {
+		pi.pinned = false
+		if t.portals[pi.name] != pi && len(t.spare) < 16 {
+			t.spare = append(t.spare, pi)
+		}
+		t.pinned[i] = nil
+	}
+	t.pinned = t.pinned[:0]
 }
 
 func newTracker() *tracker {
@@ -148,7 +168,25 @@ func (sess *session) run() {
 	clientMu.Lock()
 	clientGone = true
 	clientMu.Unlock()
-	if clientErr == nil {
+	parked := false
+	if clientErr == nil && sess.up.reuse != nil {
+		// The client left and its Terminate was withheld: stop the upstream
+		// pump without closing, and keep the connection if it is idle.
+		sess.parking.Store(true)
+		_ = sess.up.conn.SetReadDeadline(time.Unix(1, 0))
+		<-upDone
+		_ = sess.up.conn.SetReadDeadline(time.Time{})
+		reason, _, _ := sess.termination()
+		tr.mu.Lock()
+		quiet := tr.head == len(tr.queue)
+		tr.mu.Unlock()
+		if reason == "" && quiet && sess.upIdle && sess.clientIdle {
+			parked = sess.park()
+		}
+		if !parked {
+			sess.up.terminate()
+		}
+	} else if clientErr == nil {
 		// Client finished (Terminate or EOF): half-close, let the server end.
 		if cw, ok := sess.up.conn.(interface{ CloseWrite() error }); ok {
 			_ = cw.CloseWrite()
@@ -162,7 +200,9 @@ func (sess *session) run() {
 		sess.up.conn.Close()
 	}
 	<-upDone
-	sess.up.conn.Close()
+	if !parked {
+		sess.up.conn.Close()
+	}
 
 	reason, _, _ := sess.termination()
 	if reason == "" {
@@ -197,6 +237,9 @@ func (sess *session) run() {
 
 var errUpstreamGone = errors.New("upstream connection closed")
 
+// errWithheld stops a scan at a client Terminate that is not forwarded.
+var errWithheld = errors.New("terminate withheld")
+
 // pumpClient copies client → upstream, auditing each statement before it is
 // forwarded. It returns nil when the client ended the session normally.
 func (sess *session) pumpClient(tr *tracker) error {
@@ -208,7 +251,19 @@ func (sess *session) pumpClient(tr *tracker) error {
 		fs.want[t] = true
 	}
 	terminated := false
+	reusable := sess.up.reuse != nil
 	fs.inspect = func(typ byte, body []byte) error {
+		if typ == 'X' && reusable {
+			// Withheld: the upstream connection may serve another session.
+			// Idle only if every message before it was answered (the
+			// last one ended a request: Query, Sync, FunctionCall).
+			terminated = true
+			switch fs.prev {
+			case 0, 'Q', 'S', 'F':
+				sess.clientIdle = true
+			}
+			return errWithheld
+		}
 		q, err := sess.frontendMessage(tr, typ, body)
 		if err != nil {
 			return err
@@ -230,6 +285,9 @@ func (sess *session) pumpClient(tr *tracker) error {
 			}
 			events = events[:0]
 			fwd, need, err := fs.scan(rd.pending())
+			if err == errWithheld {
+				err = nil
+			}
 			if err != nil {
 				sess.log.Warn("malformed message from client", "err", err)
 				sess.terminate("protocol_error", CodeProtocolViolation, "pgward received a malformed message and closed the session")
@@ -245,6 +303,7 @@ func (sess *session) pumpClient(tr *tracker) error {
 					return err
 				}
 			}
+			tr.unpin()
 			if fwd > 0 {
 				if _, err := sess.up.conn.Write(rd.pending()[:fwd]); err != nil {
 					return errUpstreamGone
@@ -260,6 +319,12 @@ func (sess *session) pumpClient(tr *tracker) error {
 		}
 		if rerr != nil {
 			if errors.Is(rerr, io.EOF) {
+				if reusable && rd.n == 0 && fs.atBoundary() {
+					switch fs.last {
+					case 0, 'Q', 'S', 'F':
+						sess.clientIdle = true
+					}
+				}
 				return nil
 			}
 			if errors.Is(rerr, net.ErrClosed) {
@@ -372,9 +437,15 @@ func (sess *session) frontendMessage(tr *tracker, typ byte, body []byte) (*Query
 		np := int(binary.BigEndian.Uint16(rest))
 		rest = rest[2:]
 		pi := tr.portals[string(portal)]
-		if pi == nil {
-			pi = &portalInfo{}
-			tr.portals[string(portal)] = pi
+		if pi == nil || pi.pinned {
+			if k := len(tr.spare); k > 0 {
+				pi = tr.spare[k-1]
+				tr.spare = tr.spare[:k-1]
+			} else {
+				pi = &portalInfo{}
+			}
+			pi.name = string(portal)
+			tr.portals[pi.name] = pi
 		}
 		pi.stmt = tr.stmts[string(stmtName)]
 		pi.params = pi.params[:0]
@@ -437,6 +508,10 @@ func (sess *session) frontendMessage(tr *tracker, typ byte, body []byte) (*Query
 				q.Text = pi.stmt.text
 			}
 			q.Params = pi.params
+			if !pi.pinned {
+				pi.pinned = true
+				tr.pinned = append(tr.pinned, pi)
+			}
 		}
 		p := pending{kind: pendExecute, q: q}
 		p.span = sess.statementSpan(q)
@@ -501,12 +576,39 @@ func (sess *session) pumpUpstream(tr *tracker, clientGone func() bool) {
 	for _, t := range []byte{'C', 'E', 'I', 's', 'Z', 't'} {
 		fs.want[t] = true
 	}
+	reusable := sess.up.reuse != nil
+	if reusable {
+		// A parked connection greets its next client with the server's
+		// current parameters: follow them.
+		fs.want['S'] = true
+	}
 	var done []pending
 	saidWhy := false // the server's last message was a FATAL (or PANIC) ErrorResponse
+	var txStatus byte
 	fs.inspect = func(typ byte, body []byte) error {
+		switch typ {
+		case 'S':
+			if name, rest, ok := cbytes(body); ok {
+				if val, _, ok := cbytes(rest); ok && sess.up.params[string(name)] != string(val) {
+					sess.up.params[string(name)] = string(val)
+				}
+			}
+			return nil
+		case 'Z':
+			if len(body) > 0 {
+				txStatus = body[0]
+			}
+		}
 		saidWhy = typ == 'E' && fatalError(body)
 		done = sess.backendMessage(tr, typ, body, done)
 		return nil
+	}
+	if reusable {
+		defer func() {
+			// Nothing relayed yet: still idle after the startup's ReadyForQuery.
+			last := fs.last == 0 || (fs.last == 'Z' && txStatus == 'I')
+			sess.upIdle = last && fs.atBoundary() && rd.n == 0
+		}()
 	}
 	for {
 		m, rerr := rd.read()
@@ -531,7 +633,7 @@ func (sess *session) pumpUpstream(tr *tracker, clientGone func() bool) {
 			rd.reserve(need)
 		}
 		if rerr != nil {
-			if !fs.atBoundary() || clientGone() {
+			if !fs.atBoundary() || clientGone() || sess.parking.Load() {
 				return
 			}
 			_, code, msg := sess.termination()

@@ -13,6 +13,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgproto3"
@@ -122,6 +123,15 @@ type session struct {
 	ups    *upstream
 	key    cancelKey
 	lease  *secrets.Lease
+	// leaseParked: the upstream connection was parked for reuse and took
+	// this session's lease reference with it (see reuse.go).
+	leaseParked bool
+	reused      bool // the upstream connection came from the reuse pool
+	// Connection reuse at session end (relay.go, reuse.go).
+	parking    atomic.Bool // the upstream pump is being stopped to park the connection
+	upIdle     bool        // set by the upstream pump when it ends: last message ReadyForQuery 'I'
+	clientIdle bool        // set by the client pump: Terminate came after a complete request
+	connParked bool        // the upstream connection went to the reuse pool; under termMu
 
 	termOnce sync.Once
 	termMu   sync.Mutex
@@ -289,15 +299,20 @@ func (s *Server) startSession(ctx context.Context, c net.Conn, st *serverState, 
 		return
 	}
 	req.Retrieval.OK = true
+	var sess *session
 	if cred.Lease != nil && cred.Lease.Release != nil {
-		defer cred.Lease.Release()
+		defer func() {
+			if sess == nil || !sess.leaseParked {
+				cred.Lease.Release()
+			}
+		}()
 	}
 
 	// Upstream authentication.
 	uctx, uspan := s.tracer.Start(authCtx, "upstream.auth")
 	uctx, cancel := context.WithTimeout(uctx, ups.cfg.connectTimeout())
 	t = time.Now()
-	up, err := ups.connect(uctx, role, cred, params)
+	up, reused, err := s.upstreamFor(uctx, ups, role, cred, params)
 	cancel()
 	req.Durations[StageUpstreamAuth] = time.Since(t)
 	uspan.End()
@@ -324,9 +339,9 @@ func (s *Server) startSession(ctx context.Context, c net.Conn, st *serverState, 
 	}
 	authSpan.End()
 
-	sess := &session{
+	sess = &session{
 		srv: s, info: info, claim: claim, log: log, span: span, ctx: ctx,
-		client: c, up: up, ups: ups, lease: cred.Lease,
+		client: c, up: up, ups: ups, lease: cred.Lease, reused: reused,
 	}
 	if !s.addSession(sess) {
 		up.conn.Close()
@@ -447,7 +462,11 @@ func (sess *session) terminate(reason, code, msg string) {
 	sess.termOnce.Do(func() {
 		sess.termMu.Lock()
 		sess.reason, sess.termCode, sess.termMsg = reason, code, msg
+		parked := sess.connParked
 		sess.termMu.Unlock()
+		if parked {
+			return // the connection is in the reuse pool, no longer this session's
+		}
 		// Closing the upstream ends the upstream→client pump, which tells the
 		// client why at a message boundary, then closes the client.
 		sess.up.conn.Close()

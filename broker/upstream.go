@@ -89,6 +89,9 @@ type upstreamConn struct {
 	params     map[string]string
 	tls        bool
 	dialTarget string // network address, for cancel requests
+	// reuse is set when the connection may be parked at session end
+	// (upstreams.<name>.reuse); see reuse.go.
+	reuse *reuseState
 }
 
 // errUpstreamRejected means the upstream refused the stored credential.
@@ -257,6 +260,11 @@ func (u *upstream) connect(ctx context.Context, role string, cred secrets.Creden
 		case *pgproto3.ReadyForQuery:
 			if !authenticated {
 				return nil, fmt.Errorf("%w: ReadyForQuery before authentication", errProtocol)
+			}
+			// The deadline-on-cancel callback must not run after the
+			// deadline is cleared: if it has started, the login timed out.
+			if !stop() {
+				return nil, fmt.Errorf("upstream startup: %w", context.DeadlineExceeded)
 			}
 			ok = true
 			uc.conn = conn
