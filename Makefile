@@ -63,8 +63,9 @@ demo: build
 	./bin/pgward demo
 
 # pgbench through pgward and directly, side by side.
+# make bench BENCH_FLAGS="-duration 5s -rounds 3 -workloads simple,connect"
 bench: deps build
-	$(GO) run ./cmd/pgward-bench
+	$(GO) run ./cmd/pgward-bench $(BENCH_FLAGS)
 
 # Rebuild the eBPF objects (committed, so `go build` needs no clang).
 generate:

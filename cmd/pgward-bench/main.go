@@ -74,7 +74,8 @@ type target struct {
 	name, host, db string
 	port           int
 	env            []string
-	pid            int // the process whose CPU is counted, 0 for none
+	pid            int    // the process whose CPU is counted, 0 for none
+	only           string // run only for this workload key, when set
 }
 
 func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile string) error {
@@ -135,6 +136,8 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 		return fmt.Errorf("pgward did not start: %w", err)
 	}
 	targets = append(targets, target{name: "pgward", host: dir, db: "bench", port: 5432, pid: pgw.Process.Pid})
+	// The same pgward process, upstream connection reuse on (connect workload only).
+	targets = append(targets, target{name: "pgw+reuse", host: dir, db: "benchreuse", port: 5432, pid: pgw.Process.Pid, only: "connect"})
 
 	// PgBouncer, session mode, SCRAM to the client and the server.
 	if bouncer, bdir, err := startPgBouncer(dir, pg); err != nil {
@@ -156,6 +159,9 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 	for r := 0; r < rounds; r++ {
 		for _, w := range wls {
 			for _, t := range targets {
+				if t.only != "" && t.only != w.key {
+					continue
+				}
 				before := procCPU(t.pid)
 				res, err := pgbench(t, w, clients, duration)
 				if err != nil {
@@ -177,6 +183,9 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 		direct := median(results[w.name+"|direct"])
 		relayRes := median(results[w.name+"|relay"])
 		for _, t := range targets {
+			if t.only != "" && t.only != w.key {
+				continue
+			}
 			key := w.name + "|" + t.name
 			med := median(results[key])
 			c := "-"
@@ -197,19 +206,21 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 
 func writeAgentConfig(dir, path string, pg *testenv.Postgres) error {
 	secretsPath := filepath.Join(dir, "secrets.yaml")
-	if err := os.WriteFile(secretsPath, fmt.Appendf(nil, "bench:\n  %s: { password: %q }\n", testenv.ScramUser, testenv.ScramPassword), 0o600); err != nil {
+	if err := os.WriteFile(secretsPath, fmt.Appendf(nil, "bench:\n  %[1]s: { password: %[2]q }\nbenchreuse:\n  %[1]s: { password: %[2]q }\n", testenv.ScramUser, testenv.ScramPassword), 0o600); err != nil {
 		return err
 	}
-	cfg := fmt.Sprintf(`listen: { unix_dir: %q, port: 5432 }
+	cfg := fmt.Sprintf(`listen: { unix_dir: %[1]q, port: 5432 }
 upstreams:
-  bench: { address: %q, database: %q }
-secrets: { backend: file, file: { path: %q } }
+  bench: { address: %[2]q, database: %[3]q }
+  benchreuse: { address: %[2]q, database: %[3]q, reuse: { max_idle: 64, idle_timeout: 5m } }
+secrets: { backend: file, file: { path: %[4]q } }
 principals:
-  bench: { match: { uid: [%d] } }
+  bench: { match: { uid: [%[5]d] } }
 grants:
-  - { principal: bench, upstream: bench, roles: [%s] }
+  - { principal: bench, upstream: bench, roles: [%[6]s] }
+  - { principal: bench, upstream: benchreuse, roles: [%[6]s] }
 limits: { auth_rate: 0, sessions_per_principal: 10000 }
-audit: { path: %q, durability: write, parameters: full, max_size: 268435456, max_files: 2 }
+audit: { path: %[7]q, durability: write, parameters: full, max_size: 268435456, max_files: 2 }
 ebpf: { enabled: "false" }
 `, dir, pg.SocketPath(), testenv.Database, secretsPath, os.Getuid(), testenv.ScramUser, filepath.Join(dir, "audit.jsonl"))
 	return os.WriteFile(path, []byte(cfg), 0o600)
