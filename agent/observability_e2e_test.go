@@ -86,24 +86,44 @@ func TestObservabilityEndToEnd(t *testing.T) {
 			events = append(events, ev)
 		}
 	}
-	want := []string{"db.session.start", "db.session.query", "db.session.query.result", // create
-		"db.session.query", "db.session.query.result", // extended
-		"db.session.query", "db.session.query.result", // 1/0
-		"db.session.query", "db.session.query.result", // copy
-		"db.session.query", "db.session.cancel", "db.session.query.result", // pg_sleep + cancel
-		"db.session.end"}
-	var got []string
+	// Order: start first, end last, every query line in the order sent,
+	// each result after its query (results may be written late: they ride
+	// along with a later write), ei contiguous, one request_id.
+	var queries []map[string]any
+	resultOf := map[uint64]map[string]any{}
+	seen := map[uint64]bool{}
 	for i, ev := range events {
-		got = append(got, asString(ev["event"]))
 		if ev["request_id"] != rid && ev["event"] != "db.session.cancel" {
 			t.Errorf("event %d has request_id %v, want %s", i, ev["request_id"], rid)
 		}
 		if num(ev["ei"]) != uint64(i+1) {
 			t.Errorf("event %d has ei %v", i, ev["ei"])
 		}
+		switch ev["event"] {
+		case "db.session.query":
+			queries = append(queries, ev)
+			seen[num(ev["ei"])] = true
+		case "db.session.query.result":
+			q := num(ev["query_ei"])
+			if !seen[q] || resultOf[q] != nil {
+				t.Fatalf("result %v refers to query ei %d: not an earlier, unanswered query", ev, q)
+			}
+			resultOf[q] = ev
+		}
 	}
-	if strings.Join(got, " ") != strings.Join(want, " ") && strings.Join(got, " ") != strings.Join(swapCancel(want), " ") {
-		t.Fatalf("session events:\n got %v\nwant %v", got, want)
+	if events[0]["event"] != "db.session.start" || events[len(events)-1]["event"] != "db.session.end" {
+		t.Fatalf("first %v, last %v", events[0]["event"], events[len(events)-1]["event"])
+	}
+	var texts []string
+	for _, q := range queries {
+		texts = append(texts, asString(q["db_query"]))
+		if resultOf[num(q["ei"])] == nil {
+			t.Fatalf("query %q has no result", q["db_query"])
+		}
+	}
+	wantTexts := []string{"create temp table obs (id int, note text)", "select $1::int + 1, $2::text", "select 1/0", "copy obs from stdin", "select pg_sleep(10)"}
+	if strings.Join(texts, "|") != strings.Join(wantTexts, "|") {
+		t.Fatalf("queries audited:\n got %q\nwant %q", texts, wantTexts)
 	}
 	start := events[0]
 	if start["principal"] != "me" || start["db_service"] != "orders" || start["db_name"] != testenv.Database || start["success"] != true {
@@ -112,23 +132,26 @@ func TestObservabilityEndToEnd(t *testing.T) {
 	if p := start["process"].(map[string]any); num(p["uid"]) != uint64(os.Getuid()) || num(p["pid"]) != uint64(os.Getpid()) || p["pinned"] != true {
 		t.Fatalf("start process: %v", p)
 	}
-	ext := events[3]
+	ext := queries[1]
 	params, _ := ext["db_query_parameters"].([]any)
-	if ext["db_query"] != "select $1::int + 1, $2::text" || ext["extended"] != true || len(params) != 2 {
+	if ext["extended"] != true || len(params) != 2 {
 		t.Fatalf("extended query event: %v", ext)
 	}
 	p0, p1 := params[0].(map[string]any), params[1].(map[string]any)
 	if p0["value"] != "41" || p0["type"] != "int4" || p1["value"] != "hello" || p1["type"] != "text" {
 		t.Fatalf("parameters %v", params)
 	}
-	if r := events[4]; num(r["rows"]) != 1 || r["success"] != true {
+	if r := resultOf[num(queries[1]["ei"])]; num(r["rows"]) != 1 || r["success"] != true {
 		t.Fatalf("extended result: %v", r)
 	}
-	if r := events[6]; r["sqlstate"] != "22012" || r["success"] != false {
+	if r := resultOf[num(queries[2]["ei"])]; r["sqlstate"] != "22012" || r["success"] != false {
 		t.Fatalf("1/0 result: %v", r)
 	}
-	if r := events[8]; num(r["rows"]) != 3 {
+	if r := resultOf[num(queries[3]["ei"])]; num(r["rows"]) != 3 {
 		t.Fatalf("copy result: %v", r)
+	}
+	if r := resultOf[num(queries[4]["ei"])]; r["sqlstate"] != "57014" {
+		t.Fatalf("cancelled statement's result: %v", r)
 	}
 	var cancelEv map[string]any
 	for _, ev := range events {
@@ -235,17 +258,6 @@ func TestObservabilityEndToEnd(t *testing.T) {
 		t.Fatalf("statement span: %+v", stmt)
 	}
 	_ = pid
-}
-
-func swapCancel(w []string) []string {
-	out := append([]string(nil), w...)
-	for i := range out {
-		if out[i] == "db.session.cancel" {
-			out[i], out[i+1] = out[i+1], out[i]
-			break
-		}
-	}
-	return out
 }
 
 func containsStr(list []string, s string) bool {

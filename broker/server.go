@@ -235,6 +235,10 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 			defer s.conns.Add(-1)
 			if n > int64(s.state.Load().cfg.Listen.maxConnections()) {
 				s.log.Warn("too many connections; refusing", "limit", s.state.Load().cfg.Listen.maxConnections())
+				// Read the client's startup first, as a server does, so a
+				// client still writing it gets the error, not EPIPE.
+				_ = c.SetDeadline(time.Now().Add(time.Second))
+				_, _ = s.readStartup(c)
 				sendError(c, refuse(CodeTooManyConnections, "", fmt.Sprintf("pgward has too many connections (listen.max_connections is %d)", s.state.Load().cfg.Listen.maxConnections()), "Try again later, or raise listen.max_connections."))
 				c.Close()
 				return
