@@ -280,7 +280,9 @@ var slowPacket = func() []byte {
 // extend it) while a legitimate client still logs in quickly.
 func TestSlowlorisClosedAtLoginTimeout(t *testing.T) {
 	const n = 10000
-	const timeout = 2 * time.Second
+	// Long enough for a legitimate login on 2 loaded cores under -race,
+	// short enough to keep the test bounded.
+	const timeout = 5 * time.Second
 	raiseNoFile(t, n+2048)
 	h := newHarness(t, func(_ *harness, c *Config) {
 		c.Listen.LoginTimeout = timeout
