@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"sync"
+	"time"
 )
 
 // Durability says when an audit write counts as done (config key audit.durability).
@@ -38,6 +39,10 @@ const (
 	DefaultAuditMaxSize  = 100 << 20 // bytes
 	DefaultAuditMaxFiles = 10
 	asyncQueueLen        = 4096
+	// resultFlushDelay bounds how long a result line waits for a durable
+	// write to ride along with.
+	resultFlushDelay = 5 * time.Millisecond
+	maxPendingBytes  = 256 << 10
 )
 
 // AuditConfig is the `audit:` section of the agent's configuration.
@@ -143,6 +148,20 @@ type Audit struct {
 	dirty   bool // f may hold bytes past size from a failed write
 	failing bool // the last write failed (for one log line per outage)
 	closed  bool
+
+	// Result lines (db.session.query.result) have no durability
+	// requirement: in write and fsync modes they are chained at once but
+	// written with the next durable write (a query line, a session event),
+	// by a timer after resultFlushDelay, by Flush, or at Close. pend holds
+	// them; size/seq/prev already count them, pendSize/pendSeq/pendPrev are
+	// the state of the file without them (restored if their write fails).
+	pend     []byte
+	pendN    int
+	pendSize int64
+	pendSeq  int64
+	pendPrev [sha256.Size]byte
+	flushT   *time.Timer
+	flushOn  bool // flushT is armed
 
 	// async mode
 	amu     sync.RWMutex // guards sending on ch against Close
@@ -307,7 +326,12 @@ func (a *Audit) commit(event int, body *[]byte) error {
 		return nil
 	}
 	a.mu.Lock()
-	err := a.writeLocked(body)
+	var err error
+	if event == evQueryResult {
+		err = a.deferLocked(body)
+	} else {
+		err = a.writeLocked(body)
+	}
 	a.mu.Unlock()
 	a.putBuf(body)
 	if err != nil {
@@ -317,6 +341,97 @@ func (a *Audit) commit(event int, body *[]byte) error {
 		a.metrics.auditEvents[event].Inc()
 	}
 	return nil
+}
+
+// deferLocked chains a result line and keeps it for the next write. The
+// unusual cases (reopen, cut, rotation, a large backlog) write at once.
+func (a *Audit) deferLocked(body *[]byte) error {
+	if a.closed || a.f == nil || a.dirty || len(a.pend) > maxPendingBytes ||
+		(a.size > 0 && a.size+int64(len(*body))+110 > a.cfg.MaxSize) {
+		return a.writeLocked(body)
+	}
+	if a.pendN == 0 {
+		a.pendSize, a.pendSeq, a.pendPrev = a.size, a.seq, a.prev
+	}
+	line := appendIntField(*body, "seq", a.seq+1)
+	line = appendKey(line, "prev_hash")
+	line = append(line, '"')
+	line = hex.AppendEncode(line, a.prev[:])
+	line = append(line, '"', '}')
+	a.prev = sha256.Sum256(line)
+	a.seq++
+	*body = line
+	a.pend = append(append(a.pend, line...), '\n')
+	a.pendN++
+	a.size += int64(len(line)) + 1
+	if !a.flushOn {
+		a.flushOn = true
+		if a.flushT == nil {
+			a.flushT = time.AfterFunc(resultFlushDelay, func() { _ = a.Flush() })
+		} else {
+			a.flushT.Reset(resultFlushDelay)
+		}
+	}
+	return nil
+}
+
+// Flush writes the result lines waiting for a durable write. Tests that
+// read the file right after QueryDone call it; a timer calls it within
+// resultFlushDelay, Close calls it.
+func (a *Audit) Flush() error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.flushOn = false
+	if a.pendN == 0 || a.closed || a.f == nil {
+		return nil
+	}
+	if a.dirty {
+		if err := a.f.Truncate(a.pendSize); err != nil {
+			return a.writeFailed(fmt.Errorf("cut partial line: %w", err))
+		}
+		a.dirty = false
+	}
+	n, err := a.f.Write(a.pend)
+	if err != nil {
+		a.failPendLocked(n)
+		return a.writeFailed(err)
+	}
+	a.pend, a.pendN = a.pend[:0], 0
+	a.writeOK()
+	return nil
+}
+
+// retryPendLocked handles a failed write that began with the pending
+// lines (n bytes of it may be in the file): it cuts the file back and
+// writes the pending lines alone, keeping them if that succeeds.
+func (a *Audit) retryPendLocked(n int) {
+	if n > 0 {
+		if err := a.f.Truncate(a.pendSize); err != nil {
+			a.dirty = true
+			a.failPendLocked(0)
+			return
+		}
+	}
+	m, err := a.f.Write(a.pend)
+	if err != nil {
+		a.failPendLocked(m)
+		return
+	}
+	a.pend, a.pendN = a.pend[:0], 0
+}
+
+// failPendLocked undoes the chain state of pending lines whose write
+// failed (n bytes of it may be in the file) and counts them lost.
+func (a *Audit) failPendLocked(n int) {
+	if a.pendN == 0 {
+		return
+	}
+	a.size, a.seq, a.prev = a.pendSize, a.pendSeq, a.pendPrev
+	a.dropped(a.pendN)
+	a.pend, a.pendN = a.pend[:0], 0
+	if n > 0 {
+		a.dirty = a.f.Truncate(a.size) != nil
+	}
 }
 
 // commitBatch writes the lines of bodies with one write(2) (and one fsync),
@@ -364,8 +479,12 @@ func (a *Audit) writeBatchLocked(bodies []*[]byte) error {
 	}
 	out := a.getBuf()
 	defer a.putBuf(out)
+	*out = append(*out, a.pend...) // result lines waiting for a durable write
 	seq, prev := a.seq, a.prev
+	var lens [16]int
+	origLen := lens[:0]
 	for _, b := range bodies {
+		origLen = append(origLen, len(*b))
 		line := appendIntField(*b, "seq", seq+1)
 		line = appendKey(line, "prev_hash")
 		line = append(line, '"')
@@ -384,13 +503,28 @@ func (a *Audit) writeBatchLocked(bodies []*[]byte) error {
 		}
 	}
 	if err != nil {
-		if n > 0 {
+		if a.pendN > 0 {
+			// As in writeLine: the pending lines alone, then line by line.
+			a.retryPendLocked(n)
+			if !a.dirty {
+				for i, b := range bodies {
+					*b = (*b)[:origLen[i]]
+				}
+				for _, b := range bodies {
+					if err := a.writeLocked(b); err != nil {
+						return err
+					}
+				}
+				return nil
+			}
+		} else if n > 0 {
 			a.dirty = a.f.Truncate(a.size) != nil
 		}
 		return a.writeFailed(err)
 	}
-	a.size += int64(len(*out))
+	a.size += int64(len(*out) - len(a.pend))
 	a.seq, a.prev = seq, prev
+	a.pend, a.pendN = a.pend[:0], 0
 	a.writeOK()
 	return nil
 }
@@ -456,7 +590,11 @@ func (a *Audit) writeLine(body *[]byte) error {
 		a.f = f
 	}
 	if a.dirty {
-		if err := a.f.Truncate(a.size); err != nil {
+		size := a.size
+		if a.pendN > 0 {
+			size = a.pendSize
+		}
+		if err := a.f.Truncate(size); err != nil {
 			return fmt.Errorf("cut partial line: %w", err)
 		}
 		a.dirty = false
@@ -465,6 +603,15 @@ func (a *Audit) writeLine(body *[]byte) error {
 	bodyLen := len(line)
 	// Rotation needs the line's length first; the chain tail is ≤ 110 bytes.
 	if a.size > 0 && a.size+int64(bodyLen)+110 > a.cfg.MaxSize {
+		if a.pendN > 0 {
+			// The waiting result lines belong to this file.
+			n, err := a.f.Write(a.pend)
+			if err != nil {
+				a.failPendLocked(n)
+				return err
+			}
+			a.pend, a.pendN = a.pend[:0], 0
+		}
 		if err := a.rotate(); err != nil {
 			return err
 		}
@@ -477,19 +624,37 @@ func (a *Audit) writeLine(body *[]byte) error {
 	sum := sha256.Sum256(line)
 	line = append(line, '\n')
 	*body = line
-	n, err := a.f.Write(line)
+	out := line
+	pl := len(a.pend)
+	if a.pendN > 0 {
+		// One write(2) for the waiting result lines and this one.
+		a.pend = append(a.pend, line...)
+		out = a.pend
+	}
+	n, err := a.f.Write(out)
 	if err == nil && a.cfg.Durability == DurabilityFsync {
 		if err = a.f.Sync(); err != nil {
 			err = fmt.Errorf("fsync: %w", err)
-			n = len(line)
+			n = len(out)
 		}
 	}
 	if err != nil {
-		if n > 0 {
+		if a.pendN > 0 {
+			// Do what the sink did before result lines waited: write them
+			// first, then try this line alone (re-chained if they failed).
+			a.pend = a.pend[:pl]
+			a.retryPendLocked(n)
+			if a.dirty {
+				return err
+			}
+			*body = (*body)[:bodyLen]
+			return a.writeLine(body)
+		} else if n > 0 {
 			a.dirty = a.f.Truncate(a.size) != nil
 		}
 		return err
 	}
+	a.pend, a.pendN = a.pend[:0], 0
 	a.size += int64(len(line))
 	a.seq++
 	a.prev = sum
@@ -545,9 +710,13 @@ func (a *Audit) Close() error {
 		a.amu.Unlock()
 		<-a.done
 	}
+	_ = a.Flush()
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.closed = true
+	if a.flushT != nil {
+		a.flushT.Stop()
+	}
 	if a.f == nil {
 		return nil
 	}
