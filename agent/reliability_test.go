@@ -289,7 +289,7 @@ func TestSlowlorisClosedAtLoginTimeout(t *testing.T) {
 		c.Listen.MaxConnections = n + 100
 	})
 	cmd := exec.Command(os.Args[0], "-test.run=^TestSlowlorisClientProcess$", "-test.v")
-	cmd.Env = append(os.Environ(), fmt.Sprintf("PGWARD_SLOWLORIS=%s %d %s", h.agent.SocketPath(), n, timeout+8*time.Second))
+	cmd.Env = append(os.Environ(), fmt.Sprintf("PGWARD_SLOWLORIS=%s %d %s", h.agent.SocketPath(), n, timeout+30*time.Second))
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -334,7 +334,7 @@ func TestSlowlorisClosedAtLoginTimeout(t *testing.T) {
 		t.Fatalf("client process: %v", err)
 	}
 	if opened != n || closed != n {
-		t.Fatalf("%d slow connections opened, %d closed by pgward within login_timeout+8s", opened, closed)
+		t.Fatalf("%d slow connections opened, %d closed by pgward within login_timeout+30s", opened, closed)
 	}
 	if !strings.Contains(h.logs.String(), "login timeout: closed a connection") {
 		t.Fatal("no WARN line for the timed-out logins")
