@@ -178,6 +178,9 @@ func TestClientStopsMidMessage(t *testing.T) {
 	if strings.Contains(h.logs.String(), "never_ran") {
 		t.Fatal("a partial statement was audited")
 	}
+	if n := strings.Count(h.logs.String(), `"level":"WARN","msg":"client closed the connection in the middle of a message"`); n != 3 {
+		t.Fatalf("%d WARN lines for 3 clients that stopped mid-message", n)
+	}
 }
 
 func raiseNoFile(t testing.TB, n uint64) {

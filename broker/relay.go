@@ -319,6 +319,11 @@ func (sess *session) pumpClient(tr *tracker) error {
 		}
 		if rerr != nil {
 			if errors.Is(rerr, io.EOF) {
+				if rd.n > 0 || !fs.atBoundary() {
+					// The client vanished in the middle of a message: what
+					// was read of it is dropped, never forwarded whole.
+					sess.log.Warn("client closed the connection in the middle of a message", "pending_bytes", rd.n)
+				}
 				if reusable && rd.n == 0 && fs.atBoundary() {
 					switch fs.last {
 					case 0, 'Q', 'S', 'F':
