@@ -35,6 +35,8 @@ test: deps lint unit fuzz-short
 
 unit:
 	$(GO) test -race -count=1 -timeout 15m ./...
+	@# Once more without -race, where RSS back to baseline can be asserted.
+	$(GO) test -count=1 -timeout 5m -run '^TestLoadMixedTraffic$$' ./agent/
 
 fuzz-short:
 	@for t in $(FUZZ_TARGETS); do \

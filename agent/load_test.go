@@ -276,7 +276,9 @@ func TestLoadMixedTraffic(t *testing.T) {
 		runtime.GC()
 		debug.FreeOSMemory()
 		g, fd, rss := runtime.NumGoroutine(), fdCount(), rssKB()
-		if g <= baseG+2 && fd <= baseFD+2 && rss < baseRSS+64<<10 {
+		// RSS is asserted without -race only (make test runs this test a
+		// second time so): the race detector never returns its shadow memory.
+		if g <= baseG+2 && fd <= baseFD+2 && (raceEnabled || rss < baseRSS+64<<10) {
 			t.Logf("after: goroutines %d (baseline %d), fds %d (%d), RSS %d KiB (%d KiB)", g, baseG, fd, baseFD, rss, baseRSS)
 			break
 		}
