@@ -40,6 +40,7 @@ type harness struct {
 	logs      *syncBuffer
 	trapConns *atomic.Int64
 	tp        trace.TracerProvider // set by a mutate func to export spans
+	logLevel  *slog.Level          // set by a mutate func; default debug
 	done      chan error
 	cancel    context.CancelFunc
 }
@@ -148,7 +149,11 @@ trap:
 	if err := cfg.Validate(); err != nil {
 		t.Fatalf("test config invalid: %v", err)
 	}
-	log := slog.New(slog.NewJSONHandler(h.logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	level := slog.LevelDebug
+	if h.logLevel != nil {
+		level = *h.logLevel
+	}
+	log := slog.New(slog.NewJSONHandler(h.logs, &slog.HandlerOptions{Level: level}))
 	a, err := New(context.Background(), Options{Config: cfg, Logger: log, TracerProvider: h.tp})
 	if err != nil {
 		t.Fatalf("agent: %v", err)

@@ -5,12 +5,14 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
 	"runtime"
 	"runtime/debug"
+	"runtime/pprof"
 	"strconv"
 	"strings"
 	"sync"
@@ -159,6 +161,11 @@ func TestLoadMixedTraffic(t *testing.T) {
 		onPrivatePG(pg)(h, c)
 		c.Audit.Parameters = exporter.ParamsRedacted
 		c.Audit.MaxFiles = 1000 // keep every rotated file: each statement is counted
+		// The harness keeps log lines in memory; at debug that is ~1 KiB a
+		// statement (1.5 GiB in a 5-minute soak), whose runtime residue
+		// would be measured as pgward's RSS.
+		info := slog.LevelInfo
+		h.logLevel = &info
 	})
 	runtime.GC()
 	baseG, baseFD, baseRSS := runtime.NumGoroutine(), fdCount(), rssKB()
@@ -272,6 +279,16 @@ func TestLoadMixedTraffic(t *testing.T) {
 	h.logs.b = bytes.Buffer{}
 	h.logs.mu.Unlock()
 	end := time.Now().Add(10 * time.Second)
+	defer func() {
+		// For chasing retained memory: PGWARD_SOAK_HEAPPROFILE=file.
+		if path := os.Getenv("PGWARD_SOAK_HEAPPROFILE"); path != "" {
+			if f, err := os.Create(path); err == nil {
+				runtime.GC()
+				_ = pprof.WriteHeapProfile(f)
+				f.Close()
+			}
+		}
+	}()
 	for {
 		runtime.GC()
 		debug.FreeOSMemory()
