@@ -93,17 +93,18 @@ func (s *Server) handleCancel(ctx context.Context, pkt *startupPacket, r identit
 		s.obs.Cancel(ctx, ev)
 		return
 	}
+	// Audit the decision before acting on it, as for statements: once the
+	// cancel reaches the server the statement fails and the session may end
+	// at once, and the cancel must not be recorded after the session's end.
+	ev.Forwarded = true
+	s.obs.Cancel(ctx, ev)
 	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	if err := sess.ups.cancel(cctx, sess.up.pid, sess.up.secretKey); err != nil {
-		ev.Reason = "upstream_error"
-		sess.log.Error("forwarding cancel request failed", "err", err)
-		s.obs.Cancel(ctx, ev)
+		sess.log.Error("forwarding cancel request failed", "err", err, "caller_pid", r.id.PID)
 		return
 	}
-	ev.Forwarded = true
 	sess.log.LogAttrs(ctx, slog.LevelInfo, "cancel request forwarded", slog.Int("caller_pid", int(r.id.PID)))
-	s.obs.Cancel(ctx, ev)
 }
 
 // CancelKeyFor returns the cancel secret pgward handed to the client of the

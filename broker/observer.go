@@ -131,9 +131,11 @@ type QueryEvent struct {
 type CancelEvent struct {
 	RequestID string
 	Caller    Identity // who sent the CancelRequest
+	// Forwarded is the decision to forward, audited before the cancel is
+	// sent (a failure to reach the server after that is logged at ERROR).
 	Forwarded bool
 	// Reason a cancel was not forwarded: "unknown_key", "uid_mismatch",
-	// "upstream_error", "throttled" (too many wrong keys from this uid).
+	// "identity", "throttled" (too many wrong keys from this uid).
 	Reason string
 	// Session is the cancelled session when the key matched.
 	Session *SessionInfo
