@@ -46,6 +46,10 @@ func TestReuseLeaseEnds(t *testing.T) {
 	srv := parkedPair(t, &p, k, lease, cfg)
 	close(done)
 	waitClosed(t, srv)
+	// The lease reference is given back right after the connection closes.
+	for deadline := time.Now().Add(5 * time.Second); released.Load() == 0 && time.Now().Before(deadline); {
+		time.Sleep(time.Millisecond)
+	}
 	if p.idle() != 0 || released.Load() != 1 {
 		t.Fatalf("idle %d, releases %d; want 0, 1", p.idle(), released.Load())
 	}
