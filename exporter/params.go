@@ -384,6 +384,13 @@ func decodeNumeric(dst []byte, v []byte) ([]byte, bool) {
 			return dst, false
 		}
 	}
+	// A value whose integer part would start with zero groups (no digits
+	// but a weight, or a zero first digit with weight > 0) is not a numeric
+	// Postgres or a driver writes: it would print as a run of leading zeros
+	// (up to 131072 of them). Not decoded; audited as base64 with the OID.
+	if weight > 0 && (ndigits == 0 || digit(0) == 0) {
+		return dst, false
+	}
 	switch sign {
 	case numericNaN:
 		return append(dst, "NaN"...), true
