@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"regexp"
@@ -100,7 +101,7 @@ func ParseConfig(data []byte, name string) (*Config, error) {
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	dec.KnownFields(true)
 	if err := dec.Decode(&cfg); err != nil {
-		if errors.Is(err, errEmpty) || err.Error() == "EOF" {
+		if errors.Is(err, io.EOF) {
 			return nil, fmt.Errorf("%s: the file is empty", name)
 		}
 		var te *yaml.TypeError
@@ -120,8 +121,6 @@ func ParseConfig(data []byte, name string) (*Config, error) {
 	}
 	return &cfg, nil
 }
-
-var errEmpty = errors.New("EOF")
 
 // Validate checks every part of the configuration and reports every problem.
 func (c *Config) Validate() error {

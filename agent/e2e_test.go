@@ -638,8 +638,6 @@ func TestManyConcurrentSessions(t *testing.T) {
 	}
 }
 
-var _ = io.EOF
-
 func httpGet(t *testing.T, url string) []byte {
 	t.Helper()
 	resp, err := http.Get(url)

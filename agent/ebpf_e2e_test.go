@@ -1,7 +1,6 @@
 package agent
 
 import (
-	"context"
 	"fmt"
 	"os"
 	"os/exec"
@@ -225,5 +224,3 @@ func scrapeCounter(t *testing.T, h *harness, name, sel string) float64 {
 	}
 	return sum
 }
-
-var _ = context.Background

@@ -353,8 +353,6 @@ func (s *Server) startSession(ctx context.Context, c net.Conn, st *serverState, 
 	sess.info.Success = true
 	if err := s.obs.SessionStart(ctx, &sess.info); err != nil {
 		up.conn.Close()
-		info := sess.info
-		_ = info
 		req.Durations[StageTotal] = time.Since(accepted)
 		s.obs.Auth(ctx, req)
 		log.Error("audit log unavailable: refusing session", "err", err)

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"sync"
@@ -90,7 +91,7 @@ func loadFile(path string) (map[string]map[string]fileEntry, fileStamp, error) {
 	var creds map[string]map[string]fileEntry
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	dec.KnownFields(true)
-	if err := dec.Decode(&creds); err != nil && !errors.Is(err, errEOF) {
+	if err := dec.Decode(&creds); err != nil && !errors.Is(err, io.EOF) {
 		// yaml's messages carry line numbers and keys, never values of scalars we did not ask for.
 		return nil, fileStamp{}, fmt.Errorf("secrets file %s: %s", path, sanitizeYAMLError(err))
 	}

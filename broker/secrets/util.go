@@ -6,8 +6,6 @@ import (
 	"regexp"
 )
 
-var errEOF = io.EOF
-
 func readAll(r io.Reader, limit int64) ([]byte, error) {
 	data, err := io.ReadAll(io.LimitReader(r, limit+1))
 	if err != nil {

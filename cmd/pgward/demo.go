@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -180,5 +179,3 @@ func demoCheck(ctx context.Context, dir, auditPath string, stdout, stderr io.Wri
 	fmt.Fprintln(stdout, "demo check: ok: psql connected with no password and the query was audited")
 	return exitOK
 }
-
-var _ = errors.New

@@ -4,7 +4,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -110,5 +109,3 @@ func signalContext(onHUP func()) (context.Context, func()) {
 		cancel()
 	}
 }
-
-var errUsage = errors.New("usage")
