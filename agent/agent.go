@@ -33,6 +33,11 @@ type Options struct {
 	// KubeClient is used for pod identity instead of the one
 	// kubernetes.kubeconfig (or the in-cluster service account) gives; for tests.
 	KubeClient kubernetes.Interface
+	// WrapObserver, when set, wraps the observer (audit, metrics, logs)
+	// the broker reports to. It is for benchmarks that take a part of the
+	// observer out to measure its cost (cmd/pgward-bench); nothing in the
+	// configuration reaches it.
+	WrapObserver func(broker.Observer) broker.Observer
 }
 
 // Agent is the node agent: broker, identity, secrets, audit, metrics and
@@ -110,11 +115,15 @@ func New(ctx context.Context, opts Options) (a *Agent, err error) {
 		return nil, err
 	}
 
+	var obs broker.Observer = a.observer
+	if opts.WrapObserver != nil {
+		obs = opts.WrapObserver(obs)
+	}
 	a.broker, err = broker.New(broker.Options{
 		Config:         cfg.Config,
 		Resolver:       a.resolver,
 		Secrets:        a.source,
-		Observer:       a.observer,
+		Observer:       obs,
 		Logger:         log,
 		TracerProvider: opts.TracerProvider,
 	})

@@ -95,6 +95,12 @@ type SessionInfo struct {
 	BytesIn   int64  // client → upstream
 	BytesOut  int64  // upstream → client
 	Queries   int64
+
+	// ObserverState belongs to the Observer: it may set it in SessionStart
+	// (before the relay starts) and read it in the session's later calls,
+	// to keep what it needs per session without a lookup of its own. The
+	// broker never reads or writes it.
+	ObserverState any
 }
 
 // Param is one bound parameter of an Execute, as sent by the client.

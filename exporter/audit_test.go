@@ -458,6 +458,9 @@ func BenchmarkAuditQuery(b *testing.B) {
 				Text:   "SELECT id, total, created_at FROM orders WHERE customer_id = $1 AND status = $2",
 				Params: []broker.Param{{OID: 20, Format: 1, Value: []byte{0, 0, 0, 0, 0, 0, 0x30, 0x39}}, {OID: 25, Value: []byte("open")}}}
 			ctx := context.Background()
+			if err := fx.obs.SessionStart(ctx, s); err != nil {
+				b.Fatal(err)
+			}
 			b.ReportAllocs()
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {

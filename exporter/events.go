@@ -38,6 +38,14 @@ type DirectConnectEvent struct {
 
 // header starts an event object: every field the contract puts on every event.
 func header(buf []byte, now time.Time, event, code string, s *broker.SessionInfo, ei int64, requestID string, id *broker.Identity) []byte {
+	buf = headerStart(buf, now, event, code)
+	buf = appendSID(buf, s)
+	buf = appendIntField(buf, "ei", ei)
+	return appendSessionFields(buf, s, requestID, id)
+}
+
+// headerStart opens an event with the fields that differ on every line.
+func headerStart(buf []byte, now time.Time, event, code string) []byte {
 	buf = append(buf, '{')
 	buf = appendStringField(buf, "event", event)
 	buf = appendStringField(buf, "code", code)
@@ -46,16 +54,27 @@ func header(buf []byte, now time.Time, event, code string, s *broker.SessionInfo
 	buf = now.UTC().AppendFormat(buf, time.RFC3339Nano)
 	buf = append(buf, '"')
 	buf = appendKey(buf, "uid")
-	buf = appendUUID(buf)
-	var sid, proto, service, uri, name, user, principal string
+	return appendUUID(buf)
+}
+
+func appendSID(buf []byte, s *broker.SessionInfo) []byte {
+	var sid string
 	if s != nil {
-		sid, proto, service, uri, name, user, principal = s.SessionID, s.Protocol, s.Upstream, s.URI, s.Database, s.User, s.Principal
+		sid = s.SessionID
+	}
+	return appendStringField(buf, "sid", sid)
+}
+
+// appendSessionFields appends the session's fields after "ei": request_id
+// through process.
+func appendSessionFields(buf []byte, s *broker.SessionInfo, requestID string, id *broker.Identity) []byte {
+	var proto, service, uri, name, user, principal string
+	if s != nil {
+		proto, service, uri, name, user, principal = s.Protocol, s.Upstream, s.URI, s.Database, s.User, s.Principal
 	}
 	if proto == "" {
 		proto = "postgres"
 	}
-	buf = appendStringField(buf, "sid", sid)
-	buf = appendIntField(buf, "ei", ei)
 	buf = appendStringField(buf, "request_id", requestID)
 	buf = appendStringField(buf, "db_protocol", proto)
 	buf = appendStringField(buf, "db_service", service)
@@ -65,6 +84,35 @@ func header(buf []byte, now time.Time, event, code string, s *broker.SessionInfo
 	buf = appendStringField(buf, "principal", principal)
 	buf = appendKey(buf, "process")
 	return appendProcess(buf, id)
+}
+
+// sessionHeader is what header appends for a statement event (query,
+// query.result) of one session apart from event, code, time, uid and ei:
+// encoded once when the session starts rather than on every statement.
+// Nothing in it changes during a session.
+type sessionHeader struct {
+	sid  []byte // ,"sid":"…"
+	rest []byte // ,"request_id":… through the process object
+}
+
+func newSessionHeader(s *broker.SessionInfo) *sessionHeader {
+	// A leading placeholder makes appendKey write the comma the fields
+	// need after what precedes them; it is cut off again.
+	sid := appendSID([]byte{'x'}, s)
+	rest := appendSessionFields([]byte{'x'}, s, s.RequestID, &s.Identity)
+	return &sessionHeader{sid: sid[1:], rest: rest[1:]}
+}
+
+// header is header(buf, now, event, code, s, ei, s.RequestID, &s.Identity)
+// for the session h was made for; h nil builds it field by field.
+func (h *sessionHeader) header(buf []byte, now time.Time, event, code string, s *broker.SessionInfo, ei int64) []byte {
+	if h == nil {
+		return header(buf, now, event, code, s, ei, s.RequestID, &s.Identity)
+	}
+	buf = headerStart(buf, now, event, code)
+	buf = append(buf, h.sid...)
+	buf = appendIntField(buf, "ei", ei)
+	return append(buf, h.rest...)
 }
 
 // appendUUID appends a random (version 4) UUID as a JSON string. The runtime's
@@ -190,24 +238,24 @@ func (a *Audit) sessionEnd(now time.Time, s *broker.SessionInfo, ei int64) error
 	return a.commit(evSessionEnd, b)
 }
 
-func (a *Audit) query(now time.Time, s *broker.SessionInfo, q *broker.QueryEvent, ei int64) error {
-	return a.commit(evQuery, a.queryLine(now, s, q, ei))
+func (a *Audit) query(now time.Time, h *sessionHeader, s *broker.SessionInfo, q *broker.QueryEvent, ei int64) error {
+	return a.commit(evQuery, a.queryLine(now, h, s, q, ei))
 }
 
 // queryBatch audits the statements of one client read with one write.
-func (a *Audit) queryBatch(now time.Time, s *broker.SessionInfo, qs []*broker.QueryEvent, ei int64) error {
+func (a *Audit) queryBatch(now time.Time, h *sessionHeader, s *broker.SessionInfo, qs []*broker.QueryEvent, ei int64) error {
 	var small [8]*[]byte
 	bodies := small[:0]
 	for i, q := range qs {
-		bodies = append(bodies, a.queryLine(now, s, q, ei+int64(i)))
+		bodies = append(bodies, a.queryLine(now, h, s, q, ei+int64(i)))
 	}
 	return a.commitBatch(evQuery, bodies)
 }
 
 // queryLine builds a db.session.query event without its chain fields.
-func (a *Audit) queryLine(now time.Time, s *broker.SessionInfo, q *broker.QueryEvent, ei int64) *[]byte {
+func (a *Audit) queryLine(now time.Time, h *sessionHeader, s *broker.SessionInfo, q *broker.QueryEvent, ei int64) *[]byte {
 	b := a.getBuf()
-	buf := header(*b, now, EventQuery, CodeQuery, s, ei, s.RequestID, &s.Identity)
+	buf := h.header(*b, now, EventQuery, CodeQuery, s, ei)
 	buf = appendBoolField(buf, "success", true)
 	text, secret := redactSQL(q.Text)
 	buf = appendStringField(buf, "db_query", text)
@@ -232,13 +280,13 @@ func (a *Audit) queryLine(now time.Time, s *broker.SessionInfo, q *broker.QueryE
 	return b
 }
 
-func (a *Audit) queryResult(now time.Time, s *broker.SessionInfo, q *broker.QueryEvent, ei, queryEI int64) error {
+func (a *Audit) queryResult(now time.Time, h *sessionHeader, s *broker.SessionInfo, q *broker.QueryEvent, ei, queryEI int64) error {
 	b := a.getBuf()
 	code := CodeQueryResult
 	if !q.Success {
 		code = CodeQueryResultError
 	}
-	buf := header(*b, now, EventQueryResult, code, s, ei, s.RequestID, &s.Identity)
+	buf := h.header(*b, now, EventQueryResult, code, s, ei)
 	buf = appendBoolField(buf, "success", q.Success)
 	buf = appendStringFieldOmit(buf, "error", q.Error)
 	buf = appendStringFieldOmit(buf, "sqlstate", q.Code)

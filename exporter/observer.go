@@ -33,6 +33,7 @@ type sessionState struct {
 	mu      sync.Mutex
 	ei      int64
 	pending []pendingQuery
+	hdr     *sessionHeader // set before the relay starts; read-only after
 }
 
 type pendingQuery struct{ index, ei int64 }
@@ -63,6 +64,15 @@ func (o *Observer) state(sid string) *sessionState {
 	}
 	o.mu.Unlock()
 	return st
+}
+
+// stateOf is the state of a session SessionStart accepted, kept on the
+// SessionInfo so that statements take no lock shared by all sessions.
+func (o *Observer) stateOf(s *broker.SessionInfo) *sessionState {
+	if st, ok := s.ObserverState.(*sessionState); ok {
+		return st
+	}
+	return o.state(s.SessionID)
 }
 
 func (st *sessionState) next() int64 {
@@ -187,6 +197,9 @@ func (o *Observer) SessionStart(ctx context.Context, s *broker.SessionInfo) erro
 		err = o.audit.sessionStart(time.Now(), s, st.next())
 		if !s.Success || err != nil {
 			o.forget(s.SessionID)
+		} else {
+			st.hdr = newSessionHeader(s)
+			s.ObserverState = st
 		}
 	}
 	if !s.Success {
@@ -208,13 +221,13 @@ func (o *Observer) SessionStart(ctx context.Context, s *broker.SessionInfo) erro
 // Query audits a statement before it is forwarded; an error stops forwarding.
 func (o *Observer) Query(ctx context.Context, s *broker.SessionInfo, q *broker.QueryEvent) error {
 	if o.audit != nil {
-		st := o.state(s.SessionID)
+		st := o.stateOf(s)
 		st.mu.Lock()
 		st.ei++
 		ei := st.ei
 		st.pending = append(st.pending, pendingQuery{q.Index, ei})
 		st.mu.Unlock()
-		if err := o.audit.query(time.Now(), s, q, ei); err != nil {
+		if err := o.audit.query(time.Now(), st.hdr, s, q, ei); err != nil {
 			st.mu.Lock()
 			st.pending = st.pending[:len(st.pending)-1]
 			st.mu.Unlock()
@@ -235,7 +248,7 @@ func (o *Observer) Query(ctx context.Context, s *broker.SessionInfo, q *broker.Q
 // error means none may be.
 func (o *Observer) QueryBatch(ctx context.Context, s *broker.SessionInfo, qs []*broker.QueryEvent) error {
 	if o.audit != nil && len(qs) > 0 {
-		st := o.state(s.SessionID)
+		st := o.stateOf(s)
 		st.mu.Lock()
 		first := st.ei + 1
 		for _, q := range qs {
@@ -243,7 +256,7 @@ func (o *Observer) QueryBatch(ctx context.Context, s *broker.SessionInfo, qs []*
 			st.pending = append(st.pending, pendingQuery{q.Index, st.ei})
 		}
 		st.mu.Unlock()
-		if err := o.audit.queryBatch(time.Now(), s, qs, first); err != nil {
+		if err := o.audit.queryBatch(time.Now(), st.hdr, s, qs, first); err != nil {
 			st.mu.Lock()
 			st.pending = st.pending[:max(0, len(st.pending)-len(qs))]
 			st.mu.Unlock()
@@ -261,7 +274,7 @@ var _ broker.QueryBatcher = (*Observer)(nil)
 // QueryDone audits a statement's outcome.
 func (o *Observer) QueryDone(ctx context.Context, s *broker.SessionInfo, q *broker.QueryEvent) {
 	if o.audit != nil {
-		st := o.state(s.SessionID)
+		st := o.stateOf(s)
 		st.mu.Lock()
 		st.ei++
 		ei := st.ei
@@ -275,7 +288,7 @@ func (o *Observer) QueryDone(ctx context.Context, s *broker.SessionInfo, q *brok
 		}
 		st.mu.Unlock()
 		// The statement already ran; a failure here is counted and logged by the sink.
-		_ = o.audit.queryResult(time.Now(), s, q, ei, queryEI)
+		_ = o.audit.queryResult(time.Now(), st.hdr, s, q, ei, queryEI)
 	}
 	if o.log.Enabled(ctx, slog.LevelDebug) {
 		o.log.DebugContext(ctx, "statement done", append(sessionAttrs(s), "query_index", q.Index,
@@ -287,7 +300,7 @@ func (o *Observer) QueryDone(ctx context.Context, s *broker.SessionInfo, q *brok
 func (o *Observer) SessionEnd(ctx context.Context, s *broker.SessionInfo) {
 	o.m.sessionsActive.Dec()
 	if o.audit != nil {
-		st := o.state(s.SessionID)
+		st := o.stateOf(s)
 		_ = o.audit.sessionEnd(time.Now(), s, st.next())
 		o.forget(s.SessionID)
 	}
