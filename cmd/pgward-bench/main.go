@@ -31,6 +31,7 @@ import (
 	"time"
 
 	"github.com/pgward/pgward/agent"
+	"github.com/pgward/pgward/broker"
 	"github.com/pgward/pgward/testenv"
 )
 
@@ -47,8 +48,9 @@ func main() {
 	scale := flag.Int("scale", 10, "pgbench scale")
 	only := flag.String("workloads", "", "comma-separated subset of workloads: simple,extended,prepared,tpcb,connect")
 	cpuprofile := flag.String("cpuprofile", "", "write a CPU profile of the pgward process to this file")
+	decompose := flag.Bool("decompose", true, "also run select-only through pgward with audit durability async (pgw-async) and without statement audit lines (pgw-noaudit), to show what the audit costs")
 	flag.Parse()
-	if err := run(*duration, *rounds, *clients, *scale, *only, *cpuprofile); err != nil {
+	if err := run(*duration, *rounds, *clients, *scale, *only, *cpuprofile, *decompose); err != nil {
 		fmt.Fprintln(os.Stderr, "pgward-bench:", err)
 		os.Exit(1)
 	}
@@ -75,10 +77,14 @@ type target struct {
 	port           int
 	env            []string
 	pid            int    // the process whose CPU is counted, 0 for none
-	only           string // run only for this workload key, when set
+	only           string // run only for these workload keys (comma-separated), when set
 }
 
-func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile string) error {
+func (t target) runs(w workload) bool {
+	return t.only == "" || strings.Contains(","+t.only+",", ","+w.key+",")
+}
+
+func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile string, decompose bool) error {
 	ctx := context.Background()
 	if _, err := exec.LookPath("pgbench"); err != nil {
 		return fmt.Errorf("pgbench not found: apt-get install -y postgresql-contrib")
@@ -110,7 +116,12 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 	// The minimal relay: bytes both ways, no parsing.
 	relayDir := filepath.Join(dir, "relay")
 	_ = os.Mkdir(relayDir, 0o755)
-	relay, err := startChild("relay", nil, filepath.Join(relayDir, ".s.PGSQL.5432"), pg.SocketPath())
+	var relayEnv []string
+	if cpuprofile != "" {
+		abs, _ := filepath.Abs(cpuprofile + ".relay")
+		relayEnv = append(relayEnv, "PGWARD_BENCH_CPUPROFILE="+abs)
+	}
+	relay, err := startChild("relay", relayEnv, filepath.Join(relayDir, ".s.PGSQL.5432"), pg.SocketPath())
 	if err != nil {
 		return err
 	}
@@ -119,7 +130,7 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 
 	// pgward in its own process.
 	cfgPath := filepath.Join(dir, "pgward.yaml")
-	if err := writeAgentConfig(dir, cfgPath, pg); err != nil {
+	if err := writeAgentConfig(dir, cfgPath, pg, "write"); err != nil {
 		return err
 	}
 	var env []string
@@ -138,6 +149,38 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 	targets = append(targets, target{name: "pgward", host: dir, db: "bench", port: 5432, pid: pgw.Process.Pid})
 	// The same pgward process, upstream connection reuse on (connect workload only).
 	targets = append(targets, target{name: "pgw+reuse", host: dir, db: "benchreuse", port: 5432, pid: pgw.Process.Pid, only: "connect"})
+	if decompose {
+		// What the statement audit costs, select-only only: pgward with
+		// audit durability "async" (the same work, the write(2) off the
+		// statement's path), and pgward with no statement audit lines at
+		// all (sessions still audited; metrics and logs as usual).
+		for _, v := range []struct{ name, durability, env string }{
+			{"pgw-async", "async", ""},
+			{"pgw-noaudit", "write", "PGWARD_BENCH_NO_STATEMENT_AUDIT=1"},
+		} {
+			vdir := filepath.Join(dir, v.name)
+			if err := os.Mkdir(vdir, 0o755); err != nil {
+				return err
+			}
+			vcfg := filepath.Join(vdir, "pgward.yaml")
+			if err := writeAgentConfig(vdir, vcfg, pg, v.durability); err != nil {
+				return err
+			}
+			var venv []string
+			if v.env != "" {
+				venv = append(venv, v.env)
+			}
+			c, err := startChild("agent", venv, vcfg)
+			if err != nil {
+				return err
+			}
+			defer stopChild(c)
+			if err := waitSocket(filepath.Join(vdir, ".s.PGSQL.5432")); err != nil {
+				return fmt.Errorf("%s did not start: %w", v.name, err)
+			}
+			targets = append(targets, target{name: v.name, host: vdir, db: "bench", port: 5432, pid: c.Process.Pid, only: "simple,extended,prepared"})
+		}
+	}
 
 	// PgBouncer, session mode, SCRAM to the client and the server.
 	if bouncer, bdir, err := startPgBouncer(dir, pg); err != nil {
@@ -155,20 +198,22 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 	}
 	results := map[string][]result{}
 	cpu := map[string]time.Duration{}
+	switches := map[string]int64{}
 	stmts := map[string]float64{}
 	for r := 0; r < rounds; r++ {
 		for _, w := range wls {
 			for _, t := range targets {
-				if t.only != "" && t.only != w.key {
+				if !t.runs(w) {
 					continue
 				}
-				before := procCPU(t.pid)
+				before, beforeCS := procCPU(t.pid), procSwitches(t.pid)
 				res, err := pgbench(t, w, clients, duration)
 				if err != nil {
 					return fmt.Errorf("%s %s: %w", w.name, t.name, err)
 				}
 				key := w.name + "|" + t.name
 				cpu[key] += procCPU(t.pid) - before
+				switches[key] += procSwitches(t.pid) - beforeCS
 				stmts[key] += res.tps * duration.Seconds() * w.stmts
 				results[key] = append(results[key], res)
 				fmt.Fprintf(os.Stderr, "round %d/%d %-22s %-9s %9.0f tps\n", r+1, rounds, w.name, t.name, res.tps)
@@ -177,34 +222,36 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 	}
 	fmt.Printf("\npgbench, %d clients, %s × %d interleaved rounds (median), scale %d, Unix sockets, %d CPUs, PostgreSQL %s\n",
 		clients, duration, rounds, scale, runtime.NumCPU(), pgVersion())
-	fmt.Printf("pgward: separate process, audit durability=write parameters=full; relay: separate process, 32 KiB copy loop; pgbouncer: pool_mode=session, auth_type=scram-sha-256\n\n")
-	fmt.Printf("%-22s %-10s %10s %11s %9s %9s %16s\n", "workload", "path", "tps", "latency ms", "vs direct", "vs relay", "CPU s/100k stmt")
+	fmt.Printf("pgward: separate process, audit durability=write parameters=full (pgw-async: durability=async; pgw-noaudit: no statement audit lines); relay: separate process, 32 KiB copy loop; pgbouncer: pool_mode=session, auth_type=scram-sha-256\n\n")
+	fmt.Printf("%-22s %-10s %10s %11s %9s %9s %16s %12s\n", "workload", "path", "tps", "latency ms", "vs direct", "vs relay", "CPU s/100k stmt", "cswch/stmt")
 	for _, w := range wls {
 		direct := median(results[w.name+"|direct"])
 		relayRes := median(results[w.name+"|relay"])
 		for _, t := range targets {
-			if t.only != "" && t.only != w.key {
+			if !t.runs(w) {
 				continue
 			}
 			key := w.name + "|" + t.name
 			med := median(results[key])
-			c := "-"
+			c, cs := "-", "-"
 			if t.pid != 0 && stmts[key] > 0 {
 				c = fmt.Sprintf("%.2f", cpu[key].Seconds()/stmts[key]*100000)
+				cs = fmt.Sprintf("%.2f", float64(switches[key])/stmts[key])
 			}
-			fmt.Printf("%-22s %-10s %10.0f %11.3f %8.2fx %8.2fx %16s\n", w.name, t.name, med.tps, med.latencyMS, med.tps/direct.tps, med.tps/relayRes.tps, c)
+			fmt.Printf("%-22s %-10s %10.0f %11.3f %8.2fx %8.2fx %16s %12s\n", w.name, t.name, med.tps, med.latencyMS, med.tps/direct.tps, med.tps/relayRes.tps, c, cs)
 		}
 	}
 	rss, hwm := procRSS(pgw.Process.Pid)
 	fmt.Printf("\npgward process: RSS %d KiB now, %d KiB peak\n", rss, hwm)
 	if cpuprofile != "" {
 		stopChild(pgw)
-		fmt.Printf("CPU profile of pgward: %s (go tool pprof -top %s)\n", cpuprofile, cpuprofile)
+		stopChild(relay)
+		fmt.Printf("CPU profiles: pgward %s, relay %s.relay (go tool pprof -top %s)\n", cpuprofile, cpuprofile, cpuprofile)
 	}
 	return nil
 }
 
-func writeAgentConfig(dir, path string, pg *testenv.Postgres) error {
+func writeAgentConfig(dir, path string, pg *testenv.Postgres, durability string) error {
 	secretsPath := filepath.Join(dir, "secrets.yaml")
 	if err := os.WriteFile(secretsPath, fmt.Appendf(nil, "bench:\n  %[1]s: { password: %[2]q }\nbenchreuse:\n  %[1]s: { password: %[2]q }\n", testenv.ScramUser, testenv.ScramPassword), 0o600); err != nil {
 		return err
@@ -220,9 +267,9 @@ grants:
   - { principal: bench, upstream: bench, roles: [%[6]s] }
   - { principal: bench, upstream: benchreuse, roles: [%[6]s] }
 limits: { auth_rate: 0, sessions_per_principal: 10000 }
-audit: { path: %[7]q, durability: write, parameters: full, max_size: 268435456, max_files: 2 }
+audit: { path: %[7]q, durability: %[8]s, parameters: full, max_size: 268435456, max_files: 2 }
 ebpf: { enabled: "false" }
-`, dir, pg.SocketPath(), testenv.Database, secretsPath, os.Getuid(), testenv.ScramUser, filepath.Join(dir, "audit.jsonl"))
+`, dir, pg.SocketPath(), testenv.Database, secretsPath, os.Getuid(), testenv.ScramUser, filepath.Join(dir, "audit.jsonl"), durability)
 	return os.WriteFile(path, []byte(cfg), 0o600)
 }
 
@@ -242,7 +289,11 @@ func runAgent(path string) int {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
 	defer stop()
-	a, err := agent.New(ctx, agent.Options{Config: cfg, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))})
+	opts := agent.Options{Config: cfg, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}
+	if os.Getenv("PGWARD_BENCH_NO_STATEMENT_AUDIT") != "" {
+		opts.WrapObserver = func(o broker.Observer) broker.Observer { return noStatementAudit{o} }
+	}
+	a, err := agent.New(ctx, opts)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "agent:", err)
 		return 1
@@ -254,10 +305,28 @@ func runAgent(path string) int {
 	return 0
 }
 
+// noStatementAudit is the observer of the pgw-noaudit row: everything but
+// the statements' audit lines (sessions are still audited, metrics and logs
+// kept). It exists to measure what auditing each statement costs; pgward's
+// configuration has no such mode.
+type noStatementAudit struct{ broker.Observer }
+
+func (noStatementAudit) Query(context.Context, *broker.SessionInfo, *broker.QueryEvent) error {
+	return nil
+}
+func (noStatementAudit) QueryDone(context.Context, *broker.SessionInfo, *broker.QueryEvent) {}
+
 // runRelay is the minimal relay child: every connection to listen is
 // copied byte for byte to and from a new connection to upstream, with a
 // 32 KiB buffer each way (what any userspace relay pays, and no more).
 func runRelay(listen, upstream string) int {
+	if p := os.Getenv("PGWARD_BENCH_CPUPROFILE"); p != "" {
+		f, err := os.Create(p)
+		if err == nil {
+			_ = pprof.StartCPUProfile(f)
+			defer func() { pprof.StopCPUProfile(); f.Close() }()
+		}
+	}
 	ln, err := net.Listen("unix", listen)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "relay:", err)
@@ -460,6 +529,30 @@ func procCPU(pid int) time.Duration {
 	ut, _ := strconv.ParseInt(f[11], 10, 64)
 	st, _ := strconv.ParseInt(f[12], 10, 64)
 	return time.Duration(ut+st) * time.Second / 100 // USER_HZ
+}
+
+// procSwitches is the number of context switches (voluntary and not) of
+// all threads of process pid so far (0: none). A thread that has exited
+// takes its count with it, which the Go runtime's long-lived threads don't.
+func procSwitches(pid int) int64 {
+	if pid == 0 {
+		return 0
+	}
+	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/status", pid))
+	var n int64
+	for _, p := range tasks {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			continue
+		}
+		for _, l := range strings.Split(string(b), "\n") {
+			if f := strings.Fields(l); len(f) == 2 && strings.HasSuffix(f[0], "ctxt_switches:") {
+				v, _ := strconv.ParseInt(f[1], 10, 64)
+				n += v
+			}
+		}
+	}
+	return n
 }
 
 // procRSS is VmRSS and VmHWM of pid in KiB.
