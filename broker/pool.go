@@ -30,6 +30,9 @@ type relayReader struct {
 	buf  *[]byte         // nil while idle (rc != nil)
 	big  []byte          // a buffer grown past relayBufSize for one large message
 	n    int
+	// seeded: the pending bytes were put there by seed, not read yet;
+	// the next read reports them without reading.
+	seeded bool
 	// fill is the callback handed to rc.Read, made once.
 	fill    func(fd uintptr) bool
 	fillN   int
@@ -60,8 +63,24 @@ func (r *relayReader) bytes() []byte {
 // pending is what was read and not yet forwarded.
 func (r *relayReader) pending() []byte { return r.bytes()[:r.n] }
 
+// seed makes b (bytes read from the connection by someone else, such as
+// the upstream login) the first pending bytes: the next read returns them.
+// Nothing may be pending.
+func (r *relayReader) seed(b []byte) {
+	if len(b) == 0 {
+		return
+	}
+	r.reserve(len(b))
+	r.n = copy(r.bytes(), b)
+	r.seeded = true
+}
+
 // read reads more bytes after the pending ones and returns how many.
 func (r *relayReader) read() (int, error) {
+	if r.seeded {
+		r.seeded = false
+		return r.n, nil
+	}
 	if r.n > 0 || r.rc == nil {
 		m, err := r.conn.Read(r.bytes()[r.n:])
 		r.n += m

@@ -577,6 +577,9 @@ func sameDeclared(tr *tracker, si *stmtInfo, declared []byte) bool {
 func (sess *session) pumpUpstream(tr *tracker, clientGone func() bool) {
 	rd := newRelayReader(sess.up.conn)
 	defer rd.release()
+	// What the server sent behind the login's ReadyForQuery, read with it.
+	rd.seed(sess.up.pre)
+	sess.up.pre = nil
 	fs := &frameScanner{maxBody: sess.srv.state.Load().cfg.Listen.maxMessageSize()}
 	for _, t := range []byte{'C', 'E', 'I', 's', 'Z', 't'} {
 		fs.want[t] = true

@@ -280,7 +280,7 @@ var errStartupParam = errors.New("upstream refused a startup parameter")
 func (uc *upstreamConn) applyParams(ctx context.Context, params map[string]string, always bool) error {
 	if len(params) == 0 {
 		if always {
-			return uc.simpleQuery(ctx, "")
+			return uc.simpleQuery(ctx, "", true)
 		}
 		return nil
 	}
@@ -297,12 +297,12 @@ func (uc *upstreamConn) applyParams(ctx context.Context, params map[string]strin
 		b.WriteString(quoteLiteral(params[n]))
 		b.WriteString(", false)")
 	}
-	return uc.simpleQuery(ctx, b.String())
+	return uc.simpleQuery(ctx, b.String(), true)
 }
 
 // discard resets the session state for the next client (DISCARD ALL).
 func (uc *upstreamConn) discard(ctx context.Context) error {
-	return uc.simpleQuery(ctx, "DISCARD ALL")
+	return uc.simpleQuery(ctx, "DISCARD ALL", false)
 }
 
 // quoteLiteral quotes s as an escape string literal (E'…'), correct whatever
@@ -326,9 +326,14 @@ func quoteLiteral(s string) string {
 
 // simpleQuery runs one simple Query of pgward's own on an idle connection
 // and reads its answer up to ReadyForQuery, recording ParameterStatus. It
-// reads exactly the answer's messages, so nothing of a later one is lost.
-// An ErrorResponse, a status other than idle, or a failure is an error.
-func (uc *upstreamConn) simpleQuery(ctx context.Context, q string) error {
+// reads exactly the answer's messages, through uc.Read (what the login read
+// ahead comes first), so nothing of a later one is lost. With keep, the
+// NoticeResponse and NotificationResponse messages read on the way (what
+// the server sent behind the login, or said about the client's startup
+// parameters) are kept in uc.pre for the client, ahead of anything still
+// there. An ErrorResponse, a status other than idle, or a failure is an
+// error.
+func (uc *upstreamConn) simpleQuery(ctx context.Context, q string, keep bool) error {
 	dl, ok := ctx.Deadline()
 	if !ok {
 		dl = time.Now().Add(5 * time.Second)
@@ -344,8 +349,9 @@ func (uc *upstreamConn) simpleQuery(ctx context.Context, q string) error {
 	}
 	var hdr [5]byte
 	var failed error
+	var kept []byte
 	for {
-		if _, err := io.ReadFull(uc.conn, hdr[:]); err != nil {
+		if _, err := io.ReadFull(uc, hdr[:]); err != nil {
 			return fmt.Errorf("read from upstream: %w", err)
 		}
 		l := int(int32(binary.BigEndian.Uint32(hdr[1:])))
@@ -353,10 +359,14 @@ func (uc *upstreamConn) simpleQuery(ctx context.Context, q string) error {
 			return fmt.Errorf("%w: message %q with length %d", errProtocol, hdr[0], l)
 		}
 		body := make([]byte, l-4)
-		if _, err := io.ReadFull(uc.conn, body); err != nil {
+		if _, err := io.ReadFull(uc, body); err != nil {
 			return fmt.Errorf("read from upstream: %w", err)
 		}
 		switch hdr[0] {
+		case 'N', 'A':
+			if keep {
+				kept = append(append(kept, hdr[:]...), body...)
+			}
 		case 'S':
 			name, rest, ok1 := cstring(body)
 			val, _, ok2 := cstring(rest)
@@ -377,6 +387,9 @@ func (uc *upstreamConn) simpleQuery(ctx context.Context, q string) error {
 			}
 			if len(body) != 1 || body[0] != 'I' {
 				return fmt.Errorf("upstream not idle after pgward's statement (status %q)", body)
+			}
+			if len(kept) > 0 {
+				uc.pre = append(kept, uc.pre...)
 			}
 			return nil
 		}

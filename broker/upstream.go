@@ -1,10 +1,12 @@
 package broker
 
 import (
+	"bytes"
 	"context"
 	"crypto/md5"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -89,6 +91,11 @@ type upstreamConn struct {
 	params     map[string]string
 	tls        bool
 	dialTarget string // network address, for cancel requests
+	// pre holds bytes the server sent that were read along with the end
+	// of the login (or of a statement of pgward's own) and belong to
+	// the client: they are read before conn (Read) and the relay starts
+	// with them.
+	pre []byte
 	// reuse is set when the connection may be parked at session end
 	// (upstreams.<name>.reuse); see reuse.go.
 	reuse *reuseState
@@ -149,7 +156,12 @@ func (u *upstream) connect(ctx context.Context, role string, cred secrets.Creden
 		tlsState = &st
 	}
 
-	fe := pgproto3.NewFrontend(conn, conn)
+	// The Frontend buffers what it reads; it reads through lr, which never
+	// hands it a byte past the message it is decoding, so what the server
+	// sent behind ReadyForQuery is left in lr for the relay.
+	lr := newLoginReader(conn)
+	defer lr.release()
+	fe := pgproto3.NewFrontend(lr, conn)
 	fe.SetMaxBodyLen(DefaultMaxMessageSize)
 	sp := &pgproto3.StartupMessage{ProtocolVersion: pgproto3.ProtocolVersionNumber, Parameters: map[string]string{
 		"user": user, "database": u.cfg.database(u.name),
@@ -266,8 +278,17 @@ func (u *upstream) connect(ctx context.Context, role string, cred secrets.Creden
 			if !stop() {
 				return nil, fmt.Errorf("upstream startup: %w", context.DeadlineExceeded)
 			}
+			if fe.ReadBufferLen() != 0 {
+				return nil, fmt.Errorf("%w: login reader handed out bytes past ReadyForQuery", errProtocol)
+			}
 			ok = true
 			uc.conn = conn
+			// Bytes read behind ReadyForQuery (a NoticeResponse, a
+			// ParameterStatus, a FATAL ErrorResponse…) are the start of
+			// what the relay forwards.
+			if rest := lr.rest(); len(rest) > 0 {
+				uc.pre = bytes.Clone(rest)
+			}
 			_ = conn.SetDeadline(time.Time{})
 			return uc, nil
 		case *pgproto3.ErrorResponse:
@@ -284,6 +305,97 @@ func (u *upstream) connect(ctx context.Context, role string, cred secrets.Creden
 		if err := fe.Flush(); err != nil {
 			return nil, fmt.Errorf("send to upstream during startup: %w", err)
 		}
+	}
+}
+
+// Read reads what the server sent: first pre, then conn. pgward's own
+// statements on the connection (reuse.go) read their answer through it, so
+// that bytes read ahead during the login keep their place in the stream.
+func (uc *upstreamConn) Read(p []byte) (int, error) {
+	if len(uc.pre) > 0 {
+		n := copy(p, uc.pre)
+		uc.pre = uc.pre[n:]
+		if len(uc.pre) == 0 {
+			uc.pre = nil
+		}
+		return n, nil
+	}
+	return uc.conn.Read(p)
+}
+
+// loginReader reads the upstream's side of the login. It reads from conn
+// as a buffered reader does (as much as one read returns, so a login costs
+// no more syscalls than through the Frontend's own buffer) but never hands
+// its caller a byte past the end of the current message: a
+// pgproto3.Frontend reading through it holds nothing when it has returned
+// ReadyForQuery, and whatever the server sent behind it in the same read is
+// in rest, not lost in the Frontend's buffer.
+type loginReader struct {
+	conn net.Conn
+	buf  *[]byte // borrowed from relayBufPool until release
+	r, w int     // (*buf)[r:w] read from conn, not yet handed out
+	left int64   // bytes of the current message not yet handed out; 0 at a boundary
+}
+
+func newLoginReader(c net.Conn) *loginReader {
+	return &loginReader{conn: c, buf: relayBufPool.Get().(*[]byte)}
+}
+
+func (lr *loginReader) Read(p []byte) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	if lr.left == 0 {
+		// At a message boundary: the header says where the message ends.
+		if err := lr.fill(5); err != nil {
+			return 0, err
+		}
+		b := *lr.buf
+		l := int64(int32(binary.BigEndian.Uint32(b[lr.r+1:])))
+		// An invalid length (< 4) is the Frontend's to report: hand
+		// it the header alone.
+		lr.left = 5
+		if l >= 4 {
+			lr.left = 1 + l
+		}
+	}
+	if lr.r == lr.w {
+		if err := lr.fill(1); err != nil {
+			return 0, err
+		}
+	}
+	n := min(int64(len(p)), lr.left, int64(lr.w-lr.r))
+	copy(p, (*lr.buf)[lr.r:lr.r+int(n)])
+	lr.r += int(n)
+	lr.left -= n
+	return int(n), nil
+}
+
+// fill reads from conn until at least k bytes are buffered.
+func (lr *loginReader) fill(k int) error {
+	if lr.w-lr.r >= k {
+		return nil
+	}
+	b := *lr.buf
+	if lr.r > 0 {
+		lr.w = copy(b, b[lr.r:lr.w])
+		lr.r = 0
+	}
+	m, err := io.ReadAtLeast(lr.conn, b[lr.w:], k-lr.w)
+	lr.w += m
+	return err
+}
+
+// rest is what was read and not handed out: at a message boundary, the
+// bytes the server sent behind the last message returned. It is valid
+// until release.
+func (lr *loginReader) rest() []byte { return (*lr.buf)[lr.r:lr.w] }
+
+// release returns the buffer.
+func (lr *loginReader) release() {
+	if lr.buf != nil {
+		relayBufPool.Put(lr.buf)
+		lr.buf = nil
 	}
 }
 

@@ -189,3 +189,55 @@ func (s *Server) Startups() [][]byte {
 	defer s.mu.Unlock()
 	return append([][]byte(nil), s.got...)
 }
+
+// ReadMessage reads one frontend message after the startup phase (type,
+// length, body) and returns its type and body.
+func ReadMessage(c net.Conn) (typ byte, body []byte, err error) {
+	var hdr [5]byte
+	if _, err := io.ReadFull(c, hdr[:]); err != nil {
+		return 0, nil, err
+	}
+	n := binary.BigEndian.Uint32(hdr[1:])
+	if n < 4 || n > 1<<20 {
+		return 0, nil, fmt.Errorf("faultpg: message %q with length %d", hdr[0], n)
+	}
+	body = make([]byte, n-4)
+	if _, err := io.ReadFull(c, body); err != nil {
+		return 0, nil, err
+	}
+	return hdr[0], body, nil
+}
+
+// PasswordLogin serves a login: it reads the StartupMessage, asks for a
+// cleartext password and accepts any, then ends the login with
+// AuthenticationOk, a few ParameterStatus, BackendKeyData (pid) and
+// ReadyForQuery 'I' followed by behind, all in ONE write: a server with
+// more to say right after the login (a notice, a terminate).
+func PasswordLogin(c net.Conn, pid uint32, behind []byte) error {
+	code, _, err := ReadPacket(c)
+	if err != nil {
+		return err
+	}
+	if code>>16 != 3 {
+		return fmt.Errorf("faultpg: expected a StartupMessage, got code %d", code)
+	}
+	if _, err := c.Write(Message('R', []byte{0, 0, 0, 3})); err != nil {
+		return err
+	}
+	typ, _, err := ReadMessage(c)
+	if err != nil {
+		return err
+	}
+	if typ != 'p' {
+		return fmt.Errorf("faultpg: expected a PasswordMessage, got %q", typ)
+	}
+	b := Message('R', []byte{0, 0, 0, 0})
+	for _, kv := range [][2]string{{"client_encoding", "UTF8"}, {"server_encoding", "UTF8"}, {"server_version", "17.0"}, {"standard_conforming_strings", "on"}, {"DateStyle", "ISO, MDY"}} {
+		b = append(b, Message('S', []byte(kv[0]+"\x00"+kv[1]+"\x00"))...)
+	}
+	key := binary.BigEndian.AppendUint32(nil, pid)
+	b = append(b, Message('K', key, []byte{0, 0, 0, 7})...)
+	b = append(b, Message('Z', []byte{'I'})...)
+	_, err = c.Write(append(b, behind...))
+	return err
+}
