@@ -42,6 +42,9 @@ unit:
 	@# The load test once more, for 60 s without -race, where RSS back to
 	@# baseline can be asserted (make soak: 500 sessions for 5 minutes).
 	PGWARD_SOAK_DURATION=60s $(GO) test -count=1 -timeout 5m -run '^TestLoadMixedTraffic$$' ./agent/
+	@# The idle-session scale test once more without -race: 10,000 sessions
+	@# (as many as RLIMIT_NOFILE allows) and RSS per session asserted.
+	$(GO) test -count=1 -timeout 5m -v -run '^TestIdleSessionsScale$$' ./cmd/pgward/
 
 fuzz-short:
 	@for t in $(FUZZ_TARGETS); do \

@@ -16,9 +16,16 @@ import (
 	"github.com/pgward/pgward/testenv"
 )
 
-// TestMain lets a test run this binary's CLI as another process (and uid).
+// TestMain lets a test run this binary's CLI as another process (and uid),
+// or the fake upstream of TestIdleSessionsScale.
 func TestMain(m *testing.M) {
+	if path := os.Getenv(envIdleUpstream); path != "" {
+		os.Exit(serveIdleUpstream(path))
+	}
 	if args := os.Getenv("PGWARD_CMD_CHILD"); args != "" {
+		if ack := os.Getenv(envGCAck); ack != "" {
+			freeOSMemoryOnSIGUSR1(ack)
+		}
 		os.Exit(run(strings.Fields(args), os.Stdout, os.Stderr))
 	}
 	os.Exit(m.Run())

@@ -1,5 +1,5 @@
 //go:build !race
 
-package broker
+package main
 
 const raceEnabled = false
