@@ -2,9 +2,7 @@ package agent
 
 import (
 	"context"
-	"encoding/binary"
 	"fmt"
-	"net"
 	"os"
 	"strconv"
 	"strings"
@@ -25,17 +23,10 @@ func TestCancelClientProcess(t *testing.T) {
 	f := strings.Fields(spec)
 	pid, _ := strconv.ParseUint(f[1], 10, 32)
 	key, _ := strconv.ParseUint(f[2], 10, 32)
-	c, err := net.Dial("unix", f[0])
-	if err != nil {
+	if err := testenv.SendCancel("unix", f[0], uint32(pid), uint32(key)); err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(2)
 	}
-	b := binary.BigEndian.AppendUint32(nil, 16)
-	b = binary.BigEndian.AppendUint32(b, 80877102)
-	b = binary.BigEndian.AppendUint32(b, uint32(pid))
-	b = binary.BigEndian.AppendUint32(b, uint32(key))
-	c.Write(b)
-	c.Read(make([]byte, 1))
 	os.Exit(0)
 }
 
@@ -45,7 +36,7 @@ func TestCancelFromAnotherUID(t *testing.T) {
 	testenv.RequireRoot(t)
 	h := newHarness(t, nil)
 	uid := testenv.UnprivilegedIDs(t, 1)[0]
-	bin, err := trHelperBinary()
+	bin, err := testenv.TestBinary()
 	if err != nil {
 		t.Fatal(err)
 	}

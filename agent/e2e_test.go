@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -392,7 +391,9 @@ func TestCancel(t *testing.T) {
 	}()
 	time.Sleep(200 * time.Millisecond)
 	for i := range 50 {
-		sendCancel(t, h.agent.SocketPath(), c2.PgConn().PID(), uint32(i)*7919+1)
+		if err := testenv.SendCancel("unix", h.agent.SocketPath(), c2.PgConn().PID(), uint32(i)*7919+1); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if err := <-res; err != nil {
 		t.Fatalf("a forged cancel key cancelled the query: %v", err)
@@ -400,20 +401,6 @@ func TestCancel(t *testing.T) {
 	if !strings.Contains(h.logs.String(), "cancel request with an unknown key") {
 		t.Fatal("forged cancel not logged")
 	}
-}
-
-func sendCancel(t *testing.T, socket string, pid, key uint32) {
-	c, err := net.Dial("unix", socket)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	b := binary.BigEndian.AppendUint32(nil, 16)
-	b = binary.BigEndian.AppendUint32(b, 80877102)
-	b = binary.BigEndian.AppendUint32(b, pid)
-	b = binary.BigEndian.AppendUint32(b, key)
-	_, _ = c.Write(b)
-	_, _ = c.Read(make([]byte, 1))
 }
 
 func TestSessionSemantics(t *testing.T) {

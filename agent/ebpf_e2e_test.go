@@ -1,12 +1,12 @@
 package agent
 
 import (
+	"bytes"
 	"fmt"
 	"os"
 	"os/exec"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -15,31 +15,27 @@ import (
 )
 
 // psqlIn runs psql as uid inside cg with a connection string, returning its output.
-func psqlIn(t *testing.T, cg trCgroup, uid uint32, conn string, env ...string) (string, error) {
+func psqlIn(t *testing.T, cg testenv.Cgroup, uid uint32, conn string, env ...string) (string, error) {
 	t.Helper()
-	dir, err := os.Open(cg.path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer dir.Close()
 	cmd := testenv.RunAs(uid, uid, "psql", "-XAt", "-c", "select current_user", conn)
 	cmd.Env = append(cmd.Env, "PGCONNECT_TIMEOUT=10")
 	cmd.Env = append(cmd.Env, env...)
-	if cmd.SysProcAttr == nil {
-		cmd.SysProcAttr = &syscall.SysProcAttr{}
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cg.Start(cmd); err != nil {
+		t.Fatal(err)
 	}
-	cmd.SysProcAttr.UseCgroupFD, cmd.SysProcAttr.CgroupFD = true, int(dir.Fd())
-	out, err := cmd.CombinedOutput()
-	return strings.TrimSpace(string(out)), err
+	err := cmd.Wait()
+	return strings.TrimSpace(out.String()), err
 }
 
-func ebpfHarness(t *testing.T, enforce bool, mutate func(h *harness, c *Config, cg trCgroup, uid uint32)) (*harness, trCgroup, uint32) {
+func ebpfHarness(t *testing.T, enforce bool, mutate func(h *harness, c *Config, cg testenv.Cgroup, uid uint32)) (*harness, testenv.Cgroup, uint32) {
 	t.Helper()
 	testenv.RequireRoot(t)
-	cg := newTrCgroup(t)
+	cg := testenv.NewCgroup(t, "")
 	uid := testenv.UnprivilegedIDs(t, 1)[0]
 	h := newHarness(t, func(h *harness, c *Config) {
-		c.EBPF = EBPFConfig{Enabled: "true", Cgroup: cg.path, Enforce: enforce}
+		c.EBPF = EBPFConfig{Enabled: "true", Cgroup: cg.Path, Enforce: enforce}
 		c.Principals["cg-client"] = broker.Principal{Match: broker.Selectors{UID: []uint32{uid}, Comm: broker.StringList{"psql"}}}
 		c.Grants = append(c.Grants, broker.Grant{Principal: "cg-client", Upstream: "orders", Roles: []string{testenv.ScramUser}})
 		if mutate != nil {
@@ -82,7 +78,7 @@ func TestEBPFAttestedSessionAndDirectConnects(t *testing.T) {
 		return p != nil && num(p["uid"]) == uint64(uid)
 	})
 	p := ev["process"].(map[string]any)
-	if p["attested"] != true || p["comm"] != "psql" || num(p["cgroup_id"]) != cg.id || num(p["start_time"]) == 0 || num(p["ns_pid"]) == 0 {
+	if p["attested"] != true || p["comm"] != "psql" || num(p["cgroup_id"]) != cg.ID || num(p["start_time"]) == 0 || num(p["ns_pid"]) == 0 {
 		t.Fatalf("process not attested by the kernel record: %v", p)
 	}
 	if ev["principal"] != "cg-client" {
@@ -150,7 +146,7 @@ func TestEBPFEnforcement(t *testing.T) {
 }
 
 func TestEBPFTCPListener(t *testing.T) {
-	h, cg, uid := ebpfHarness(t, false, func(_ *harness, c *Config, _ trCgroup, _ uint32) {
+	h, cg, uid := ebpfHarness(t, false, func(_ *harness, c *Config, _ testenv.Cgroup, _ uint32) {
 		c.Listen.TCP = "127.0.0.1:0"
 	})
 	port := h.agent.TCPAddr().(interface{ String() string }).String()
@@ -164,7 +160,7 @@ func TestEBPFTCPListener(t *testing.T) {
 		p, _ := ev["process"].(map[string]any)
 		return p != nil && num(p["uid"]) == uint64(uid) && ev["success"] == true
 	})
-	if p := ev["process"].(map[string]any); p["attested"] != true || num(p["cgroup_id"]) != cg.id {
+	if p := ev["process"].(map[string]any); p["attested"] != true || num(p["cgroup_id"]) != cg.ID {
 		t.Fatalf("TCP session identity: %v", p)
 	}
 	// A client outside the watched cgroup has no record: refused.
@@ -175,7 +171,7 @@ func TestEBPFTCPListener(t *testing.T) {
 }
 
 func TestEBPFRequireRecord(t *testing.T) {
-	h, cg, uid := ebpfHarness(t, false, func(_ *harness, c *Config, _ trCgroup, _ uint32) {
+	h, cg, uid := ebpfHarness(t, false, func(_ *harness, c *Config, _ testenv.Cgroup, _ uint32) {
 		c.Identity.RequireEBPF = true
 	})
 	// In the watched cgroup: attested, accepted.

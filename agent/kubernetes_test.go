@@ -18,7 +18,6 @@ import (
 	"k8s.io/client-go/kubernetes/fake"
 	k8stesting "k8s.io/client-go/testing"
 
-	"github.com/pgward/pgward/bpf"
 	"github.com/pgward/pgward/broker"
 	"github.com/pgward/pgward/testenv"
 )
@@ -322,26 +321,8 @@ audit: { path: /var/log/pgward/audit.jsonl }
 // carries the pod.
 func TestKubernetesPodIdentityEndToEnd(t *testing.T) {
 	testenv.RequireRoot(t)
-	root, err := bpf.Cgroup2Root()
-	if err != nil {
-		t.Skipf("no cgroup2: %v", err)
-	}
 	id := cgroupFixtures[0].id
-	parent, err := os.MkdirTemp(root, "pgward-k8s-")
-	if err != nil {
-		t.Fatalf("create cgroup: %v", err)
-	}
-	cgPath := filepath.Join(parent, "cri-containerd-"+id+".scope")
-	if err := os.Mkdir(cgPath, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		for _, d := range []string{cgPath, parent} {
-			for i := 0; os.Remove(d) != nil && i < 50; i++ {
-				time.Sleep(20 * time.Millisecond)
-			}
-		}
-	})
+	cg := testenv.NewCgroup(t, "").Child(t, "cri-containerd-"+id+".scope")
 	uid := testenv.UnprivilegedIDs(t, 1)[0]
 	client := fake.NewClientset(testPod("shop", "api-6d9f", "node-a", map[string]string{"app": "api"}, "containerd://"+id))
 	h := newHarness(t, func(h *harness, c *Config) {
@@ -359,7 +340,7 @@ func TestKubernetesPodIdentityEndToEnd(t *testing.T) {
 		resp.Body.Close()
 		return resp.StatusCode == 200
 	})
-	out, err := psqlIn(t, trCgroup{path: cgPath}, uid, h.dsn(testenv.ScramUser, "orders"))
+	out, err := psqlIn(t, cg, uid, h.dsn(testenv.ScramUser, "orders"))
 	if err != nil || out != testenv.ScramUser {
 		t.Fatalf("psql in the pod's container: %v %s", err, out)
 	}

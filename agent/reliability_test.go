@@ -3,7 +3,6 @@ package agent
 import (
 	"bufio"
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -192,12 +191,15 @@ func raiseNoFile(t testing.TB, n uint64) {
 		return
 	}
 	old := lim
+	if lim.Max < n && os.Geteuid() == 0 {
+		lim.Max = n // root may raise the hard limit (up to fs.nr_open)
+	}
 	lim.Cur = min(n, lim.Max)
 	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
 		t.Fatalf("raise RLIMIT_NOFILE to %d: %v", lim.Cur, err)
 	}
 	if lim.Cur < n {
-		t.Skipf("RLIMIT_NOFILE hard limit %d < %d", lim.Max, n)
+		testenv.SkipUnlessCI(t, "RLIMIT_NOFILE hard limit %d < %d", lim.Max, n)
 	}
 	t.Cleanup(func() { _ = syscall.Setrlimit(syscall.RLIMIT_NOFILE, &old) })
 }
@@ -368,20 +370,11 @@ func TestForgedCancelKeysCancelNothing(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			rng := rand.New(rand.NewPCG(uint64(w), 42))
-			b := make([]byte, 16)
 			for i := w; i < n; i += 16 {
-				s, err := net.Dial("unix", h.agent.SocketPath())
-				if err != nil {
-					t.Errorf("dial: %v", err)
+				if err := testenv.SendCancel("unix", h.agent.SocketPath(), pid, rng.Uint32()); err != nil {
+					t.Error(err)
 					return
 				}
-				binary.BigEndian.PutUint32(b, 16)
-				binary.BigEndian.PutUint32(b[4:], 80877102)
-				binary.BigEndian.PutUint32(b[8:], pid)
-				binary.BigEndian.PutUint32(b[12:], rng.Uint32())
-				s.Write(b)
-				s.Read(b[:1]) // the server hangs up without answering
-				s.Close()
 				sent.Add(1)
 			}
 		}()

@@ -118,7 +118,7 @@ func spoofListener(t *testing.T) (*net.UnixListener, string) {
 // returns the accepted connection and the helper's pid and euid as printed.
 func startHelper(t *testing.T, ln *net.UnixListener, uid uint32, mode, socket string, prefix ...string) (*net.UnixConn, *exec.Cmd, int, int) {
 	t.Helper()
-	bin, err := trHelperBinary()
+	bin, err := testenv.TestBinary()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -162,7 +162,7 @@ func TestSpoofSCMRightsAttributedToConnector(t *testing.T) {
 	testenv.RequireRoot(t)
 	h := newHarness(t, nil)
 	uid := testenv.UnprivilegedIDs(t, 1)[0]
-	bin, err := trHelperBinary()
+	bin, err := testenv.TestBinary()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -283,7 +283,7 @@ func TestSpoofSetuidHelper(t *testing.T) {
 	ln, path := spoofListener(t)
 	ids := testenv.UnprivilegedIDs(t, 2)
 	runner, owner := ids[0], ids[1]
-	bin, err := trHelperBinary()
+	bin, err := testenv.TestBinary()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -314,7 +314,7 @@ func TestSpoofSetuidHelper(t *testing.T) {
 	var pid, euid int
 	fmt.Fscanf(bufio.NewReader(out), "PID %d %d", &pid, &euid)
 	if euid != int(owner) {
-		t.Skipf("setuid bit not honoured here (euid %d; nosuid mount?)", euid)
+		testenv.SkipUnlessCI(t, "setuid bit not honoured here (euid %d; nosuid mount?)", euid)
 	}
 	id, err := (&Resolver{}).Resolve(context.Background(), c)
 	if err != nil {

@@ -1,23 +1,17 @@
 package agent
 
 import (
-	"bufio"
 	"container/list"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strings"
-	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -110,111 +104,26 @@ func TestTrackerLateEvent(t *testing.T) {
 
 // The tracker against the kernel: clients in a child cgroup, as other uids.
 
-type trCgroup struct {
-	path string
-	id   uint64
-}
-
-func newTrCgroup(t *testing.T) trCgroup {
-	t.Helper()
-	root, err := bpf.Cgroup2Root()
-	if err != nil {
-		t.Skipf("no cgroup2: %v", err)
-	}
-	dir, err := os.MkdirTemp(root, "pgward-tracker-")
-	if err != nil {
-		t.Fatalf("create cgroup: %v", err)
-	}
-	t.Cleanup(func() {
-		for i := 0; unix.Rmdir(dir) != nil && i < 50; i++ {
-			time.Sleep(20 * time.Millisecond)
-		}
-	})
-	var st unix.Stat_t
-	if err := unix.Stat(dir, &st); err != nil {
-		t.Fatal(err)
-	}
-	return trCgroup{dir, st.Ino}
-}
-
-// trHelperBinary is a copy of this test binary that any uid may execute.
-var trHelperBinary = sync.OnceValues(func() (string, error) {
-	self, err := os.Executable()
-	if err != nil {
-		return "", err
-	}
-	dir, err := os.MkdirTemp("", "pgward-tracker-client-")
-	if err != nil {
-		return "", err
-	}
-	if err := os.Chmod(dir, 0o755); err != nil {
-		return "", err
-	}
-	b, err := os.ReadFile(self)
-	if err != nil {
-		return "", err
-	}
-	path := filepath.Join(dir, "client")
-	return path, os.WriteFile(path, b, 0o755)
-})
-
+// trClient is a process that connected once, as startTrClient reports it.
 type trClient struct {
 	PID   int
 	Inode uint64
 	Errno int
-	cmd   *exec.Cmd
-	stdin io.WriteCloser
-	out   io.ReadCloser
 }
-
-const trMarker = "PGWARD-TRACKER-CLIENT "
 
 // startTrClient runs a process in cg, as uid:gid, that connects once to
 // network/addr, reports, and keeps the connection until the test ends.
-func startTrClient(t *testing.T, cg trCgroup, uid uint32, network, addr string) *trClient {
+func startTrClient(t *testing.T, cg testenv.Cgroup, uid uint32, network, addr string) *trClient {
 	t.Helper()
-	bin, err := trHelperBinary()
+	bin, err := testenv.TestBinary()
 	if err != nil {
 		t.Fatal(err)
 	}
-	dir, err := os.Open(cg.path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer dir.Close()
 	cmd := testenv.RunAs(uid, uid, bin, "-test.run=^TestTrackerClientProcess$")
 	cmd.Env = append(cmd.Env, "PGWARD_TRACKER_CLIENT="+network+" "+addr)
-	if cmd.SysProcAttr == nil {
-		cmd.SysProcAttr = &syscall.SysProcAttr{}
-	}
-	cmd.SysProcAttr.UseCgroupFD, cmd.SysProcAttr.CgroupFD = true, int(dir.Fd())
-	cmd.Stderr = os.Stderr
-	c := &trClient{cmd: cmd}
-	if c.stdin, err = cmd.StdinPipe(); err != nil {
-		t.Fatal(err)
-	}
-	if c.out, err = cmd.StdoutPipe(); err != nil {
-		t.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("start client: %v", err)
-	}
-	t.Cleanup(func() {
-		c.stdin.Close()
-		cmd.Wait()
-	})
-	sc := bufio.NewScanner(c.out)
-	for sc.Scan() {
-		if rest, ok := strings.CutPrefix(sc.Text(), trMarker); ok {
-			if err := json.Unmarshal([]byte(rest), c); err != nil {
-				t.Fatal(err)
-			}
-			c.PID = cmd.Process.Pid
-			return c
-		}
-	}
-	t.Fatalf("client reported nothing: %v", sc.Err())
-	return nil
+	c := &trClient{}
+	c.PID = testenv.StartChild(t, cg, cmd, c).Cmd.Process.Pid
+	return c
 }
 
 // TestTrackerClientProcess is the client that startTrClient runs.
@@ -251,10 +160,7 @@ func TestTrackerClientProcess(t *testing.T) {
 		errors.As(err, &errno)
 		res.Errno = int(errno)
 	}
-	b, _ := json.Marshal(res)
-	fmt.Printf("%s%s\n", trMarker, b)
-	io.Copy(io.Discard, os.Stdin)
-	os.Exit(0)
+	testenv.Report(res)
 }
 
 // runTracker starts a tracker on cg and runs it until the test ends.
@@ -281,7 +187,7 @@ func runTracker(t *testing.T, opts TrackerOptions) *Tracker {
 
 func TestTrackerUnix(t *testing.T) {
 	testenv.RequireRoot(t)
-	cg := newTrCgroup(t)
+	cg := testenv.NewCgroup(t, "")
 	ids := testenv.UnprivilegedIDs(t, 2)
 
 	dir, err := os.MkdirTemp("", "pgward-tracker-sock-")
@@ -298,7 +204,7 @@ func TestTrackerUnix(t *testing.T) {
 	defer ln.Close()
 	os.Chmod(path, 0o777)
 
-	tr := runTracker(t, TrackerOptions{CgroupPath: cg.path, Watch: []bpf.Endpoint{{Path: path}}})
+	tr := runTracker(t, TrackerOptions{CgroupPath: cg.Path, Watch: []bpf.Endpoint{{Path: path}}})
 
 	// Two clients of different uids connect before either is accepted: each
 	// accepted connection must match its own client exactly.
@@ -333,8 +239,8 @@ func TestTrackerUnix(t *testing.T) {
 		if r.Inode != peer || r.Inode != c.Inode {
 			t.Errorf("record inode %d, unix_diag peer %d, client socket %d", r.Inode, peer, c.Inode)
 		}
-		if r.CgroupID != cg.id || r.Comm != "client" || r.StartTime == 0 || r.NSPID != uint32(cred.Pid) {
-			t.Errorf("record %+v: want cgroup %d, comm client, start time, nspid %d", r.Event, cg.id, cred.Pid)
+		if r.CgroupID != cg.ID || r.Comm != "client" || r.StartTime == 0 || r.NSPID != uint32(cred.Pid) {
+			t.Errorf("record %+v: want cgroup %d, comm client, start time, nspid %d", r.Event, cg.ID, cred.Pid)
 		}
 	}
 
@@ -350,7 +256,7 @@ func TestTrackerUnix(t *testing.T) {
 	if ok, err := tr.AttestUnix(context.Background(), conn, &id); !ok || err != nil {
 		t.Fatalf("AttestUnix = %v, %v", ok, err)
 	}
-	if !id.Attested || id.CgroupID != cg.id || id.Comm != "client" || id.PID != int32(c.PID) {
+	if !id.Attested || id.CgroupID != cg.ID || id.Comm != "client" || id.PID != int32(c.PID) {
 		t.Errorf("attested identity %+v", id)
 	}
 
@@ -392,7 +298,7 @@ func peerCred(t *testing.T, conn *net.UnixConn) *unix.Ucred {
 
 func TestTrackerTCP(t *testing.T) {
 	testenv.RequireRoot(t)
-	cg := newTrCgroup(t)
+	cg := testenv.NewCgroup(t, "")
 	uid := testenv.UnprivilegedIDs(t, 1)[0]
 
 	ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
@@ -401,7 +307,7 @@ func TestTrackerTCP(t *testing.T) {
 	}
 	defer ln.Close()
 	addr := netip.MustParseAddrPort(ln.Addr().String())
-	tr := runTracker(t, TrackerOptions{CgroupPath: cg.path, Watch: []bpf.Endpoint{{TCP: addr}}})
+	tr := runTracker(t, TrackerOptions{CgroupPath: cg.Path, Watch: []bpf.Endpoint{{TCP: addr}}})
 
 	c := startTrClient(t, cg, uid, "tcp4", addr.String())
 	if c.Errno != 0 {
@@ -418,7 +324,7 @@ func TestTrackerTCP(t *testing.T) {
 	if !ok {
 		t.Fatalf("no record for %s -> %s", remote, addr)
 	}
-	if r.TGID != uint32(c.PID) || r.UID != uid || r.Src != remote || r.Inode != c.Inode || r.CgroupID != cg.id {
+	if r.TGID != uint32(c.PID) || r.UID != uid || r.Src != remote || r.Inode != c.Inode || r.CgroupID != cg.ID {
 		t.Errorf("record %+v, want pid %d uid %d from %s", r.Event, c.PID, uid, remote)
 	}
 
@@ -440,7 +346,7 @@ func TestTrackerTCP(t *testing.T) {
 
 func TestTrackerDirectConnects(t *testing.T) {
 	testenv.RequireRoot(t)
-	cg := newTrCgroup(t)
+	cg := testenv.NewCgroup(t, "")
 	uid := testenv.UnprivilegedIDs(t, 1)[0]
 
 	ln, err := net.ListenTCP("tcp4", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
@@ -461,7 +367,7 @@ func TestTrackerDirectConnects(t *testing.T) {
 
 	direct := make(chan ConnectRecord, 4)
 	tr := runTracker(t, TrackerOptions{
-		CgroupPath: cg.path,
+		CgroupPath: cg.Path,
 		Guard:      []bpf.Endpoint{{TCP: db}},
 		OnDirect:   func(r ConnectRecord) { direct <- r },
 	})
@@ -504,12 +410,34 @@ func TestTrackerDirectConnects(t *testing.T) {
 	}
 }
 
+// Without the privileges for eBPF, NewTracker says ErrEBPFUnavailable, which
+// `ebpf.enabled: auto` falls back on. As root (where eBPF is available) the
+// test runs itself again as an unprivileged uid, with
+// PGWARD_TRACKER_UNPRIVILEGED=1.
 func TestTrackerUnavailable(t *testing.T) {
-	if os.Geteuid() == 0 {
-		t.Skip("as root eBPF is available; this checks the unprivileged fallback")
+	child := os.Getenv("PGWARD_TRACKER_UNPRIVILEGED") == "1"
+	if os.Geteuid() == 0 && !child {
+		uid := testenv.UnprivilegedIDs(t, 1)[0]
+		bin, err := testenv.TestBinary()
+		if err != nil {
+			t.Fatal(err)
+		}
+		cmd := testenv.RunAs(uid, uid, bin, "-test.run=^TestTrackerUnavailable$", "-test.v")
+		cmd.Env = append(cmd.Env, "PGWARD_TRACKER_UNPRIVILEGED=1")
+		out, err := cmd.CombinedOutput()
+		if err != nil || !strings.Contains(string(out), "--- PASS: TestTrackerUnavailable") {
+			t.Fatalf("as uid %d: %v\n%s", uid, err, out)
+		}
+		return
 	}
-	_, err := NewTracker(TrackerOptions{}, slog.New(slog.DiscardHandler))
+	if child && os.Geteuid() == 0 {
+		t.Fatal("the unprivileged run of TestTrackerUnavailable runs as root")
+	}
+	tr, err := NewTracker(TrackerOptions{}, slog.New(slog.DiscardHandler))
+	if err == nil {
+		tr.Close()
+	}
 	if !errors.Is(err, ErrEBPFUnavailable) {
-		t.Errorf("NewTracker without privileges: %v, want ErrEBPFUnavailable", err)
+		t.Errorf("NewTracker as uid %d: %v, want ErrEBPFUnavailable", os.Geteuid(), err)
 	}
 }

@@ -9,6 +9,8 @@ import (
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
+
+	"github.com/pgward/pgward/testenv"
 )
 
 // BenchmarkConnectLoopback measures connect() to a loopback TCP listener from
@@ -19,8 +21,8 @@ import (
 // BPF statistics on, bpf-ns/connect is the programs' own run time per connect.
 func BenchmarkConnectLoopback(b *testing.B) {
 	requireRoot(b)
-	cg := newCgroup(b, "")
-	enterCgroup(b, cg)
+	cg := testenv.NewCgroup(b, "")
+	cg.Enter(b)
 
 	ln, err := net.Listen("tcp4", "127.0.0.1:0")
 	if err != nil {
@@ -58,7 +60,7 @@ func BenchmarkConnectLoopback(b *testing.B) {
 	if err == nil {
 		defer stats.Close()
 	}
-	p, err := Load(Options{CgroupPath: cg.path, ExemptTGID: uint32(os.Getpid())})
+	p, err := Load(Options{CgroupPath: cg.Path, ExemptTGID: uint32(os.Getpid())})
 	if err != nil {
 		b.Fatal(err)
 	}

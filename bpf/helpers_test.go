@@ -1,143 +1,41 @@
 package bpf
 
 import (
-	"bufio"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/netip"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"runtime"
 	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"testing"
-	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/pgward/pgward/testenv"
 )
 
-// Test helpers: a temporary child cgroup, and clients started in it as
-// separate processes (this test binary re-executed), as any uid.
+// Test helpers: clients started as separate processes (this test binary
+// re-executed, see testenv.StartChild) in a temporary cgroup, as any uid.
 
 func requireRoot(tb testing.TB) {
 	tb.Helper()
 	if os.Geteuid() != 0 {
-		tb.Skip("loading eBPF programs and creating cgroups needs root")
+		testenv.SkipUnlessCI(tb, "loading eBPF programs and creating cgroups needs root")
 	}
 }
-
-type cgroup struct {
-	path string
-	id   uint64 // the directory's inode: the cgroup v2 id
-}
-
-// newCgroup creates a temporary cgroup under parent ("" = the cgroup2 root).
-func newCgroup(tb testing.TB, parent string) cgroup {
-	tb.Helper()
-	if parent == "" {
-		root, err := Cgroup2Root()
-		if err != nil {
-			tb.Skipf("no cgroup2: %v", err)
-		}
-		parent = root
-	}
-	dir, err := os.MkdirTemp(parent, "pgward-test-")
-	if err != nil {
-		tb.Fatalf("create cgroup: %v", err)
-	}
-	tb.Cleanup(func() {
-		// Exited clients leave the cgroup asynchronously.
-		for i := 0; ; i++ {
-			err := unix.Rmdir(dir)
-			if err == nil || errors.Is(err, unix.ENOENT) {
-				return
-			}
-			if i == 50 {
-				tb.Errorf("remove cgroup %s: %v", dir, err)
-				return
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
-	})
-	var st unix.Stat_t
-	if err := unix.Stat(dir, &st); err != nil {
-		tb.Fatal(err)
-	}
-	return cgroup{path: dir, id: st.Ino}
-}
-
-// enterCgroup moves this whole test process into cg until the test ends.
-func enterCgroup(tb testing.TB, cg cgroup) {
-	tb.Helper()
-	b, err := os.ReadFile("/proc/self/cgroup")
-	if err != nil {
-		tb.Fatal(err)
-	}
-	var orig string
-	for _, line := range strings.Split(string(b), "\n") {
-		if rest, ok := strings.CutPrefix(line, "0::"); ok {
-			orig = rest
-		}
-	}
-	root, err := Cgroup2Root()
-	if err != nil {
-		tb.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(cg.path, "cgroup.procs"), []byte(strconv.Itoa(os.Getpid())), 0); err != nil {
-		tb.Fatalf("enter cgroup: %v", err)
-	}
-	tb.Cleanup(func() {
-		back := filepath.Join(root, orig, "cgroup.procs")
-		if err := os.WriteFile(back, []byte(strconv.Itoa(os.Getpid())), 0); err != nil {
-			tb.Errorf("leave cgroup: %v", err)
-		}
-	})
-}
-
-// helperBinary is a copy of this test binary that any uid may execute.
-var helperBinary = sync.OnceValues(func() (string, error) {
-	self, err := os.Executable()
-	if err != nil {
-		return "", err
-	}
-	dir, err := os.MkdirTemp("", "pgward-helper-")
-	if err != nil {
-		return "", err
-	}
-	if err := os.Chmod(dir, 0o755); err != nil {
-		return "", err
-	}
-	src, err := os.Open(self)
-	if err != nil {
-		return "", err
-	}
-	defer src.Close()
-	path := filepath.Join(dir, "client")
-	dst, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_EXCL, 0o755)
-	if err != nil {
-		return "", err
-	}
-	if _, err := io.Copy(dst, src); err != nil {
-		dst.Close()
-		return "", err
-	}
-	return path, dst.Close()
-})
 
 // clientSpec describes one client connect.
 type clientSpec struct {
-	Network string // tcp4, tcp6 or unix
-	Addr    string // ip:port or socket path
-	Comm    string // the connecting thread's name
-	Cgroup  cgroup // run in this cgroup
-	UID     uint32 // run as uid/gid (0: root)
+	Network string         // tcp4, tcp6 or unix
+	Addr    string         // ip:port or socket path
+	Comm    string         // the connecting thread's name
+	Cgroup  testenv.Cgroup // run in this cgroup
+	UID     uint32         // run as uid/gid (0: root)
 	GID     uint32
 	NewPID  bool // in a new pid namespace
 }
@@ -154,73 +52,34 @@ type clientResult struct {
 // client is a running client process; Close ends it.
 type client struct {
 	clientResult
-	cmd   *exec.Cmd
-	stdin io.WriteCloser
+	*testenv.Child
 }
-
-func (c *client) Close() error {
-	c.stdin.Close()
-	return c.cmd.Wait()
-}
-
-const helperMarker = "PGWARD-HELPER-RESULT "
 
 // startClient starts a client process that connects once, reports, and holds
 // its socket open until Close.
 func startClient(tb testing.TB, spec clientSpec) *client {
 	tb.Helper()
-	bin, err := helperBinary()
+	bin, err := testenv.TestBinary()
 	if err != nil {
 		tb.Fatalf("helper binary: %v", err)
 	}
-	dir, err := os.Open(spec.Cgroup.path)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	defer dir.Close()
-
-	cmd := exec.Command(bin, "-test.run=^TestHelperProcess$")
-	cmd.Env = append(os.Environ(),
+	cmd := testenv.RunAs(spec.UID, spec.GID, bin, "-test.run=^TestHelperProcess$")
+	cmd.Env = append(cmd.Env,
 		"PGWARD_HELPER=1",
 		"PGWARD_HELPER_NET="+spec.Network,
 		"PGWARD_HELPER_ADDR="+spec.Addr,
 		"PGWARD_HELPER_COMM="+spec.Comm,
 	)
-	cmd.Stderr = os.Stderr
-	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(dir.Fd())}
-	if spec.UID != 0 || spec.GID != 0 {
-		cmd.SysProcAttr.Credential = &syscall.Credential{Uid: spec.UID, Gid: spec.GID}
-	}
 	if spec.NewPID {
+		if cmd.SysProcAttr == nil {
+			cmd.SysProcAttr = &syscall.SysProcAttr{}
+		}
 		cmd.SysProcAttr.Cloneflags |= syscall.CLONE_NEWPID
 	}
-	stdin, err := cmd.StdinPipe()
-	if err != nil {
-		tb.Fatal(err)
-	}
-	stdout, err := cmd.StdoutPipe()
-	if err != nil {
-		tb.Fatal(err)
-	}
-	if err := cmd.Start(); err != nil {
-		tb.Fatalf("start client: %v", err)
-	}
-	c := &client{cmd: cmd, stdin: stdin}
-	tb.Cleanup(func() { c.Close() })
-
-	sc := bufio.NewScanner(stdout)
-	for sc.Scan() {
-		if rest, ok := strings.CutPrefix(sc.Text(), helperMarker); ok {
-			if err := json.Unmarshal([]byte(rest), &c.clientResult); err != nil {
-				tb.Fatal(err)
-			}
-			c.TGID = cmd.Process.Pid
-			go io.Copy(io.Discard, stdout)
-			return c
-		}
-	}
-	tb.Fatalf("client reported nothing: %v", sc.Err())
-	return nil
+	c := &client{}
+	c.Child = testenv.StartChild(tb, spec.Cgroup, cmd, &c.clientResult)
+	c.TGID = c.Cmd.Process.Pid
+	return c
 }
 
 // TestHelperProcess is the client that startClient runs.
@@ -234,10 +93,7 @@ func TestHelperProcess(t *testing.T) {
 		fmt.Fprintln(os.Stderr, "helper:", err)
 		os.Exit(2)
 	}
-	b, _ := json.Marshal(res)
-	fmt.Printf("%s%s\n", helperMarker, b)
-	io.Copy(io.Discard, os.Stdin)
-	os.Exit(0)
+	testenv.Report(res)
 }
 
 // helperConnect connects with raw system calls on the current (locked)

@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/pgward/pgward/testenv"
 )
 
 const (
@@ -92,8 +94,8 @@ func checkIdentity(tb testing.TB, e Event, c *client, spec clientSpec) {
 	if e.Comm != spec.Comm {
 		tb.Errorf("Comm = %q, want %q", e.Comm, spec.Comm)
 	}
-	if e.CgroupID != spec.Cgroup.id {
-		tb.Errorf("CgroupID = %d, want %d (%s)", e.CgroupID, spec.Cgroup.id, spec.Cgroup.path)
+	if e.CgroupID != spec.Cgroup.ID {
+		tb.Errorf("CgroupID = %d, want %d (%s)", e.CgroupID, spec.Cgroup.ID, spec.Cgroup.Path)
 	}
 	// /proc/<pid>/stat starttime is start_boottime in USER_HZ (100) ticks.
 	if got, want := e.StartTime/(1e9/100), procStartTime(tb, c.TGID); got != want {
@@ -164,8 +166,8 @@ func loadProbes(tb testing.TB, opts Options) *Probes {
 
 func TestProbeConnect(t *testing.T) {
 	requireRoot(t)
-	cg := newCgroup(t, "")
-	p := loadProbes(t, Options{CgroupPath: cg.path, ExemptTGID: uint32(os.Getpid())})
+	cg := testenv.NewCgroup(t, "")
+	p := loadProbes(t, Options{CgroupPath: cg.Path, ExemptTGID: uint32(os.Getpid())})
 	events := collect(t, p)
 
 	for _, want := range []string{ProgConnect4, ProgConnect6, ProgConnectUnix} {
@@ -275,7 +277,7 @@ func TestProbeConnect(t *testing.T) {
 		}
 
 		// The exempt process (this one) still connects, without an event.
-		enterCgroup(t, cg)
+		cg.Enter(t)
 		for _, network := range []string{"tcp", "unix"} {
 			addr := tcp.String()
 			if network == "unix" {
@@ -292,13 +294,13 @@ func TestProbeConnect(t *testing.T) {
 	})
 
 	t.Run("exempt cgroup", func(t *testing.T) {
-		child := newCgroup(t, cg.path)
+		child := testenv.NewCgroup(t, cg.Path)
 		ep := Endpoint{TCP: tcp}
 		if err := p.Guard(ep); err != nil {
 			t.Fatal(err)
 		}
 		defer p.Unguard(ep)
-		if err := p.SetExempt(uint32(os.Getpid()), child.id); err != nil {
+		if err := p.SetExempt(uint32(os.Getpid()), child.ID); err != nil {
 			t.Fatal(err)
 		}
 		defer p.SetExempt(uint32(os.Getpid()), 0)
@@ -340,7 +342,7 @@ func TestProbeConnect(t *testing.T) {
 	})
 
 	t.Run("watched abstract unix", func(t *testing.T) {
-		name := "@pgward-test-" + filepath.Base(cg.path)
+		name := "@pgward-test-" + filepath.Base(cg.Path)
 		listenUnix(t, name)
 		ep := Endpoint{Path: name}
 		if err := p.Watch(ep); err != nil {
@@ -392,10 +394,10 @@ func TestProbeConnect(t *testing.T) {
 // for Unix sockets when cgroup/connect_unix is missing (Linux < 6.7).
 func TestProbeUnixTracepointFallback(t *testing.T) {
 	requireRoot(t)
-	cg := newCgroup(t, "")
+	cg := testenv.NewCgroup(t, "")
 	testForceUnixFallback = true
 	defer func() { testForceUnixFallback = false }()
-	p := loadProbes(t, Options{CgroupPath: cg.path, ExemptTGID: uint32(os.Getpid()), Enforce: true})
+	p := loadProbes(t, Options{CgroupPath: cg.Path, ExemptTGID: uint32(os.Getpid()), Enforce: true})
 	if !slices.Contains(p.Attached(), ProgSysEnterConnect) || slices.Contains(p.Attached(), ProgConnectUnix) {
 		t.Fatalf("attached %v, skipped %v: want the tracepoint instead of connect_unix", p.Attached(), p.Skipped())
 	}
@@ -467,7 +469,7 @@ func TestProbeEndpoint(t *testing.T) {
 func TestCgroup2Root(t *testing.T) {
 	root, err := Cgroup2Root()
 	if err != nil {
-		t.Skipf("no cgroup2: %v", err)
+		testenv.SkipUnlessCI(t, "no cgroup2: %v", err)
 	}
 	var st unix.Statfs_t
 	if err := unix.Statfs(root, &st); err != nil || st.Type != unix.CGROUP2_SUPER_MAGIC {

@@ -12,6 +12,7 @@ import (
 
 	"github.com/pgward/pgward/broker"
 	"github.com/pgward/pgward/exporter"
+	"github.com/pgward/pgward/testenv"
 )
 
 // TestAuditDiskFullRecovers fills a real (tiny tmpfs) disk: writes fail with
@@ -19,11 +20,11 @@ import (
 // chain intact. Needs root to mount.
 func TestAuditDiskFullRecovers(t *testing.T) {
 	if os.Geteuid() != 0 {
-		t.Skip("needs root to mount a small tmpfs")
+		testenv.SkipUnlessCI(t, "needs root to mount a small tmpfs")
 	}
 	dir := t.TempDir()
 	if err := syscall.Mount("tmpfs", dir, "tmpfs", 0, "size=64k,mode=0700"); err != nil {
-		t.Skipf("cannot mount tmpfs (%v); runs where root may mount", err)
+		testenv.SkipUnlessCI(t, "cannot mount tmpfs (%v); runs where root may mount", err)
 	}
 	t.Cleanup(func() { _ = syscall.Unmount(dir, syscall.MNT_DETACH) })
 	filler := filepath.Join(dir, "filler")

@@ -4,7 +4,6 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
@@ -14,6 +13,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/pgward/pgward/exporter"
+	"github.com/pgward/pgward/testenv"
 )
 
 // TestMetricsDocumented fails when a registered pgward_ metric is missing
@@ -113,10 +113,7 @@ func promtool(t *testing.T) string {
 	if err == nil {
 		return p
 	}
-	if os.Getenv("CI") == "true" {
-		t.Fatal("promtool not found; CI must install it: apt-get install -y prometheus")
-	}
-	t.Skip("promtool not found; install it with: apt-get update && apt-get install -y prometheus")
+	testenv.SkipUnlessCI(t, "promtool not found; install it with: apt-get update && apt-get install -y prometheus")
 	return ""
 }
 

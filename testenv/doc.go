@@ -16,6 +16,14 @@
 //     certificates they issue.
 //   - RunAs, RequireRoot and UnprivilegedIDs: running commands as other
 //     uids, and skipping, with the reason, tests that need root.
+//   - SkipUnlessCI: a skip for what the machine lacks (root, cgroup2, a
+//     tool) that fails instead under CI=true, where every test must run.
+//   - NewCgroup: a temporary cgroup v2 directory to start processes in
+//     (Cgroup.Start) or move the test into (Cgroup.Enter).
+//   - TestBinary, StartChild and Report: a client in a process of its own,
+//     the test binary re-executed to run a hook test that reports as JSON.
+//   - SendCancel: a raw CancelRequest, as a client holding BackendKeyData
+//     sends it.
 //
 // # Lifecycle
 //

@@ -39,12 +39,13 @@ func RunAs(uid, gid uint32, name string, args ...string) *exec.Cmd {
 	return cmd
 }
 
-// RequireRoot skips the test unless it runs as root. CI runs as root, so
-// these tests never skip there.
+// RequireRoot skips the test unless it runs as root, and fails it under
+// CI=true (see SkipUnlessCI): CI runs as root, so these tests never skip
+// there.
 func RequireRoot(tb testing.TB) {
 	tb.Helper()
 	if os.Geteuid() != 0 {
-		tb.Skipf("needs root: runs processes as other uids (euid is %d); run `sudo go test` or in CI", os.Geteuid())
+		SkipUnlessCI(tb, "needs root: runs processes as other uids (euid is %d); run `sudo go test` or in CI", os.Geteuid())
 	}
 }
 
