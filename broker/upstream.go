@@ -117,6 +117,14 @@ var errAuthMethodRefused = errors.New("upstream asked for a refused authenticati
 // methods in the upstream's auth list are answered (libpq's require_auth):
 // a server that asks for anything else, or for nothing at all, is refused
 // before the secret is sent.
+//
+// Whatever reads the login must leave nothing behind when the relay takes
+// the connection over: no buffered bytes (see loginReader) and no other
+// reader. pgconn.Connect plus Hijack, as pgward once did, breaks the second
+// rule: when a login write is slow (a loaded machine), pgconn's background
+// reader starts, reads the login's answer, and can be left blocked in a
+// Read on the hijacked conn, where it takes the server's next answer and
+// the session hangs (issue 8).
 func (u *upstream) connect(ctx context.Context, role string, cred secrets.Credential, params map[string]string) (*upstreamConn, error) {
 	user := cred.User
 	if user == "" {
