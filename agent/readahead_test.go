@@ -2,8 +2,11 @@ package agent
 
 import (
 	"context"
+	"encoding/binary"
 	"fmt"
+	"io"
 	"net"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync/atomic"
@@ -245,5 +248,69 @@ func TestClientQueryPipelinedBehindStartup(t *testing.T) {
 	}
 	if row != "42" {
 		t.Fatalf("pipelined query: got row %q, want 42", row)
+	}
+}
+
+// Issue 8: a login whose last write is slow must leave no other reader on
+// the upstream connection. Here the password is 12 MiB and the fake server
+// answers the login (AuthenticationOk … ReadyForQuery) before it reads it,
+// as a loaded machine may deschedule the login right after its write.
+// pgward once logged in with pgconn.Connect and Hijack: the slow write
+// started pgconn's background reader, which read the login's answer, was
+// left blocked in a second Read on the hijacked conn, and took the answer
+// to the client's first statement — the session hung, both relay
+// goroutines parked reading.
+func TestSlowLoginWriteLeavesNoReaderBehind(t *testing.T) {
+	password := strings.Repeat("p", 12<<20) // more than the sockets buffer: the write blocks
+	fake := faultpg.Start(t, func(s *faultpg.Server, c net.Conn) error {
+		if _, _, err := faultpg.ReadPacket(c); err != nil {
+			return err
+		}
+		if _, err := c.Write(faultpg.Message('R', []byte{0, 0, 0, 3})); err != nil {
+			return err
+		}
+		// The client is now stuck writing its password: answer first.
+		time.Sleep(100 * time.Millisecond)
+		if _, err := c.Write(faultpg.AuthOKReady()); err != nil {
+			return err
+		}
+		time.Sleep(100 * time.Millisecond)
+		var hdr [5]byte
+		if _, err := io.ReadFull(c, hdr[:]); err != nil {
+			return err
+		}
+		if hdr[0] != 'p' {
+			return fmt.Errorf("fake upstream: expected a PasswordMessage, got %q", hdr[0])
+		}
+		if _, err := io.CopyN(io.Discard, c, int64(binary.BigEndian.Uint32(hdr[1:]))-4); err != nil {
+			return err
+		}
+		for {
+			typ, _, err := faultpg.ReadMessage(c)
+			if err != nil || typ == 'X' {
+				return err
+			}
+			out := append(faultpg.Message('C', []byte("SELECT 0\x00")), faultpg.Message('Z', []byte{'I'})...)
+			if _, err := c.Write(out); err != nil {
+				return err
+			}
+		}
+	})
+	h := newHarness(t, func(h *harness, c *Config) {
+		onFake(fake, nil)(h, c)
+		path := filepath.Join(h.dir, "slow-secrets.yaml")
+		if err := os.WriteFile(path, []byte("trap:\n  "+testenv.ScramUser+": { password: "+password+" }\n"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		c.Secrets.File.Path = path
+	})
+	c, _ := connectListening(t, h.dsn(testenv.ScramUser, "trap"))
+	for i := range 3 {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		_, err := c.Exec(ctx, "select 1")
+		cancel()
+		if err != nil {
+			t.Fatalf("statement %d after a slow login: %v (the answer went to another reader)", i, err)
+		}
 	}
 }
