@@ -73,7 +73,7 @@ type Agent struct {
 
 // New builds the agent and opens its listeners. It cleans up what it opened
 // when it fails.
-func New(ctx context.Context, opts Options) (a *Agent, err error) {
+func New(ctx context.Context, opts Options) (_ *Agent, err error) {
 	if opts.Config == nil {
 		return nil, errors.New("agent: no configuration")
 	}
@@ -81,7 +81,9 @@ func New(ctx context.Context, opts Options) (a *Agent, err error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	a = &Agent{log: log, cfg: opts.Config, cfgPath: opts.ConfigPath, notify: opts.Notifier}
+	// a is not the named result: a failure returns nil, and the deferred
+	// cleanup still needs a.
+	a := &Agent{log: log, cfg: opts.Config, cfgPath: opts.ConfigPath, notify: opts.Notifier}
 	defer func() {
 		if err != nil {
 			a.closeAll()
