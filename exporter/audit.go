@@ -163,6 +163,23 @@ type Audit struct {
 	flushT   *time.Timer
 	flushOn  bool // flushT is armed
 
+	// Group commit (write and fsync modes). A line is chained and staged
+	// in pend under mu; a caller that finds no write in flight becomes the
+	// writer: it takes everything staged, writes it with one write(2) (and
+	// one fsync) with mu released, and wakes the callers whose lines it
+	// wrote. Lines staged meanwhile go with the next write, so concurrent
+	// sessions share writes and mu is never held across that I/O. While
+	// writing, pendSize/pendSeq/pendPrev already describe the file as the
+	// write will leave it. The rare paths (reopen, cut, rotation) first let
+	// staged lines out (drainLocked) and then write under mu as before.
+	writing  bool
+	cond     sync.Cond // on mu: a write finished
+	waiters  []*waiter // callers of the durable lines in pend
+	pendDur  int       // durable lines in pend (pendN counts all)
+	spare    []byte    // the last batch's buffer, for the next pend
+	spareW   []*waiter
+	waiterPl sync.Pool
+
 	// async mode
 	amu     sync.RWMutex // guards sending on ch against Close
 	aclosed bool         // ch is closed; under amu
@@ -185,6 +202,8 @@ func OpenAudit(cfg AuditConfig, m *Metrics, log *slog.Logger) (*Audit, error) {
 	}
 	a := &Audit{cfg: cfg.WithDefaults(), log: log, metrics: m, open: openAuditFile}
 	a.pool.New = func() any { b := make([]byte, 0, 2048); return &b }
+	a.waiterPl.New = func() any { return new(waiter) }
+	a.cond.L = &a.mu
 	if err := a.recover(); err != nil {
 		return nil, err
 	}
@@ -327,10 +346,21 @@ func (a *Audit) commit(event int, body *[]byte) error {
 	}
 	a.mu.Lock()
 	var err error
-	if event == evQueryResult {
-		err = a.deferLocked(body)
-	} else {
-		err = a.writeLocked(body)
+	switch {
+	case a.unusualLocked(int64(len(*body))+110, event == evQueryResult):
+		a.drainLocked()
+		if event == evQueryResult {
+			err = a.deferLocked(body)
+		} else {
+			err = a.writeLocked(body)
+		}
+	case event == evQueryResult:
+		a.stageLocked(body)
+		a.armFlushLocked()
+	default:
+		a.stageLocked(body)
+		a.pendDur++
+		err = a.awaitLocked(1)
 	}
 	a.mu.Unlock()
 	a.putBuf(body)
@@ -343,14 +373,38 @@ func (a *Audit) commit(event int, body *[]byte) error {
 	return nil
 }
 
-// deferLocked chains a result line and keeps it for the next write. The
-// unusual cases (reopen, cut, rotation, a large backlog) write at once.
-func (a *Audit) deferLocked(body *[]byte) error {
-	if a.closed || a.f == nil || a.dirty || len(a.pend) > maxPendingBytes ||
-		(a.size > 0 && a.size+int64(len(*body))+110 > a.cfg.MaxSize) {
-		return a.writeLocked(body)
+// waiter is a caller waiting for its staged lines to be written.
+type waiter struct {
+	end   int // offset in pend just past its lines
+	lines int
+	done  bool
+	err   error
+}
+
+// unusualLocked says whether n more bytes must take the rare path: a closed
+// sink, a file to reopen or cut back, a rotation, or (result lines) a large
+// backlog.
+func (a *Audit) unusualLocked(n int64, result bool) bool {
+	return a.closed || a.f == nil || a.dirty ||
+		(a.size > 0 && a.size+n > a.cfg.MaxSize) ||
+		(result && len(a.pend) > maxPendingBytes)
+}
+
+// drainLocked returns once no write is in flight and no staged line has a
+// caller waiting for it, writing them itself if need be.
+func (a *Audit) drainLocked() {
+	for a.writing || len(a.waiters) > 0 {
+		if a.writing {
+			a.cond.Wait()
+			continue
+		}
+		_ = a.flushLocked()
 	}
-	if a.pendN == 0 {
+}
+
+// stageLocked chains a line and appends it to pend.
+func (a *Audit) stageLocked(body *[]byte) {
+	if a.pendN == 0 && !a.writing {
 		a.pendSize, a.pendSeq, a.pendPrev = a.size, a.seq, a.prev
 	}
 	line := appendIntField(*body, "seq", a.seq+1)
@@ -364,6 +418,11 @@ func (a *Audit) deferLocked(body *[]byte) error {
 	a.pend = append(append(a.pend, line...), '\n')
 	a.pendN++
 	a.size += int64(len(line)) + 1
+}
+
+// armFlushLocked makes sure staged result lines are written within
+// resultFlushDelay even when no durable write comes to take them.
+func (a *Audit) armFlushLocked() {
 	if !a.flushOn {
 		a.flushOn = true
 		if a.flushT == nil {
@@ -372,6 +431,139 @@ func (a *Audit) deferLocked(body *[]byte) error {
 			a.flushT.Reset(resultFlushDelay)
 		}
 	}
+}
+
+// awaitLocked waits until the durable lines just staged are written,
+// writing them (and whatever else is staged) itself when no write is in
+// flight. It returns what their write returned.
+func (a *Audit) awaitLocked(lines int) error {
+	w := a.waiterPl.Get().(*waiter)
+	*w = waiter{end: len(a.pend), lines: lines}
+	a.waiters = append(a.waiters, w)
+	for !w.done {
+		if a.writing {
+			a.cond.Wait()
+			continue
+		}
+		_ = a.flushLocked()
+	}
+	err := w.err
+	*w = waiter{}
+	a.waiterPl.Put(w)
+	return err
+}
+
+// flushLocked writes everything staged with one write(2) (and fsync) and
+// settles the callers waiting for it. mu is held on entry and on return but
+// released for the I/O; no write may be in flight.
+//
+// When the write fails (a full disk), what reached the file is cut off and
+// the lines are written again one by one, as far as they go: every line
+// before the first that fails stays, as it would have without group commit,
+// and the callers of those after it get the error. Lines staged while this
+// went on chain from lines that are no longer coming, so they fail too; the
+// chain is left as the file has it.
+func (a *Audit) flushLocked() error {
+	if a.pendN == 0 {
+		return nil
+	}
+	buf, ws, n := a.pend, a.waiters, a.pendN
+	baseSize, baseSeq, basePrev := a.pendSize, a.pendSeq, a.pendPrev
+	f := a.f
+	a.pend, a.waiters, a.spare, a.spareW = a.spare[:0], a.spareW[:0], nil, nil
+	a.pendN, a.pendDur = 0, 0
+	a.pendSize, a.pendSeq, a.pendPrev = a.size, a.seq, a.prev
+	a.writing = true
+	a.mu.Unlock()
+	kept, dirty, err := a.writeOut(f, buf, baseSize)
+	a.mu.Lock()
+	a.writing = false
+	if err == nil {
+		for _, w := range ws {
+			w.done = true
+		}
+		a.writeOK()
+	} else {
+		err = a.writeFailed(err)
+		a.dirty = a.dirty || dirty
+		lost := 0 // durable lines not written
+		for _, w := range ws {
+			w.done = true
+			if w.end > kept {
+				w.err = err
+				lost += w.lines
+			}
+		}
+		keptLines := bytes.Count(buf[:kept], []byte{'\n'})
+		dropped := (n - keptLines) - lost // result lines not written
+		// What was staged meanwhile chains from lines that were not written.
+		for _, w := range a.waiters {
+			w.done, w.err = true, err
+		}
+		dropped += a.pendN - a.pendDur
+		a.dropped(dropped)
+		a.size, a.seq, a.prev = baseSize+int64(kept), baseSeq+int64(keptLines), basePrev
+		if kept > 0 {
+			last := buf[:kept-1]
+			a.prev = sha256.Sum256(last[bytes.LastIndexByte(last, '\n')+1:])
+		}
+		a.pendSize, a.pendSeq, a.pendPrev = a.size, a.seq, a.prev
+		a.pend, a.waiters, a.pendN, a.pendDur = a.pend[:0], a.waiters[:0], 0, 0
+	}
+	clear(ws)
+	if cap(buf) <= 4*maxPendingBytes {
+		a.spare = buf[:0]
+	}
+	a.spareW = ws[:0]
+	a.cond.Broadcast()
+	return err
+}
+
+// writeOut writes buf (whole lines) at the end of f, which is size bytes
+// long, and fsyncs in fsync mode. On failure it cuts f back and writes the
+// lines one by one as far as they go; kept is how many bytes of buf are in
+// f, dirty says that f could not be cut back to size+kept. It runs without
+// mu (the caller holds the write: a.writing).
+func (a *Audit) writeOut(f auditFile, buf []byte, size int64) (kept int, dirty bool, err error) {
+	put := func(b []byte) (int, error) {
+		m, err := f.Write(b)
+		if err == nil && a.cfg.Durability == DurabilityFsync {
+			if err = f.Sync(); err != nil {
+				return len(b), fmt.Errorf("fsync: %w", err)
+			}
+		}
+		return m, err
+	}
+	m, err := put(buf)
+	if err == nil {
+		return len(buf), false, nil
+	}
+	if m > 0 && f.Truncate(size) != nil {
+		return 0, true, err
+	}
+	for kept < len(buf) {
+		line := buf[kept : kept+bytes.IndexByte(buf[kept:], '\n')+1]
+		m, lerr := put(line)
+		if lerr != nil {
+			if m > 0 && f.Truncate(size+int64(kept)) != nil {
+				dirty = true
+			}
+			return kept, dirty, lerr
+		}
+		kept += len(line)
+	}
+	return kept, false, nil // the write failed, its retry did not
+}
+
+// deferLocked chains a result line and keeps it for the next write. The
+// unusual cases (reopen, cut, rotation, a large backlog) write at once. No
+// write may be in flight (drainLocked).
+func (a *Audit) deferLocked(body *[]byte) error {
+	if a.unusualLocked(int64(len(*body))+110, true) {
+		return a.writeLocked(body)
+	}
+	a.stageLocked(body)
+	a.armFlushLocked()
 	return nil
 }
 
@@ -382,6 +574,9 @@ func (a *Audit) Flush() error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.flushOn = false
+	for a.writing {
+		a.cond.Wait()
+	}
 	if a.pendN == 0 || a.closed || a.f == nil {
 		return nil
 	}
@@ -391,14 +586,7 @@ func (a *Audit) Flush() error {
 		}
 		a.dirty = false
 	}
-	n, err := a.f.Write(a.pend)
-	if err != nil {
-		a.failPendLocked(n)
-		return a.writeFailed(err)
-	}
-	a.pend, a.pendN = a.pend[:0], 0
-	a.writeOK()
-	return nil
+	return a.flushLocked()
 }
 
 // retryPendLocked handles a failed write that began with the pending
@@ -434,9 +622,11 @@ func (a *Audit) failPendLocked(n int) {
 	}
 }
 
-// commitBatch writes the lines of bodies with one write(2) (and one fsync),
-// all or none: on an error nothing of the batch is in the file. In async
-// mode it queues each.
+// commitBatch writes the lines of bodies together (one write(2) and one
+// fsync, shared with other sessions' lines), and succeeds only if all of
+// them were written. On an error none of the statements may be forwarded;
+// a full disk may still have taken the first lines of the batch (audited,
+// never run: the safe side). In async mode it queues each.
 func (a *Audit) commitBatch(event int, bodies []*[]byte) error {
 	if a.ch != nil || len(bodies) == 1 {
 		var err error
@@ -447,8 +637,22 @@ func (a *Audit) commitBatch(event int, bodies []*[]byte) error {
 		}
 		return err
 	}
+	total := int64(0)
+	for _, b := range bodies {
+		total += int64(len(*b)) + 110
+	}
 	a.mu.Lock()
-	err := a.writeBatchLocked(bodies)
+	var err error
+	if a.unusualLocked(total, false) {
+		a.drainLocked()
+		err = a.writeBatchLocked(bodies)
+	} else {
+		for _, b := range bodies {
+			a.stageLocked(b)
+		}
+		a.pendDur += len(bodies)
+		err = a.awaitLocked(len(bodies))
+	}
 	a.mu.Unlock()
 	for _, b := range bodies {
 		a.putBuf(b)

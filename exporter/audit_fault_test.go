@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 
@@ -18,6 +19,7 @@ import (
 // fsync, while its switches are on — a disk that fills up and frees again.
 type faultyFile struct {
 	*os.File
+	writes    atomic.Int64 // Write calls
 	mu        sync.Mutex
 	failWrite bool
 	failSync  bool
@@ -31,6 +33,7 @@ func (f *faultyFile) set(write, sync, trunc bool) {
 }
 
 func (f *faultyFile) Write(p []byte) (int, error) {
+	f.writes.Add(1)
 	f.mu.Lock()
 	fail := f.failWrite
 	f.mu.Unlock()

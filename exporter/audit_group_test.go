@@ -1,0 +1,237 @@
+package exporter
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/pgward/pgward/broker"
+)
+
+// Sessions writing at once share write(2)s (group commit), and with the disk
+// failing on and off in the middle of it the promise holds line for line: a
+// statement whose Query returned nil is in the file, one whose Query failed
+// is not, and the chain verifies. Run it with -race.
+func TestAuditGroupCommitConcurrent(t *testing.T) {
+	for _, d := range []Durability{DurabilityWrite, DurabilityFsync} {
+		t.Run(string(d), func(t *testing.T) {
+			path := filepath.Join(t.TempDir(), "audit.jsonl")
+			a, err := OpenAudit(AuditConfig{Path: path, Durability: d}, nil, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			ff := &faultyFile{File: a.f.(*os.File)}
+			a.f = ff
+			obs := NewObserver(nil, nil, a)
+			ctx := context.Background()
+
+			// The disk fails for 1 ms in every 4, ten times, while 12
+			// sessions audit statements as fast as they can.
+			const sessions = 12
+			windows := make(chan struct{})
+			go func() {
+				defer close(windows)
+				for range 10 {
+					time.Sleep(3 * time.Millisecond)
+					ff.set(d == DurabilityWrite, d == DurabilityFsync, false)
+					time.Sleep(time.Millisecond)
+					ff.set(false, false, false)
+				}
+			}()
+			var mu sync.Mutex
+			ok := map[string]bool{} // "sid/index" → Query returned nil
+			var wg sync.WaitGroup
+			for s := range sessions {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					info := &broker.SessionInfo{RequestID: fmt.Sprintf("r%d", s), SessionID: fmt.Sprintf("s%d", s), Success: true}
+					for obs.SessionStart(ctx, info) != nil {
+						time.Sleep(100 * time.Microsecond) // started once the disk works
+					}
+					for i := int64(1); ; i++ {
+						select {
+						case <-windows:
+							return
+						default:
+						}
+						q := &broker.QueryEvent{Index: i, Text: "SELECT 1"}
+						err := obs.Query(ctx, info, q)
+						if err != nil && !errors.Is(err, ErrAuditUnavailable) {
+							t.Errorf("Query: %v", err)
+						}
+						mu.Lock()
+						ok[fmt.Sprintf("%s/%d", info.SessionID, i)] = err == nil
+						mu.Unlock()
+						if err == nil {
+							q.Success, q.Rows = true, 1
+							obs.QueryDone(ctx, info, q)
+						}
+					}
+				}()
+			}
+			wg.Wait()
+			if err := a.Close(); err != nil {
+				t.Fatal(err)
+			}
+
+			f, err := os.Open(path)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer f.Close()
+			n, err := Verify(f)
+			if err != nil {
+				t.Fatalf("Verify after %d lines: %v", n, err)
+			}
+			if _, err := f.Seek(0, 0); err != nil {
+				t.Fatal(err)
+			}
+			inFile := map[string]int{}
+			sc := bufio.NewScanner(f)
+			sc.Buffer(make([]byte, 1<<20), 1<<20)
+			for sc.Scan() {
+				var ev struct {
+					Event string `json:"event"`
+					SID   string `json:"sid"`
+					Index int64  `json:"query_index"`
+				}
+				if err := json.Unmarshal(sc.Bytes(), &ev); err != nil {
+					t.Fatal(err)
+				}
+				if ev.Event == EventQuery {
+					inFile[fmt.Sprintf("%s/%d", ev.SID, ev.Index)]++
+				}
+			}
+			succeeded, failed := 0, 0
+			for k, good := range ok {
+				switch {
+				case good && inFile[k] != 1:
+					t.Errorf("%s: Query returned nil but the file has it %d times", k, inFile[k])
+				case !good && inFile[k] != 0:
+					t.Errorf("%s: Query failed but the file has it", k)
+				}
+				if good {
+					succeeded++
+				} else {
+					failed++
+				}
+			}
+			if failed == 0 || succeeded == 0 {
+				t.Errorf("%d statements audited, %d refused: the test needs both", succeeded, failed)
+			}
+			t.Logf("%d lines verify; %d statements audited, %d refused while the disk failed; %d write(2) calls",
+				n, succeeded, failed, ff.writes.Load())
+		})
+	}
+}
+
+// budgetFile is a disk with room for limit bytes of audit file: a write
+// that does not fit writes what does and fails with ENOSPC.
+type budgetFile struct {
+	*os.File
+	limit int64
+}
+
+func (f *budgetFile) Write(p []byte) (int, error) {
+	st, err := f.File.Stat()
+	if err != nil {
+		return 0, err
+	}
+	room := f.limit - st.Size()
+	if int64(len(p)) <= room {
+		return f.File.Write(p)
+	}
+	n, _ := f.File.Write(p[:max(room, 0)])
+	return n, syscall.ENOSPC
+}
+
+// A batch that does not fit whole keeps the lines that do, in order: the
+// result lines waiting ahead of a statement are written, the statement is
+// refused, and the chain is the file's.
+func TestAuditGroupCommitPartialWrite(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.jsonl")
+	reg := prometheus.NewRegistry()
+	m := NewMetrics(reg)
+	a, err := OpenAudit(AuditConfig{Path: path, Durability: DurabilityWrite}, m, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	obs := NewObserver(nil, m, a)
+	ctx := context.Background()
+	s := &broker.SessionInfo{RequestID: "r", SessionID: "s", Success: true}
+	if err := obs.SessionStart(ctx, s); err != nil {
+		t.Fatal(err)
+	}
+	qs := make([]*broker.QueryEvent, 3)
+	for i := range qs {
+		qs[i] = &broker.QueryEvent{Index: int64(i + 1), Text: "SELECT 1"}
+		if err := obs.Query(ctx, s, qs[i]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	st, _ := os.Stat(path)
+	// Three result lines wait for the next durable write; the disk has room
+	// for two and a half of them.
+	for _, q := range qs {
+		q.Success, q.Rows = true, 1
+		obs.QueryDone(ctx, s, q)
+	}
+	a.mu.Lock()
+	lineLen := int64(len(a.pend)) / 3
+	a.f = &budgetFile{File: a.f.(*os.File), limit: st.Size() + lineLen*5/2}
+	a.mu.Unlock()
+	if err := obs.Query(ctx, s, &broker.QueryEvent{Index: 4, Text: "SELECT 4"}); !errors.Is(err, ErrAuditUnavailable) {
+		t.Fatalf("Query on a full disk: %v, want ErrAuditUnavailable", err)
+	}
+	a.mu.Lock()
+	a.f = a.f.(*budgetFile).File
+	a.mu.Unlock()
+	if err := obs.Query(ctx, s, &broker.QueryEvent{Index: 5, Text: "SELECT 5"}); err != nil {
+		t.Fatalf("Query once the disk has room: %v", err)
+	}
+	if err := a.Close(); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n, err := Verify(bytes.NewReader(b))
+	if err != nil {
+		t.Fatalf("Verify: %v", err)
+	}
+	// start, 3 queries, 2 results, query 5
+	if n != 7 {
+		t.Errorf("%d lines, want 7 (start, queries 1-3, two results, query 5):\n%s", n, b)
+	}
+	if c := strings.Count(string(b), `"event":"db.session.query.result"`); c != 2 {
+		t.Errorf("%d result lines in the file, want the 2 that fit", c)
+	}
+	if strings.Contains(string(b), "SELECT 4") {
+		t.Error("the refused statement's line is in the file")
+	}
+	var dropped float64
+	mfs, _ := reg.Gather()
+	for _, mf := range mfs {
+		if mf.GetName() == "pgward_audit_events_dropped_total" {
+			dropped = mf.GetMetric()[0].GetCounter().GetValue()
+		}
+	}
+	if v := dropped; v != 1 {
+		t.Errorf("audit_events_dropped_total = %v, want 1 (the result line that did not fit)", v)
+	}
+}
