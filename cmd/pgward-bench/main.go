@@ -49,6 +49,7 @@ func main() {
 	only := flag.String("workloads", "", "comma-separated subset of workloads: simple,extended,prepared,tpcb,connect")
 	cpuprofile := flag.String("cpuprofile", "", "write a CPU profile of the pgward process to this file")
 	decompose := flag.Bool("decompose", true, "also run select-only through pgward with audit durability async (pgw-async) and without statement audit lines (pgw-noaudit), to show what the audit costs")
+	flag.StringVar(&auditDir, "audit-dir", "", "directory for pgward's audit files (default: the bench's temporary directory, under $TMPDIR); put it on the file system production would use")
 	flag.Parse()
 	if err := run(*duration, *rounds, *clients, *scale, *only, *cpuprofile, *decompose); err != nil {
 		fmt.Fprintln(os.Stderr, "pgward-bench:", err)
@@ -251,6 +252,17 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 	return nil
 }
 
+// auditDir is -audit-dir: where the audit files go (default: beside the config).
+var auditDir string
+
+// auditPath is the audit file of the pgward whose config is in dir.
+func auditPath(dir string) string {
+	if auditDir == "" {
+		return filepath.Join(dir, "audit.jsonl")
+	}
+	return filepath.Join(auditDir, filepath.Base(dir)+"-audit.jsonl")
+}
+
 func writeAgentConfig(dir, path string, pg *testenv.Postgres, durability string) error {
 	secretsPath := filepath.Join(dir, "secrets.yaml")
 	if err := os.WriteFile(secretsPath, fmt.Appendf(nil, "bench:\n  %[1]s: { password: %[2]q }\nbenchreuse:\n  %[1]s: { password: %[2]q }\n", testenv.ScramUser, testenv.ScramPassword), 0o600); err != nil {
@@ -269,7 +281,7 @@ grants:
 limits: { auth_rate: 0, sessions_per_principal: 10000 }
 audit: { path: %[7]q, durability: %[8]s, parameters: full, max_size: 268435456, max_files: 2 }
 ebpf: { enabled: "false" }
-`, dir, pg.SocketPath(), testenv.Database, secretsPath, os.Getuid(), testenv.ScramUser, filepath.Join(dir, "audit.jsonl"), durability)
+`, dir, pg.SocketPath(), testenv.Database, secretsPath, os.Getuid(), testenv.ScramUser, auditPath(dir), durability)
 	return os.WriteFile(path, []byte(cfg), 0o600)
 }
 
