@@ -108,6 +108,15 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 		return err
 	}
 	defer os.RemoveAll(dir)
+	benchDir = dir
+	if auditDir != "" {
+		defer func() {
+			old, _ := filepath.Glob(filepath.Join(auditDir, filepath.Base(dir)+"-*audit.jsonl*"))
+			for _, f := range old {
+				os.Remove(f)
+			}
+		}()
+	}
 	if err := os.Chmod(dir, 0o755); err != nil {
 		return err
 	}
@@ -260,8 +269,14 @@ func auditPath(dir string) string {
 	if auditDir == "" {
 		return filepath.Join(dir, "audit.jsonl")
 	}
-	return filepath.Join(auditDir, filepath.Base(dir)+"-audit.jsonl")
+	// The bench's temporary directory names the files (pgwb-NNN-audit.jsonl,
+	// pgwb-NNN-pgw-async-audit.jsonl), so runs do not share them.
+	name := strings.ReplaceAll(strings.TrimPrefix(dir, filepath.Dir(benchDir)+"/"), "/", "-")
+	return filepath.Join(auditDir, name+"-audit.jsonl")
 }
+
+// benchDir is the bench's temporary directory.
+var benchDir string
 
 func writeAgentConfig(dir, path string, pg *testenv.Postgres, durability string) error {
 	secretsPath := filepath.Join(dir, "secrets.yaml")
