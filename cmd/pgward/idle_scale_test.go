@@ -87,7 +87,7 @@ func TestIdleSessionsScale(t *testing.T) {
 
 	// A real Postgres for the sanity session, when installed (CI requires it).
 	var pg *testenv.Postgres
-	if _, err := testenv.FindBinDir(); err == nil || os.Getenv("CI") == "true" {
+	if _, err := testenv.FindBinDir(); err == nil || testenv.InCI() {
 		pg = testenv.Require(t)
 	} else {
 		t.Logf("no PostgreSQL server binaries (%v): the real-Postgres session is left out", err)
