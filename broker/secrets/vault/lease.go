@@ -203,7 +203,7 @@ func (s *Source) watch(e *leaseEntry) {
 				e.capped = true
 				s.mu.Unlock()
 			case errors.Is(err, secrets.ErrNotFound):
-				s.end(e, ReasonRevoked)
+				s.end(e, s.goneReason(e))
 				return
 			default:
 				// Including 403: pgward's token may be between logins. A
@@ -219,7 +219,7 @@ func (s *Source) watch(e *leaseEntry) {
 			case err == nil:
 				nextCheck = time.Now().Add(check)
 			case errors.Is(err, secrets.ErrNotFound):
-				s.end(e, ReasonRevoked)
+				s.end(e, s.goneReason(e))
 				return
 			case errors.Is(err, secrets.ErrDenied) && !lookupWarned:
 				lookupWarned = true
@@ -232,6 +232,20 @@ func (s *Source) watch(e *leaseEntry) {
 			}
 		}
 	}
+}
+
+// goneReason says why a lease Vault no longer knows has ended. Our idea of
+// its end is Vault's plus the latency of the response that told us, so a
+// lease that vanishes in its last moments (the lesser of 1 s and a quarter
+// of its duration) has expired; one that vanishes earlier was revoked.
+func (s *Source) goneReason(e *leaseEntry) string {
+	s.mu.Lock()
+	left := time.Until(e.expires)
+	s.mu.Unlock()
+	if left <= min(time.Second, e.ttl0/4) {
+		return ReasonExpired
+	}
+	return ReasonRevoked
 }
 
 // renewLease asks for the lease's original duration again and records what
