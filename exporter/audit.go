@@ -467,6 +467,19 @@ func (a *Audit) flushLocked() error {
 	if a.pendN == 0 {
 		return nil
 	}
+	if a.f == nil || a.closed {
+		// Not reached: lines are staged only with a file open, and Close
+		// writes them before it closes. Fail them rather than write nowhere.
+		err := a.writeFailed(ErrAuditClosed)
+		for _, w := range a.waiters {
+			w.done, w.err = true, err
+		}
+		a.dropped(a.pendN - a.pendDur)
+		a.size, a.seq, a.prev = a.pendSize, a.pendSeq, a.pendPrev
+		a.pend, a.waiters, a.pendN, a.pendDur = a.pend[:0], a.waiters[:0], 0, 0
+		a.cond.Broadcast()
+		return err
+	}
 	buf, ws, n := a.pend, a.waiters, a.pendN
 	baseSize, baseSeq, basePrev := a.pendSize, a.pendSeq, a.pendPrev
 	f := a.f
@@ -917,7 +930,17 @@ func (a *Audit) Close() error {
 	_ = a.Flush()
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	// Lines staged since (a session still auditing) go out first; nothing
+	// may be writing when the file is closed.
+	for a.writing || (a.pendN > 0 && !a.closed && a.f != nil && !a.dirty) {
+		if a.writing {
+			a.cond.Wait()
+			continue
+		}
+		_ = a.flushLocked()
+	}
 	a.closed = true
+	_ = a.flushLocked() // fails what could not be written (never waits forever)
 	if a.flushT != nil {
 		a.flushT.Stop()
 	}

@@ -235,3 +235,82 @@ func TestAuditGroupCommitPartialWrite(t *testing.T) {
 		t.Errorf("audit_events_dropped_total = %v, want 1 (the result line that did not fit)", v)
 	}
 }
+
+// Close while sessions are auditing: no panic, no caller left waiting, and
+// every statement whose Query returned nil is in the file, which verifies.
+func TestAuditCloseWhileAuditing(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.jsonl")
+	a, err := OpenAudit(AuditConfig{Path: path, Durability: DurabilityWrite}, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	obs := NewObserver(nil, nil, a)
+	ctx := context.Background()
+	var mu sync.Mutex
+	audited := map[string]bool{}
+	var wg sync.WaitGroup
+	for s := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			info := &broker.SessionInfo{RequestID: fmt.Sprintf("r%d", s), SessionID: fmt.Sprintf("s%d", s), Success: true}
+			if obs.SessionStart(ctx, info) != nil {
+				return
+			}
+			for i := int64(1); ; i++ {
+				q := &broker.QueryEvent{Index: i, Text: "SELECT 1"}
+				if err := obs.Query(ctx, info, q); err != nil {
+					if !errors.Is(err, ErrAuditUnavailable) {
+						t.Errorf("Query after Close: %v", err)
+					}
+					return
+				}
+				mu.Lock()
+				audited[fmt.Sprintf("s%d/%d", s, i)] = true
+				mu.Unlock()
+				q.Success = true
+				obs.QueryDone(ctx, info, q)
+			}
+		}()
+	}
+	time.Sleep(20 * time.Millisecond)
+	if err := a.Close(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("sessions still waiting 10 s after Close")
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Verify(bytes.NewReader(b)); err != nil {
+		t.Fatalf("Verify: %v", err)
+	}
+	inFile := map[string]bool{}
+	for _, line := range bytes.Split(bytes.TrimSpace(b), []byte{'\n'}) {
+		var ev struct {
+			Event string `json:"event"`
+			SID   string `json:"sid"`
+			Index int64  `json:"query_index"`
+		}
+		if err := json.Unmarshal(line, &ev); err != nil {
+			t.Fatal(err)
+		}
+		if ev.Event == EventQuery {
+			inFile[fmt.Sprintf("%s/%d", ev.SID, ev.Index)] = true
+		}
+	}
+	for k := range audited {
+		if !inFile[k] {
+			t.Fatalf("%s was audited (Query returned nil) but is not in the file", k)
+		}
+	}
+	if len(audited) == 0 {
+		t.Fatal("no statement was audited before Close")
+	}
+}
