@@ -358,9 +358,10 @@ func (a *Audit) commit(event int, body *[]byte) error {
 		a.stageLocked(body)
 		a.armFlushLocked()
 	default:
+		start := len(a.pend)
 		a.stageLocked(body)
 		a.pendDur++
-		err = a.awaitLocked(1)
+		err = a.awaitLocked(start)
 	}
 	a.mu.Unlock()
 	a.putBuf(body)
@@ -375,10 +376,9 @@ func (a *Audit) commit(event int, body *[]byte) error {
 
 // waiter is a caller waiting for its staged lines to be written.
 type waiter struct {
-	end   int // offset in pend just past its lines
-	lines int
-	done  bool
-	err   error
+	start, end int // its lines are pend[start:end]
+	done       bool
+	err        error
 }
 
 // unusualLocked says whether n more bytes must take the rare path: a closed
@@ -436,9 +436,9 @@ func (a *Audit) armFlushLocked() {
 // awaitLocked waits until the durable lines just staged are written,
 // writing them (and whatever else is staged) itself when no write is in
 // flight. It returns what their write returned.
-func (a *Audit) awaitLocked(lines int) error {
+func (a *Audit) awaitLocked(start int) error {
 	w := a.waiterPl.Get().(*waiter)
-	*w = waiter{end: len(a.pend), lines: lines}
+	*w = waiter{start: start, end: len(a.pend)}
 	a.waiters = append(a.waiters, w)
 	for !w.done {
 		if a.writing {
@@ -504,7 +504,7 @@ func (a *Audit) flushLocked() error {
 			w.done = true
 			if w.end > kept {
 				w.err = err
-				lost += w.lines
+				lost += bytes.Count(buf[max(w.start, kept):w.end], []byte{'\n'})
 			}
 		}
 		keptLines := bytes.Count(buf[:kept], []byte{'\n'})
@@ -660,11 +660,12 @@ func (a *Audit) commitBatch(event int, bodies []*[]byte) error {
 		a.drainLocked()
 		err = a.writeBatchLocked(bodies)
 	} else {
+		start := len(a.pend)
 		for _, b := range bodies {
 			a.stageLocked(b)
 		}
 		a.pendDur += len(bodies)
-		err = a.awaitLocked(len(bodies))
+		err = a.awaitLocked(start)
 	}
 	a.mu.Unlock()
 	for _, b := range bodies {
@@ -760,7 +761,7 @@ func (a *Audit) writeLoop() {
 }
 
 func (a *Audit) dropped(n int) {
-	if a.metrics != nil {
+	if a.metrics != nil && n > 0 {
 		a.metrics.auditDropped.Add(float64(n))
 	}
 }

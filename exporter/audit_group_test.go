@@ -314,3 +314,53 @@ func TestAuditCloseWhileAuditing(t *testing.T) {
 		t.Fatal("no statement was audited before Close")
 	}
 }
+
+// A batch (the statements of one client read) that fits only in part: the
+// statements are refused, the lines that fit stay (audited, never run: the
+// safe side), nothing is counted as a dropped result line, and the chain
+// is the file's.
+func TestAuditBatchPartlyWritten(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.jsonl")
+	reg := prometheus.NewRegistry()
+	m := NewMetrics(reg)
+	a, err := OpenAudit(AuditConfig{Path: path, Durability: DurabilityWrite}, m, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	obs := NewObserver(nil, m, a)
+	ctx := context.Background()
+	s := &broker.SessionInfo{RequestID: "r", SessionID: "s", Success: true}
+	if err := obs.SessionStart(ctx, s); err != nil {
+		t.Fatal(err)
+	}
+	st, _ := os.Stat(path)
+	a.mu.Lock()
+	a.f = &budgetFile{File: a.f.(*os.File), limit: st.Size() + st.Size()*3/2} // room for 1.5 lines
+	a.mu.Unlock()
+	qs := []*broker.QueryEvent{
+		{Index: 1, Extended: true, Text: "SELECT 1"},
+		{Index: 2, Extended: true, Text: "SELECT 2"},
+		{Index: 3, Extended: true, Text: "SELECT 3"},
+	}
+	if err := obs.QueryBatch(ctx, s, qs); !errors.Is(err, ErrAuditUnavailable) {
+		t.Fatalf("QueryBatch on a nearly full disk: %v, want ErrAuditUnavailable", err)
+	}
+	a.mu.Lock()
+	a.f = a.f.(*budgetFile).File
+	a.mu.Unlock()
+	if err := a.Close(); err != nil {
+		t.Fatal(err)
+	}
+	b, _ := os.ReadFile(path)
+	n, err := Verify(bytes.NewReader(b))
+	if err != nil || n != 2 {
+		t.Fatalf("Verify = %d, %v; want 2 lines (the start, the batch's first statement):\n%s", n, err, b)
+	}
+	mfs, _ := reg.Gather()
+	for _, mf := range mfs {
+		if mf.GetName() == "pgward_audit_events_dropped_total" && mf.GetMetric()[0].GetCounter().GetValue() != 0 {
+			t.Errorf("audit_events_dropped_total = %v, want 0: no result line was waiting", mf.GetMetric()[0].GetCounter().GetValue())
+		}
+	}
+}
