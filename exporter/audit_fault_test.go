@@ -4,13 +4,10 @@ import (
 	"context"
 	"errors"
 	"os"
-	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
-
-	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/pgward/pgward/broker"
 )
@@ -76,18 +73,10 @@ func TestAuditWriteFailureRecovers(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			path := filepath.Join(t.TempDir(), "audit.jsonl")
-			reg := prometheus.NewRegistry()
-			m := NewMetrics(reg)
-			a, err := OpenAudit(AuditConfig{Path: path, Durability: tt.durability}, m, nil)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer a.Close()
+			path, a, obs, reg := sinkWithMetrics(t, tt.durability)
 			real := a.f.(*os.File)
 			ff := &faultyFile{File: real}
 			a.f = ff
-			obs := NewObserver(nil, m, a)
 			s := &broker.SessionInfo{RequestID: "r", SessionID: "s", Success: true}
 			ctx := context.Background()
 			query := func(i int64) error {
@@ -128,14 +117,7 @@ func TestAuditWriteFailureRecovers(t *testing.T) {
 			if err != nil || n != 4 {
 				t.Fatalf("Verify = %d, %v; want 4 lines (start, query 1, query 5, start 2) and an intact chain", n, err)
 			}
-			mfs, _ := reg.Gather()
-			var failures float64
-			for _, mf := range mfs {
-				if mf.GetName() == "pgward_audit_write_failures_total" {
-					failures = mf.GetMetric()[0].GetCounter().GetValue()
-				}
-			}
-			if failures != 4 {
+			if failures := counterValue(t, reg, "pgward_audit_write_failures_total"); failures != 4 {
 				t.Errorf("audit_write_failures_total = %v, want 4", failures)
 			}
 		})

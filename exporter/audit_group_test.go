@@ -162,15 +162,7 @@ func (f *budgetFile) Write(p []byte) (int, error) {
 // result lines waiting ahead of a statement are written, the statement is
 // refused, and the chain is the file's.
 func TestAuditGroupCommitPartialWrite(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "audit.jsonl")
-	reg := prometheus.NewRegistry()
-	m := NewMetrics(reg)
-	a, err := OpenAudit(AuditConfig{Path: path, Durability: DurabilityWrite}, m, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer a.Close()
-	obs := NewObserver(nil, m, a)
+	path, a, obs, reg := sinkWithMetrics(t, DurabilityWrite)
 	ctx := context.Background()
 	s := &broker.SessionInfo{RequestID: "r", SessionID: "s", Success: true}
 	if err := obs.SessionStart(ctx, s); err != nil {
@@ -224,14 +216,7 @@ func TestAuditGroupCommitPartialWrite(t *testing.T) {
 	if strings.Contains(string(b), "SELECT 4") {
 		t.Error("the refused statement's line is in the file")
 	}
-	var dropped float64
-	mfs, _ := reg.Gather()
-	for _, mf := range mfs {
-		if mf.GetName() == "pgward_audit_events_dropped_total" {
-			dropped = mf.GetMetric()[0].GetCounter().GetValue()
-		}
-	}
-	if v := dropped; v != 1 {
+	if v := counterValue(t, reg, "pgward_audit_events_dropped_total"); v != 1 {
 		t.Errorf("audit_events_dropped_total = %v, want 1 (the result line that did not fit)", v)
 	}
 }
@@ -320,15 +305,7 @@ func TestAuditCloseWhileAuditing(t *testing.T) {
 // safe side), nothing is counted as a dropped result line, and the chain
 // is the file's.
 func TestAuditBatchPartlyWritten(t *testing.T) {
-	path := filepath.Join(t.TempDir(), "audit.jsonl")
-	reg := prometheus.NewRegistry()
-	m := NewMetrics(reg)
-	a, err := OpenAudit(AuditConfig{Path: path, Durability: DurabilityWrite}, m, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer a.Close()
-	obs := NewObserver(nil, m, a)
+	path, a, obs, reg := sinkWithMetrics(t, DurabilityWrite)
 	ctx := context.Background()
 	s := &broker.SessionInfo{RequestID: "r", SessionID: "s", Success: true}
 	if err := obs.SessionStart(ctx, s); err != nil {
@@ -357,10 +334,40 @@ func TestAuditBatchPartlyWritten(t *testing.T) {
 	if err != nil || n != 2 {
 		t.Fatalf("Verify = %d, %v; want 2 lines (the start, the batch's first statement):\n%s", n, err, b)
 	}
-	mfs, _ := reg.Gather()
+	if v := counterValue(t, reg, "pgward_audit_events_dropped_total"); v != 0 {
+		t.Errorf("audit_events_dropped_total = %v, want 0: no result line was waiting", v)
+	}
+}
+
+// sinkWithMetrics opens a write-or-fsync audit sink in a temporary
+// directory, with a registry of its own and an observer on it; the sink is
+// closed at the end of the test.
+func sinkWithMetrics(t *testing.T, d Durability) (path string, a *Audit, obs *Observer, reg *prometheus.Registry) {
+	t.Helper()
+	path = filepath.Join(t.TempDir(), "audit.jsonl")
+	reg = prometheus.NewRegistry()
+	m := NewMetrics(reg)
+	a, err := OpenAudit(AuditConfig{Path: path, Durability: d}, m, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = a.Close() })
+	return path, a, NewObserver(nil, m, a), reg
+}
+
+// counterValue is the value of counter name in reg; the test fails when
+// reg has no such counter.
+func counterValue(t *testing.T, reg prometheus.Gatherer, name string) float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
 	for _, mf := range mfs {
-		if mf.GetName() == "pgward_audit_events_dropped_total" && mf.GetMetric()[0].GetCounter().GetValue() != 0 {
-			t.Errorf("audit_events_dropped_total = %v, want 0: no result line was waiting", mf.GetMetric()[0].GetCounter().GetValue())
+		if mf.GetName() == name && len(mf.GetMetric()) == 1 && mf.GetMetric()[0].Counter != nil {
+			return mf.GetMetric()[0].GetCounter().GetValue()
 		}
 	}
+	t.Fatalf("no counter %s", name)
+	return 0
 }
