@@ -107,7 +107,7 @@ func NewMetrics(reg *prometheus.Registry) *Metrics {
 	m.sessionsTotal = counter("sessions_total", "Sessions started.")
 	m.queries = counter("queries_total", "Statements forwarded upstream (simple Query, or Execute).")
 	m.auditWriteFailures = counter("audit_write_failures_total", "Audit lines that could not be written (or fsync'ed).")
-	m.auditDropped = counter("audit_events_dropped_total", "Audit events lost in async durability: queue full or write failed.")
+	m.auditDropped = counter("audit_events_dropped_total", "Audit events lost: in async durability, queue full or write failed; in write/fsync durability, result lines (db.session.query.result) whose write failed.")
 
 	dur := prometheus.NewHistogramVec(prometheus.HistogramOpts{
 		Namespace: namespace, Name: "request_duration_seconds",
