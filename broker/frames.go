@@ -11,7 +11,11 @@ import (
 // does not inspect (DataRow, CopyData…) pass through in pieces, so a large
 // message never needs a large buffer.
 type frameScanner struct {
-	want    [256]bool
+	want [256]bool
+	// peek: message types whose arrival matters but whose body does not;
+	// inspect gets them with a nil body as soon as the header is read, and
+	// the body streams through like any other.
+	peek    [256]bool
 	maxBody int
 	skip    int // bytes of the current uninspected message still to pass through
 	inspect func(typ byte, body []byte) error
@@ -42,6 +46,11 @@ func (f *frameScanner) scan(buf []byte) (fwd int, need int, err error) {
 		}
 		total := 1 + int(l)
 		if !f.want[typ] {
+			if f.peek[typ] {
+				if err := f.inspect(typ, nil); err != nil {
+					return i, 0, err
+				}
+			}
 			f.prev, f.last = f.last, typ
 			k := min(total, len(buf)-i)
 			i += k

@@ -110,8 +110,11 @@ type Param struct {
 	Value  []byte // nil is SQL NULL; only valid during the Observer call
 }
 
-// QueryEvent is one statement the client ran: a simple Query, or one Execute
-// of the extended protocol with the text remembered from its Parse.
+// QueryEvent is one statement the client ran: a simple Query, one Execute of
+// the extended protocol with the text of the statement its portal was bound
+// to, a Bind with no Execute read with it (BindOnly: planning with the bound
+// values can run functions), or a FunctionCall. Statement texts and names are
+// those the server has, as its answers showed (see broker/statements.go).
 //
 // The broker recycles QueryEvents: an Observer must not keep one (or its
 // Text or Params) after the Query or QueryDone call returns.
@@ -121,7 +124,12 @@ type QueryEvent struct {
 	Statement string // prepared statement name ("" = unnamed); extended protocol only
 	Portal    string
 	Extended  bool
-	Params    []Param // only valid during the Observer.Query call
+	// BindOnly: a Bind audited on its own, with no Execute read with it.
+	BindOnly bool
+	// FunctionOID is the function a FunctionCall runs (Params are its
+	// arguments); 0 otherwise.
+	FunctionOID uint32
+	Params      []Param // only valid during the Observer.Query call
 
 	Start time.Time
 	// Filled for QueryDone.

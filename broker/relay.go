@@ -3,16 +3,13 @@ package broker
 import (
 	"bytes"
 	"context"
-	"encoding/binary"
 	"errors"
-	"fmt"
 	"io"
 	"net"
 	"strconv"
 	"strings"
 	"sync"
 	"time"
-	"unsafe"
 
 	"github.com/jackc/pgx/v5/pgproto3"
 	"go.opentelemetry.io/otel/attribute"
@@ -21,121 +18,6 @@ import (
 )
 
 const relayBufSize = 32 << 10
-
-type pendingKind uint8
-
-const (
-	pendQuery    pendingKind = iota + 1 // simple Query or FunctionCall: ends at ReadyForQuery
-	pendExecute                         // ends at CommandComplete/EmptyQuery/PortalSuspended/Error
-	pendSync                            // a Sync: its ReadyForQuery closes what precedes it
-	pendDescribe                        // Describe of a statement: its ParameterDescription gives the types
-)
-
-type pending struct {
-	kind pendingKind
-	q    *QueryEvent
-	stmt *stmtInfo
-	span trace.Span
-}
-
-// stmtInfo is what Parse told us about a prepared statement.
-type stmtInfo struct {
-	text string
-	oids []uint32 // from Parse, completed by ParameterDescription
-}
-
-// portalInfo is what Bind told us; values live in buf.
-type portalInfo struct {
-	name   string
-	stmt   *stmtInfo
-	params []Param
-	buf    []byte
-	// pinned: an Execute of this read, not yet audited, points at params.
-	// A Bind to the same portal in the same read (a pipelined batch) then
-	// gets a portalInfo of its own rather than overwriting them.
-	pinned bool
-}
-
-// tracker follows the statements of a session for audit. The client pump
-// adds; the upstream pump completes. mu guards queue, free and stmt oids; it
-// is never held across I/O.
-type tracker struct {
-	mu      sync.Mutex
-	queue   []pending // queue[head:] are in flight
-	head    int
-	free    []*QueryEvent          // recycled events (steady state allocates none)
-	stmts   map[string]*stmtInfo   // client pump only (oids under mu)
-	portals map[string]*portalInfo // client pump only
-	tags    map[string]string      // interned command tags; upstream pump only
-	index   int64
-	pinned  []*portalInfo // portals an unaudited Execute points into; client pump only
-	spare   []*portalInfo // replaced portals, to reuse; client pump only
-}
-
-// unpin is called once the statements of a read were audited: their
-// parameters are no longer needed, so replaced portals may be reused.
-func (t *tracker) unpin() {
-	for i, pi := range t.pinned {
-		pi.pinned = false
-		if t.portals[pi.name] != pi && len(t.spare) < 16 {
-			t.spare = append(t.spare, pi)
-		}
-		t.pinned[i] = nil
-	}
-	t.pinned = t.pinned[:0]
-}
-
-func newTracker() *tracker {
-	return &tracker{stmts: map[string]*stmtInfo{}, portals: map[string]*portalInfo{}, tags: map[string]string{}}
-}
-
-func (t *tracker) push(p pending) {
-	t.mu.Lock()
-	t.queue = append(t.queue, p)
-	t.mu.Unlock()
-}
-
-// newEvent returns a cleared QueryEvent, recycled when possible.
-func (t *tracker) newEvent() *QueryEvent {
-	t.mu.Lock()
-	var q *QueryEvent
-	if k := len(t.free); k > 0 {
-		q = t.free[k-1]
-		t.free[k-1] = nil
-		t.free = t.free[:k-1]
-	}
-	t.mu.Unlock()
-	if q == nil {
-		return &QueryEvent{}
-	}
-	*q = QueryEvent{}
-	return q
-}
-
-// recycle takes back events the observer is done with.
-func (t *tracker) recycle(done []pending) {
-	t.mu.Lock()
-	for _, p := range done {
-		if p.q != nil && len(t.free) < 64 {
-			p.q.Params = nil
-			t.free = append(t.free, p.q)
-		}
-	}
-	t.mu.Unlock()
-}
-
-// tag returns the command tag b as a string, interned so that the usual
-// tags ("SELECT 1", "UPDATE 1") cost no allocation.
-func (t *tracker) tag(b []byte) string {
-	if s, ok := t.tags[string(b)]; ok {
-		return s
-	}
-	s := string(b)
-	if len(t.tags) < 256 {
-		t.tags[s] = s
-	}
-	return s
-}
 
 // run relays until either side ends, then ends the session. It owns both
 // connections from here on and closes them.
@@ -164,7 +46,7 @@ func (sess *session) run() {
 		}()
 	}
 
-	clientErr := sess.pumpClient(tr)
+	clientErr := sess.pumpClient(tr, upDone)
 	clientMu.Lock()
 	clientGone = true
 	clientMu.Unlock()
@@ -237,17 +119,20 @@ func (sess *session) run() {
 
 var errUpstreamGone = errors.New("upstream connection closed")
 
+// flushMessage is a Flush: it asks the server for the answers it holds.
+var flushMessage = []byte{'H', 0, 0, 0, 4}
+
 // errWithheld stops a scan at a client Terminate that is not forwarded.
 var errWithheld = errors.New("terminate withheld")
 
 // pumpClient copies client → upstream, auditing each statement before it is
 // forwarded. It returns nil when the client ended the session normally.
-func (sess *session) pumpClient(tr *tracker) error {
+// upDone is closed when the upstream pump has ended.
+func (sess *session) pumpClient(tr *tracker, upDone <-chan struct{}) error {
 	rd := newRelayReader(sess.client)
 	defer rd.release()
-	var events []*QueryEvent
 	fs := &frameScanner{maxBody: sess.srv.state.Load().cfg.Listen.maxMessageSize()}
-	for _, t := range []byte{'Q', 'P', 'B', 'E', 'C', 'F', 'S', 'D', 'X'} {
+	for _, t := range []byte{'Q', 'P', 'B', 'E', 'C', 'F', 'S', 'D', 'X', 'c', 'f'} {
 		fs.want[t] = true
 	}
 	terminated := false
@@ -264,28 +149,21 @@ func (sess *session) pumpClient(tr *tracker) error {
 			}
 			return errWithheld
 		}
-		q, err := sess.frontendMessage(tr, typ, body)
-		if err != nil {
+		if err := sess.frontendMessage(tr, typ, body); err != nil {
 			return err
 		}
 		if typ == 'X' {
 			terminated = true
-		}
-		if q != nil {
-			events = append(events, q)
 		}
 		return nil
 	}
 	batch, _ := sess.srv.obs.(QueryBatcher)
 	for {
 		m, rerr := rd.read()
-		if m > 0 {
-			for i := range events {
-				events[i] = nil
-			}
-			events = events[:0]
+		for m > 0 {
 			fwd, need, err := fs.scan(rd.pending())
-			if err == errWithheld {
+			barrier := err == errBarrier
+			if err == errWithheld || barrier {
 				err = nil
 			}
 			if err != nil {
@@ -296,8 +174,8 @@ func (sess *session) pumpClient(tr *tracker) error {
 			// Audit first: nothing reaches the database unaudited. The
 			// statements of one read are audited together, all durable
 			// before any of them is forwarded.
-			if len(events) > 0 {
-				if err := sess.audit(batch, events); err != nil {
+			if len(tr.batch) > 0 {
+				if err := sess.audit(batch, tr.batch); err != nil {
 					sess.log.Error("audit log unavailable: stopping this session", "err", err)
 					sess.terminate("audit_unavailable", CodeIOError, "pgward's audit log is unavailable, so the statement was not sent; the session is closed")
 					return err
@@ -312,10 +190,27 @@ func (sess *session) pumpClient(tr *tracker) error {
 				sess.srv.obs.RelayBytes(true, fwd)
 				rd.consume(fwd)
 			}
-			rd.reserve(need)
-			if terminated {
-				return nil
+			if len(tr.skipped) > 0 {
+				// Sent while the server discards messages until Sync.
+				sess.finish(tr, tr.skipped)
+				clear(tr.skipped)
+				tr.skipped = tr.skipped[:0]
 			}
+			if !barrier {
+				rd.reserve(need)
+				break
+			}
+			// The next message depends on answers the server has not sent:
+			// ask for them and wait, then read it again.
+			if _, err := sess.up.conn.Write(flushMessage); err != nil {
+				return errUpstreamGone
+			}
+			if !tr.waitAnswered(upDone) {
+				return errUpstreamGone
+			}
+		}
+		if terminated {
+			return nil
 		}
 		if rerr != nil {
 			if errors.Is(rerr, io.EOF) {
@@ -369,209 +264,6 @@ func (sess *session) audit(batch QueryBatcher, events []*QueryEvent) error {
 	return err
 }
 
-// frontendMessage records what a client message means for audit. It returns
-// a pending statement to audit before forwarding, or nil.
-func (sess *session) frontendMessage(tr *tracker, typ byte, body []byte) (*QueryEvent, error) {
-	bad := func(what string) error { return fmt.Errorf("%w: malformed %s message", errProtocol, what) }
-	switch typ {
-	case 'Q':
-		text, _, ok := cbytes(body)
-		if !ok {
-			return nil, bad("Query")
-		}
-		tr.index++
-		q := tr.newEvent()
-		// The text is only needed until the observer has audited it, before
-		// the buffer is reused: no copy.
-		q.Index, q.Text, q.Start, q.Rows = tr.index, unsafe.String(unsafe.SliceData(text), len(text)), time.Now(), -1
-		p := pending{kind: pendQuery, q: q}
-		p.span = sess.statementSpan(q)
-		tr.push(p)
-		return q, nil
-	case 'F':
-		if len(body) < 4 {
-			return nil, bad("FunctionCall")
-		}
-		tr.index++
-		oid := binary.BigEndian.Uint32(body)
-		q := tr.newEvent()
-		q.Index, q.Text, q.Start, q.Rows = tr.index, "<function call oid "+strconv.FormatUint(uint64(oid), 10)+">", time.Now(), -1
-		q.Extended = false
-		tr.push(pending{kind: pendQuery, q: q})
-		return q, nil
-	case 'P':
-		name, rest, ok := cbytes(body)
-		if !ok {
-			return nil, bad("Parse")
-		}
-		text, rest, ok := cbytes(rest)
-		if !ok || len(rest) < 2 {
-			return nil, bad("Parse")
-		}
-		np := int(binary.BigEndian.Uint16(rest))
-		rest = rest[2:]
-		if np < 0 || len(rest) < 4*np {
-			return nil, bad("Parse")
-		}
-		// Drivers re-Parse the same text (the unnamed statement, every
-		// time): keep what we know of it rather than allocate again.
-		if si := tr.stmts[string(name)]; si != nil && si.text == string(text) && sameDeclared(tr, si, rest[:4*np]) {
-			break
-		}
-		si := &stmtInfo{text: string(text), oids: make([]uint32, np)}
-		for i := range np {
-			si.oids[i] = binary.BigEndian.Uint32(rest[4*i:])
-		}
-		tr.stmts[string(name)] = si
-	case 'B':
-		portal, rest, ok := cbytes(body)
-		if !ok {
-			return nil, bad("Bind")
-		}
-		stmtName, rest, ok := cbytes(rest)
-		if !ok || len(rest) < 2 {
-			return nil, bad("Bind")
-		}
-		nf := int(binary.BigEndian.Uint16(rest))
-		rest = rest[2:]
-		if len(rest) < 2*nf+2 {
-			return nil, bad("Bind")
-		}
-		formats := rest[:2*nf]
-		rest = rest[2*nf:]
-		np := int(binary.BigEndian.Uint16(rest))
-		rest = rest[2:]
-		pi := tr.portals[string(portal)]
-		if pi == nil || pi.pinned {
-			if k := len(tr.spare); k > 0 {
-				pi = tr.spare[k-1]
-				tr.spare = tr.spare[:k-1]
-			} else {
-				pi = &portalInfo{}
-			}
-			pi.name = string(portal)
-			tr.portals[pi.name] = pi
-		}
-		pi.stmt = tr.stmts[string(stmtName)]
-		pi.params = pi.params[:0]
-		pi.buf = pi.buf[:0]
-		type span struct{ off, n int }
-		var offs [16]span
-		spans := offs[:0]
-		for i := range np {
-			if len(rest) < 4 {
-				return nil, bad("Bind")
-			}
-			l := int(int32(binary.BigEndian.Uint32(rest)))
-			rest = rest[4:]
-			var f int16
-			switch {
-			case nf == 1:
-				f = int16(binary.BigEndian.Uint16(formats))
-			case nf > i:
-				f = int16(binary.BigEndian.Uint16(formats[2*i:]))
-			}
-			var oid uint32
-			if pi.stmt != nil {
-				tr.mu.Lock()
-				if i < len(pi.stmt.oids) {
-					oid = pi.stmt.oids[i]
-				}
-				tr.mu.Unlock()
-			}
-			if l < 0 {
-				pi.params = append(pi.params, Param{OID: oid, Format: f})
-				spans = append(spans, span{-1, 0})
-				continue
-			}
-			if len(rest) < l {
-				return nil, bad("Bind")
-			}
-			spans = append(spans, span{len(pi.buf), l})
-			pi.buf = append(pi.buf, rest[:l]...)
-			rest = rest[l:]
-			pi.params = append(pi.params, Param{OID: oid, Format: f})
-		}
-		for i, sp := range spans {
-			if sp.off >= 0 {
-				pi.params[i].Value = pi.buf[sp.off : sp.off+sp.n : sp.off+sp.n]
-			}
-		}
-	case 'E':
-		portal, _, ok := cbytes(body)
-		if !ok {
-			return nil, bad("Execute")
-		}
-		tr.index++
-		q := tr.newEvent()
-		q.Index, q.Extended, q.Start, q.Rows = tr.index, true, time.Now(), -1
-		if len(portal) > 0 {
-			q.Portal = string(portal)
-		}
-		if pi := tr.portals[string(portal)]; pi != nil {
-			if pi.stmt != nil {
-				q.Text = pi.stmt.text
-			}
-			q.Params = pi.params
-			if !pi.pinned {
-				pi.pinned = true
-				tr.pinned = append(tr.pinned, pi)
-			}
-		}
-		p := pending{kind: pendExecute, q: q}
-		p.span = sess.statementSpan(q)
-		tr.push(p)
-		return q, nil
-	case 'C':
-		if len(body) < 2 {
-			return nil, bad("Close")
-		}
-		name, _, ok := cbytes(body[1:])
-		if !ok {
-			return nil, bad("Close")
-		}
-		if body[0] == 'S' {
-			delete(tr.stmts, string(name))
-		} else {
-			delete(tr.portals, string(name))
-		}
-	case 'D':
-		if len(body) < 2 {
-			return nil, bad("Describe")
-		}
-		if body[0] == 'S' {
-			name, _, ok := cbytes(body[1:])
-			if !ok {
-				return nil, bad("Describe")
-			}
-			if si := tr.stmts[string(name)]; si != nil {
-				tr.push(pending{kind: pendDescribe, stmt: si})
-			}
-		}
-	case 'S':
-		tr.push(pending{kind: pendSync})
-	}
-	return nil, nil
-}
-
-// sameDeclared reports whether the parameter types a Parse declares (raw,
-// 4 bytes each) agree with what is known of si: each declared type (0 is
-// "let the server choose") equals the known one.
-func sameDeclared(tr *tracker, si *stmtInfo, declared []byte) bool {
-	tr.mu.Lock()
-	defer tr.mu.Unlock()
-	np := len(declared) / 4
-	if np > len(si.oids) {
-		return false
-	}
-	for i := range np {
-		if d := binary.BigEndian.Uint32(declared[4*i:]); d != 0 && d != si.oids[i] {
-			return false
-		}
-	}
-	return true
-}
-
 // pumpUpstream copies upstream → client and completes audited statements.
 // When it ends it tells the client why if it can, at a message boundary.
 func (sess *session) pumpUpstream(tr *tracker, clientGone func() bool) {
@@ -583,6 +275,9 @@ func (sess *session) pumpUpstream(tr *tracker, clientGone func() bool) {
 	fs := &frameScanner{maxBody: sess.srv.state.Load().cfg.Listen.maxMessageSize()}
 	for _, t := range []byte{'C', 'E', 'I', 's', 'Z', 't'} {
 		fs.want[t] = true
+	}
+	for _, t := range []byte{'1', '2', '3', 'n', 'T', 'G', 'W'} {
+		fs.peek[t] = true
 	}
 	reusable := sess.up.reuse != nil
 	if reusable {
@@ -660,114 +355,6 @@ func (sess *session) pumpUpstream(tr *tracker, clientGone func() bool) {
 			return
 		}
 	}
-}
-
-// backendMessage completes pending statements from a server message and
-// appends the completed ones to done.
-func (sess *session) backendMessage(tr *tracker, typ byte, body []byte, done []pending) []pending {
-	tr.mu.Lock()
-	defer tr.mu.Unlock()
-	head := func() *pending {
-		if tr.head == len(tr.queue) {
-			return nil
-		}
-		return &tr.queue[tr.head]
-	}
-	pop := func() pending {
-		p := tr.queue[tr.head]
-		tr.queue[tr.head] = pending{}
-		tr.head++
-		if tr.head == len(tr.queue) {
-			// Empty: start again at the front, keeping the array.
-			tr.queue, tr.head = tr.queue[:0], 0
-		}
-		return p
-	}
-	switch typ {
-	case 't': // ParameterDescription
-		h := head()
-		if h == nil || h.kind != pendDescribe {
-			return done
-		}
-		p := pop()
-		if len(body) >= 2 {
-			np := int(binary.BigEndian.Uint16(body))
-			if len(body) >= 2+4*np {
-				oids := make([]uint32, np)
-				for i := range np {
-					oids[i] = binary.BigEndian.Uint32(body[2+4*i:])
-				}
-				p.stmt.oids = oids
-			}
-		}
-	case 'C', 'I', 's':
-		for h := head(); h != nil && h.kind == pendDescribe; h = head() {
-			pop()
-		}
-		h := head()
-		if h == nil {
-			return done
-		}
-		switch h.kind {
-		case pendQuery:
-			if typ == 'C' {
-				tag, _, _ := cbytes(body)
-				h.q.Tag = tr.tag(tag)
-				if r := rowsOf(h.q.Tag); r >= 0 {
-					if h.q.Rows < 0 {
-						h.q.Rows = 0
-					}
-					h.q.Rows += r
-				}
-			}
-		case pendExecute:
-			p := pop()
-			if typ == 'C' {
-				tag, _, _ := cbytes(body)
-				p.q.Tag = tr.tag(tag)
-				p.q.Rows = rowsOf(p.q.Tag)
-			}
-			if typ == 's' {
-				p.q.Tag = "suspended"
-			}
-			p.q.Success = true
-			done = append(done, p)
-		}
-	case 'E':
-		code, msg := errorFields(body)
-		h := head()
-		if h == nil {
-			return done
-		}
-		switch h.kind {
-		case pendQuery:
-			h.q.Code, h.q.Error = code, msg
-		case pendExecute, pendDescribe:
-			p := pop()
-			if p.q != nil {
-				p.q.Code, p.q.Error = code, msg
-				done = append(done, p)
-			}
-		}
-	case 'Z':
-		// Everything up to the first Sync (or the simple Query) is over.
-		for head() != nil {
-			p := pop()
-			switch p.kind {
-			case pendSync:
-				return done
-			case pendQuery:
-				p.q.Success = p.q.Code == ""
-				return append(done, p)
-			case pendExecute:
-				if p.q.Code == "" {
-					p.q.Code, p.q.Error = "", "not executed: an earlier message in the pipeline failed"
-				}
-				done = append(done, p)
-			}
-		}
-	}
-	return done
 }
 
 // finish reports completed statements.

@@ -84,6 +84,13 @@ func (o *stressObserver) Query(_ context.Context, s *SessionInfo, q *QueryEvent)
 			o.fail("session %s: extended statement %q with %d params", s.SessionID, strings.Clone(q.Text), len(q.Params))
 			return nil
 		}
+		if q.BindOnly {
+			// A Bind read apart from its Execute: audited on its own too.
+			if sid, _, _ := strings.Cut(string(q.Params[0].Value), ":"); sid != s.SessionID {
+				o.fail("session %s: bind of %q", s.SessionID, q.Params[0].Value)
+			}
+			return nil
+		}
 		o.check(s, string(q.Params[0].Value))
 		return nil
 	}
@@ -108,6 +115,9 @@ func (o *stressObserver) QueryBatch(ctx context.Context, s *SessionInfo, qs []*Q
 func (o *stressObserver) QueryDone(_ context.Context, s *SessionInfo, q *QueryEvent) {
 	if !q.Success {
 		o.fail("session %s: statement %d failed: %s %s", s.SessionID, q.Index, q.Code, q.Error)
+	}
+	if q.BindOnly {
+		return
 	}
 	o.mu.Lock()
 	o.done[s.SessionID]++

@@ -259,7 +259,7 @@ func (a *Audit) queryLine(now time.Time, h *sessionHeader, s *broker.SessionInfo
 	buf = appendBoolField(buf, "success", true)
 	text, secret := redactSQL(q.Text)
 	buf = appendStringField(buf, "db_query", text)
-	if q.Extended && a.cfg.Parameters != ParamsNone {
+	if (q.Extended || q.FunctionOID != 0) && a.cfg.Parameters != ParamsNone {
 		buf = appendKey(buf, "db_query_parameters")
 		buf = append(buf, '[')
 		for i, p := range q.Params {
@@ -275,6 +275,12 @@ func (a *Audit) queryLine(now time.Time, h *sessionHeader, s *broker.SessionInfo
 	if q.Extended {
 		buf = appendStringField(buf, "statement_name", q.Statement)
 		buf = appendStringField(buf, "portal_name", q.Portal)
+		if q.BindOnly {
+			buf = appendBoolField(buf, "bind_only", true)
+		}
+	}
+	if q.FunctionOID != 0 {
+		buf = appendIntField(buf, "function_oid", int64(q.FunctionOID))
 	}
 	*b = buf
 	return b
