@@ -1,0 +1,259 @@
+package agent
+
+import (
+	"context"
+	"encoding/binary"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgproto3"
+
+	"github.com/pgward/pgward/testenv"
+)
+
+// protoSession is a client that speaks the protocol message by message
+// through pgward, as a hostile but granted client would.
+type protoSession struct {
+	t  *testing.T
+	pc *pgconn.PgConn
+	fe *pgproto3.Frontend
+}
+
+func newProtoSession(t *testing.T, h *harness) *protoSession {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	pc, err := pgconn.Connect(ctx, h.dsn(testenv.ScramUser, "orders"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { pc.Close(context.Background()) })
+	return &protoSession{t: t, pc: pc, fe: pc.Frontend()}
+}
+
+// send writes msgs in one write and reads until as many ReadyForQuery as
+// the count given, returning the error codes seen.
+func (r *protoSession) send(readies int, msgs ...pgproto3.FrontendMessage) []string {
+	r.t.Helper()
+	for _, m := range msgs {
+		r.fe.Send(m)
+	}
+	if err := r.fe.Flush(); err != nil {
+		r.t.Fatal(err)
+	}
+	var codes []string
+	_ = r.pc.Conn().SetReadDeadline(time.Now().Add(15 * time.Second))
+	for readies > 0 {
+		m, err := r.fe.Receive()
+		if err != nil {
+			r.t.Fatalf("receive: %v", err)
+		}
+		switch m := m.(type) {
+		case *pgproto3.ErrorResponse:
+			codes = append(codes, m.Code)
+		case *pgproto3.ReadyForQuery:
+			readies--
+		}
+	}
+	return codes
+}
+
+// sessionQueries returns the db.session.query events of the session whose
+// statements include marker, with their results.
+func sessionQueries(t *testing.T, h *harness, marker string) (queries []map[string]any, results map[uint64]map[string]any) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		evs := h.auditEvents(t)
+		sid := ""
+		for _, ev := range evs {
+			if ev["event"] == "db.session.query" && ev["db_query"] == marker {
+				sid = asString(ev["sid"])
+			}
+		}
+		queries, results = nil, map[uint64]map[string]any{}
+		ended := false
+		for _, ev := range evs {
+			if sid == "" || ev["sid"] != sid {
+				continue
+			}
+			switch ev["event"] {
+			case "db.session.query":
+				queries = append(queries, ev)
+			case "db.session.query.result":
+				results[num(ev["query_ei"])] = ev
+			case "db.session.end":
+				ended = true
+			}
+		}
+		if ended {
+			return queries, results
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no ended session with statement %q in the audit", marker)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// executed returns the texts of the session's statements the audit says ran.
+func executed(queries []map[string]any, results map[uint64]map[string]any) []string {
+	var out []string
+	for _, q := range queries {
+		if q["bind_only"] == true {
+			continue
+		}
+		if r := results[num(q["ei"])]; r != nil && r["success"] == true {
+			out = append(out, asString(q["db_query"]))
+		}
+	}
+	return out
+}
+
+func countRows(t *testing.T, h *harness, table string) int {
+	t.Helper()
+	c := h.connect(t, testenv.ScramUser, "orders")
+	var n int
+	if err := c.QueryRow(context.Background(), "SELECT count(*) FROM "+table).Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// A Parse the server refuses (42P05: the name exists) must not change what
+// pgward believes the name holds: the Execute that follows runs the old
+// statement, and the audit must say so — in both directions (hiding an
+// INSERT behind a SELECT, and the other way round).
+func TestAuditRefusedParseKeepsOldStatement(t *testing.T) {
+	h := newHarness(t, nil)
+	if err := h.pg.Exec(context.Background(), "CREATE TABLE IF NOT EXISTS truth_parse (n int); GRANT ALL ON truth_parse TO "+testenv.ScramUser); err != nil {
+		t.Fatal(err)
+	}
+	before := countRows(t, h, "truth_parse")
+	r := newProtoSession(t, h)
+	marker := "SELECT 'truth-parse-marker'"
+	r.send(1, &pgproto3.Query{String: marker})
+	insert := "INSERT INTO truth_parse VALUES (1)"
+	if codes := r.send(1, &pgproto3.Parse{Name: "s1", Query: insert}, &pgproto3.Sync{}); len(codes) != 0 {
+		t.Fatalf("parse: %v", codes)
+	}
+	// One write: a Parse that fails (the name exists), its Sync, then a
+	// Bind/Execute of the name in the next segment.
+	codes := r.send(2,
+		&pgproto3.Parse{Name: "s1", Query: "SELECT 1"}, &pgproto3.Sync{},
+		&pgproto3.Bind{PreparedStatement: "s1"}, &pgproto3.Execute{}, &pgproto3.Sync{})
+	if len(codes) != 1 || codes[0] != "42P05" {
+		t.Fatalf("errors %v; want the server's 42P05 for the duplicate Parse", codes)
+	}
+	r.pc.Close(context.Background())
+	if n := countRows(t, h, "truth_parse"); n != before+1 {
+		t.Fatalf("rows %d, want %d: the INSERT should have run", n, before+1)
+	}
+	queries, results := sessionQueries(t, h, marker)
+	got := executed(queries, results)
+	if len(got) != 2 || got[0] != marker || got[1] != insert {
+		t.Fatalf("audit says these ran: %q; want the marker and %q", got, insert)
+	}
+	for _, q := range queries {
+		if q["db_query"] == insert && q["bind_only"] != true && q["statement_name"] != "s1" {
+			t.Errorf("statement_name %v; want s1", q["statement_name"])
+		}
+	}
+}
+
+// A Close the server skipped (after an error, until Sync) must not make
+// pgward forget the statement: the later Execute runs it, and the audit
+// names its text.
+func TestAuditSkippedCloseKeepsStatement(t *testing.T) {
+	h := newHarness(t, nil)
+	r := newProtoSession(t, h)
+	marker := "SELECT 'truth-close-marker'"
+	r.send(1, &pgproto3.Query{String: marker})
+	text := "SELECT 4242 AS kept"
+	r.send(1, &pgproto3.Parse{Name: "s1", Query: text}, &pgproto3.Sync{})
+	codes := r.send(2,
+		&pgproto3.Parse{Name: "bad", Query: "SELEC 1"}, &pgproto3.Close{ObjectType: 'S', Name: "s1"}, &pgproto3.Sync{},
+		&pgproto3.Bind{PreparedStatement: "s1"}, &pgproto3.Execute{}, &pgproto3.Sync{})
+	if len(codes) != 1 || codes[0] != "42601" {
+		t.Fatalf("errors %v; want only the syntax error", codes)
+	}
+	r.pc.Close(context.Background())
+	queries, results := sessionQueries(t, h, marker)
+	if got := executed(queries, results); len(got) != 2 || got[1] != text {
+		t.Fatalf("audit says these ran: %q; want the marker and %q", got, text)
+	}
+}
+
+// A Bind runs the planner with the bound values (which can run functions)
+// even with no Execute: it is audited before it is forwarded.
+func TestAuditBindWithoutExecute(t *testing.T) {
+	h := newHarness(t, nil)
+	r := newProtoSession(t, h)
+	marker := "SELECT 'truth-bind-marker'"
+	r.send(1, &pgproto3.Query{String: marker})
+	text := "SELECT $1::int + 1"
+	r.send(1, &pgproto3.Parse{Name: "b1", Query: text}, &pgproto3.Bind{PreparedStatement: "b1", Parameters: [][]byte{[]byte("41")}}, &pgproto3.Sync{})
+	r.pc.Close(context.Background())
+	queries, results := sessionQueries(t, h, marker)
+	var bind map[string]any
+	for _, q := range queries {
+		if q["bind_only"] == true {
+			bind = q
+		}
+	}
+	if bind == nil || bind["db_query"] != text || bind["statement_name"] != "b1" {
+		t.Fatalf("no bind_only event for the Bind: %v", queries)
+	}
+	params, _ := bind["db_query_parameters"].([]any)
+	if len(params) != 1 || fmt.Sprint(params[0].(map[string]any)["value"]) != "41" {
+		t.Fatalf("bind parameters %v", bind["db_query_parameters"])
+	}
+	if res := results[num(bind["ei"])]; res == nil || res["success"] != true {
+		t.Fatalf("bind result %v", res)
+	}
+}
+
+// FunctionCall runs a function by oid outside SQL text: its event carries
+// the oid and the arguments, under the parameters mode.
+func TestAuditFunctionCallArguments(t *testing.T) {
+	h := newHarness(t, nil)
+	r := newProtoSession(t, h)
+	marker := "SELECT 'truth-fcall-marker'"
+	r.send(1, &pgproto3.Query{String: marker})
+	var oid uint32
+	{
+		c := h.connect(t, testenv.ScramUser, "orders")
+		if err := c.QueryRow(context.Background(), "SELECT 'int4pl'::regproc::oid").Scan(&oid); err != nil {
+			t.Fatal(err)
+		}
+	}
+	arg := func(v uint32) []byte { return binary.BigEndian.AppendUint32(nil, v) }
+	codes := r.send(1, &pgproto3.FunctionCall{Function: oid, ArgFormatCodes: []uint16{1}, Arguments: [][]byte{arg(40), arg(2)}, ResultFormatCode: 1})
+	if len(codes) != 0 {
+		t.Fatalf("function call: %v", codes)
+	}
+	r.pc.Close(context.Background())
+	queries, _ := sessionQueries(t, h, marker)
+	var fc map[string]any
+	for _, q := range queries {
+		if q["function_oid"] != nil {
+			fc = q
+		}
+	}
+	if fc == nil || num(fc["function_oid"]) != uint64(oid) {
+		t.Fatalf("no FunctionCall event with the oid %d: %v", oid, queries)
+	}
+	params, _ := fc["db_query_parameters"].([]any)
+	if len(params) != 2 {
+		t.Fatalf("function call arguments %v", fc["db_query_parameters"])
+	}
+	// The argument types are not in the message: binary values of an
+	// unknown type are recorded as base64 (parameters: full).
+	for i, want := range []string{"AAAAKA==", "AAAAAg=="} {
+		if p := params[i].(map[string]any); p["format"] != "binary" || p["base64"] != want {
+			t.Errorf("argument %d: %v; want base64 %s", i, p, want)
+		}
+	}
+}
