@@ -57,6 +57,9 @@ fuzz-short:
 
 fuzz:
 	$(MAKE) fuzz-short FUZZTIME=5m
+	@# The differential audit test at length: thousands of random protocol
+	@# programs against the server's own statement log (make test runs 12).
+	PGWARD_DIFF_SESSIONS=3000 $(GO) test -count=1 -timeout 60m -run '^TestAuditMatchesServer$$' ./agent/
 
 # 500 concurrent sessions of mixed simple/extended/COPY traffic for 5
 # minutes (`make test` runs the same test with 100 sessions for 20s).
