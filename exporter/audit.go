@@ -60,6 +60,8 @@ type AuditConfig struct {
 	// MaxFiles is how many rotated files are kept besides the active one;
 	// 0 means DefaultAuditMaxFiles.
 	MaxFiles int `yaml:"max_files"`
+	// Checkpoint configures keyed checkpoints (off without a key).
+	Checkpoint CheckpointConfig `yaml:"checkpoint"`
 }
 
 // WithDefaults returns c with every zero field set to its default.
@@ -76,6 +78,7 @@ func (c AuditConfig) WithDefaults() AuditConfig {
 	if c.MaxFiles == 0 {
 		c.MaxFiles = DefaultAuditMaxFiles
 	}
+	c.Checkpoint = c.Checkpoint.withDefaults()
 	return c
 }
 
@@ -102,6 +105,7 @@ func (c AuditConfig) Validate() error {
 	if c.MaxFiles < 0 {
 		errs = append(errs, fmt.Errorf("audit.max_files: %d must not be negative", c.MaxFiles))
 	}
+	errs = append(errs, c.Checkpoint.validate()...)
 	return errors.Join(errs...)
 }
 
@@ -187,13 +191,37 @@ type Audit struct {
 	done    chan struct{}
 
 	pool sync.Pool // *[]byte line buffers
+
+	// Keyed checkpoints (checkpoint.go); cpOn is false without a key.
+	cpOn     bool
+	cpKey    CheckpointKey
+	cpNode   string
+	cpSince  int // lines chained since the last checkpoint; under mu
+	cpStop   chan struct{}
+	cpDone   chan struct{}
+	cpClosed sync.Once
+}
+
+// AuditOption adds an optional part to OpenAudit.
+type AuditOption func(*Audit)
+
+// WithCheckpointKey turns keyed checkpoints on (audit.checkpoint): the
+// chain head is signed with key every EveryLines lines or Every, before a
+// rotation and at Close, as an audit.checkpoint event, and each checkpoint
+// is also logged at INFO ("audit checkpoint") for a copy off the node.
+func WithCheckpointKey(key CheckpointKey) AuditOption {
+	return func(a *Audit) {
+		if key.valid() {
+			a.cpOn, a.cpKey = true, key
+		}
+	}
 }
 
 // OpenAudit opens (creating it 0600 if needed) the audit file of cfg and
 // continues its chain. m and log may be nil. A torn last line (a crash in the
 // middle of a write) is cut off with a warning; a last line that is not a
 // pgward audit event is an error: move the file aside.
-func OpenAudit(cfg AuditConfig, m *Metrics, log *slog.Logger) (*Audit, error) {
+func OpenAudit(cfg AuditConfig, m *Metrics, log *slog.Logger, opts ...AuditOption) (*Audit, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -204,6 +232,18 @@ func OpenAudit(cfg AuditConfig, m *Metrics, log *slog.Logger) (*Audit, error) {
 	a.pool.New = func() any { b := make([]byte, 0, 2048); return &b }
 	a.waiterPl.New = func() any { return new(waiter) }
 	a.cond.L = &a.mu
+	for _, o := range opts {
+		o(a)
+	}
+	if a.cpOn {
+		a.cpNode, _ = os.Hostname()
+		if a.cpNode == "" {
+			a.cpNode = "unknown"
+		}
+	} else {
+		log.Warn("audit checkpoints are off (no audit.checkpoint.key): the audit trail is unkeyed, so a file cut at a line boundary, extended or re-chained still verifies",
+			"path", a.cfg.Path)
+	}
 	if err := a.recover(); err != nil {
 		return nil, err
 	}
@@ -216,6 +256,10 @@ func OpenAudit(cfg AuditConfig, m *Metrics, log *slog.Logger) (*Audit, error) {
 		a.ch = make(chan *[]byte, asyncQueueLen)
 		a.done = make(chan struct{})
 		go a.writeLoop()
+	}
+	if a.cpOn {
+		a.cpStop, a.cpDone = make(chan struct{}), make(chan struct{})
+		go a.checkpointLoop()
 	}
 	return a, nil
 }
@@ -246,6 +290,9 @@ func (a *Audit) recover() error {
 			return fmt.Errorf("audit file %s: last line is not a pgward audit event (%w); move the file aside", path, err)
 		}
 		a.size, a.seq, a.prev = size, seq, sha256.Sum256(last)
+		if !bytes.HasPrefix(last, []byte(`{"event":"`+EventCheckpoint+`"`)) {
+			a.cpSince = 1 // the next checkpoint covers what is there
+		}
 		return nil
 	}
 	// Empty or new file: link to the newest rotated file, if any.
@@ -353,6 +400,7 @@ func (a *Audit) commit(event int, body *[]byte) error {
 			err = a.deferLocked(body)
 		} else {
 			err = a.writeLocked(body)
+			a.checkpointIfDueLocked()
 		}
 	case event == evQueryResult:
 		a.stageLocked(body)
@@ -361,7 +409,9 @@ func (a *Audit) commit(event int, body *[]byte) error {
 		start := len(a.pend)
 		a.stageLocked(body)
 		a.pendDur++
+		cp := a.stageCheckpointIfDueLocked()
 		err = a.awaitLocked(start)
+		a.checkpointDoneLocked(cp, err)
 	}
 	a.mu.Unlock()
 	a.putBuf(body)
@@ -414,6 +464,7 @@ func (a *Audit) stageLocked(body *[]byte) {
 	line = append(line, '"', '}')
 	a.prev = sha256.Sum256(line)
 	a.seq++
+	a.cpSince++
 	*body = line
 	a.pend = append(append(a.pend, line...), '\n')
 	a.pendN++
@@ -659,13 +710,16 @@ func (a *Audit) commitBatch(event int, bodies []*[]byte) error {
 	if a.unusualLocked(total, false) {
 		a.drainLocked()
 		err = a.writeBatchLocked(bodies)
+		a.checkpointIfDueLocked()
 	} else {
 		start := len(a.pend)
 		for _, b := range bodies {
 			a.stageLocked(b)
 		}
 		a.pendDur += len(bodies)
+		cp := a.stageCheckpointIfDueLocked()
 		err = a.awaitLocked(start)
+		a.checkpointDoneLocked(cp, err)
 	}
 	a.mu.Unlock()
 	for _, b := range bodies {
@@ -741,6 +795,7 @@ func (a *Audit) writeBatchLocked(bodies []*[]byte) error {
 		return a.writeFailed(err)
 	}
 	a.size += int64(len(*out) - len(a.pend))
+	a.cpSince += int(seq - a.seq)
 	a.seq, a.prev = seq, prev
 	a.pend, a.pendN = a.pend[:0], 0
 	a.writeOK()
@@ -752,6 +807,7 @@ func (a *Audit) writeLoop() {
 	for b := range a.ch {
 		a.mu.Lock()
 		err := a.writeLocked(b)
+		a.checkpointIfDueLocked()
 		a.mu.Unlock()
 		if err != nil {
 			a.dropped(1)
@@ -797,6 +853,36 @@ func (a *Audit) writeOK() {
 }
 
 func (a *Audit) writeLine(body *[]byte) error {
+	if err := a.prepareLocked(); err != nil {
+		return err
+	}
+	// Rotation needs the line's length first; the chain tail is ≤ 110 bytes.
+	if a.size > 0 && a.size+int64(len(*body))+110 > a.cfg.MaxSize {
+		if a.pendN > 0 {
+			// The waiting result lines belong to this file.
+			n, err := a.f.Write(a.pend)
+			if err != nil {
+				a.failPendLocked(n)
+				return err
+			}
+			a.pend, a.pendN = a.pend[:0], 0
+		}
+		// The last line of a file is a checkpoint over all of it.
+		if a.cpOn && a.cpSince > 0 {
+			if err := a.appendCheckpointLocked("rotation"); err != nil {
+				return err
+			}
+		}
+		if err := a.rotate(); err != nil {
+			return err
+		}
+	}
+	return a.appendLine(body)
+}
+
+// prepareLocked makes the file ready for a write: open, and cut back to its
+// last complete line. a.mu is held.
+func (a *Audit) prepareLocked() error {
 	if a.closed {
 		return ErrAuditClosed
 	}
@@ -817,23 +903,14 @@ func (a *Audit) writeLine(body *[]byte) error {
 		}
 		a.dirty = false
 	}
+	return nil
+}
+
+// appendLine chains body and writes it (with the waiting result lines) at
+// the end of the current file. a.mu is held; prepareLocked succeeded.
+func (a *Audit) appendLine(body *[]byte) error {
 	line := *body
 	bodyLen := len(line)
-	// Rotation needs the line's length first; the chain tail is ≤ 110 bytes.
-	if a.size > 0 && a.size+int64(bodyLen)+110 > a.cfg.MaxSize {
-		if a.pendN > 0 {
-			// The waiting result lines belong to this file.
-			n, err := a.f.Write(a.pend)
-			if err != nil {
-				a.failPendLocked(n)
-				return err
-			}
-			a.pend, a.pendN = a.pend[:0], 0
-		}
-		if err := a.rotate(); err != nil {
-			return err
-		}
-	}
 	line = appendIntField(line, "seq", a.seq+1)
 	line = appendKey(line, "prev_hash")
 	line = append(line, '"')
@@ -875,6 +952,7 @@ func (a *Audit) writeLine(body *[]byte) error {
 	a.pend, a.pendN = a.pend[:0], 0
 	a.size += int64(len(line))
 	a.seq++
+	a.cpSince++
 	a.prev = sum
 	return nil
 }
@@ -919,6 +997,10 @@ func (a *Audit) rotate() error {
 
 // Close flushes queued events (async), syncs and closes the file. It is idempotent.
 func (a *Audit) Close() error {
+	if a.cpOn {
+		a.cpClosed.Do(func() { close(a.cpStop) })
+		<-a.cpDone
+	}
 	if a.ch != nil {
 		a.amu.Lock()
 		if !a.aclosed {
@@ -939,6 +1021,9 @@ func (a *Audit) Close() error {
 			continue
 		}
 		_ = a.flushLocked()
+	}
+	if a.cpOn && a.cpSince > 0 && !a.closed && a.prepareLocked() == nil {
+		_ = a.appendCheckpointLocked("shutdown")
 	}
 	a.closed = true
 	_ = a.flushLocked() // fails what could not be written (never waits forever)

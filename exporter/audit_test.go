@@ -537,8 +537,10 @@ func TestAuditDocExamples(t *testing.T) {
 		t.Fatalf("doc examples do not verify as one chain: %d, %v", n, err)
 	}
 
-	fx := newFixture(t, exporter.AuditConfig{Parameters: exporter.ParamsFull})
+	key, _, _ := testKey(t)
+	fx := newSigned(t, exporter.AuditConfig{Parameters: exporter.ParamsFull}, key)
 	exampleEvents(t, fx)
+	fx.audit.Close() // the shutdown checkpoint
 	keys := func(m map[string]any) string {
 		var ks []string
 		for k, v := range m {
@@ -570,7 +572,7 @@ func TestAuditDocExamples(t *testing.T) {
 	}
 	for _, code := range []string{exporter.CodeSessionStart, exporter.CodeSessionDenied, exporter.CodeSessionEnd,
 		exporter.CodeQuery, exporter.CodeQueryResult, exporter.CodeQueryResultError, exporter.CodeCancel,
-		exporter.CodeCancelRejected, exporter.CodeDirectConnect, exporter.CodeDirectConnectBlock} {
+		exporter.CodeCancelRejected, exporter.CodeDirectConnect, exporter.CodeDirectConnectBlock, exporter.CodeCheckpoint} {
 		if !seen[code] {
 			t.Errorf("no example of %s in docs/audit-events.md", code)
 		}

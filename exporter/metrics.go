@@ -31,6 +31,7 @@ const (
 	evQueryResult
 	evCancel
 	evDirect
+	evCheckpoint
 	numEvents
 )
 
@@ -41,6 +42,7 @@ var eventNames = [numEvents]string{
 	evQueryResult:  EventQueryResult,
 	evCancel:       EventCancel,
 	evDirect:       EventDirect,
+	evCheckpoint:   EventCheckpoint,
 }
 
 var stages = []broker.Stage{broker.StageTotal, broker.StageIdentity, broker.StageCredentials, broker.StageUpstreamAuth}
