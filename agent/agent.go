@@ -94,13 +94,7 @@ func New(ctx context.Context, opts Options) (_ *Agent, err error) {
 	reg := prometheus.NewRegistry()
 	a.metrics = exporter.NewMetrics(reg)
 
-	a.audit, err = exporter.OpenAudit(cfg.Audit, a.metrics, log)
-	if err != nil {
-		return nil, fmt.Errorf("open audit log: %w", err)
-	}
-	a.closers = append(a.closers, a.audit.Close)
-	a.observer = exporter.NewObserver(log, a.metrics, a.audit)
-
+	// The secrets backends first: the audit's checkpoint key lives there.
 	a.source, err = newSource(cfg, log)
 	if err != nil {
 		return nil, err
@@ -108,6 +102,20 @@ func New(ctx context.Context, opts Options) (_ *Agent, err error) {
 	if c, ok := a.source.(interface{ Close() error }); ok {
 		a.closers = append(a.closers, c.Close)
 	}
+	var auditOpts []exporter.AuditOption
+	if cfg.Audit.Checkpoint.Key != nil {
+		key, err := checkpointKey(ctx, cfg, a.source.(*router), log)
+		if err != nil {
+			return nil, err
+		}
+		auditOpts = append(auditOpts, exporter.WithCheckpointKey(key))
+	}
+	a.audit, err = exporter.OpenAudit(cfg.Audit, a.metrics, log, auditOpts...)
+	if err != nil {
+		return nil, fmt.Errorf("open audit log: %w", err)
+	}
+	a.closers = append(a.closers, a.audit.Close)
+	a.observer = exporter.NewObserver(log, a.metrics, a.audit)
 
 	a.resolver = &Resolver{RequireEBPF: cfg.Identity.RequireEBPF}
 	if err := a.startKubernetes(opts.KubeClient); err != nil {

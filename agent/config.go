@@ -143,6 +143,16 @@ func (c *Config) Validate() error {
 			used[u.Secrets] = true
 		}
 	}
+	if k := c.Audit.Checkpoint.Key; k != nil {
+		if _, ok := c.Upstreams[k.Upstream]; ok {
+			fe("audit.checkpoint.key.upstream", "%q is a configured upstream: name the key under an upstream no client can use", k.Upstream)
+		}
+		if k.Backend == "" {
+			used[def] = true
+		} else {
+			used[k.Backend] = true
+		}
+	}
 	if used["file"] && c.Secrets.File.Path == "" {
 		fe("secrets.file.path", "is required for the file backend")
 	}
