@@ -1,14 +1,12 @@
 package main
 
 import (
-	"errors"
 	"fmt"
 	"io"
 	"sort"
 	"strings"
 
 	"github.com/pgward/pgward/agent"
-	"github.com/pgward/pgward/exporter"
 )
 
 func cmdCheckConfig(args []string, stdout, stderr io.Writer) int {
@@ -83,25 +81,6 @@ func explain(w io.Writer, cfg *agent.Config) {
 		e = "auto"
 	}
 	fmt.Fprintf(w, "eBPF %s, enforce %v, require_ebpf %v.\n", e, cfg.EBPF.Enforce, cfg.Identity.RequireEBPF)
-}
-
-func cmdAudit(args []string, stdout, stderr io.Writer) int {
-	if len(args) < 2 || args[0] != "verify" {
-		fmt.Fprintln(stderr, "usage: pgward audit verify FILE... (oldest rotated file first)")
-		return exitUsage
-	}
-	n, err := exporter.VerifyFiles(args[1:]...)
-	if err != nil {
-		var ce *exporter.ChainError
-		if errors.As(err, &ce) {
-			fmt.Fprintf(stderr, "audit chain broken after %d good events: %v\n", n, err)
-			return exitBadInput
-		}
-		fmt.Fprintf(stderr, "pgward audit verify: %v\n", err)
-		return exitFailure
-	}
-	fmt.Fprintf(stdout, "ok: %d events, sequence contiguous and hash chain intact\n", n)
-	return exitOK
 }
 
 func keys[V any](m map[string]V) []string {

@@ -20,7 +20,8 @@ const usage = `pgward: PostgreSQL without passwords for the applications on this
 Usage:
   pgward agent --config FILE     run the node agent
   pgward check-config FILE       validate a configuration file and explain it
-  pgward audit verify FILE...    check an audit log's sequence and hash chain
+  pgward audit verify FILE...    check an audit log's hash chain (with --key, its signed checkpoints)
+  pgward audit keygen            write an ed25519 key pair for audit checkpoints
   pgward reload --pid PID        ask a running agent to reload (same as SIGHUP)
   pgward demo                    start a private Postgres and an agent with an example policy
   pgward version                 print the version

@@ -1,0 +1,190 @@
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/pgward/pgward/exporter"
+)
+
+const auditUsage = `usage:
+  pgward audit verify [--key PUBLIC_KEY_FILE] [--log LOG_FILE]... [--checkpoint ANCHOR]... FILE...
+      check the sequence and hash chain of audit files given oldest first
+      (audit.jsonl.2 audit.jsonl.1 audit.jsonl); with --key, also the signed
+      checkpoints, and say which lines are proven and which are not
+  pgward audit keygen [--out PREFIX]
+      write a new ed25519 checkpoint key pair: PREFIX.key (private, mode 0600,
+      for the secrets backend) and PREFIX.pub (public, for verify --key)
+`
+
+func cmdAudit(args []string, stdout, stderr io.Writer) int {
+	if len(args) > 0 {
+		switch args[0] {
+		case "verify":
+			return cmdAuditVerify(args[1:], stdout, stderr)
+		case "keygen":
+			return cmdAuditKeygen(args[1:], stdout, stderr)
+		case "-h", "--help", "help":
+			fmt.Fprint(stdout, auditUsage)
+			return exitOK
+		}
+	}
+	fmt.Fprint(stderr, auditUsage)
+	return exitUsage
+}
+
+// multiFlag collects a repeated flag.
+type multiFlag []string
+
+func (m *multiFlag) String() string     { return strings.Join(*m, ",") }
+func (m *multiFlag) Set(s string) error { *m = append(*m, s); return nil }
+
+func parseFlags(fs *flag.FlagSet, args []string) (int, bool) {
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return exitOK, false
+		}
+		return exitUsage, false
+	}
+	return 0, true
+}
+
+func cmdAuditVerify(args []string, stdout, stderr io.Writer) int {
+	fs := newFlags("audit verify", stderr)
+	keyFile := fs.String("key", "", "the checkpoint public key (PEM, from pgward audit keygen); checks the signed checkpoints")
+	var logs, anchors multiFlag
+	fs.Var(&logs, "log", "pgward's JSON log: its latest \"audit checkpoint\" line must be in the files (repeatable)")
+	fs.Var(&anchors, "checkpoint", "an anchor cp1.… as printed in an \"audit checkpoint\" log line (repeatable)")
+	fs.Usage = func() { fmt.Fprint(stderr, auditUsage, "\nflags of verify:\n"); fs.PrintDefaults() }
+	if code, ok := parseFlags(fs, args); !ok {
+		return code
+	}
+	files := fs.Args()
+	if len(files) == 0 {
+		fmt.Fprintln(stderr, "pgward audit verify: no audit file given")
+		fs.Usage()
+		return exitUsage
+	}
+	if *keyFile == "" {
+		if len(logs) > 0 || len(anchors) > 0 {
+			fmt.Fprintln(stderr, "pgward audit verify: --log and --checkpoint need --key")
+			return exitUsage
+		}
+		return verifyChainOnly(files, stdout, stderr)
+	}
+	data, err := os.ReadFile(*keyFile)
+	if err != nil {
+		fmt.Fprintf(stderr, "pgward audit verify: %v\n", err)
+		return exitFailure
+	}
+	pub, err := exporter.ParseCheckpointPublicKey(data)
+	if err != nil {
+		fmt.Fprintf(stderr, "pgward audit verify: --key %s: %v\n", *keyFile, err)
+		return exitUsage
+	}
+	opts := exporter.VerifyOptions{Key: pub}
+	for _, a := range anchors {
+		cp, err := exporter.ParseAnchor(a)
+		if err != nil {
+			fmt.Fprintf(stderr, "pgward audit verify: --checkpoint: %v\n", err)
+			return exitUsage
+		}
+		opts.Anchors = append(opts.Anchors, cp)
+	}
+	for _, l := range logs {
+		f, err := os.Open(l)
+		if err != nil {
+			fmt.Fprintf(stderr, "pgward audit verify: %v\n", err)
+			return exitFailure
+		}
+		cps, err := exporter.ReadLogAnchors(f)
+		f.Close()
+		if err != nil {
+			fmt.Fprintf(stderr, "pgward audit verify: --log %s: %v\n", l, err)
+			return exitBadInput
+		}
+		if len(cps) == 0 {
+			fmt.Fprintf(stderr, "pgward audit verify: --log %s has no \"audit checkpoint\" line\n", l)
+			return exitBadInput
+		}
+		opts.Anchors = append(opts.Anchors, cps...)
+	}
+	rep, err := exporter.VerifyAudit(files, opts)
+	if err != nil {
+		fmt.Fprintf(stderr, "pgward audit verify: %v\n", err)
+		return exitFailure
+	}
+	if rep.OK() {
+		rep.WriteText(stdout)
+		return exitOK
+	}
+	rep.WriteText(stderr)
+	return exitBadInput
+}
+
+// verifyChainOnly is verify without a key: the chain alone, as before
+// checkpoints existed.
+func verifyChainOnly(files []string, stdout, stderr io.Writer) int {
+	const note = "note: no --key given, so nothing is keyed: a file cut at a line boundary, extended or re-chained as a whole still passes"
+	n, err := exporter.VerifyFiles(files...)
+	if err != nil {
+		var ce *exporter.ChainError
+		if errors.As(err, &ce) {
+			fmt.Fprintf(stderr, "audit chain broken after %d good events: %v\n", n, err)
+			return exitBadInput
+		}
+		fmt.Fprintf(stderr, "pgward audit verify: %v\n", err)
+		return exitFailure
+	}
+	fmt.Fprintf(stdout, "ok: %d events, sequence contiguous and hash chain intact\n%s\n", n, note)
+	return exitOK
+}
+
+func cmdAuditKeygen(args []string, stdout, stderr io.Writer) int {
+	fs := newFlags("audit keygen", stderr)
+	out := fs.String("out", "pgward-audit", "path prefix of the key files: PREFIX.key and PREFIX.pub")
+	fs.Usage = func() { fmt.Fprint(stderr, auditUsage, "\nflags of keygen:\n"); fs.PrintDefaults() }
+	if code, ok := parseFlags(fs, args); !ok {
+		return code
+	}
+	if fs.NArg() != 0 {
+		fmt.Fprintf(stderr, "pgward audit keygen: unexpected argument %q\n", fs.Arg(0))
+		return exitUsage
+	}
+	priv, pub, err := exporter.GenerateCheckpointKey()
+	if err != nil {
+		fmt.Fprintf(stderr, "pgward audit keygen: %v\n", err)
+		return exitFailure
+	}
+	privPath, pubPath := *out+".key", *out+".pub"
+	// O_EXCL: never overwrite a key that may be in use.
+	if err := writeNew(privPath, priv, 0o600); err != nil {
+		fmt.Fprintf(stderr, "pgward audit keygen: %v\n", err)
+		return exitFailure
+	}
+	if err := writeNew(pubPath, pub, 0o644); err != nil {
+		_ = os.Remove(privPath)
+		fmt.Fprintf(stderr, "pgward audit keygen: %v\n", err)
+		return exitFailure
+	}
+	fmt.Fprintf(stdout, "wrote %s (private: put its content in the secrets backend under the name audit.checkpoint.key gives, then delete this file)\n", privPath)
+	fmt.Fprintf(stdout, "wrote %s (public: pgward audit verify --key %s FILE...)\n", pubPath, filepath.Base(pubPath))
+	return exitOK
+}
+
+func writeNew(path string, data []byte, mode os.FileMode) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, mode)
+	if err != nil {
+		return err
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
+}
