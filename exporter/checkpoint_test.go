@@ -406,3 +406,43 @@ func TestCheckpointConfigValidate(t *testing.T) {
 		}
 	}
 }
+
+// BenchmarkAuditCheckpoint is BenchmarkAuditQuery (a statement: its query
+// line and its result line, durability write) without checkpoints and with
+// them every 1000 lines (the default), 100 and 1 (the cost of one checkpoint).
+func BenchmarkAuditCheckpoint(b *testing.B) {
+	key, _, _ := testKey(b)
+	for _, every := range []int{0, 1000, 100, 1} {
+		b.Run(fmt.Sprintf("every_lines=%d", every), func(b *testing.B) {
+			cfg := exporter.AuditConfig{Path: filepath.Join(b.TempDir(), "audit.jsonl"), Parameters: exporter.ParamsFull, MaxSize: 1 << 40,
+				Checkpoint: exporter.CheckpointConfig{EveryLines: every, Every: time.Hour}}
+			var fx *fixture
+			if every == 0 {
+				fx = newFixtureLevel(b, cfg, slog.LevelInfo)
+			} else {
+				fx = newSigned(b, cfg, key)
+			}
+			s := testSession()
+			q := &broker.QueryEvent{Index: 1, Extended: true,
+				Text:   "SELECT id, total, created_at FROM orders WHERE customer_id = $1 AND status = $2",
+				Params: []broker.Param{{OID: 20, Format: 1, Value: []byte{0, 0, 0, 0, 0, 0, 0x30, 0x39}}, {OID: 25, Value: []byte("open")}}}
+			ctx := context.Background()
+			if err := fx.obs.SessionStart(ctx, s); err != nil {
+				b.Fatal(err)
+			}
+			b.ReportAllocs()
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				q.Index = int64(i + 1)
+				if err := fx.obs.Query(ctx, s, q); err != nil {
+					b.Fatal(err)
+				}
+				q.Success, q.Rows = true, 1
+				fx.obs.QueryDone(ctx, s, q)
+			}
+			b.StopTimer()
+			fx.audit.Close()
+			fx.logs.Reset()
+		})
+	}
+}
