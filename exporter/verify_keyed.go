@@ -68,6 +68,7 @@ type verifier struct {
 	lastSeq  int64
 	cps      map[string]pos // "headseq/headhash" → checkpoint line
 	haveGood bool
+	badLast  bool // a checkpoint failed after the last good one
 }
 
 // VerifyAudit verifies audit files given oldest first (as VerifyFiles does)
@@ -92,6 +93,9 @@ func VerifyAudit(paths []string, opts VerifyOptions) (*VerifyReport, error) {
 	last := len(paths) - 1
 	if last >= 0 {
 		why := "after the last checkpoint"
+		if v.badLast {
+			why = "after the last checkpoint that verifies"
+		}
 		if !v.haveGood {
 			why = "no checkpoint signed with this key proves them"
 		}
@@ -173,6 +177,7 @@ func (v *verifier) file(i int, r io.Reader, prev *[sha256.Size]byte, havePrev *b
 // checkpoint checks a checkpoint line and, if it holds, proves the lines
 // before it back to the last break or checkpoint.
 func (v *verifier) checkpoint(i, line int, seq int64, ph string, b []byte) {
+	v.badLast = true // until it holds
 	cp, err := parseCheckpointLine(b)
 	if err != nil {
 		v.problem(i, line, "checkpoint unreadable: %v", err)
@@ -193,7 +198,7 @@ func (v *verifier) checkpoint(i, line int, seq int64, ph string, b []byte) {
 		return
 	}
 	v.cps[anchorKey(cp.Node, cp.HeadSeq, cp.HeadHash)] = pos{i, line}
-	v.haveGood = true
+	v.haveGood, v.badLast = true, false
 	v.rep.Checkpoints++
 	by := fmt.Sprintf("the checkpoint at line %d (seq %d, %s)", line, seq, cp.Time.Format(time.RFC3339))
 	v.mark(pos{i, line - 1}, true, by, i)

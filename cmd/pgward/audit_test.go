@@ -113,3 +113,34 @@ func TestAuditKeygenAndVerify(t *testing.T) {
 		}
 	}
 }
+
+// check-config reads audit.checkpoint and says what it does.
+func TestCheckConfigCheckpoint(t *testing.T) {
+	dir := t.TempDir()
+	cfg := filepath.Join(dir, "c.yaml")
+	os.WriteFile(cfg, []byte(`upstreams:
+  orders: { address: /var/run/postgresql/.s.PGSQL.5432 }
+secrets: { backend: env, file: { path: /etc/pgward/secrets.yaml } }
+audit:
+  path: /var/log/pgward/audit.jsonl
+  checkpoint: { every_lines: 500, every: 30s, key: { backend: file, upstream: pgward, role: audit_checkpoint } }
+`), 0o644)
+	code, out, errs := runCLI("check-config", cfg)
+	if code != exitOK || !strings.Contains(out, "Audit checkpoints signed every 500 lines or 30s with the key pgward.audit_checkpoint of the file backend") {
+		t.Fatalf("%d\n%s%s", code, out, errs)
+	}
+	// The key's backend must be configured; a key under a real upstream is refused.
+	os.WriteFile(cfg, []byte(`upstreams:
+  orders: { address: /var/run/postgresql/.s.PGSQL.5432 }
+secrets: { backend: env }
+audit:
+  path: /var/log/pgward/audit.jsonl
+  checkpoint: { every: 1ms, key: { backend: file, upstream: orders, role: r } }
+`), 0o644)
+	code, _, errs = runCLI("check-config", cfg)
+	for _, want := range []string{"secrets.file.path", ":6: audit.checkpoint.key.upstream", "audit.checkpoint.every"} {
+		if code != exitBadInput || !strings.Contains(errs, want) {
+			t.Errorf("%d: lacks %q:\n%s", code, want, errs)
+		}
+	}
+}

@@ -73,6 +73,16 @@ func explain(w io.Writer, cfg *agent.Config) {
 	fmt.Fprintf(w, "\nSecrets from the %s backend.\n", backend)
 	a := cfg.Audit.WithDefaults()
 	fmt.Fprintf(w, "Audit to %s (durability %s, parameters %s).\n", a.Path, a.Durability, a.Parameters)
+	if k := a.Checkpoint.Key; k != nil {
+		kb := k.Backend
+		if kb == "" {
+			kb = backend
+		}
+		fmt.Fprintf(w, "Audit checkpoints signed every %d lines or %s with the key %s.%s of the %s backend.\n",
+			a.Checkpoint.EveryLines, a.Checkpoint.Every, k.Upstream, k.Role, kb)
+	} else {
+		fmt.Fprintln(w, "Audit checkpoints off (no audit.checkpoint.key): the audit is unkeyed.")
+	}
 	if cfg.Metrics.Listen != "" {
 		fmt.Fprintf(w, "Metrics at http://%s/metrics.\n", cfg.Metrics.Listen)
 	}
