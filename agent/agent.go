@@ -109,6 +109,9 @@ func New(ctx context.Context, opts Options) (_ *Agent, err error) {
 			return nil, err
 		}
 		auditOpts = append(auditOpts, exporter.WithCheckpointKey(key))
+	} else {
+		log.Warn("audit checkpoints are off (no audit.checkpoint.key): the audit trail is unkeyed, so a file cut at a line boundary, extended or re-chained still verifies",
+			"path", cfg.Audit.Path)
 	}
 	a.audit, err = exporter.OpenAudit(cfg.Audit, a.metrics, log, auditOpts...)
 	if err != nil {

@@ -240,9 +240,6 @@ func OpenAudit(cfg AuditConfig, m *Metrics, log *slog.Logger, opts ...AuditOptio
 		if a.cpNode == "" {
 			a.cpNode = "unknown"
 		}
-	} else {
-		log.Warn("audit checkpoints are off (no audit.checkpoint.key): the audit trail is unkeyed, so a file cut at a line boundary, extended or re-chained still verifies",
-			"path", a.cfg.Path)
 	}
 	if err := a.recover(); err != nil {
 		return nil, err

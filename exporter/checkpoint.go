@@ -30,7 +30,8 @@ const (
 )
 
 // CheckpointConfig is `audit.checkpoint`: keyed checkpoints over the chain.
-// With no Key, checkpoints are off and the audit is unkeyed (said at WARN).
+// With no Key, checkpoints are off and the audit is unkeyed (the agent says
+// so at WARN when it starts).
 type CheckpointConfig struct {
 	// EveryLines: a checkpoint after at most this many lines (default 1000).
 	EveryLines int `yaml:"every_lines"`
