@@ -189,8 +189,19 @@ func TestAuditCheckpointKeyErrors(t *testing.T) {
 	if err := cfg.Validate(); err == nil || !strings.Contains(err.Error(), "audit.checkpoint.key.upstream") {
 		t.Fatalf("key under a configured upstream: %v", err)
 	}
-	cfg.Audit.Checkpoint.Key = nil
+	// The env backend holds the key as the base64 of its seed.
+	t.Setenv("PGWARD_SECRET_PGWARD_AUDIT_CHECKPOINT", base64.StdEncoding.EncodeToString(make([]byte, 32)))
+	cfg.Audit.Checkpoint.Key = &exporter.CheckpointKeyRef{Backend: "env", Upstream: "pgward", Role: "audit_checkpoint"}
 	a, err := New(context.Background(), Options{Config: cfg, Logger: newJSONLogger(logs)})
+	if err != nil {
+		t.Fatalf("key from env: %v", err)
+	}
+	a.closeAll()
+	if strings.Contains(logs.String(), "audit checkpoints are off") {
+		t.Fatal("keyed agent warned that its audit is unkeyed")
+	}
+	cfg.Audit.Checkpoint.Key = nil
+	a, err = New(context.Background(), Options{Config: cfg, Logger: newJSONLogger(logs)})
 	if err != nil {
 		t.Fatal(err)
 	}
