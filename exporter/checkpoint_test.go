@@ -302,10 +302,14 @@ func TestCheckpointRotation(t *testing.T) {
 	if !rep.OK() {
 		t.Fatalf("rotated set:\n%s", out)
 	}
-	// The newest file alone is cut off from the anchor's file only if the
-	// anchor is older; here the latest anchor is in it.
 	if rep, out := report(t, chain[1:], exporter.VerifyOptions{Key: pub}); !rep.OK() {
 		t.Fatalf("without the oldest file:\n%s", out)
+	}
+	// An anchor from a rotated file not given is said to be older, not cut.
+	old := logAnchors(t, strings.SplitN(fx.logs.String(), "\n", 2)[0])
+	if rep, out := report(t, chain[2:], exporter.VerifyOptions{Key: pub, Anchors: old}); rep.OK() ||
+		!strings.Contains(out, "older than their first line") {
+		t.Fatalf("anchor in a file not given:\n%s", out)
 	}
 }
 

@@ -68,7 +68,8 @@ type verifier struct {
 	lastSeq  int64
 	cps      map[string]pos // "headseq/headhash" → checkpoint line
 	haveGood bool
-	badLast  bool // a checkpoint failed after the last good one
+	badLast  bool      // a checkpoint failed after the last good one
+	first    time.Time // time of the first line of the first file
 }
 
 // VerifyAudit verifies audit files given oldest first (as VerifyFiles does)
@@ -142,6 +143,14 @@ func (v *verifier) file(i int, r io.Reader, prev *[sha256.Size]byte, havePrev *b
 			v.unproven(pos{i, line}, fmt.Sprintf("the chain breaks at line %d", line))
 			*havePrev = false
 			continue
+		}
+		if i == 0 && line == 1 {
+			var t struct {
+				Time time.Time `json:"time"`
+			}
+			if json.Unmarshal(b, &t) == nil {
+				v.first = t.Time
+			}
 		}
 		broken := false
 		if seq != want {
@@ -274,10 +283,13 @@ func (v *verifier) anchors() {
 			continue
 		}
 		msg := name + ": not in the files given"
-		if len(v.paths) > 0 && v.lastSeq <= a.HeadSeq {
+		switch {
+		case !v.first.IsZero() && a.Time.Before(v.first):
+			msg += ": it is older than their first line; give the rotated files that hold it"
+		case len(v.paths) > 0 && v.lastSeq <= a.HeadSeq:
 			msg = fmt.Sprintf("%s: %s ends at seq %d, before it: lines were cut from the end (everything after seq %d is missing)",
 				name, v.paths[len(v.paths)-1], v.lastSeq, v.lastSeq)
-		} else {
+		default:
 			msg += " (lines were cut or replaced, or the file holding it was not given)"
 		}
 		v.rep.Problems = append(v.rep.Problems, msg)
