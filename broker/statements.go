@@ -78,6 +78,9 @@ type pending struct {
 type stmtInfo struct {
 	text string
 	oids []uint32 // from Parse, completed by ParameterDescription (under tracker.mu)
+	// plain: the text has no PREPARE, DEALLOCATE, DISCARD, DECLARE or
+	// CLOSE (known once, not looked for at every Execute).
+	plain bool
 }
 
 // portalInfo is a portal: the statement it was bound to and the values.
@@ -404,7 +407,7 @@ func (sess *session) frontendMessage(t *tracker, typ byte, body []byte) error {
 		// time): keep what is known of it rather than allocate again.
 		si, _ := t.lookupStmt(name)
 		if si == nil || si.text != string(text) || !sameDeclared(si, rest[:4*np]) {
-			si = &stmtInfo{text: string(text), oids: make([]uint32, np)}
+			si = &stmtInfo{text: string(text), oids: make([]uint32, np), plain: !mayHaveEffects(text)}
 			for i := range np {
 				si.oids[i] = binary.BigEndian.Uint32(rest[4*i:])
 			}
@@ -451,7 +454,7 @@ func (sess *session) frontendMessage(t *tracker, typ byte, body []byte) error {
 			t.pinned = append(t.pinned, pi)
 		}
 		p := pending{kind: pendExecute, q: q, name: q.Portal}
-		if pi != nil && pi.stmt != nil {
+		if pi != nil && pi.stmt != nil && !pi.stmt.plain {
 			p.effects = parseSQLEffects(unsafe.Slice(unsafe.StringData(pi.stmt.text), len(pi.stmt.text)))
 		}
 		p.span = sess.statementSpan(q)
