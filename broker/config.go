@@ -165,6 +165,22 @@ type LimitsConfig struct {
 	AuthRate             float64 `yaml:"auth_rate"`              // requests per second; 0 = unlimited
 	AuthBurst            int     `yaml:"auth_burst"`             // bucket size; default 2×rate
 	SessionsPerPrincipal int     `yaml:"sessions_per_principal"` // 0 = unlimited
+	// CancelWait bounds each of the two waits when pgward ends a session
+	// with a statement running (grant revoked, lease ended, end of the
+	// shutdown grace): after its CancelRequest for the statement's outcome,
+	// then, if the statement still runs, after pg_terminate_backend for the
+	// backend to go. Default 5s. See endsession.go.
+	CancelWait time.Duration `yaml:"cancel_wait"`
+}
+
+// DefaultCancelWait is limits.cancel_wait when unset.
+const DefaultCancelWait = 5 * time.Second
+
+func (l LimitsConfig) cancelWait() time.Duration {
+	if l.CancelWait <= 0 {
+		return DefaultCancelWait
+	}
+	return l.CancelWait
 }
 
 // FieldError is a configuration problem at a key path such as
@@ -380,7 +396,7 @@ func (c *Config) Validate() error {
 			add(fieldErr(p+".roles", "at least one role is needed"))
 		}
 	}
-	if c.Limits.AuthRate < 0 || c.Limits.AuthBurst < 0 || c.Limits.SessionsPerPrincipal < 0 {
+	if c.Limits.AuthRate < 0 || c.Limits.AuthBurst < 0 || c.Limits.SessionsPerPrincipal < 0 || c.Limits.CancelWait < 0 {
 		add(fieldErr("limits", "limits must not be negative"))
 	}
 	return errors.Join(errs...)

@@ -24,6 +24,7 @@ const relayBufSize = 32 << 10
 func (sess *session) run() {
 	tr := newTracker()
 	upDone := make(chan struct{})
+	clientDone := sess.startRelay(tr, upDone)
 	var clientGone bool
 	var clientMu sync.Mutex
 	go func() {
@@ -40,15 +41,20 @@ func (sess *session) run() {
 					reason = sess.lease.Reason()
 				}
 				sess.log.Warn("credential lease ended: ending session", "reason", reason)
-				sess.terminate(reason, CodeAdminShutdown, "pgward ended this session: its database credential lease ended ("+reason+")")
+				sess.end(reason, CodeAdminShutdown, "pgward ended this session: its database credential lease ended ("+reason+")")
 			case <-upDone:
 			}
 		}()
 	}
 
 	clientErr := sess.pumpClient(tr, upDone)
+	close(clientDone)
+	// An end from outside (endsession.go) stopped the client pump to cancel
+	// the running statement: wait for its outcome; the client is still
+	// there to be told why the session ended.
+	ended := sess.awaitEnd()
 	clientMu.Lock()
-	clientGone = true
+	clientGone = !ended
 	clientMu.Unlock()
 	parked := false
 	if clientErr == nil && sess.up.reuse != nil {
@@ -100,7 +106,13 @@ func (sess *session) run() {
 	tr.mu.Lock()
 	for _, p := range tr.queue[tr.head:] {
 		if p.q != nil {
-			p.q.Success, p.q.Code, p.q.Error = false, CodeConnectionFailure, "session ended before the statement completed"
+			if p.q.Code == "" {
+				p.q.Code, p.q.Error = CodeConnectionFailure, "session ended before the statement completed"
+			} else {
+				// The server said why (57P01 after pg_terminate_backend).
+				sess.endNote(p.q)
+			}
+			p.q.Success = false
 			p.q.Duration = time.Since(p.q.Start)
 			sess.srv.obs.QueryDone(sess.ctx, &sess.info, p.q)
 			if p.span != nil {
@@ -362,6 +374,9 @@ func (sess *session) finish(tr *tracker, done []pending) {
 	now := time.Now()
 	for _, p := range done {
 		p.q.Duration = now.Sub(p.q.Start)
+		if !p.q.Success {
+			sess.endNote(p.q)
+		}
 		sess.srv.obs.QueryDone(sess.ctx, &sess.info, p.q)
 		if p.span != nil {
 			if !p.q.Success {

@@ -115,7 +115,8 @@ func newState(cfg Config) (*serverState, error) {
 }
 
 // Reload replaces the policy and upstreams. Sessions whose grant no longer
-// holds are ended with reason "grant_revoked"; the others are untouched. An
+// holds are ended with reason "grant_revoked" (a running statement is
+// cancelled upstream first, see endsession.go); the others are untouched. An
 // invalid config changes nothing and returns every problem.
 func (s *Server) Reload(cfg Config) error {
 	st, err := newState(cfg)
@@ -135,7 +136,7 @@ func (s *Server) Reload(cfg Config) error {
 	s.mu.Unlock()
 	for _, sess := range revoked {
 		sess.log.Warn("grant revoked by reload: ending session")
-		sess.terminate("grant_revoked", CodeInvalidAuthorization, "pgward ended this session: the policy no longer grants this role to this process")
+		sess.end("grant_revoked", CodeInvalidAuthorization, "pgward ended this session: the policy no longer grants this role to this process")
 	}
 	return nil
 }
@@ -297,7 +298,7 @@ func (s *Server) terminateAll(reason string) {
 	}
 	s.mu.Unlock()
 	for _, sess := range all {
-		sess.terminate(reason, CodeAdminShutdown, "pgward is shutting down; reconnect to continue")
+		sess.end(reason, CodeAdminShutdown, "pgward is shutting down; reconnect to continue")
 	}
 }
 

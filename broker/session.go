@@ -133,6 +133,11 @@ type session struct {
 	clientIdle bool        // set by the client pump: Terminate came after a complete request
 	connParked bool        // the upstream connection went to the reuse pool; under termMu
 
+	// cred is the session's credential: pg_terminate_backend at a forced
+	// end authenticates with it (endsession.go).
+	cred secrets.Credential
+	endState
+
 	termOnce sync.Once
 	termMu   sync.Mutex
 	termCode string
@@ -341,7 +346,7 @@ func (s *Server) startSession(ctx context.Context, c net.Conn, st *serverState, 
 
 	sess = &session{
 		srv: s, info: info, claim: claim, log: log, span: span, ctx: ctx,
-		client: c, up: up, ups: ups, lease: cred.Lease, reused: reused,
+		client: c, up: up, ups: ups, lease: cred.Lease, reused: reused, cred: cred,
 	}
 	if !s.addSession(sess) {
 		up.conn.Close()
