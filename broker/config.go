@@ -67,6 +67,12 @@ type UpstreamConfig struct {
 	// DISCARD ALL) for the next session of the same role and credential.
 	// Off by default. See reuse.go and docs/config.md.
 	Reuse *ReuseConfig `yaml:"reuse"`
+	// RefuseRoleSwitching refuses sessions whose credential's role can
+	// become another role (SET ROLE within its memberships, or any role as
+	// a superuser), as learned when the credential is first used
+	// (roles.go). Off by default: such credentials are reported (audit,
+	// metric, WARN) and allowed.
+	RefuseRoleSwitching bool `yaml:"refuse_role_switching"`
 }
 
 // ReuseConfig is upstreams.<name>.reuse.

@@ -84,6 +84,11 @@ type SessionInfo struct {
 
 	Start time.Time
 
+	// RoleMemberships is what the login role can become (SET ROLE within
+	// its memberships; any role as a superuser), learned at the
+	// credential's first use (roles.go); nil when unknown.
+	RoleMemberships *RoleMemberships
+
 	// Set on denial (SessionStart with Success false) or on error end.
 	Success bool
 	Code    string // SQLSTATE sent to the client, when refused
@@ -131,6 +136,11 @@ type QueryEvent struct {
 	FunctionOID uint32
 	Params      []Param // only valid during the Observer.Query call
 
+	// RoleChange: the text changes the role statements run as (SET ROLE,
+	// SET SESSION AUTHORIZATION, set_config('role', …), RESET…, DISCARD
+	// ALL), read lexically; see rolesql.go for what it cannot see.
+	RoleChange bool
+
 	Start time.Time
 	// Filled for QueryDone.
 	Duration time.Duration
@@ -139,6 +149,12 @@ type QueryEvent struct {
 	Success  bool
 	Code     string // SQLSTATE on error
 	Error    string // server's message on error (query errors are the user's own, safe to audit)
+
+	// ServerRole is what the server reported (ParameterStatus) of
+	// session_authorization and is_superuser when they changed, as
+	// "name=value" joined with ", "; on the result of the last statement
+	// the server answered with or before the report.
+	ServerRole string
 }
 
 // CancelEvent describes one CancelRequest.

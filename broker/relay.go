@@ -258,6 +258,9 @@ type QueryBatcher interface {
 // forwarded. The text of a simple Query points into the relay buffer, so it
 // is cleared once the observer has seen it.
 func (sess *session) audit(batch QueryBatcher, events []*QueryEvent) error {
+	for _, q := range events {
+		q.RoleChange = roleChange(q.Text)
+	}
 	var err error
 	if batch != nil && len(events) > 1 {
 		err = batch.QueryBatch(sess.ctx, &sess.info, events)
@@ -292,11 +295,10 @@ func (sess *session) pumpUpstream(tr *tracker, clientGone func() bool) {
 		fs.peek[t] = true
 	}
 	reusable := sess.up.reuse != nil
-	if reusable {
-		// A parked connection greets its next client with the server's
-		// current parameters: follow them.
-		fs.want['S'] = true
-	}
+	// A parked connection greets its next client with the server's
+	// current parameters: follow them. session_authorization and
+	// is_superuser changes are audited (roles.go).
+	fs.want['S'] = true
 	var done []pending
 	saidWhy := false // the server's last message was a FATAL (or PANIC) ErrorResponse
 	var txStatus byte
@@ -305,6 +307,7 @@ func (sess *session) pumpUpstream(tr *tracker, clientGone func() bool) {
 		case 'S':
 			if name, rest, ok := cbytes(body); ok {
 				if val, _, ok := cbytes(rest); ok && sess.up.params[string(name)] != string(val) {
+					sess.noteParam(string(name), sess.up.params[string(name)], string(val))
 					sess.up.params[string(name)] = string(val)
 				}
 			}
@@ -372,10 +375,13 @@ func (sess *session) pumpUpstream(tr *tracker, clientGone func() bool) {
 // finish reports completed statements.
 func (sess *session) finish(tr *tracker, done []pending) {
 	now := time.Now()
-	for _, p := range done {
+	for i, p := range done {
 		p.q.Duration = now.Sub(p.q.Start)
 		if !p.q.Success {
 			sess.endNote(p.q)
+		}
+		if i == len(done)-1 {
+			p.q.ServerRole = sess.takeRoleReport()
 		}
 		sess.srv.obs.QueryDone(sess.ctx, &sess.info, p.q)
 		if p.span != nil {

@@ -53,6 +53,7 @@ type Server struct {
 	cancels cancelMap
 	limiter *limiter
 	reuse   reusePool // parked upstream connections (upstreams.<name>.reuse)
+	roles   roleCache // what each credential's role can become (roles.go)
 }
 
 // serverState is the part of the server a reload replaces.
@@ -125,6 +126,8 @@ func (s *Server) Reload(cfg Config) error {
 	}
 	s.state.Store(st)
 	s.limiter.setConfig(cfg.Limits)
+	// Role memberships are learned again at each credential's next use.
+	s.roles.clear()
 	s.mu.Lock()
 	var revoked []*session
 	for sess := range s.sessions {

@@ -137,6 +137,11 @@ type session struct {
 	// end authenticates with it (endsession.go).
 	cred secrets.Credential
 	endState
+	// roleReport: session_authorization / is_superuser changes the server
+	// reported and no statement result carries yet (roles.go).
+	roleMu       sync.Mutex
+	roleReport   string
+	roleReported atomic.Bool // roleReport is not empty
 
 	termOnce sync.Once
 	termMu   sync.Mutex
@@ -342,6 +347,16 @@ func (s *Server) startSession(ctx context.Context, c net.Conn, st *serverState, 
 		}
 		return
 	}
+	// What the credential's role can become: learned at its first use,
+	// reported, and refused where the upstream says so (roles.go).
+	rctx, rcancel := context.WithTimeout(authCtx, ups.cfg.connectTimeout())
+	cerr := s.checkRoles(rctx, ups, role, cred, up, &info, log)
+	rcancel()
+	if cerr != nil {
+		up.conn.Close()
+		fail(cerr, slog.LevelWarn, "refused: the credential's role can become other roles (refuse_role_switching)", "identity", id.String())
+		return
+	}
 	authSpan.End()
 
 	sess = &session{
@@ -424,8 +439,8 @@ func filterParams(in map[string]string) (map[string]string, string, *ClientError
 					claim = settings[name]
 				case forbiddenSettings[name]:
 					return nil, "", refuse(CodeInsufficientPriv, ReasonProtocol,
-						fmt.Sprintf("startup option %q is not allowed through pgward", name),
-						"The role is chosen by the user connection parameter and checked against the pgward policy.")
+						fmt.Sprintf("startup option %q is not allowed through pgward: a session starts as the role its user parameter names, the one the pgward policy granted", name),
+						"Connect with user=<role>. Within a session the role can still change (SET ROLE) to roles it is a member of; pgward reports those memberships and flags such statements in its audit.")
 				default:
 					kept = append(kept, name)
 				}

@@ -210,6 +210,20 @@ func (a *Audit) sessionStart(now time.Time, s *broker.SessionInfo, ei int64) err
 	buf = appendStringFieldOmit(buf, "sqlstate", s.Code)
 	buf = appendStringFieldOmit(buf, "application_name", s.ApplicationName)
 	buf = appendTimeField(buf, "session_start", s.Start)
+	if m := s.RoleMemberships; m != nil {
+		// What the login role can become (learned at the credential's
+		// first use): SET ROLE to these, or any role as a superuser.
+		buf = appendKey(buf, "db_role_memberships")
+		buf = append(buf, '[')
+		for i, r := range m.Roles {
+			if i > 0 {
+				buf = append(buf, ',')
+			}
+			buf = appendJSONString(buf, r)
+		}
+		buf = append(buf, ']')
+		buf = appendBoolField(buf, "db_role_superuser", m.Superuser)
+	}
 	*b = buf
 	return a.commit(evSessionStart, b)
 }
@@ -272,6 +286,9 @@ func (a *Audit) queryLine(now time.Time, h *sessionHeader, s *broker.SessionInfo
 	}
 	buf = appendIntField(buf, "query_index", q.Index)
 	buf = appendBoolField(buf, "extended", q.Extended)
+	if q.RoleChange {
+		buf = appendBoolField(buf, "role_change", true)
+	}
 	if q.Extended {
 		buf = appendStringField(buf, "statement_name", q.Statement)
 		buf = appendStringField(buf, "portal_name", q.Portal)
@@ -302,6 +319,7 @@ func (a *Audit) queryResult(now time.Time, h *sessionHeader, s *broker.SessionIn
 		buf = appendIntField(buf, "rows", q.Rows)
 	}
 	buf = appendStringFieldOmit(buf, "command_tag", q.Tag)
+	buf = appendStringFieldOmit(buf, "server_role_report", q.ServerRole)
 	buf = appendMillisField(buf, "duration_ms", q.Duration)
 	*b = buf
 	return a.commit(evQueryResult, b)

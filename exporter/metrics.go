@@ -83,6 +83,7 @@ type Metrics struct {
 	directBlocked, directAllowed                       prometheus.Counter
 	auditEvents                                        [numEvents]prometheus.Counter
 	auditWriteFailures, auditDropped                   prometheus.Counter
+	switchableRoles                                    *prometheus.GaugeVec
 	ebpf                                               atomic.Pointer[func() EBPFStats]
 	ebpfEventsDesc, ebpfLostDesc, ebpfProbesDesc       *prometheus.Desc
 }
@@ -165,6 +166,12 @@ func NewMetrics(reg *prometheus.Registry) *Metrics {
 	for i, name := range eventNames {
 		m.auditEvents[i] = events.WithLabelValues(name)
 	}
+
+	m.switchableRoles = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Namespace: namespace, Name: "credential_switchable_roles",
+		Help: "Roles the login role of a credential can become (SET ROLE), learned at the credential's first use; +Inf for a superuser (any role). Labels are the configured upstream and the granted role.",
+	}, []string{"upstream", "role"})
+	reg.MustRegister(m.switchableRoles)
 
 	m.ebpfEventsDesc = prometheus.NewDesc(namespace+"_ebpf_events_total", "Connect events read from the eBPF ring buffer.", nil, nil)
 	m.ebpfLostDesc = prometheus.NewDesc(namespace+"_ebpf_events_lost_total", "Connect events lost because the eBPF ring buffer was full.", nil, nil)

@@ -12,6 +12,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/pgward/pgward/broker"
 	"github.com/pgward/pgward/exporter"
 	"github.com/pgward/pgward/testenv"
 )
@@ -20,7 +21,10 @@ import (
 // from docs/metrics.md, or the doc names a metric that does not exist.
 func TestMetricsDocumented(t *testing.T) {
 	reg := prometheus.NewRegistry()
-	exporter.NewMetrics(reg)
+	m := exporter.NewMetrics(reg)
+	// A labelled metric without a series yet is not gathered: give the
+	// per-credential gauge one.
+	exporter.NewObserver(nil, m, nil).CredentialRoles("orders", "orders_rw", broker.RoleMemberships{})
 	mfs, err := reg.Gather()
 	if err != nil {
 		t.Fatal(err)

@@ -3,6 +3,7 @@ package exporter
 import (
 	"context"
 	"log/slog"
+	"math"
 	"sync"
 	"time"
 
@@ -321,6 +322,18 @@ func (o *Observer) forget(sid string) {
 	delete(o.sessions, sid)
 	o.mu.Unlock()
 }
+
+// CredentialRoles sets pgward_credential_switchable_roles for a credential
+// at its first use (the broker logs the WARN).
+func (o *Observer) CredentialRoles(upstream, role string, m broker.RoleMemberships) {
+	v := float64(len(m.Roles))
+	if m.Superuser {
+		v = math.Inf(1)
+	}
+	o.m.switchableRoles.WithLabelValues(upstream, role).Set(v)
+}
+
+var _ broker.RoleReporter = (*Observer)(nil)
 
 // Cancel counts and audits a CancelRequest; one that was not forwarded
 // (forged or stale key, or a caller other than the session's) is logged at WARN.

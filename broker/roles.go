@@ -1,0 +1,292 @@
+package broker
+
+import (
+	"context"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"log/slog"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/pgward/pgward/broker/secrets"
+)
+
+// The role a statement runs as (issue 12 point 3).
+//
+// A login role can become any role it is a member of (SET ROLE, and
+// set_config('role', …)), and a superuser any role at all (also SET
+// SESSION AUTHORIZATION). pgward grants (upstream, role); what that role
+// can become is the server's business, so pgward learns it when a
+// credential is first used, reports it (db.session.start, a metric, a
+// WARN once per credential) and, with upstreams.<name>.refuse_role_switching,
+// refuses such credentials. Statements that change the role are flagged
+// lexically (roleChange), and the server's ParameterStatus reports of
+// session_authorization and is_superuser are recorded (noteParam).
+
+// RoleMemberships is what the login role of a credential can become.
+type RoleMemberships struct {
+	// Superuser: the role can become any role.
+	Superuser bool
+	// Roles are the other roles it is a member of (pg_has_role … 'MEMBER'),
+	// sorted; empty for a superuser, who can become any.
+	Roles []string
+}
+
+// Switchable reports whether the role can become another role.
+func (m *RoleMemberships) Switchable() bool { return m.Superuser || len(m.Roles) > 0 }
+
+// RoleReporter is an optional interface of an Observer: CredentialRoles is
+// called once per credential (upstream, role, credential version), when it
+// is first used, with what its role can become.
+type RoleReporter interface {
+	CredentialRoles(upstream, role string, m RoleMemberships)
+}
+
+// roleCache remembers the memberships learned per credential. A reload
+// empties it, so a changed grant on the server is learned again.
+type roleCache struct {
+	mu sync.Mutex
+	m  map[reuseKey]*RoleMemberships
+}
+
+func (c *roleCache) get(k reuseKey) *RoleMemberships {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.m[k]
+}
+
+// add stores m unless k is known; it reports whether m was stored (the
+// caller is the first use of the credential) and returns what is stored.
+func (c *roleCache) add(k reuseKey, m *RoleMemberships) (*RoleMemberships, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if old := c.m[k]; old != nil {
+		return old, false
+	}
+	if c.m == nil || len(c.m) >= 4096 {
+		c.m = map[reuseKey]*RoleMemberships{}
+	}
+	c.m[k] = m
+	return m, true
+}
+
+func (c *roleCache) clear() {
+	c.mu.Lock()
+	c.m = nil
+	c.mu.Unlock()
+}
+
+// membershipQuery lists, for the session user, whether it is a superuser
+// and every other role it is a member of. One row per role; a single row
+// with a NULL name when there is none (or for a superuser).
+const membershipQuery = `SELECT r.rolsuper, b.rolname FROM pg_catalog.pg_roles r ` +
+	`LEFT JOIN pg_catalog.pg_roles b ON b.oid <> r.oid AND NOT r.rolsuper ` +
+	`AND pg_catalog.pg_has_role(r.oid, b.oid, 'MEMBER') ` +
+	`WHERE r.rolname = pg_catalog.session_user() ORDER BY b.rolname`
+
+// roleMemberships returns what the credential's role can become: from the
+// cache, or by asking the server on up (idle, before the relay) at first
+// use. first is true for the first use, which the caller reports.
+func (s *Server) roleMemberships(ctx context.Context, u *upstream, role string, cred secrets.Credential, up *upstreamConn) (m *RoleMemberships, first bool, took time.Duration, err error) {
+	k := newReuseKey(u, role, cred)
+	if m := s.roles.get(k); m != nil {
+		return m, false, 0, nil
+	}
+	t := time.Now()
+	rows, err := up.queryRows(ctx, membershipQuery)
+	took = time.Since(t)
+	if err != nil {
+		return nil, false, took, fmt.Errorf("query role memberships: %w", err)
+	}
+	m = &RoleMemberships{}
+	for _, r := range rows {
+		if len(r) != 2 {
+			return nil, false, took, fmt.Errorf("%w: role membership row of %d columns", errProtocol, len(r))
+		}
+		if r[0] != nil && *r[0] == "t" {
+			m.Superuser = true
+		}
+		if r[1] != nil {
+			m.Roles = append(m.Roles, *r[1])
+		}
+	}
+	if len(rows) == 0 {
+		return nil, false, took, fmt.Errorf("%w: the session user is not in pg_roles", errProtocol)
+	}
+	slices.Sort(m.Roles)
+	m, first = s.roles.add(k, m)
+	return m, first, took, nil
+}
+
+// queryRows runs one simple Query of pgward's own on an idle connection and
+// returns its rows as text (nil for NULL). Like simpleQuery it reads
+// through uc, keeps notices for the client and records ParameterStatus.
+func (uc *upstreamConn) queryRows(ctx context.Context, q string) ([][]*string, error) {
+	dl, ok := ctx.Deadline()
+	if !ok {
+		dl = time.Now().Add(5 * time.Second)
+	}
+	_ = uc.conn.SetDeadline(dl)
+	defer uc.conn.SetDeadline(time.Time{})
+	msg := make([]byte, 5, 6+len(q))
+	msg[0] = 'Q'
+	binary.BigEndian.PutUint32(msg[1:], uint32(4+len(q)+1))
+	msg = append(append(msg, q...), 0)
+	if _, err := uc.conn.Write(msg); err != nil {
+		return nil, fmt.Errorf("send to upstream: %w", err)
+	}
+	var hdr [5]byte
+	var failed error
+	var kept []byte
+	var rows [][]*string
+	for {
+		if _, err := io.ReadFull(uc, hdr[:]); err != nil {
+			return nil, fmt.Errorf("read from upstream: %w", err)
+		}
+		l := int(int32(binary.BigEndian.Uint32(hdr[1:])))
+		if l < 4 || l-4 > 1<<20 {
+			return nil, fmt.Errorf("%w: message %q with length %d", errProtocol, hdr[0], l)
+		}
+		body := make([]byte, l-4)
+		if _, err := io.ReadFull(uc, body); err != nil {
+			return nil, fmt.Errorf("read from upstream: %w", err)
+		}
+		switch hdr[0] {
+		case 'N', 'A':
+			kept = append(append(kept, hdr[:]...), body...)
+		case 'S':
+			name, rest, ok1 := cstring(body)
+			val, _, ok2 := cstring(rest)
+			if ok1 && ok2 {
+				uc.params[name] = val
+			}
+		case 'D':
+			row, err := dataRow(body)
+			if err != nil {
+				return nil, err
+			}
+			rows = append(rows, row)
+		case 'E':
+			code, _ := errorFields(body)
+			if failed == nil {
+				failed = fmt.Errorf("upstream refused pgward's statement (SQLSTATE %s)", code)
+			}
+			if fatalError(body) {
+				return nil, failed
+			}
+		case 'Z':
+			if failed != nil {
+				return nil, failed
+			}
+			if len(body) != 1 || body[0] != 'I' {
+				return nil, fmt.Errorf("upstream not idle after pgward's statement (status %q)", body)
+			}
+			if len(kept) > 0 {
+				uc.pre = append(kept, uc.pre...)
+			}
+			return rows, nil
+		}
+	}
+}
+
+// dataRow decodes a DataRow body into text values.
+func dataRow(b []byte) ([]*string, error) {
+	bad := fmt.Errorf("%w: malformed DataRow", errProtocol)
+	if len(b) < 2 {
+		return nil, bad
+	}
+	n := int(binary.BigEndian.Uint16(b))
+	b = b[2:]
+	row := make([]*string, n)
+	for i := range n {
+		if len(b) < 4 {
+			return nil, bad
+		}
+		l := int(int32(binary.BigEndian.Uint32(b)))
+		b = b[4:]
+		if l < 0 {
+			continue
+		}
+		if len(b) < l {
+			return nil, bad
+		}
+		v := string(b[:l])
+		row[i] = &v
+		b = b[l:]
+	}
+	return row, nil
+}
+
+// checkRoles learns (at first use) and applies what the session's
+// credential can become: it fills info, reports a first use, and returns a
+// refusal when the upstream refuses role switching and the role can switch.
+func (s *Server) checkRoles(ctx context.Context, ups *upstream, role string, cred secrets.Credential, up *upstreamConn, info *SessionInfo, log *slog.Logger) *ClientError {
+	m, first, took, err := s.roleMemberships(ctx, ups, role, cred, up)
+	if err != nil {
+		if ups.cfg.RefuseRoleSwitching {
+			log.Warn("could not learn the credential's role memberships: refusing (refuse_role_switching)", "err", err)
+			return refuse(CodeCannotConnect, ReasonBackendError,
+				fmt.Sprintf("pgward could not check which roles role %q can become on upstream %q", role, ups.name),
+				"Try again; if it persists, check the upstream server (upstreams."+ups.name+".refuse_role_switching is on).")
+		}
+		log.Warn("could not learn the credential's role memberships; the session start event will not list them", "err", err)
+		return nil
+	}
+	info.RoleMemberships = m
+	if first {
+		log.Info("learned the credential's role memberships at first use", "upstream", ups.name, "role", role,
+			"superuser", m.Superuser, "roles", len(m.Roles), "query_duration", took)
+		if m.Switchable() {
+			log.Warn("the credential's role can become other roles: statements may run as a role other than the one granted",
+				"upstream", ups.name, "role", role, "superuser", m.Superuser, "can_become", m.Roles,
+				"refuse_role_switching", ups.cfg.RefuseRoleSwitching)
+		}
+		if rr, ok := s.obs.(RoleReporter); ok {
+			rr.CredentialRoles(ups.name, role, *m)
+		}
+	}
+	if ups.cfg.RefuseRoleSwitching && m.Switchable() {
+		what := "is a superuser and can become any role"
+		if !m.Superuser {
+			what = "is a member of " + strings.Join(m.Roles, ", ") + " and can become them with SET ROLE"
+		}
+		return refuse(CodeInsufficientPriv, ReasonUnauthorized,
+			fmt.Sprintf("pgward refuses the credential of role %q on upstream %q: the role %s", role, ups.name, what),
+			"Give pgward a login role that is a member of no other role (REVOKE the memberships, or NOSUPERUSER), or set upstreams."+ups.name+".refuse_role_switching to false.")
+	}
+	return nil
+}
+
+// noteParam records a ParameterStatus the server sent during the session:
+// a change of session_authorization or is_superuser (SET SESSION
+// AUTHORIZATION, or SET ROLE to or from a superuser role) is logged and put
+// on the next statement result. role itself is not reported by the server.
+func (sess *session) noteParam(name, old, val string) {
+	if name != "session_authorization" && name != "is_superuser" {
+		return
+	}
+	sess.log.Warn("the server reports a role change in the session", "parameter", name, "from", old, "to", val)
+	sess.roleMu.Lock()
+	if sess.roleReport != "" {
+		sess.roleReport += ", "
+	}
+	sess.roleReport += name + "=" + val
+	sess.roleReported.Store(true)
+	sess.roleMu.Unlock()
+}
+
+// takeRoleReport returns and clears what noteParam recorded.
+func (sess *session) takeRoleReport() string {
+	if !sess.roleReported.Load() {
+		return ""
+	}
+	sess.roleMu.Lock()
+	sess.roleReported.Store(false)
+	defer sess.roleMu.Unlock()
+	r := sess.roleReport
+	sess.roleReport = ""
+	return r
+}
