@@ -3,6 +3,8 @@ package agent
 import (
 	"context"
 	"errors"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -11,7 +13,9 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/pgward/pgward/broker"
+	"github.com/pgward/pgward/broker/secrets/vault"
 	"github.com/pgward/pgward/testenv"
+	"github.com/pgward/pgward/testenv/vaultsim"
 )
 
 // Ending a session from outside (issue 12 point 4): pgward cancels the
@@ -301,5 +305,65 @@ func TestEndTerminatesStatementThatIgnoresCancel(t *testing.T) {
 	}
 	if end["reason"] != "grant_revoked" {
 		t.Fatalf("session end %v", end)
+	}
+}
+
+// A revoked Vault lease ends its session the same way: the running
+// statement is cancelled upstream, not left to commit.
+func TestLeaseEndCancelsRunningStatement(t *testing.T) {
+	pg := postgres(t)
+	sim := vaultsim.New(vaultsim.Options{Exec: pg.Exec, Logf: t.Logf})
+	t.Cleanup(sim.Close)
+	sim.AddDatabaseRole("database", "app", vaultsim.DatabaseRole{
+		CreationStatements: []string{
+			`CREATE ROLE "{{name}}" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}'`,
+			`GRANT CONNECT ON DATABASE ` + testenv.Database + ` TO "{{name}}"`,
+		},
+		// Leave the role's sessions alone on revocation: pgward must end them.
+		RevocationStatements: []string{`SELECT 1`},
+		DefaultTTL:           time.Hour,
+	})
+	h := newHarness(t, func(h0 *harness, c *Config) {
+		tokenFile := filepath.Join(h0.dir, "vault-token")
+		if err := os.WriteFile(tokenFile, []byte(sim.RootToken()), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		c.Secrets.Vault = &vault.Config{
+			Address:            sim.Addr(),
+			Timeout:            2 * time.Second,
+			Auth:               vault.AuthConfig{Method: "token", TokenFile: tokenFile},
+			LeaseCheckInterval: time.Second,
+			Roles: map[string]map[string]vault.RoleConfig{
+				"vdyn": {"app": {Database: &vault.DatabaseConfig{Mount: "database", Role: "app"}}},
+			},
+		}
+		c.Upstreams["vdyn"] = broker.UpstreamConfig{Address: pg.SocketPath(), Database: testenv.Database, Secrets: "vault"}
+		c.Grants = append(c.Grants, broker.Grant{Principal: "me", Upstream: "vdyn", Roles: []string{"app"}})
+	})
+	admin := endFixture(t, h, "end_lease")
+	c := h.connect(t, "app", "vdyn")
+	pid := c.PgConn().PID()
+	const sql = "insert into end_lease select 1 from pg_sleep(8)"
+	res := startRunning(t, admin, c, sql)
+	leases := sim.Leases()
+	if len(leases) != 1 {
+		t.Fatalf("leases %+v", leases)
+	}
+	if err := sim.RevokeLease(leases[0].ID); err != nil {
+		t.Fatal(err)
+	}
+	err := <-res
+	backendGone(t, admin, pid, 20*time.Second)
+	if n := rowCount(t, admin, "end_lease"); n != 0 {
+		t.Fatalf("%d rows committed by a statement whose lease was revoked", n)
+	}
+	var pe *pgconn.PgError
+	if !errors.As(err, &pe) || pe.Code != "57014" {
+		t.Fatalf("statement ended with %v, want the server's 57014", err)
+	}
+	var r, end map[string]any
+	eventually(t, "the session's end in the audit", func() bool { _, r, end = auditResult(t, h, sql); return end != nil })
+	if r == nil || r["sqlstate"] != "57014" || !strings.Contains(r["error"].(string), "pgward cancelled") || !strings.Contains(r["error"].(string), "revoked") {
+		t.Fatalf("audit result %v, want 57014 cancelled by pgward (lease revoked)", r)
 	}
 }
