@@ -41,17 +41,27 @@ func roleChange(text string) bool {
 // roleChange flags contains one of these words (in a quoted identifier or
 // a Unicode-escaped one it may be spelt otherwise: those texts pass).
 func mayChangeRole(text string) bool {
-	for i := 0; i < len(text); i++ {
-		switch text[i] | 0x20 {
-		case 'r', 'a', 's', 'd':
-			if hasFoldAt(text, i, "role") || hasFoldAt(text, i, "authorization") ||
-				hasFoldAt(text, i, "set_config") || hasFoldAt(text, i, "discard") {
+	for i := 0; i+1 < len(text); i++ {
+		// The second letter rules out most candidates before a compare.
+		switch c, d := text[i]|0x20, text[i+1]|0x20; {
+		case c == 'r' && d == 'o':
+			if hasFoldAt(text, i, "role") {
 				return true
 			}
-		case 'u':
-			if i+1 < len(text) && text[i+1] == '&' {
+		case c == 'a' && d == 'u':
+			if hasFoldAt(text, i, "authorization") {
 				return true
 			}
+		case c == 's' && d == 'e':
+			if hasFoldAt(text, i, "set_config") {
+				return true
+			}
+		case c == 'd' && d == 'i':
+			if hasFoldAt(text, i, "discard") {
+				return true
+			}
+		case c == 'u' && text[i+1] == '&':
+			return true
 		}
 	}
 	return false

@@ -60,3 +60,20 @@ func FuzzRoleChange(f *testing.F) {
 		_ = roleChange(s)
 	})
 }
+
+// BenchmarkRoleChange is what flagging costs per audited statement: the
+// common case (no role word) and a statement that needs the lexer.
+func BenchmarkRoleChange(b *testing.B) {
+	for _, bc := range []struct{ name, text string }{
+		{"plain", "SELECT id, total FROM orders WHERE customer_id = $1 AND status = $2"},
+		{"set_config", "select set_config('search_path', 'app, public', false)"},
+		{"set_role", "/* app */ SET ROLE reporting"},
+	} {
+		b.Run(bc.name, func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				roleChange(bc.text)
+			}
+		})
+	}
+}
