@@ -23,8 +23,9 @@ import (
 // really happened.
 
 // endFixture creates table name (any role may insert) and the functions
-// the tests run: stubborn_done(s) catches a cancel and returns after s
-// more seconds; stubborn_hang() catches a cancel and sleeps 8 s more.
+// the tests run: stubborn_done(s) sleeps until cancelled, then finishes
+// after s more seconds whatever cancels come; stubborn_hang() sleeps 30 s
+// through any cancel.
 func endFixture(t *testing.T, h *harness, table string) *pgx.Conn {
 	t.Helper()
 	ctx := context.Background()
@@ -37,20 +38,32 @@ func endFixture(t *testing.T, h *harness, table string) *pgx.Conn {
 		"drop table if exists " + table,
 		"create table " + table + " (n int)",
 		"grant select, insert on " + table + " to public",
+		// Each catches every cancel (a loop of blocks), so only
+		// pg_terminate_backend (FATAL, not catchable) stops it early.
+		`create or replace function stubborn_sleep(s float8) returns void language plpgsql as $$
+declare t0 timestamptz := clock_timestamp();
+begin
+  loop
+    begin
+      perform pg_sleep(greatest(0, s - extract(epoch from clock_timestamp() - t0)));
+      return;
+    exception when query_canceled then null;
+    end;
+  end loop;
+end $$`,
 		`create or replace function stubborn_done(s float8) returns int language plpgsql as $$
 begin
-  perform pg_sleep(30);
+  begin
+    perform pg_sleep(30);
+  exception when query_canceled then
+    perform stubborn_sleep(s);
+    return 1;
+  end;
   return 0;
-exception when query_canceled then
-  perform pg_sleep(s);
-  return 1;
 end $$`,
 		`create or replace function stubborn_hang() returns int language plpgsql as $$
 begin
-  perform pg_sleep(30);
-  return 0;
-exception when query_canceled then
-  perform pg_sleep(8);
+  perform stubborn_sleep(30);
   return 1;
 end $$`,
 	} {
@@ -80,6 +93,8 @@ func startRunning(t *testing.T, admin, c *pgx.Conn, sql string) chan error {
 			t.Fatal(err)
 		}
 		if n == 1 {
+			// Well inside the function's exception block.
+			time.Sleep(200 * time.Millisecond)
 			return res
 		}
 		if time.Now().After(deadline) {
