@@ -22,7 +22,8 @@ FUZZ_TARGETS := \
 	./bpf:FuzzDecodeEvent:100000x \
 	./exporter:FuzzJSONString:30000x \
 	./exporter:FuzzDecodeParam:15000x \
-	./exporter:FuzzRedactSQL:20000x
+	./exporter:FuzzRedactSQL:20000x \
+	./exporter:FuzzRedactPasswordLiteral:300000x
 
 .PHONY: all build test unit fuzz-short fuzz soak demo bench lint generate deps clean
 

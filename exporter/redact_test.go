@@ -1,6 +1,7 @@
 package exporter
 
 import (
+	"fmt"
 	"slices"
 	"strings"
 	"testing"
@@ -164,4 +165,276 @@ func BenchmarkRedact(b *testing.B) {
 			}
 		})
 	}
+}
+
+// The literal forms FuzzRedactPasswordLiteral writes a password in: every
+// string-constant form of the PostgreSQL manual's lexical-structure chapter
+// (4.1.2).
+const (
+	formPlain           = iota // 'Dianne''s horse'
+	formContinued              // 'foo' <whitespace with a newline> 'bar'
+	formEscape                 // E'…' with \' \\ \b \f \n \r \t \o \oo \ooo \xh \xhh \uxxxx \Uxxxxxxxx and other bytes escaped
+	formEscapeContinued        // E'foo' <newline> 'b\'ar': the continuation keeps the escapes
+	formBackslash              // '…' with \' and \\, as standard_conforming_strings=off reads it
+	formUnicode                // U&'d\0061t\+000061'
+	formUescape                // U&'d!0061t!+000061' UESCAPE '!'
+	formDollar                 // $$Dianne's horse$$
+	formDollarTag              // $SomeTag$Dianne's horse$SomeTag$
+	formDollarNested           // $function$ … $q$[\t\r\n\v\\]$q$ … $function$
+	formNational               // N'…'
+	formBits                   // B'1001'
+	formHex                    // X'1FF'
+	formCount
+)
+
+// continuationSeps separate the parts of a continued constant: whitespace
+// with at least one newline, -- comments allowed.
+var continuationSeps = []string{"\n", " \n", "\r\n", "\r", "\n\n\t  ", " -- first part\n", "\t-- a\n-- b\n  ", "\f\n\f"}
+
+// encodeLiteral writes password as a literal of the given form; sel and split
+// vary the escapes and where a continued constant is cut. ok is false when the
+// form cannot hold that password.
+func encodeLiteral(password string, form, sel, split uint8, tag string) (lit string, ok bool) {
+	k := 0
+	if len(password) > 0 {
+		k = int(split) % (len(password) + 1)
+	}
+	sep := continuationSeps[int(sel)%len(continuationSeps)]
+	switch form % formCount {
+	case formPlain:
+		return "'" + strings.ReplaceAll(password, "'", "''") + "'", true
+	case formContinued:
+		p1, p2 := password[:k], password[k:]
+		return "'" + strings.ReplaceAll(p1, "'", "''") + "'" + sep + "'" + strings.ReplaceAll(p2, "'", "''") + "'", true
+	case formEscape:
+		return "E'" + escapeBody(password, sel) + "'", true
+	case formEscapeContinued:
+		return "E'" + escapeBody(password[:k], sel) + "'" + sep + "'" + escapeBody(password[k:], sel>>1) + "'", true
+	case formBackslash:
+		return "'" + strings.NewReplacer(`\`, `\\`, `'`, `\'`).Replace(password) + "'", true
+	case formUnicode:
+		return "U&'" + unicodeBody(password, '\\', sel) + "'", true
+	case formUescape:
+		return "U&'" + unicodeBody(password, '!', sel) + "' UESCAPE '!'", true
+	case formDollar:
+		return dollarQuote(password, "")
+	case formDollarTag:
+		return dollarQuote(password, dollarTag(tag))
+	case formDollarNested:
+		t := dollarTag(tag)
+		return dollarQuote(password[:k]+"$"+t+"_in$ "+t+" $"+t+"_in$"+password[k:], t)
+	case formNational:
+		return "N'" + strings.ReplaceAll(password, "'", "''") + "'", true
+	case formBits, formHex:
+		if strings.Contains(password, "'") {
+			return "", false
+		}
+		return string("BX"[form%formCount-formBits]) + "'" + password + "'", true
+	}
+	panic("unreachable")
+}
+
+// escapeBody escapes s for E'…', choosing per byte among raw bytes, \ooo,
+// \xhh, \uxxxx, \Uxxxxxxxx, single-letter escapes and \ before a byte that
+// stands for itself.
+func escapeBody(s string, sel uint8) string {
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		how := 0
+		if sel&1 != 0 {
+			how = (int(sel>>1) + i) % 6
+		}
+		switch {
+		case how == 1:
+			fmt.Fprintf(&b, `\%03o`, c)
+		case how == 2:
+			fmt.Fprintf(&b, `\x%02x`, c)
+		case how == 3 && c < 0x80:
+			fmt.Fprintf(&b, `\u%04X`, c)
+		case how == 4 && c < 0x80:
+			fmt.Fprintf(&b, `\U%08x`, c)
+		case how == 5 && strings.IndexByte("\b\f\n\r\t", c) >= 0:
+			b.WriteByte('\\')
+			b.WriteByte("bfnrt"[strings.IndexByte("\b\f\n\r\t", c)])
+		case how == 5 && strings.IndexByte(`01234567xuUbfnrt`, c) < 0:
+			b.WriteByte('\\')
+			b.WriteByte(c)
+		case c == '\\':
+			b.WriteString(`\\`)
+		case c == '\'' && i%2 == 0:
+			b.WriteString(`\'`)
+		case c == '\'':
+			b.WriteString(`''`)
+		default:
+			b.WriteByte(c)
+		}
+	}
+	return b.String()
+}
+
+// unicodeBody escapes s for U&'…' with escape character esc, writing ASCII
+// bytes raw, as escXXXX or as esc+XXXXXX.
+func unicodeBody(s string, esc byte, sel uint8) string {
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch how := (int(sel) + i) % 3; {
+		case c == '\'':
+			b.WriteString("''")
+		case c == esc:
+			b.WriteByte(esc)
+			b.WriteByte(esc)
+		case c < 0x80 && how == 1:
+			fmt.Fprintf(&b, "%c%04X", esc, c)
+		case c < 0x80 && how == 2:
+			fmt.Fprintf(&b, "%c+%06x", esc, c)
+		default:
+			b.WriteByte(c)
+		}
+	}
+	return b.String()
+}
+
+// dollarTag makes a dollar-quote tag out of fuzz input: identifier bytes
+// without $, not starting with a digit.
+func dollarTag(s string) string {
+	var b strings.Builder
+	for i := 0; i < len(s) && b.Len() < 16; i++ {
+		if c := s[i]; isIdentStart(c) || (b.Len() > 0 && isDigit(c)) {
+			b.WriteByte(c)
+		}
+	}
+	if b.Len() == 0 {
+		return "SomeTag"
+	}
+	return b.String()
+}
+
+// dollarQuote quotes body with $tag$ when the tag's first repetition is the
+// closing one.
+func dollarQuote(body, tag string) (string, bool) {
+	d := "$" + tag + "$"
+	if strings.Index(body+d, d) != len(body) {
+		return "", false
+	}
+	return d + body + d, true
+}
+
+// safeText keeps the bytes of fuzzed surrounding text that cannot open a
+// literal, comment or quoted identifier, so the text before the password
+// clause ends between tokens.
+func safeText(s string) string {
+	var b strings.Builder
+	for i := 0; i < len(s) && b.Len() < 64; i++ {
+		if c := s[i]; c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || strings.IndexByte(" \n\t_,;()=.", c) >= 0 {
+			b.WriteByte(c)
+		}
+	}
+	return b.String()
+}
+
+var (
+	fuzzHeads = []string{
+		"CREATE ROLE r WITH LOGIN ENCRYPTED", "create user u with", "ALTER ROLE r", `alter user "U" WITH`,
+		"ALTER ROLE r WITH LOGIN", "CREATE GROUP g", "CREATE USER MAPPING FOR u SERVER s OPTIONS (user 'x',",
+		"ALTER USER MAPPING FOR u SERVER s OPTIONS (SET",
+	}
+	fuzzKeywords = []string{"PASSWORD", "password", "Password", "pAsSwOrD"}
+	fuzzGaps     = []string{" ", "\n", " /*x*/ ", "/* /* n */ */", " -- c\n", "\t\r\n", ""}
+	fuzzBefore   = []string{
+		"", "SELECT 1;", `SELECT 'it''s', E'a\'b', $q$ x $q$;`, "/* c /* n */ */", "-- c\n",
+		`SELECT "col""x" FROM t;`, "SELECT $1, a$b$;", `SELECT U&'\0041' UESCAPE '\';`, `SELECT 'C:\';`,
+		"SELECT B'01', X'1F';", "BEGIN;\n", "SELECT 'a'\n'b';",
+	}
+	fuzzTails = []string{"", " LOGIN", " VALID UNTIL 'infinity'", ")", "; SELECT 1", "\n;SELECT $$x$$", " -- end", " /* end */", ";\nSELECT 'a\\'", " UESCAPE"}
+)
+
+// FuzzRedactPasswordLiteral checks that no byte of a password literal
+// survives redaction, whatever form the literal takes and whatever surrounds
+// it: the output is the text before the literal, '[REDACTED]' where the
+// literal was, and then only text from after the literal (some of which may be
+// redacted as well).
+func FuzzRedactPasswordLiteral(f *testing.F) {
+	// The manual's examples (4.1.2), each in its form.
+	f.Add("Dianne's horse", uint8(formPlain), uint8(0), uint8(0), uint32(0), "", "")
+	f.Add("This is a string", uint8(formPlain), uint8(0), uint8(0), uint32(1), "", "")
+	f.Add("foobar", uint8(formContinued), uint8(0), uint8(3), uint32(2), "", "")
+	f.Add("foo--bar", uint8(formContinued), uint8(5), uint8(3), uint32(3), "", "x")
+	f.Add("b\f\n\r\t'\\AAA", uint8(formEscape), uint8(0x0b), uint8(0), uint32(4), "", "") // \b \f \n \r \t, \o \oo \ooo, \xh \xhh
+	f.Add("AAAAAAAAAAAA", uint8(formEscape), uint8(0x07), uint8(0), uint32(5), "", "")    // \uxxxx and \Uxxxxxxxx
+	f.Add("it's\\fine", uint8(formEscape), uint8(0), uint8(0), uint32(6), "", "")         // \' and \\
+	f.Add("ab'cd\\ef", uint8(formEscapeContinued), uint8(2), uint8(3), uint32(7), "", "") // E'ab\'' newline 'cd\\ef'
+	f.Add("C:\\dir\\'x'", uint8(formBackslash), uint8(0), uint8(0), uint32(8), "", "")    // standard_conforming_strings off
+	f.Add("data data", uint8(formUnicode), uint8(1), uint8(0), uint32(9), "", "")         // U&'d\0061t\+000061'
+	f.Add("data!data", uint8(formUescape), uint8(1), uint8(0), uint32(10), "", "")        // U&'d!0061t!+000061' UESCAPE '!'
+	f.Add("Dianne's horse", uint8(formDollar), uint8(0), uint8(0), uint32(11), "", "")    // $$Dianne's horse$$
+	f.Add("Dianne's horse", uint8(formDollarTag), uint8(0), uint8(0), uint32(12), "SomeTag", "")
+	f.Add(" BEGIN RETURN ($1 ~ $q$[\\t\\r\\n\\v\\\\]$q$); END; ", uint8(formDollarTag), uint8(0), uint8(0), uint32(13), "function", "")
+	f.Add("outer inner", uint8(formDollarNested), uint8(0), uint8(6), uint32(14), "a", "")
+	f.Add("national", uint8(formNational), uint8(0), uint8(0), uint32(15), "", "")
+	f.Add("10011001", uint8(formBits), uint8(0), uint8(0), uint32(16), "", "")
+	f.Add("1FF1FF", uint8(formHex), uint8(0), uint8(0), uint32(17), "", "")
+	f.Add("s3cret'\n'x", uint8(formPlain), uint8(0), uint8(0), uint32(0xffffffff), "", "more text; SELECT")
+	f.Fuzz(func(t *testing.T, password string, form, sel, split uint8, shape uint32, tag, text string) {
+		const marker = "'" + redactedValue + "'"
+		if len(password) < 6 {
+			return
+		}
+		lit, ok := encodeLiteral(password, form, sel, split, tag)
+		if !ok {
+			return
+		}
+		pick := func(list []string, bits uint) string { return list[int(shape>>bits)%len(list)] }
+		gap := pick(fuzzGaps, 8)
+		if gap == "" && lit[0] != '\'' {
+			gap = " " // PASSWORD$$…$$ or PASSWORDE'…' would be one identifier
+		}
+		free := safeText(text)
+		if form%formCount == formBackslash && (strings.Contains(pick(fuzzBefore, 0)+pick(fuzzBefore, 4), `\';`)) {
+			// That text means one thing only with standard_conforming_strings
+			// on, this literal only with it off: no server reads both.
+			return
+		}
+		before := pick(fuzzBefore, 0) + " " + pick(fuzzBefore, 4) + " " + free + " " + pick(fuzzHeads, 12) + " " + pick(fuzzKeywords, 16) + gap
+		tail := pick(fuzzTails, 20)
+		if shape&(1<<28) != 0 {
+			tail += " " + free
+		}
+		if containsFoldASCII(before[:len(before)-len(gap)-len("password")], "password") || containsFoldASCII(tail, "password") ||
+			strings.Contains(before+marker+tail, password) || strings.Contains(tail, redactedValue) {
+			return
+		}
+		in := before + lit + tail
+		got, _ := redactSQL(in)
+		if strings.Contains(got, password) {
+			t.Fatalf("redactSQL(%q)\n= %q\nkeeps the password %q", in, got, password)
+		}
+		rest, ok := strings.CutPrefix(got, before+marker)
+		if !ok {
+			t.Fatalf("redactSQL(%q)\n= %q\ndoes not replace the literal %q where it starts", in, got, lit)
+		}
+		if !fromTail(rest, tail, marker) {
+			t.Fatalf("redactSQL(%q)\n= %q\nleaves part of the literal %q: %q is not what follows it", in, got, lit, rest)
+		}
+	})
+}
+
+// fromTail reports whether rest is tail with some parts of it replaced by
+// marker: every byte outside a marker comes, in order, from tail, and rest
+// ends where tail ends.
+func fromTail(rest, tail, marker string) bool {
+	pieces := strings.Split(rest, marker)
+	j := 0
+	for k, p := range pieces {
+		if k == len(pieces)-1 {
+			return strings.HasSuffix(tail[j:], p)
+		}
+		x := strings.Index(tail[j:], p)
+		if x < 0 {
+			return false
+		}
+		j += x + len(p)
+	}
+	return true
 }
