@@ -132,7 +132,7 @@ func (l *lexer) scan(r *redaction) {
 			}
 			after = false
 		case tokIdent:
-			after = len(sql[i:end]) == len("password") && containsFoldASCII(sql[i:end], "password")
+			after = equalFoldASCII(sql[i:end], "password")
 		case tokQuotedIdent:
 			after = sql[i:end] == `"password"`
 		default:
@@ -153,7 +153,7 @@ func (l *lexer) absorb(i int) int {
 		case kind == tokSpace:
 		case kind == tokString:
 			end = next
-		case kind == tokIdent && next-j == len("uescape") && containsFoldASCII(l.sql[j:next], "uescape"):
+		case kind == tokIdent && equalFoldASCII(l.sql[j:next], "uescape"):
 			end = next
 		default:
 			return end
@@ -377,21 +377,57 @@ func isIdentStart(c byte) bool {
 func isIdentCont(c byte) bool { return isIdentStart(c) || isDigit(c) || c == '$' }
 
 // containsFoldASCII reports whether s contains the lower-case ASCII word,
-// ignoring ASCII case, without allocating.
+// ignoring ASCII case, without allocating. It jumps between the places where
+// the word's first letter occurs, in either case, with strings.IndexByte, so
+// text without that letter costs almost nothing.
 func containsFoldASCII(s, lower string) bool {
 	n := len(lower)
-outer:
-	for i := 0; i+n <= len(s); i++ {
-		for k := 0; k < n; k++ {
-			c := s[i+k]
-			if c >= 'A' && c <= 'Z' {
-				c += 'a' - 'A'
-			}
-			if c != lower[k] {
-				continue outer
+	lo, up := lower[0], lower[0]
+	if lo >= 'a' && lo <= 'z' {
+		up = lo - ('a' - 'A')
+	}
+	nextLo, nextUp := -1, -1 // next occurrence at or after i; -1: not searched yet
+	for i := 0; i+n <= len(s); {
+		if nextLo < i {
+			if nextLo = strings.IndexByte(s[i:], lo); nextLo >= 0 {
+				nextLo += i
+			} else {
+				nextLo = len(s)
 			}
 		}
-		return true
+		if nextUp < i {
+			if nextUp = strings.IndexByte(s[i:], up); nextUp >= 0 {
+				nextUp += i
+			} else {
+				nextUp = len(s)
+			}
+		}
+		i = min(nextLo, nextUp)
+		if i+n > len(s) {
+			return false
+		}
+		if equalFoldASCII(s[i:i+n], lower) {
+			return true
+		}
+		i++
 	}
 	return false
+}
+
+// equalFoldASCII reports whether s is the lower-case ASCII word lower,
+// ignoring ASCII case.
+func equalFoldASCII(s, lower string) bool {
+	if len(s) != len(lower) {
+		return false
+	}
+	for k := 0; k < len(s); k++ {
+		c := s[k]
+		if c >= 'A' && c <= 'Z' {
+			c += 'a' - 'A'
+		}
+		if c != lower[k] {
+			return false
+		}
+	}
+	return true
 }

@@ -438,3 +438,13 @@ func fromTail(rest, tail, marker string) bool {
 	}
 	return true
 }
+
+func TestContainsFoldASCII(t *testing.T) {
+	for _, s := range []string{"", "p", "password", "PASSWORD", "xPaSsWoRd", "passwor", "ppassword", "PpPpassword",
+		"pasPassword", "a p b P c passwor d", "Password\x00", "pässword", strings.Repeat("pP", 50) + "assword"} {
+		want := strings.Contains(strings.ToLower(s), "password") && !strings.Contains(s, "ä")
+		if got := containsFoldASCII(s, "password"); got != want {
+			t.Errorf("containsFoldASCII(%q) = %v, want %v", s, got, want)
+		}
+	}
+}
