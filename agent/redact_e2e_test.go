@@ -100,8 +100,19 @@ func TestPasswordLiteralFormsRedactedEndToEnd(t *testing.T) {
 			}
 		})
 	}
+	// Two literals on one line are no continuation: a syntax error, whose
+	// message quotes the second one. Neither may be audited.
+	bad := fmt.Sprintf("ALTER ROLE %s PASSWORD 'OneLineQa' 'OneLineZb'", target)
+	if _, err := c.PgConn().Exec(ctx, bad).ReadAll(); err == nil {
+		t.Fatalf("%q succeeded", bad)
+	}
 	c.Close(ctx)
 	h.stop()
+	tests = append(tests, struct {
+		name, literal, password string
+		secrets                 []string
+		wrong, before           string
+	}{name: "syntax error", password: "OneLineQaOneLineZb", secrets: []string{"OneLineQa", "OneLineZb"}})
 
 	audit := readFile(t, h.auditPath)
 	logs := h.logs.String()
@@ -124,6 +135,15 @@ func TestPasswordLiteralFormsRedactedEndToEnd(t *testing.T) {
 				t.Errorf("audited as %q", q)
 			}
 		}
+	}
+	syntaxErrors := 0
+	for _, ev := range h.auditEvents(t) {
+		if ev["event"] == "db.session.query.result" && ev["sqlstate"] == "42601" {
+			syntaxErrors++
+		}
+	}
+	if syntaxErrors != 1 {
+		t.Errorf("%d results with SQLSTATE 42601 audited, want 1", syntaxErrors)
 	}
 	if n != len(tests) {
 		t.Errorf("%d statements audited, want %d", n, len(tests))

@@ -303,7 +303,12 @@ func (a *Audit) queryLine(now time.Time, h *sessionHeader, s *broker.SessionInfo
 	return b
 }
 
-func (a *Audit) queryResult(now time.Time, h *sessionHeader, s *broker.SessionInfo, q *broker.QueryEvent, ei, queryEI int64) error {
+// queryResult builds and writes a db.session.query.result event. With
+// password set (the statement mentions a password) the server's error
+// message is replaced: a syntax error quotes the offending token, which can
+// be part of a password literal ('a' 'b' on one line), and a message in
+// another lc_messages language cannot be picked apart reliably.
+func (a *Audit) queryResult(now time.Time, h *sessionHeader, s *broker.SessionInfo, q *broker.QueryEvent, ei, queryEI int64, password bool) error {
 	b := a.getBuf()
 	code := CodeQueryResult
 	if !q.Success {
@@ -311,7 +316,11 @@ func (a *Audit) queryResult(now time.Time, h *sessionHeader, s *broker.SessionIn
 	}
 	buf := h.header(*b, now, EventQueryResult, code, s, ei)
 	buf = appendBoolField(buf, "success", q.Success)
-	buf = appendStringFieldOmit(buf, "error", q.Error)
+	errText := q.Error
+	if password && errText != "" {
+		errText = redactedError
+	}
+	buf = appendStringFieldOmit(buf, "error", errText)
 	buf = appendStringFieldOmit(buf, "sqlstate", q.Code)
 	buf = appendIntField(buf, "query_index", q.Index)
 	buf = appendIntField(buf, "query_ei", queryEI)

@@ -37,7 +37,12 @@ type sessionState struct {
 	hdr     *sessionHeader // set before the relay starts; read-only after
 }
 
-type pendingQuery struct{ index, ei int64 }
+type pendingQuery struct {
+	index, ei int64
+	// password: the text mentions a password, so the server's error
+	// message, which may quote part of it, is not audited.
+	password bool
+}
 
 var _ broker.Observer = (*Observer)(nil)
 
@@ -226,7 +231,7 @@ func (o *Observer) Query(ctx context.Context, s *broker.SessionInfo, q *broker.Q
 		st.mu.Lock()
 		st.ei++
 		ei := st.ei
-		st.pending = append(st.pending, pendingQuery{q.Index, ei})
+		st.pending = append(st.pending, pendingQuery{q.Index, ei, mentionsPassword(q.Text)})
 		st.mu.Unlock()
 		if err := o.audit.query(time.Now(), st.hdr, s, q, ei); err != nil {
 			st.mu.Lock()
@@ -254,7 +259,7 @@ func (o *Observer) QueryBatch(ctx context.Context, s *broker.SessionInfo, qs []*
 		first := st.ei + 1
 		for _, q := range qs {
 			st.ei++
-			st.pending = append(st.pending, pendingQuery{q.Index, st.ei})
+			st.pending = append(st.pending, pendingQuery{q.Index, st.ei, mentionsPassword(q.Text)})
 		}
 		st.mu.Unlock()
 		if err := o.audit.queryBatch(time.Now(), st.hdr, s, qs, first); err != nil {
@@ -280,16 +285,17 @@ func (o *Observer) QueryDone(ctx context.Context, s *broker.SessionInfo, q *brok
 		st.ei++
 		ei := st.ei
 		var queryEI int64
+		var password bool
 		for i, p := range st.pending {
 			if p.index == q.Index {
-				queryEI = p.ei
+				queryEI, password = p.ei, p.password
 				st.pending = append(st.pending[:i], st.pending[i+1:]...)
 				break
 			}
 		}
 		st.mu.Unlock()
 		// The statement already ran; a failure here is counted and logged by the sink.
-		_ = o.audit.queryResult(time.Now(), st.hdr, s, q, ei, queryEI)
+		_ = o.audit.queryResult(time.Now(), st.hdr, s, q, ei, queryEI, password)
 	}
 	if o.log.Enabled(ctx, slog.LevelDebug) {
 		o.log.DebugContext(ctx, "statement done", append(sessionAttrs(s), "query_index", q.Index,

@@ -37,6 +37,14 @@ import (
 // are gone. A "password" quoted identifier counts as the keyword too: it is
 // how OPTIONS ("password" '…') names the user mapping's password.
 
+// redactedError stands for the server's error message on a statement that
+// mentions a password.
+const redactedError = "[REDACTED: the statement mentions a password; the server's message may quote it]"
+
+// mentionsPassword reports whether a statement contains the word password in
+// any case: whether its error message may quote a password.
+func mentionsPassword(sql string) bool { return containsFoldASCII(sql, "password") }
+
 // redactSQL returns sql with password literals replaced, and the 1-based
 // numbers of the parameters that stand for passwords. It returns sql itself
 // and nil, allocating nothing, when sql does not contain "password".
