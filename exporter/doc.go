@@ -13,8 +13,8 @@
 // itself holds no resources beyond per-session counters between SessionStart
 // and SessionEnd.
 //
-// It deliberately does not parse SQL beyond what redaction needs (finding a
-// literal after the PASSWORD keyword), does not ship audit events anywhere
+// It deliberately does not parse SQL beyond what redaction needs (lexing as
+// PostgreSQL does to find the literal after a PASSWORD keyword), does not ship audit events anywhere
 // (a collector tails the file), and does not decide policy: a failing audit
 // write is reported to the broker, which refuses the session.
 package exporter
