@@ -581,3 +581,42 @@ func TestAuditDocExamples(t *testing.T) {
 		}
 	}
 }
+
+// A failing statement that mentions a password keeps its SQLSTATE, not the
+// server's message: a syntax error quotes the token it stopped at, which can
+// be part of the password. Other failures keep their message.
+func TestAuditPasswordStatementErrorNotRecorded(t *testing.T) {
+	fx := newFixture(t, exporter.AuditConfig{})
+	ctx := context.Background()
+	s := testSession()
+	if err := fx.obs.SessionStart(ctx, s); err != nil {
+		t.Fatal(err)
+	}
+	qs := []*broker.QueryEvent{
+		{Index: 1, Text: "ALTER ROLE r PASSWORD 'OneLineQa' 'OneLineZb'"},
+		{Index: 2, Text: "SELECT 1/0"},
+	}
+	for _, q := range qs {
+		if err := fx.obs.Query(ctx, s, q); err != nil {
+			t.Fatal(err)
+		}
+	}
+	qs[0].Success, qs[0].Code, qs[0].Error = false, "42601", `syntax error at or near "'OneLineZb'"`
+	qs[1].Success, qs[1].Code, qs[1].Error = false, "22012", "division by zero"
+	for _, q := range qs {
+		fx.obs.QueryDone(ctx, s, q)
+	}
+	fx.obs.SessionEnd(ctx, s)
+	if raw := string(mustRead(t, fx.path)); strings.Contains(raw, "OneLine") {
+		t.Fatalf("the password reached the audit file:\n%s", raw)
+	}
+	got := map[string]any{}
+	for _, l := range readLines(t, fx.path) {
+		if l["event"] == "db.session.query.result" {
+			got[l["sqlstate"].(string)] = l["error"]
+		}
+	}
+	if got["42601"] == nil || got["42601"] == qs[0].Error || got["22012"] != "division by zero" {
+		t.Errorf("result errors by SQLSTATE: %v", got)
+	}
+}
