@@ -5,6 +5,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 )
 
 func TestRedactSQL(t *testing.T) {
@@ -445,6 +446,44 @@ func TestContainsFoldASCII(t *testing.T) {
 		want := strings.Contains(strings.ToLower(s), "password") && !strings.Contains(s, "ä")
 		if got := containsFoldASCII(s, "password"); got != want {
 			t.Errorf("containsFoldASCII(%q) = %v, want %v", s, got, want)
+		}
+	}
+}
+
+// TestRedactSQLLinear feeds long adversarial statements (long chains of
+// adjacent literals after PASSWORD, unclosed dollar quotes, deep comments,
+// many keywords) and checks the time grows with the length, not its square:
+// 16 times the text may take at most 64 times as long (quadratic would be
+// 256), with slack for a loaded machine.
+func TestRedactSQLLinear(t *testing.T) {
+	if testing.Short() {
+		t.Skip("timing test")
+	}
+	units := map[string]string{
+		"adjacent literals":   "'ab' ",
+		"continuations":       "'ab'\n",
+		"unclosed dollar":     "$a$ ",
+		"nested comments":     "/* ",
+		"keywords":            "PASSWORD ",
+		"keyword and literal": "PASSWORD 'x' ",
+		"backslashes":         `'\'`,
+		"first letters":       "pPpPpass",
+	}
+	elapsed := func(q string) time.Duration {
+		best := time.Duration(1<<63 - 1)
+		for range 5 {
+			t0 := time.Now()
+			redactSQL(q)
+			best = min(best, time.Since(t0))
+		}
+		return best
+	}
+	for name, u := range units {
+		small := "ALTER ROLE r PASSWORD " + strings.Repeat(u, 32<<10/len(u))
+		large := "ALTER ROLE r PASSWORD " + strings.Repeat(u, 512<<10/len(u))
+		ts, tl := elapsed(small), elapsed(large)
+		if tl > 64*ts && tl > 100*time.Millisecond {
+			t.Errorf("%s: 32 KB in %v, 512 KB in %v", name, ts, tl)
 		}
 	}
 }
