@@ -23,7 +23,7 @@ FUZZ_TARGETS := \
 	./exporter:FuzzJSONString:30000x \
 	./exporter:FuzzDecodeParam:15000x \
 	./exporter:FuzzRedactSQL:20000x \
-	./exporter:FuzzRedactPasswordLiteral:300000x
+	./exporter:FuzzRedactPasswordLiteral:30000x
 
 .PHONY: all build test unit fuzz-short fuzz soak demo bench lint generate deps clean
 
