@@ -31,11 +31,11 @@ import (
 //
 // pgward does not know a session's standard_conforming_strings. When it is
 // off, a plain '…' literal takes backslash escapes, which moves where it ends
-// and with it every token after it. So the statement is lexed twice, once
-// with each setting, and the union of the two sets of redacted spans is
-// replaced: whichever way the server reads the text, its password literals
-// are gone. A "password" quoted identifier counts as the keyword too: it is
-// how OPTIONS ("password" '…') names the user mapping's password.
+// and with it every token after it. So a statement with a backslash is lexed
+// twice, once with each setting, and the union of the two sets of redacted
+// spans is replaced: whichever way the server reads the text, its password
+// literals are gone. A "password" quoted identifier counts as the keyword
+// too: it is how OPTIONS ("password" '…') names the user mapping's password.
 
 // redactedError stands for the server's error message on a statement that
 // mentions a password.
