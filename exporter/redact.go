@@ -59,14 +59,14 @@ func redactSQL(sql string) (string, []int) {
 	r.spans = buf[:0]
 	(&lexer{sql: sql, std: true}).scan(&r)
 	if strings.IndexByte(sql, '\\') >= 0 {
-		// Only a backslash makes the two readings differ.
+		// Only a backslash makes the two readings differ. Each pass yields
+		// its spans in order; together they may overlap.
 		(&lexer{sql: sql, std: false}).scan(&r)
+		slices.SortFunc(r.spans, func(a, b [2]int) int { return a[0] - b[0] })
 	}
 	if len(r.spans) == 0 {
 		return sql, r.params
 	}
-	// Each pass yields spans in order; together they may overlap.
-	slices.SortFunc(r.spans, func(a, b [2]int) int { return a[0] - b[0] })
 	var b strings.Builder
 	b.Grow(len(sql))
 	last := 0
