@@ -582,9 +582,10 @@ func TestAuditDocExamples(t *testing.T) {
 	}
 }
 
-// A failing statement that mentions a password keeps its SQLSTATE, not the
-// server's message: a syntax error quotes the token it stopped at, which can
-// be part of the password. Other failures keep their message.
+// A statement that mentions a password and fails with a syntax error or a
+// data exception keeps its SQLSTATE, not the server's message: those quote
+// the token they stopped at, which can be part of the password. Other
+// failures keep their message.
 func TestAuditPasswordStatementErrorNotRecorded(t *testing.T) {
 	fx := newFixture(t, exporter.AuditConfig{})
 	ctx := context.Background()
@@ -595,6 +596,7 @@ func TestAuditPasswordStatementErrorNotRecorded(t *testing.T) {
 	qs := []*broker.QueryEvent{
 		{Index: 1, Text: "ALTER ROLE r PASSWORD 'OneLineQa' 'OneLineZb'"},
 		{Index: 2, Text: "SELECT 1/0"},
+		{Index: 3, Text: "ALTER ROLE postgres PASSWORD 'OneLineXy'"},
 	}
 	for _, q := range qs {
 		if err := fx.obs.Query(ctx, s, q); err != nil {
@@ -603,6 +605,7 @@ func TestAuditPasswordStatementErrorNotRecorded(t *testing.T) {
 	}
 	qs[0].Success, qs[0].Code, qs[0].Error = false, "42601", `syntax error at or near "'OneLineZb'"`
 	qs[1].Success, qs[1].Code, qs[1].Error = false, "22012", "division by zero"
+	qs[2].Success, qs[2].Code, qs[2].Error = false, "42501", "permission denied to alter role"
 	for _, q := range qs {
 		fx.obs.QueryDone(ctx, s, q)
 	}
@@ -616,7 +619,7 @@ func TestAuditPasswordStatementErrorNotRecorded(t *testing.T) {
 			got[l["sqlstate"].(string)] = l["error"]
 		}
 	}
-	if got["42601"] == nil || got["42601"] == qs[0].Error || got["22012"] != "division by zero" {
+	if got["42601"] == nil || got["42601"] == qs[0].Error || got["22012"] != "division by zero" || got["42501"] != qs[2].Error {
 		t.Errorf("result errors by SQLSTATE: %v", got)
 	}
 }

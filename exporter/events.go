@@ -4,6 +4,7 @@ import (
 	"math/rand/v2"
 	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/pgward/pgward/broker"
@@ -304,10 +305,12 @@ func (a *Audit) queryLine(now time.Time, h *sessionHeader, s *broker.SessionInfo
 }
 
 // queryResult builds and writes a db.session.query.result event. With
-// password set (the statement mentions a password) the server's error
-// message is replaced: a syntax error quotes the offending token, which can
-// be part of a password literal ('a' 'b' on one line), and a message in
-// another lc_messages language cannot be picked apart reliably.
+// password set (the statement mentions a password) the server's message for
+// a syntax error (42601) or a data exception (class 22) is replaced: those
+// quote the text they stopped at, which can be part of a password literal
+// ('a' 'b' on one line), and a message in another lc_messages language
+// cannot be picked apart reliably. Other messages (permission denied, role
+// does not exist) name objects, not values, and are kept.
 func (a *Audit) queryResult(now time.Time, h *sessionHeader, s *broker.SessionInfo, q *broker.QueryEvent, ei, queryEI int64, password bool) error {
 	b := a.getBuf()
 	code := CodeQueryResult
@@ -317,7 +320,7 @@ func (a *Audit) queryResult(now time.Time, h *sessionHeader, s *broker.SessionIn
 	buf := h.header(*b, now, EventQueryResult, code, s, ei)
 	buf = appendBoolField(buf, "success", q.Success)
 	errText := q.Error
-	if password && errText != "" {
+	if password && errText != "" && (q.Code == "42601" || strings.HasPrefix(q.Code, "22")) {
 		errText = redactedError
 	}
 	buf = appendStringFieldOmit(buf, "error", errText)
