@@ -143,6 +143,7 @@ func New(ctx context.Context, opts Options) (_ *Agent, err error) {
 	if err != nil {
 		return nil, err
 	}
+	a.metrics.SetBufferStats(a.broker.BufferStats)
 
 	a.unixLn, err = broker.ListenUnix(cfg.Listen)
 	if err != nil {

@@ -41,8 +41,10 @@ type ListenConfig struct {
 	// LoginTimeout bounds the time from accept to a relaying session
 	// (startup, identity, credentials, upstream authentication). Default 10s.
 	LoginTimeout time.Duration `yaml:"login_timeout"`
-	// MaxMessageSize caps one protocol message from a client or upstream, in
-	// bytes. Default 256 MiB (Postgres itself allows 1 GiB).
+	// MaxMessageSize is the deprecated spelling of
+	// limits.max_message_bytes: when only it is set, it is used as that
+	// (and, like it, now caps only the messages pgward inspects). Setting
+	// both to different values is an error.
 	MaxMessageSize int `yaml:"max_message_size"`
 }
 
@@ -166,7 +168,8 @@ type Grant struct {
 }
 
 // LimitsConfig throttles authentication per principal (per uid for callers
-// that match no principal).
+// that match no principal) and bounds the memory sessions may make pgward
+// hold.
 type LimitsConfig struct {
 	AuthRate             float64 `yaml:"auth_rate"`              // requests per second; 0 = unlimited
 	AuthBurst            int     `yaml:"auth_burst"`             // bucket size; default 2×rate
@@ -177,6 +180,20 @@ type LimitsConfig struct {
 	// then, if the statement still runs, after pg_terminate_backend for the
 	// backend to go. Default 5s. See endsession.go.
 	CancelWait time.Duration `yaml:"cancel_wait"`
+	// MaxMessageBytes caps one message pgward must hold whole to inspect
+	// it (from clients: Query, Parse, Bind, Execute, FunctionCall, Close,
+	// Describe, Sync, Terminate; from the server: ErrorResponse,
+	// CommandComplete, ParameterStatus…), counted on the wire (type byte,
+	// length and body). Over it a client gets 54000, a server's message
+	// ends the session. Messages pgward does not inspect (CopyData,
+	// DataRow…) stream through whatever their size. Default 64 MiB; at
+	// most 2 GiB, the protocol's own bound; never above BufferMemory.
+	MaxMessageBytes int `yaml:"max_message_bytes"`
+	// BufferMemory caps the bytes all sessions together hold in buffers
+	// grown past the standard 32 KiB read buffer, to assemble messages to
+	// inspect. A session whose message needs more than is left stops
+	// reading until other sessions give memory back. Default 256 MiB.
+	BufferMemory int64 `yaml:"buffer_memory"`
 }
 
 // DefaultCancelWait is limits.cancel_wait when unset.
@@ -205,13 +222,22 @@ func fieldErr(path, format string, args ...any) error {
 
 // Defaults.
 const (
-	DefaultUnixDir        = "/run/pgward"
-	DefaultPort           = 5432
-	DefaultMode           = "0666"
-	DefaultMaxConnections = 10000
-	DefaultLoginTimeout   = 10 * time.Second
-	DefaultMaxMessageSize = 256 << 20
-	DefaultConnectTimeout = 5 * time.Second
+	DefaultUnixDir         = "/run/pgward"
+	DefaultPort            = 5432
+	DefaultMode            = "0666"
+	DefaultMaxConnections  = 10000
+	DefaultLoginTimeout    = 10 * time.Second
+	DefaultMaxMessageBytes = 64 << 20
+	DefaultBufferMemory    = 256 << 20
+	DefaultConnectTimeout  = 5 * time.Second
+)
+
+// Bounds of limits.max_message_bytes: the largest message the protocol can
+// carry (type byte plus a length of 2^31-1), and a floor under which
+// ordinary statements would not fit.
+const (
+	maxWireMessage  = 1 << 31
+	minMessageBytes = 1 << 10
 )
 
 // SocketPath is the listener's socket file, <unix_dir>/.s.PGSQL.<port>.
@@ -257,11 +283,33 @@ func (c ListenConfig) loginTimeout() time.Duration {
 	return c.LoginTimeout
 }
 
-func (c ListenConfig) maxMessageSize() int {
-	if c.MaxMessageSize <= 0 {
-		return DefaultMaxMessageSize
+// maxMessageBytes is limits.max_message_bytes, or its deprecated spelling
+// listen.max_message_size, or the default.
+func (c *Config) maxMessageBytes() int {
+	switch {
+	case c.Limits.MaxMessageBytes > 0:
+		return c.Limits.MaxMessageBytes
+	case c.Listen.MaxMessageSize > 0:
+		return c.Listen.MaxMessageSize
 	}
-	return c.MaxMessageSize
+	return DefaultMaxMessageBytes
+}
+
+func (c LimitsConfig) bufferMemory() int64 {
+	if c.BufferMemory <= 0 {
+		return DefaultBufferMemory
+	}
+	return c.BufferMemory
+}
+
+// Deprecations lists the deprecated keys the configuration uses, with
+// what to use instead, for the agent to log (they are not errors).
+func (c *Config) Deprecations() []string {
+	var out []string
+	if c.Listen.MaxMessageSize > 0 {
+		out = append(out, "listen.max_message_size is deprecated: it is read as limits.max_message_bytes, which caps only the messages pgward inspects (COPY data and result rows stream through whatever their size); use limits.max_message_bytes")
+	}
+	return out
 }
 
 // IsSocketPath reports whether the address names a Unix socket file.
@@ -328,8 +376,23 @@ func (c *Config) Validate() error {
 	if c.Listen.MaxConnections < 0 {
 		add(fieldErr("listen.max_connections", "must not be negative"))
 	}
-	if c.Listen.MaxMessageSize < 0 || c.Listen.MaxMessageSize > 1<<30 {
-		add(fieldErr("listen.max_message_size", "must be between 0 (default) and 1073741824"))
+	if c.Listen.MaxMessageSize < 0 || c.Listen.MaxMessageSize > maxWireMessage {
+		add(fieldErr("listen.max_message_size", "must be between 0 (default) and %d", maxWireMessage))
+	}
+	if m := c.Limits.MaxMessageBytes; m != 0 && (m < minMessageBytes || m > maxWireMessage) {
+		add(fieldErr("limits.max_message_bytes", "must be between %d and %d (the largest message the protocol can carry), or 0 for the default %d", minMessageBytes, maxWireMessage, DefaultMaxMessageBytes))
+	}
+	if a, m := c.Listen.MaxMessageSize, c.Limits.MaxMessageBytes; a > 0 && m > 0 && a != m {
+		add(fieldErr("listen.max_message_size", "is the deprecated spelling of limits.max_message_bytes, and the two disagree (%d, %d): keep only limits.max_message_bytes", a, m))
+	}
+	if c.Limits.BufferMemory < 0 {
+		add(fieldErr("limits.buffer_memory", "must not be negative"))
+	} else if m := c.maxMessageBytes(); int64(m) > c.Limits.bufferMemory() {
+		key := "limits.max_message_bytes"
+		if c.Limits.MaxMessageBytes == 0 {
+			key = "listen.max_message_size"
+		}
+		add(fieldErr("limits.buffer_memory", "%d is less than %s (%d): one message must fit in the buffer budget; raise limits.buffer_memory", c.Limits.bufferMemory(), key, m))
 	}
 
 	if len(c.Upstreams) == 0 {

@@ -20,6 +20,7 @@ const (
 	CodeIOError              = "58030" // audit log unavailable
 	CodeAdminShutdown        = "57P01"
 	CodeFeatureNotSupported  = "0A000"
+	CodeProgramLimitExceeded = "54000" // a message over limits.max_message_bytes
 )
 
 // ClientError is a refusal the client sees: an ErrorResponse with our own

@@ -2,21 +2,27 @@ package broker
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 )
 
 // frameScanner walks the protocol messages of one relay direction. It reads
 // only frame headers, except for the message types it is told to inspect,
-// whose whole body it hands to inspect before they are forwarded. Bodies it
-// does not inspect (DataRow, CopyData…) pass through in pieces, so a large
-// message never needs a large buffer.
+// whose whole message it hands to inspect before it is forwarded. Messages
+// it does not inspect (DataRow, CopyData…) pass through in pieces, so they
+// never need a buffer of their size, whatever length they announce (up to
+// the protocol's 2^31-1).
+//
+// A message to inspect is capped at maxMsg bytes on the wire (type byte,
+// length and body: limits.max_message_bytes); a header announcing more is a
+// *MessageTooLargeError before any of its body is buffered.
 type frameScanner struct {
 	want [256]bool
 	// peek: message types whose arrival matters but whose body does not;
 	// inspect gets them with a nil body as soon as the header is read, and
 	// the body streams through like any other.
 	peek    [256]bool
-	maxBody int
+	maxMsg  int
 	skip    int // bytes of the current uninspected message still to pass through
 	inspect func(typ byte, body []byte) error
 	// last and prev are the types of the last two messages whose header was
@@ -24,9 +30,36 @@ type frameScanner struct {
 	last, prev byte
 }
 
+// MessageTooLargeError is a message to inspect whose announced size is over
+// limits.max_message_bytes. Size counts the whole message on the wire.
+type MessageTooLargeError struct {
+	Type  byte
+	Size  int64
+	Limit int
+}
+
+func (e *MessageTooLargeError) Error() string {
+	return fmt.Sprintf("message %q of %d bytes is over limits.max_message_bytes (%d)", e.Type, e.Size, e.Limit)
+}
+
+// asTooLarge returns err as a *MessageTooLargeError, or nil. It costs
+// nothing when err is nil (the relay calls it after every scan; errors.As
+// would cost an allocation).
+func asTooLarge(err error) *MessageTooLargeError {
+	if err == nil {
+		return nil
+	}
+	var tl *MessageTooLargeError
+	if errors.As(err, &tl) {
+		return tl
+	}
+	return nil
+}
+
 // scan looks at buf (bytes read and not yet forwarded) and returns how many
-// leading bytes may be forwarded now, and how large the buffer must be to
-// make progress when the next message to inspect does not fit (0 if it does).
+// leading bytes may be forwarded now, and — when buf ends inside a message
+// to inspect — that message's size on the wire (0 otherwise). That message
+// then starts at buf[fwd]; need is never more than maxMsg.
 func (f *frameScanner) scan(buf []byte) (fwd int, need int, err error) {
 	i := 0
 	for i < len(buf) {
@@ -40,11 +73,13 @@ func (f *frameScanner) scan(buf []byte) (fwd int, need int, err error) {
 			break
 		}
 		typ := buf[i]
+		// The length counts itself, not the type byte; as an int32 it is
+		// at most 2^31-1, and anything under 4 (negative included) is malformed.
 		l := int64(int32(binary.BigEndian.Uint32(buf[i+1:])))
-		if l < 4 || l-4 > int64(f.maxBody) {
+		if l < 4 {
 			return i, 0, fmt.Errorf("%w: message %q with length %d", errProtocol, typ, l)
 		}
-		total := 1 + int(l)
+		total := 1 + l
 		if !f.want[typ] {
 			if f.peek[typ] {
 				if err := f.inspect(typ, nil); err != nil {
@@ -52,19 +87,22 @@ func (f *frameScanner) scan(buf []byte) (fwd int, need int, err error) {
 				}
 			}
 			f.prev, f.last = f.last, typ
-			k := min(total, len(buf)-i)
+			k := int(min(total, int64(len(buf)-i)))
 			i += k
-			f.skip = total - k
+			f.skip = int(total) - k
 			continue
 		}
-		if len(buf)-i < total {
-			return i, total, nil
+		if total > int64(f.maxMsg) {
+			return i, 0, &MessageTooLargeError{Type: typ, Size: total, Limit: f.maxMsg}
+		}
+		if int64(len(buf)-i) < total {
+			return i, int(total), nil
 		}
 		f.prev, f.last = f.last, typ
-		if err := f.inspect(typ, buf[i+5:i+total]); err != nil {
+		if err := f.inspect(typ, buf[i+5:i+int(total)]); err != nil {
 			return i, 0, err
 		}
-		i += total
+		i += int(total)
 	}
 	return i, 0, nil
 }

@@ -51,7 +51,7 @@ func feed(t testing.TB, fs *frameScanner, stream []byte, chunks []int) ([]byte, 
 		if err != nil {
 			return out, err
 		}
-		if need > fs.maxBody+5 {
+		if need > fs.maxMsg {
 			t.Fatalf("asked for %d bytes, over the limit", need)
 		}
 	}
@@ -69,7 +69,7 @@ func TestFrameScannerAuditsPipeline(t *testing.T) {
 	stream = append(stream, msg('S')...)
 	for _, chunks := range [][]int{nil, {1}, {3, 7}, {4096}} {
 		tr := newTracker()
-		fs := &frameScanner{maxBody: 1 << 20}
+		fs := &frameScanner{maxMsg: 1 << 20}
 		for _, c := range []byte{'Q', 'P', 'B', 'E', 'C', 'F', 'S', 'D', 'X'} {
 			fs.want[c] = true
 		}
@@ -99,12 +99,78 @@ func TestFrameScannerAuditsPipeline(t *testing.T) {
 	}
 }
 
-func TestFrameScannerRejectsBadLengths(t *testing.T) {
-	for _, l := range []uint32{0, 3, 0x7fffffff, 0x80000000, 0xffffffff} {
-		fs := &frameScanner{maxBody: 1 << 20}
-		b := append([]byte{'d'}, u32(l)...)
-		if _, _, err := fs.scan(append(b, 1, 2, 3)); !errors.Is(err, errProtocol) {
-			t.Errorf("length %#x: %v", l, err)
+// Hostile lengths: whatever a header announces, the scanner either frames
+// it as the server will or stops with an error, and never asks for a buffer
+// larger than maxMsg. Lengths under 4 (0, 1…3, and every negative int32:
+// 0x80000000…0xffffffff) are malformed for any type. An uninspected message
+// may announce up to 2^31-1 and is streamed; an inspected one over maxMsg
+// is a *MessageTooLargeError before a byte of its body is needed. A length
+// that wrapped past 2^32 (CVE-2024-27304) is only a small length here: the
+// scanner frames exactly what the server will read, which
+// FuzzRelayNoSmuggling checks.
+func TestFrameScannerHostileLengths(t *testing.T) {
+	const maxMsg = 1 << 20
+	type want int
+	const (
+		protocol want = iota
+		tooLarge
+		streamed
+		needed
+	)
+	cases := []struct {
+		typ byte
+		l   uint32
+		w   want
+	}{
+		{'Q', 0, protocol}, {'Q', 1, protocol}, {'Q', 3, protocol}, {'d', 0, protocol}, {'d', 3, protocol},
+		{'Q', 0x80000000, protocol}, {'d', 0x80000000, protocol}, {'Q', 0xffffffff, protocol}, {'d', 0xfffffffc, protocol},
+		{'Q', 0x7fffffff, tooLarge}, {'B', 1 << 30, tooLarge}, {'Q', maxMsg, tooLarge},
+		{'d', 0x7fffffff, streamed}, {'D', 1 << 30, streamed}, {'d', maxMsg, streamed},
+		{'Q', maxMsg - 1, needed}, {'P', 1 << 16, needed},
+	}
+	for _, c := range cases {
+		fs := &frameScanner{maxMsg: maxMsg}
+		for _, typ := range []byte{'Q', 'P', 'B', 'E', 'S'} {
+			fs.want[typ] = true
+		}
+		fs.inspect = func(byte, []byte) error { t.Fatalf("%q %#x: inspected", c.typ, c.l); return nil }
+		buf := append(append([]byte{c.typ}, u32(c.l)...), 1, 2, 3)
+		fwd, need, err := fs.scan(buf)
+		var tl *MessageTooLargeError
+		switch c.w {
+		case protocol:
+			if !errors.Is(err, errProtocol) || fwd != 0 || need != 0 {
+				t.Errorf("%q %#x: %d %d %v; want a protocol error", c.typ, c.l, fwd, need, err)
+			}
+		case tooLarge:
+			if !errors.As(err, &tl) || tl.Size != 1+int64(c.l) || tl.Limit != maxMsg || fwd != 0 || need != 0 ||
+				!strings.Contains(err.Error(), "limits.max_message_bytes") {
+				t.Errorf("%q %#x: %d %d %v; want MessageTooLargeError", c.typ, c.l, fwd, need, err)
+			}
+		case streamed:
+			if err != nil || fwd != len(buf) || need != 0 || fs.skip != 1+int(c.l)-len(buf) || fs.atBoundary() {
+				t.Errorf("%q %#x: %d %d %v skip %d; want it streamed", c.typ, c.l, fwd, need, err, fs.skip)
+			}
+		case needed:
+			if err != nil || fwd != 0 || need != 1+int(c.l) || need > maxMsg {
+				t.Errorf("%q %#x: %d %d %v; want need %d", c.typ, c.l, fwd, need, err, 1+c.l)
+			}
+		}
+	}
+	// Every header a 32-bit length can make, sampled: no panic, no need
+	// over maxMsg, an error exactly for lengths under 4 or inspected
+	// messages over maxMsg.
+	for i := range uint64(1 << 16) {
+		l := uint32(i*0x10001 + i>>3)
+		for _, typ := range []byte{'Q', 'd'} {
+			fs := &frameScanner{maxMsg: maxMsg}
+			fs.want['Q'] = true
+			fs.inspect = func(byte, []byte) error { return nil }
+			_, need, err := fs.scan(append([]byte{typ}, u32(l)...))
+			bad := int32(l) < 4 || typ == 'Q' && int64(l)+1 > maxMsg
+			if need > maxMsg || (err != nil) != bad {
+				t.Fatalf("%q %#x: need %d err %v", typ, l, need, err)
+			}
 		}
 	}
 }
@@ -117,11 +183,14 @@ func FuzzFrontendStream(f *testing.F) {
 	f.Add(append(msg('P', cstr("a"), cstr("select $1"), u16(1), u32(25)), msg('B', cstr(""), cstr("a"), u16(0), u16(1), u32(1), []byte("x"), u16(0))...), uint8(1))
 	f.Add([]byte{'Q', 0x7f, 0xff, 0xff, 0xff}, uint8(5))
 	f.Add([]byte{'B', 0, 0, 0, 8, 0, 0, 0xff, 0xff}, uint8(2))
+	f.Add([]byte{'d', 0x7f, 0xff, 0xff, 0xff, 'Q', 0, 0, 0, 5}, uint8(4))
+	f.Add([]byte{'Q', 0x80, 0, 0, 0, 'Q', 0xff, 0xff, 0xff, 0xff}, uint8(1))
+	f.Add([]byte{'D', 0, 0, 0, 3}, uint8(1))
 	f.Fuzz(func(t *testing.T, stream []byte, split uint8) {
 		run := func(chunks []int) ([]byte, error) {
 			sess := testSession()
 			tr := newTracker()
-			fs := &frameScanner{maxBody: 1 << 16}
+			fs := &frameScanner{maxMsg: 1 << 16}
 			for _, c := range []byte{'Q', 'P', 'B', 'E', 'C', 'F', 'S', 'D', 'X'} {
 				fs.want[c] = true
 			}
@@ -172,7 +241,7 @@ func FuzzBackendStream(f *testing.F) {
 		tr := newTracker()
 		si := &stmtInfo{text: "x"}
 		tr.queue = []pending{{kind: pendDescribe, stmt: si}, {kind: pendExecute, q: &QueryEvent{}}, {kind: pendSync}, {kind: pendQuery, q: &QueryEvent{}}}
-		fs := &frameScanner{maxBody: 1 << 16}
+		fs := &frameScanner{maxMsg: 1 << 16}
 		for _, c := range []byte{'C', 'E', 'I', 's', 'Z', 't'} {
 			fs.want[c] = true
 		}

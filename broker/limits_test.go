@@ -119,3 +119,52 @@ func TestLimiterWrongCancelKeys(t *testing.T) {
 		t.Fatal("not refilled")
 	}
 }
+
+// limits.max_message_bytes and limits.buffer_memory: defaults, the
+// deprecated listen.max_message_size, and the rule that one message must
+// fit in the budget.
+func TestConfigMessageLimits(t *testing.T) {
+	base := func() Config {
+		return Config{
+			Upstreams:  map[string]UpstreamConfig{"orders": {Address: "/run/pg/.s.PGSQL.5432"}},
+			Principals: map[string]Principal{"b": {Match: Selectors{UID: []uint32{1}}}},
+			Grants:     []Grant{{Principal: "b", Upstream: "orders", Roles: []string{"r"}}},
+		}
+	}
+	for _, c := range []struct {
+		name       string
+		listen     int
+		max        int
+		budget     int64
+		wantMax    int
+		wantErr    string
+		deprecated bool
+	}{
+		{name: "defaults", wantMax: DefaultMaxMessageBytes},
+		{name: "set", max: 1 << 20, budget: 8 << 20, wantMax: 1 << 20},
+		{name: "alias", listen: 1 << 20, wantMax: 1 << 20, deprecated: true},
+		{name: "alias and key agree", listen: 1 << 20, max: 1 << 20, wantMax: 1 << 20, deprecated: true},
+		{name: "alias and key disagree", listen: 2 << 20, max: 1 << 20, wantErr: "listen.max_message_size", deprecated: true},
+		{name: "over the budget", max: 64 << 20, budget: 32 << 20, wantErr: "limits.buffer_memory"},
+		{name: "default over a small budget", budget: 1 << 20, wantErr: "limits.buffer_memory"},
+		{name: "alias over the default budget", listen: 512 << 20, wantErr: "limits.buffer_memory", deprecated: true},
+		{name: "over the protocol", max: 1<<31 + 1, budget: 4 << 30, wantErr: "limits.max_message_bytes"},
+		{name: "tiny", max: 100, wantErr: "limits.max_message_bytes"},
+		{name: "negative budget", budget: -1, wantErr: "limits.buffer_memory"},
+	} {
+		cfg := base()
+		cfg.Listen.MaxMessageSize, cfg.Limits.MaxMessageBytes, cfg.Limits.BufferMemory = c.listen, c.max, c.budget
+		err := cfg.Validate()
+		switch {
+		case c.wantErr == "" && err != nil:
+			t.Errorf("%s: %v", c.name, err)
+		case c.wantErr != "" && (err == nil || !containsLine(err.Error(), c.wantErr+":")):
+			t.Errorf("%s: %v; want a problem with %s", c.name, err, c.wantErr)
+		case c.wantErr == "" && cfg.maxMessageBytes() != c.wantMax:
+			t.Errorf("%s: max message bytes %d, want %d", c.name, cfg.maxMessageBytes(), c.wantMax)
+		}
+		if got := len(cfg.Deprecations()) > 0; got != c.deprecated {
+			t.Errorf("%s: deprecations %v", c.name, cfg.Deprecations())
+		}
+	}
+}

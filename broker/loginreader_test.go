@@ -86,7 +86,7 @@ func TestRelayReaderSeed(t *testing.T) {
 			_, _ = server.Write([]byte("next"))
 			server.Close()
 		}()
-		rd := newRelayReader(client)
+		rd := newRelayReader(client, &bufferBudget{})
 		pre := bytes.Repeat([]byte{'x'}, size)
 		rd.seed(pre)
 		n, err := rd.read()

@@ -6,14 +6,173 @@ import (
 	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
+	"time"
 )
 
-// relayBufPool holds the relay's read buffers. A session holds one only
-// while bytes are in flight: an idle session waits for its socket to become
-// readable without a buffer, so thousands of idle sessions cost their
-// goroutines and sockets, not 2 × relayBufSize each.
+// relayBufPool holds the relay's standard read buffers (relayBufSize). A
+// session holds one only while bytes are in flight: an idle session waits
+// for its socket to become readable without a buffer, so thousands of idle
+// sessions cost their goroutines and sockets, not 2 × relayBufSize each.
+// Larger buffers, grown for one message, are never pooled: they are dropped
+// as soon as the message is through, so their memory goes back to the
+// runtime (and, by its scavenger, to the OS).
 var relayBufPool = sync.Pool{New: func() any { b := make([]byte, relayBufSize); return &b }}
+
+// bufferBudget is limits.buffer_memory: the bytes all sessions together may
+// hold in buffers grown past relayBufSize to assemble a message to inspect.
+// A reader that would go over it waits (its session stops reading: TCP-style
+// backpressure) until other readers give bytes back.
+//
+// Waiting could deadlock: several sessions each holding part of the budget,
+// each waiting for more to finish its message. So the budget is split: the
+// general part (limit − maxMsg) is shared, and a reserve of maxMsg bytes is
+// held by one reader at a time. A reader the general part cannot serve
+// takes the reserve when it is free, moving its bytes there; since no
+// message is larger than maxMsg (limits.max_message_bytes ≤
+// limits.buffer_memory is validated), the holder can always finish its
+// message, as far as memory goes, and then gives the reserve back.
+//
+// The zero value uses the defaults; setLimits applies the configuration.
+type bufferBudget struct {
+	mu      sync.Mutex
+	limit   int64         // limits.buffer_memory; 0 = DefaultBufferMemory
+	reserve int64         // limits.max_message_bytes; 0 = DefaultMaxMessageBytes
+	used    int64         // bytes held from the general part
+	holder  *relayReader  // the reader holding the reserve, or nil
+	held    int64         // bytes the holder holds in the reserve
+	wake    chan struct{} // closed (and replaced) when bytes are given back
+
+	inUse    atomic.Int64  // used + held, for the gauge
+	waits    atomic.Uint64 // times a reader had to wait
+	tooLarge [2]atomic.Uint64
+}
+
+// budgetPoll is how often a waiting reader checks that its session still
+// wants it, besides being woken when bytes are given back.
+const budgetPoll = 100 * time.Millisecond
+
+// errBudgetAbandoned ends a wait for buffer memory whose session ended.
+var errBudgetAbandoned = errors.New("session ended while waiting for buffer memory")
+
+func (b *bufferBudget) setLimits(cfg *Config) {
+	b.mu.Lock()
+	b.limit, b.reserve = cfg.Limits.bufferMemory(), int64(cfg.maxMessageBytes())
+	b.mu.Unlock()
+	b.wakeAll()
+}
+
+func (b *bufferBudget) limits() (limit, reserve int64) {
+	limit, reserve = b.limit, b.reserve
+	if limit <= 0 {
+		limit = DefaultBufferMemory
+	}
+	if reserve <= 0 {
+		reserve = DefaultMaxMessageBytes
+	}
+	return limit, min(limit, reserve)
+}
+
+// take makes r's charge size bytes (r's buffer grows from r.charged bytes
+// to size), waiting while the budget cannot give that much. It gives up
+// when gone (polled) reports that r's session has ended.
+func (b *bufferBudget) take(r *relayReader, size int64, gone func() bool) error {
+	waited := false
+	b.mu.Lock()
+	for {
+		limit, reserve := b.limits()
+		if b.holder == r {
+			b.held = size
+			break
+		}
+		if b.used-r.charged+size <= limit-reserve {
+			b.used += size - r.charged
+			break
+		}
+		// A message larger than the reserve exists only when a reload
+		// lowered the limits under a session that had already accepted
+		// its header: it gets the reserve too, bounded by the old limit.
+		if b.holder == nil {
+			b.used -= r.charged
+			b.holder, b.held = r, size
+			break
+		}
+		if !waited {
+			waited = true
+			b.waits.Add(1)
+		}
+		if b.wake == nil {
+			b.wake = make(chan struct{})
+		}
+		wake := b.wake
+		b.mu.Unlock()
+		t := time.NewTimer(budgetPoll)
+		select {
+		case <-wake:
+		case <-t.C:
+		}
+		t.Stop()
+		if gone != nil && gone() {
+			return errBudgetAbandoned
+		}
+		b.mu.Lock()
+	}
+	r.charged = size
+	b.inUse.Store(b.used + b.held)
+	b.mu.Unlock()
+	return nil
+}
+
+// giveBack returns everything r holds.
+func (b *bufferBudget) giveBack(r *relayReader) {
+	if r.charged == 0 {
+		return
+	}
+	b.mu.Lock()
+	if b.holder == r {
+		b.holder, b.held = nil, 0
+	} else {
+		b.used -= r.charged
+	}
+	r.charged = 0
+	b.inUse.Store(b.used + b.held)
+	b.mu.Unlock()
+	b.wakeAll()
+}
+
+func (b *bufferBudget) wakeAll() {
+	b.mu.Lock()
+	if b.wake != nil {
+		close(b.wake)
+		b.wake = nil
+	}
+	b.mu.Unlock()
+}
+
+// BufferStats is what the relay's buffers hold, for metrics.
+type BufferStats struct {
+	// Bytes held now in buffers grown past the standard read buffer,
+	// counted against Limit (limits.buffer_memory).
+	Bytes, Limit int64
+	// Waits counts the times a session stopped reading because the
+	// budget was spent (backpressure), since start.
+	Waits uint64
+	// TooLargeFromClient and TooLargeFromServer count messages refused for
+	// announcing more than limits.max_message_bytes, since start.
+	TooLargeFromClient, TooLargeFromServer uint64
+}
+
+// BufferStats reports the relay's buffer memory (limits.buffer_memory).
+func (s *Server) BufferStats() BufferStats {
+	s.budget.mu.Lock()
+	limit, _ := s.budget.limits()
+	s.budget.mu.Unlock()
+	return BufferStats{
+		Bytes: s.budget.inUse.Load(), Limit: limit, Waits: s.budget.waits.Load(),
+		TooLargeFromClient: s.budget.tooLarge[0].Load(), TooLargeFromServer: s.budget.tooLarge[1].Load(),
+	}
+}
 
 // relayReader reads one direction of the relay into a buffer it borrows
 // from relayBufPool when there is something to read and returns when all of
@@ -25,11 +184,14 @@ var relayBufPool = sync.Pool{New: func() any { b := make([]byte, relayBufSize); 
 // parks (the same syscalls as net.Conn.Read). Other connections (TLS) keep
 // their buffer while the session lasts.
 type relayReader struct {
-	conn net.Conn
-	rc   syscall.RawConn // nil: plain conn.Read
-	buf  *[]byte         // nil while idle (rc != nil)
-	big  []byte          // a buffer grown past relayBufSize for one large message
-	n    int
+	conn   net.Conn
+	rc     syscall.RawConn // nil: plain conn.Read
+	buf    *[]byte         // nil while idle (rc != nil)
+	big    []byte          // a buffer grown past relayBufSize for one large message
+	budget *bufferBudget   // what big is counted against
+	// charged is what this reader holds of budget (len(big), or 0).
+	charged int64
+	n       int
 	// seeded: the pending bytes were put there by seed, not read yet;
 	// the next read reports them without reading.
 	seeded bool
@@ -39,8 +201,8 @@ type relayReader struct {
 	fillErr error
 }
 
-func newRelayReader(c net.Conn) *relayReader {
-	r := &relayReader{conn: c}
+func newRelayReader(c net.Conn, budget *bufferBudget) *relayReader {
+	r := &relayReader{conn: c, budget: budget}
 	if sc, ok := c.(syscall.Conn); ok {
 		if rc, err := sc.SyscallConn(); err == nil {
 			r.rc = rc
@@ -70,7 +232,12 @@ func (r *relayReader) seed(b []byte) {
 	if len(b) == 0 {
 		return
 	}
-	r.reserve(len(b))
+	if len(b) > relayBufSize {
+		// Not in production (the login reads through a standard buffer),
+		// but bounded and counted all the same.
+		_ = r.budget.take(r, int64(len(b)), nil)
+		r.big = make([]byte, len(b))
+	}
 	r.n = copy(r.bytes(), b)
 	r.seeded = true
 }
@@ -119,32 +286,75 @@ func (r *relayReader) fillFD(fd uintptr) bool {
 	}
 }
 
-// consume drops the first k pending bytes (forwarded).
+// consume drops the first k pending bytes (forwarded). A grown buffer is
+// dropped (and its budget given back) as soon as what is left fits in a
+// standard one: large buffers are never kept or pooled.
 func (r *relayReader) consume(k int) {
 	b := r.bytes()
 	copy(b, b[k:r.n])
 	r.n -= k
-	if r.n == 0 {
+	if r.big != nil && r.n <= relayBufSize {
+		big := r.big
 		r.big = nil
-		if r.rc != nil {
-			r.idle()
+		if r.n > 0 || r.rc == nil {
+			copy(r.bytes(), big[:r.n])
 		}
+		r.budget.giveBack(r)
+	}
+	if r.n == 0 && r.rc != nil {
+		r.idle()
 	}
 }
 
-// reserve makes room for a message of need bytes that must be seen whole.
-func (r *relayReader) reserve(need int) {
+// room makes space for the next read when the pending bytes are the start
+// of a message of need bytes that must be seen whole (0: none). Only a full
+// buffer grows, to twice its size and at most need, so memory follows the
+// bytes that arrived, never the size a header announces. The growth is
+// taken from the budget, waiting (the session stops reading) while it is
+// spent; gone is polled meanwhile and ends the wait with
+// errBudgetAbandoned when the session is over.
+func (r *relayReader) room(need int, gone func() bool) error {
 	b := r.bytes()
-	if need <= len(b) {
-		return
+	if need <= len(b) || r.n < len(b) {
+		return nil
 	}
-	nb := make([]byte, need)
+	size := min(need, 2*len(b))
+	if err := r.budget.take(r, int64(size), gone); err != nil {
+		return err
+	}
+	nb := make([]byte, size)
 	copy(nb, b[:r.n])
 	if r.buf != nil {
 		relayBufPool.Put(r.buf)
 		r.buf = nil
 	}
 	r.big = nb
+	return nil
+}
+
+// drain reads and drops the pending bytes and up to n more, until the
+// client stops sending (EOF, error) or d has passed. A client still writing
+// a refused message then finishes its write and reads why, instead of
+// failing it (EPIPE) when pgward closes. Memory stays the standard buffer.
+func (r *relayReader) drain(n int64, d time.Duration) {
+	_ = r.conn.SetReadDeadline(time.Now().Add(d))
+	defer func() { _ = r.conn.SetReadDeadline(time.Time{}) }()
+	r.consume(r.n)
+	for n > 0 {
+		m, err := r.read()
+		n -= int64(m)
+		r.consume(r.n)
+		if err != nil {
+			return
+		}
+	}
+}
+
+// closed reports whether the connection was closed (by the other pump or a
+// terminate), for a reader waiting for budget. Connections without a
+// descriptor (TLS) report false.
+func (r *relayReader) closed() bool {
+	return r.rc != nil && r.rc.Control(func(uintptr) {}) != nil
 }
 
 // idle returns the borrowed buffer; nothing may be pending.
@@ -162,5 +372,6 @@ func (r *relayReader) release() {
 		r.buf = nil
 	}
 	r.big = nil
+	r.budget.giveBack(r)
 	r.n = 0
 }

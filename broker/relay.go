@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"strconv"
@@ -134,6 +135,10 @@ var errUpstreamGone = errors.New("upstream connection closed")
 // flushMessage is a Flush: it asks the server for the answers it holds.
 var flushMessage = []byte{'H', 0, 0, 0, 4}
 
+// refusedDrainTime bounds how long a refused message is read and dropped
+// before the session is closed.
+const refusedDrainTime = 2 * time.Second
+
 // errWithheld stops a scan at a client Terminate that is not forwarded.
 var errWithheld = errors.New("terminate withheld")
 
@@ -141,9 +146,19 @@ var errWithheld = errors.New("terminate withheld")
 // forwarded. It returns nil when the client ended the session normally.
 // upDone is closed when the upstream pump has ended.
 func (sess *session) pumpClient(tr *tracker, upDone <-chan struct{}) error {
-	rd := newRelayReader(sess.client)
+	rd := newRelayReader(sess.client, &sess.srv.budget)
 	defer rd.release()
-	fs := &frameScanner{maxBody: sess.srv.state.Load().cfg.Listen.maxMessageSize()}
+	// A wait for buffer memory ends with the session (see relayReader.room).
+	gone := func() bool {
+		select {
+		case <-upDone:
+			return true
+		default:
+		}
+		r, _, _ := sess.termination()
+		return r != "" || rd.closed()
+	}
+	fs := &frameScanner{maxMsg: sess.srv.state.Load().cfg.maxMessageBytes()}
 	for _, t := range []byte{'Q', 'P', 'B', 'E', 'C', 'F', 'S', 'D', 'X', 'c', 'f'} {
 		fs.want[t] = true
 	}
@@ -178,6 +193,17 @@ func (sess *session) pumpClient(tr *tracker, upDone <-chan struct{}) error {
 			if err == errWithheld || barrier {
 				err = nil
 			}
+			if tl := asTooLarge(err); tl != nil {
+				sess.srv.budget.tooLarge[0].Add(1)
+				sess.log.Warn("client message over limits.max_message_bytes: closing the session", "type", string(tl.Type), "size", tl.Size, "limit", tl.Limit)
+				// Read (and drop) what the client is still sending of it,
+				// for a while, so that it reads the 54000 below.
+				rd.drain(tl.Size-int64(len(rd.pending())-fwd), refusedDrainTime)
+				sess.terminate("message_too_large", CodeProgramLimitExceeded, fmt.Sprintf(
+					"pgward refused a message of %d bytes: limits.max_message_bytes is %d; the session is closed. Send smaller statements or parameters (COPY streams any size), or have the operator raise limits.max_message_bytes",
+					tl.Size, tl.Limit))
+				return err
+			}
 			if err != nil {
 				sess.log.Warn("malformed message from client", "err", err)
 				sess.terminate("protocol_error", CodeProtocolViolation, "pgward received a malformed message and closed the session")
@@ -209,7 +235,11 @@ func (sess *session) pumpClient(tr *tracker, upDone <-chan struct{}) error {
 				tr.skipped = tr.skipped[:0]
 			}
 			if !barrier {
-				rd.reserve(need)
+				if !terminated {
+					if err := rd.room(need, gone); err != nil {
+						return errUpstreamGone
+					}
+				}
 				break
 			}
 			// The next message depends on answers the server has not sent:
@@ -282,12 +312,17 @@ func (sess *session) audit(batch QueryBatcher, events []*QueryEvent) error {
 // pumpUpstream copies upstream → client and completes audited statements.
 // When it ends it tells the client why if it can, at a message boundary.
 func (sess *session) pumpUpstream(tr *tracker, clientGone func() bool) {
-	rd := newRelayReader(sess.up.conn)
+	rd := newRelayReader(sess.up.conn, &sess.srv.budget)
 	defer rd.release()
+	// A wait for buffer memory ends with the session (see relayReader.room).
+	gone := func() bool {
+		r, _, _ := sess.termination()
+		return r != "" || clientGone() || sess.parking.Load() || rd.closed()
+	}
 	// What the server sent behind the login's ReadyForQuery, read with it.
 	rd.seed(sess.up.pre)
 	sess.up.pre = nil
-	fs := &frameScanner{maxBody: sess.srv.state.Load().cfg.Listen.maxMessageSize()}
+	fs := &frameScanner{maxMsg: sess.srv.state.Load().cfg.maxMessageBytes()}
 	for _, t := range []byte{'C', 'E', 'I', 's', 'Z', 't'} {
 		fs.want[t] = true
 	}
@@ -333,7 +368,13 @@ func (sess *session) pumpUpstream(tr *tracker, clientGone func() bool) {
 		if m > 0 {
 			done = done[:0]
 			fwd, need, err := fs.scan(rd.pending())
-			if err != nil {
+			if tl := asTooLarge(err); tl != nil {
+				sess.srv.budget.tooLarge[1].Add(1)
+				sess.log.Error("upstream message over limits.max_message_bytes: ending the session", "type", string(tl.Type), "size", tl.Size, "limit", tl.Limit)
+				sess.terminate("message_too_large", CodeConnectionFailure, fmt.Sprintf(
+					"pgward ended the session: the server sent a message of %d bytes, over limits.max_message_bytes (%d)", tl.Size, tl.Limit))
+				rerr = err
+			} else if err != nil {
 				sess.log.Error("malformed message from upstream", "err", err)
 				sess.terminate("protocol_error", CodeConnectionFailure, "pgward received a malformed message from the upstream server and closed the session")
 				rerr = err
@@ -348,13 +389,21 @@ func (sess *session) pumpUpstream(tr *tracker, clientGone func() bool) {
 				rd.consume(fwd)
 			}
 			sess.finish(tr, done)
-			rd.reserve(need)
+			if rerr == nil {
+				rerr = rd.room(need, gone)
+			}
 		}
 		if rerr != nil {
-			if !fs.atBoundary() || clientGone() || sess.parking.Load() {
+			if !fs.atBoundary() || sess.parking.Load() {
 				return
 			}
 			_, code, msg := sess.termination()
+			// A session ended by pgward (terminate) tells the client why
+			// even when its pump has already returned (it ended the
+			// session, e.g. for a message over limits.max_message_bytes).
+			if code == "" && clientGone() {
+				return
+			}
 			if code == "" {
 				if rd.n > 0 || !errors.Is(rerr, io.EOF) || !saidWhy {
 					// Killed, crashed or cut off: the server said nothing.

@@ -52,8 +52,9 @@ type Server struct {
 
 	cancels cancelMap
 	limiter *limiter
-	reuse   reusePool // parked upstream connections (upstreams.<name>.reuse)
 	roles   roleCache // what each credential's role can become (roles.go)
+	reuse   reusePool    // parked upstream connections (upstreams.<name>.reuse)
+	budget  bufferBudget // limits.buffer_memory, shared by every session's relay
 }
 
 // serverState is the part of the server a reload replaces.
@@ -96,6 +97,10 @@ func New(opts Options) (*Server, error) {
 	}
 	s.tracer = tp.Tracer("github.com/pgward/pgward/broker")
 	s.limiter = newLimiter(opts.Config.Limits)
+	s.budget.setLimits(&opts.Config)
+	for _, d := range opts.Config.Deprecations() {
+		s.log.Warn(d)
+	}
 	s.state.Store(st)
 	return s, nil
 }
@@ -128,6 +133,10 @@ func (s *Server) Reload(cfg Config) error {
 	s.limiter.setConfig(cfg.Limits)
 	// Role memberships are learned again at each credential's next use.
 	s.roles.clear()
+	s.budget.setLimits(&cfg)
+	for _, d := range cfg.Deprecations() {
+		s.log.Warn(d)
+	}
 	s.mu.Lock()
 	var revoked []*session
 	for sess := range s.sessions {

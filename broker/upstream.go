@@ -170,7 +170,9 @@ func (u *upstream) connect(ctx context.Context, role string, cred secrets.Creden
 	lr := newLoginReader(conn)
 	defer lr.release()
 	fe := pgproto3.NewFrontend(lr, conn)
-	fe.SetMaxBodyLen(DefaultMaxMessageSize)
+	// Login messages are small; this bounds what a hostile server can make
+	// pgproto3 allocate up front before the relay (and its budget) starts.
+	fe.SetMaxBodyLen(loginMaxBody)
 	sp := &pgproto3.StartupMessage{ProtocolVersion: pgproto3.ProtocolVersionNumber, Parameters: map[string]string{
 		"user": user, "database": u.cfg.database(u.name),
 	}}
@@ -330,6 +332,12 @@ func (uc *upstreamConn) Read(p []byte) (int, error) {
 	}
 	return uc.conn.Read(p)
 }
+
+// loginMaxBody caps one message of the upstream's login (authentication
+// requests, ParameterStatus, BackendKeyData, notices, errors): none is
+// near this in practice, and pgproto3 allocates a body's announced length
+// before reading it.
+const loginMaxBody = 1 << 20
 
 // loginReader reads the upstream's side of the login. It reads from conn
 // as a buffered reader does (as much as one read returns, so a login costs

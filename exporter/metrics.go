@@ -86,6 +86,9 @@ type Metrics struct {
 	switchableRoles                                    *prometheus.GaugeVec
 	ebpf                                               atomic.Pointer[func() EBPFStats]
 	ebpfEventsDesc, ebpfLostDesc, ebpfProbesDesc       *prometheus.Desc
+	buffers                                            atomic.Pointer[func() broker.BufferStats]
+	bufBytesDesc, bufLimitDesc, bufWaitsDesc           *prometheus.Desc
+	tooLargeDesc                                       *prometheus.Desc
 }
 
 // NewMetrics creates every pgward_ metric on reg, with the Go and process
@@ -178,6 +181,12 @@ func NewMetrics(reg *prometheus.Registry) *Metrics {
 	m.ebpfProbesDesc = prometheus.NewDesc(namespace+"_ebpf_probes_attached", "eBPF programs attached now; 0 means identity from peer credentials only.", nil, nil)
 	reg.MustRegister(ebpfCollector{m})
 
+	m.bufBytesDesc = prometheus.NewDesc(namespace+"_buffer_bytes", "Bytes held now in relay buffers grown past the standard 32 KiB read buffer, counted against limits.buffer_memory.", nil, nil)
+	m.bufLimitDesc = prometheus.NewDesc(namespace+"_buffer_limit_bytes", "limits.buffer_memory: the most pgward_buffer_bytes may reach.", nil, nil)
+	m.bufWaitsDesc = prometheus.NewDesc(namespace+"_buffer_waits_total", "Times a session stopped reading because limits.buffer_memory was spent (backpressure).", nil, nil)
+	m.tooLargeDesc = prometheus.NewDesc(namespace+"_messages_too_large_total", "Messages refused for announcing more than limits.max_message_bytes, by sender.", []string{"from"}, nil)
+	reg.MustRegister(bufferCollector{m})
+
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -208,6 +217,38 @@ func (c ebpfCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(c.m.ebpfEventsDesc, prometheus.CounterValue, float64(s.Events))
 	ch <- prometheus.MustNewConstMetric(c.m.ebpfLostDesc, prometheus.CounterValue, float64(s.Lost))
 	ch <- prometheus.MustNewConstMetric(c.m.ebpfProbesDesc, prometheus.GaugeValue, float64(s.Probes))
+}
+
+// SetBufferStats installs the function scraped for the buffer_* and
+// messages_too_large_total metrics (the broker's Server.BufferStats). Until
+// it is called, or when f is nil, they read 0.
+func (m *Metrics) SetBufferStats(f func() broker.BufferStats) {
+	if f == nil {
+		m.buffers.Store(nil)
+		return
+	}
+	m.buffers.Store(&f)
+}
+
+type bufferCollector struct{ m *Metrics }
+
+func (c bufferCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- c.m.bufBytesDesc
+	ch <- c.m.bufLimitDesc
+	ch <- c.m.bufWaitsDesc
+	ch <- c.m.tooLargeDesc
+}
+
+func (c bufferCollector) Collect(ch chan<- prometheus.Metric) {
+	var s broker.BufferStats
+	if f := c.m.buffers.Load(); f != nil {
+		s = (*f)()
+	}
+	ch <- prometheus.MustNewConstMetric(c.m.bufBytesDesc, prometheus.GaugeValue, float64(s.Bytes))
+	ch <- prometheus.MustNewConstMetric(c.m.bufLimitDesc, prometheus.GaugeValue, float64(s.Limit))
+	ch <- prometheus.MustNewConstMetric(c.m.bufWaitsDesc, prometheus.CounterValue, float64(s.Waits))
+	ch <- prometheus.MustNewConstMetric(c.m.tooLargeDesc, prometheus.CounterValue, float64(s.TooLargeFromClient), "client")
+	ch <- prometheus.MustNewConstMetric(c.m.tooLargeDesc, prometheus.CounterValue, float64(s.TooLargeFromServer), "server")
 }
 
 // ReadyFunc reports whether the agent should receive traffic, and a reason

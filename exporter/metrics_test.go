@@ -65,6 +65,27 @@ func TestMetricsEBPFStats(t *testing.T) {
 	}
 }
 
+func TestMetricsBufferStats(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	m := exporter.NewMetrics(reg)
+	if got := metricValue(t, reg, "pgward_buffer_bytes"); got != 0 {
+		t.Errorf("buffer bytes before the broker = %v", got)
+	}
+	m.SetBufferStats(func() broker.BufferStats {
+		return broker.BufferStats{Bytes: 5 << 20, Limit: 256 << 20, Waits: 3, TooLargeFromClient: 7, TooLargeFromServer: 1}
+	})
+	for name, want := range map[string]float64{"pgward_buffer_bytes": 5 << 20, "pgward_buffer_limit_bytes": 256 << 20, "pgward_buffer_waits_total": 3} {
+		if got := metricValue(t, reg, name); got != want {
+			t.Errorf("%s = %v, want %v", name, got, want)
+		}
+	}
+	for from, want := range map[string]float64{"client": 7, "server": 1} {
+		if got := metricValue(t, reg, "pgward_messages_too_large_total", "from", from); got != want {
+			t.Errorf("messages_too_large_total{from=%q} = %v, want %v", from, got, want)
+		}
+	}
+}
+
 func TestHandler(t *testing.T) {
 	reg := prometheus.NewRegistry()
 	m := exporter.NewMetrics(reg)
