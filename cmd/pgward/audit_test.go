@@ -122,7 +122,7 @@ func TestCheckConfigCheckpoint(t *testing.T) {
   orders: { address: /var/run/postgresql/.s.PGSQL.5432 }
 secrets: { backend: env, file: { path: /etc/pgward/secrets.yaml } }
 audit:
-  path: /var/log/pgward/audit.jsonl
+  path: `+dir+`/audit.jsonl
   checkpoint: { every_lines: 500, every: 30s, key: { backend: file, upstream: pgward, role: audit_checkpoint } }
 `), 0o644)
 	code, out, errs := runCLI("check-config", cfg)
@@ -139,7 +139,7 @@ audit:
 `), 0o644)
 	code, _, errs = runCLI("check-config", cfg)
 	for _, want := range []string{"secrets.file.path", ":6: audit.checkpoint.key.upstream", "audit.checkpoint.every"} {
-		if code != exitBadInput || !strings.Contains(errs, want) {
+		if code != exitFailure || !strings.Contains(errs, want) {
 			t.Errorf("%d: lacks %q:\n%s", code, want, errs)
 		}
 	}

@@ -26,10 +26,10 @@ const (
 )
 
 func cmdDemo(args []string, stdout, stderr io.Writer) int {
-	fs := newFlags("demo", stderr)
-	check := fs.Bool("check", false, "run the printed psql command once, report, and exit (for tests and CI)")
-	if err := fs.Parse(args); err != nil {
-		return exitUsage
+	v := newVerb("demo", "", "Start a private PostgreSQL and an agent with an example policy, and print the psql line to try.", 0, 0)
+	check := v.fs.Bool("check", false, "run the printed psql command once, report, and exit (for tests and CI)")
+	if _, code, ok := v.parse(args, stdout, stderr); !ok {
+		return code
 	}
 	log, err := exporter.NewLogger(stderr, os.Getenv)
 	if err != nil {
