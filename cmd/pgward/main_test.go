@@ -144,3 +144,47 @@ func TestDemoAndAuditVerify(t *testing.T) {
 		t.Fatal("missing file accepted")
 	}
 }
+
+// The example configuration the README's systemd install copies passes
+// check-config, with its files (secrets, CA) and directories (socket,
+// audit) stood in under a temporary root.
+func TestExampleConfigPassesCheckConfig(t *testing.T) {
+	text, err := os.ReadFile(filepath.Join("..", "..", "deploy", "systemd", "pgward.yaml"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	root := t.TempDir()
+	for _, d := range []string{"etc/pgward", "var/log/pgward", "run/pgward"} {
+		os.MkdirAll(filepath.Join(root, d), 0o750)
+	}
+	ca, err := testenv.NewCA()
+	if err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(filepath.Join(root, "etc/pgward/ca.pem"), ca.CertPEM, 0o644)
+	os.WriteFile(filepath.Join(root, "etc/pgward/secrets.yaml"), []byte("orders:\n  orders_rw: { password: x }\n"), 0o600)
+	cfg := string(text)
+	for _, d := range []string{"/etc/pgward/", "/var/log/pgward/", "/run/pgward"} {
+		cfg = strings.ReplaceAll(cfg, d, filepath.Join(root, d)+strings.Repeat("/", strings.Count(d[len(d)-1:], "/")))
+	}
+	path := filepath.Join(root, "etc/pgward/pgward.yaml")
+	os.WriteFile(path, []byte(cfg), 0o640)
+	if code, out, errs := runCLI("check-config", path); code != exitOK || !strings.Contains(out, "billing: orders_rw on orders") {
+		t.Fatalf("check-config of deploy/systemd/pgward.yaml: exit %d\n%s\n%s", code, out, errs)
+	}
+	// The README refers to it, and states the Go version go.mod asks for.
+	readme, _ := os.ReadFile(filepath.Join("..", "..", "README.md"))
+	gomod, _ := os.ReadFile(filepath.Join("..", "..", "go.mod"))
+	if !strings.Contains(string(readme), "deploy/systemd/pgward.yaml") {
+		t.Error("README does not point to deploy/systemd/pgward.yaml")
+	}
+	var goVersion string
+	for _, l := range strings.Split(string(gomod), "\n") {
+		if v, ok := strings.CutPrefix(l, "go "); ok {
+			goVersion = strings.TrimSpace(v)
+		}
+	}
+	if goVersion == "" || !strings.Contains(string(readme), "Go ≥ "+goVersion+" ") {
+		t.Errorf("README does not state Go ≥ %s (go.mod)", goVersion)
+	}
+}
