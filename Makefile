@@ -96,8 +96,11 @@ lint:
 	$(GO) vet ./...
 
 # A private Postgres and an agent with an example policy; prints the psql line.
+# Each session's trace is printed as JSON lines (OTEL_TRACES_EXPORTER=console)
+# unless an OTLP endpoint or another exporter is set.
 demo: build
-	./bin/pgward demo
+	@if [ -z "$$OTEL_TRACES_EXPORTER$$OTEL_EXPORTER_OTLP_ENDPOINT$$OTEL_EXPORTER_OTLP_TRACES_ENDPOINT" ]; then \
+		export OTEL_TRACES_EXPORTER=console; fi; ./bin/pgward demo
 
 # pgbench through pgward and directly, side by side.
 # make bench BENCH_FLAGS="-duration 5s -rounds 3 -workloads simple,connect"

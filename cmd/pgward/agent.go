@@ -8,6 +8,7 @@ import (
 	"strconv"
 	"syscall"
 
+	"go.opentelemetry.io/otel"
 	"k8s.io/klog/v2"
 
 	"github.com/pgward/pgward/agent"
@@ -31,7 +32,10 @@ func cmdAgent(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, err)
 		return exitBadInput
 	}
-	tp, shutdownTracing, err := exporter.NewTracerProvider(context.Background(), os.Getenv)
+	// The SDK reports export failures through its global handler: make
+	// them structured log lines, not plain text inside the JSON log.
+	otel.SetErrorHandler(exporter.OTelErrorHandler(log))
+	tp, shutdownTracing, err := exporter.NewTracerProvider(context.Background(), os.Getenv, exporter.WithConsole(stdout))
 	if err != nil {
 		fmt.Fprintln(stderr, "pgward: tracing:", err)
 		return exitUsage
