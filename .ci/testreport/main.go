@@ -245,19 +245,12 @@ func runJSON(t *tally, step string, args []string) bool {
 	return ok
 }
 
+// skipReason is what the skipped test said (t.Skip's message), wherever
+// go test put it around the "--- SKIP" line.
 func skipReason(out []string) string {
-	for i, l := range out {
-		if strings.Contains(l, "--- SKIP") {
-			var rest []string
-			for _, r := range out[i+1:] {
-				rest = append(rest, strings.TrimSpace(r))
-			}
-			return strings.Join(rest, " ")
-		}
-	}
 	var all []string
 	for _, l := range out {
-		if s := strings.TrimSpace(l); s != "" && !strings.HasPrefix(s, "=== ") {
+		if s := strings.TrimSpace(l); s != "" && !strings.HasPrefix(s, "=== ") && !strings.HasPrefix(s, "--- SKIP") {
 			all = append(all, s)
 		}
 	}
