@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net"
@@ -189,7 +190,10 @@ func toProblems(err error, root *yaml.Node, name string, have []*Problem) []*Pro
 			return
 		}
 		for _, h := range have {
-			if h.Path != "" && (fe.Path == h.Path || strings.HasPrefix(fe.Path, h.Path+".") || strings.HasPrefix(fe.Path, h.Path+"[")) {
+			// The same key, one under it, or one above it already reported
+			// (a start-up failure caused by a bad value found earlier).
+			if h.Path != "" && (fe.Path == h.Path || strings.HasPrefix(fe.Path, h.Path+".") || strings.HasPrefix(fe.Path, h.Path+"[") ||
+				strings.HasPrefix(h.Path, fe.Path+".")) {
 				return
 			}
 		}
@@ -267,6 +271,14 @@ func Preflight(cfg *Config) error {
 			c.Close()
 		}
 	}
+	if cfg.Audit.Checkpoint.Key != nil {
+		// Fetched at start as New does: the backend opened, the key read.
+		r := &router{route: map[string]secrets.Source{}, backends: map[string]secrets.Source{}}
+		if _, err := checkpointKey(context.Background(), cfg, r, nil); err != nil {
+			errs = append(errs, asField("audit.checkpoint.key", err))
+		}
+		r.Close()
+	}
 	return errors.Join(errs...)
 }
 
@@ -275,6 +287,9 @@ func asField(path string, err error) error {
 	var fe *broker.FieldError
 	if errors.As(err, &fe) {
 		return err
+	}
+	if rest, ok := strings.CutPrefix(err.Error(), path+": "); ok {
+		return &broker.FieldError{Path: path, Err: errors.New(rest)}
 	}
 	return &broker.FieldError{Path: path, Err: err}
 }

@@ -95,3 +95,16 @@ func TestCheckConfigEveryProblem(t *testing.T) {
 		})
 	}
 }
+
+// An audit checkpoint key the secrets backend does not hold stops the
+// agent at start, so check-config says so.
+func TestCheckConfigCheckpointKey(t *testing.T) {
+	dir, base := checkFixture(t)
+	p := filepath.Join(dir, "pgward.yaml")
+	os.WriteFile(p, []byte(strings.Replace(base(""), "audit: { path: "+dir+"/log/audit.jsonl }",
+		"audit:\n  path: "+dir+"/log/audit.jsonl\n  checkpoint: { key: { backend: file, upstream: pgward, role: audit_checkpoint } }", 1)), 0o644)
+	_, err := CheckConfig(p)
+	if err == nil || !strings.Contains(err.Error(), "audit.checkpoint.key") {
+		t.Fatalf("missing checkpoint key: %v", err)
+	}
+}

@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 
+	"gopkg.in/yaml.v3"
+
 	"github.com/pgward/pgward/broker"
 	"github.com/pgward/pgward/exporter"
 )
@@ -118,9 +120,16 @@ func TestAuditKeygenAndVerify(t *testing.T) {
 func TestCheckConfigCheckpoint(t *testing.T) {
 	dir := t.TempDir()
 	cfg := filepath.Join(dir, "c.yaml")
+	// check-config fetches the key as the agent does at start.
+	if code, _, errs := runCLI("audit", "keygen", "--out", filepath.Join(dir, "k")); code != exitOK {
+		t.Fatal(errs)
+	}
+	priv, _ := os.ReadFile(filepath.Join(dir, "k.key"))
+	secretsYAML, _ := yaml.Marshal(map[string]map[string]map[string]string{"pgward": {"audit_checkpoint": {"password": string(priv)}}})
+	os.WriteFile(filepath.Join(dir, "secrets.yaml"), secretsYAML, 0o600)
 	os.WriteFile(cfg, []byte(`upstreams:
   orders: { address: /var/run/postgresql/.s.PGSQL.5432 }
-secrets: { backend: env, file: { path: /etc/pgward/secrets.yaml } }
+secrets: { backend: env, file: { path: `+dir+`/secrets.yaml } }
 audit:
   path: `+dir+`/audit.jsonl
   checkpoint: { every_lines: 500, every: 30s, key: { backend: file, upstream: pgward, role: audit_checkpoint } }
