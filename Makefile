@@ -59,7 +59,9 @@ lint-report:
 unit:
 	@test -x bin/testreport || $(GO) build -o bin/testreport ./.ci/testreport
 	@rc=0; \
-	$(REPORT) -step race -- $(GO) test -json -race -count=1 -timeout 15m ./... || rc=1; \
+	: "TestHostileMemoryBounded asserts RSS, meaningless under -race: it runs in the"; \
+	: "idle-scale step below instead of skipping here (under CI=true a skip fails)."; \
+	$(REPORT) -step race -- $(GO) test -json -race -count=1 -timeout 15m -skip '^TestHostileMemoryBounded$$' ./... || rc=1; \
 	: "The load test once more, for 60 s without -race, where RSS back to"; \
 	: "baseline can be asserted (make soak: 500 sessions for 5 minutes)."; \
 	PGWARD_SOAK_DURATION=60s $(REPORT) -step load -- $(GO) test -json -count=1 -timeout 5m -run '^TestLoadMixedTraffic$$' ./agent/ || rc=1; \
