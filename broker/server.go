@@ -52,7 +52,7 @@ type Server struct {
 
 	cancels cancelMap
 	limiter *limiter
-	roles   roleCache // what each credential's role can become (roles.go)
+	roles   roleCache    // what each credential's role can become (roles.go)
 	reuse   reusePool    // parked upstream connections (upstreams.<name>.reuse)
 	budget  bufferBudget // limits.buffer_memory, shared by every session's relay
 }
