@@ -317,7 +317,15 @@ func (a *Agent) Run(ctx context.Context) error {
 	if a.ebpf != nil {
 		a.ebpf.run(serveCtx)
 	}
-	a.log.Info("pgward agent ready", "socket", a.SocketPath(), "metrics", a.config().Metrics.Listen, "tcp", a.config().Listen.TCP)
+	// The addresses actually bound: "127.0.0.1:0" in the file is a real port here.
+	metrics, tcp := "", ""
+	if addr := a.MetricsAddr(); addr != nil {
+		metrics = addr.String()
+	}
+	if a.tcpLn != nil {
+		tcp = a.tcpLn.Addr().String()
+	}
+	a.log.Info("pgward agent ready", "socket", a.SocketPath(), "metrics", metrics, "tcp", tcp)
 	a.sdNotify("READY=1", "STATUS=serving on "+a.SocketPath())
 	wdCtx, stopWatchdog := context.WithCancel(context.Background())
 	wdDone := make(chan struct{})

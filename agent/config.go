@@ -1,13 +1,14 @@
 package agent
 
 import (
-	"bytes"
+	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"os"
+	"reflect"
 	"regexp"
+	"sort"
 	"strconv"
 	"strings"
 	"time"
@@ -96,30 +97,201 @@ func LoadConfig(path string) (*Config, error) {
 }
 
 // ParseConfig parses and validates configuration text; name prefixes messages.
+// The error joins one *Problem per problem, in line order.
 func ParseConfig(data []byte, name string) (*Config, error) {
-	var cfg Config
-	dec := yaml.NewDecoder(bytes.NewReader(data))
-	dec.KnownFields(true)
-	if err := dec.Decode(&cfg); err != nil {
-		if errors.Is(err, io.EOF) {
-			return nil, fmt.Errorf("%s: the file is empty", name)
-		}
-		var te *yaml.TypeError
-		if errors.As(err, &te) {
-			errs := make([]error, 0, len(te.Errors))
-			for _, e := range te.Errors {
-				errs = append(errs, fmt.Errorf("%s:%s", name, strings.TrimPrefix(e, "line ")))
-			}
-			return nil, errors.Join(errs...)
-		}
-		return nil, fmt.Errorf("%s: %s", name, strings.TrimPrefix(err.Error(), "yaml: "))
+	cfg, problems := parseConfig(data, name)
+	if len(problems) > 0 {
+		return nil, joinProblems(problems)
 	}
+	return cfg, nil
+}
+
+// CheckConfig is `pgward check-config`: it reports every problem that would
+// keep the agent from starting with the file at path — what ParseConfig
+// finds, and then what Preflight finds on every value that could be read —
+// all at once, each with its line. It changes nothing on the machine.
+func CheckConfig(path string) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read config: %w", err)
+	}
+	cfg, problems := parseConfig(data, path)
+	if cfg != nil {
+		var root yaml.Node
+		_ = yaml.Unmarshal(data, &root)
+		problems = append(problems, toProblems(Preflight(cfg), &root, path, problems)...)
+	}
+	if len(problems) > 0 {
+		return nil, joinProblems(problems)
+	}
+	return cfg, nil
+}
+
+// parseConfig decodes what it can and returns every problem: syntax, unknown
+// and duplicate keys, values of the wrong kind, then Validate's checks on
+// the values that could be decoded. cfg is nil only when the text is not
+// YAML at all.
+func parseConfig(data []byte, name string) (*Config, []*Problem) {
 	var root yaml.Node
-	_ = yaml.Unmarshal(data, &root)
-	if err := cfg.Validate(); err != nil {
-		return nil, withLines(err, &root, name)
+	if err := yaml.Unmarshal(data, &root); err != nil {
+		return nil, []*Problem{syntaxProblem(err, name)}
 	}
-	return &cfg, nil
+	if root.Kind == 0 || len(root.Content) == 0 || isNull(root.Content[0]) {
+		return nil, []*Problem{{File: name, Msg: "the file is empty"}}
+	}
+	var problems []*Problem
+	tree := cloneNode(&root)
+	for _, p := range checkTree(tree.Content[0], reflect.TypeOf(Config{}), "") {
+		p.File = name
+		problems = append(problems, &p)
+	}
+	var cfg Config
+	if err := tree.Content[0].Decode(&cfg); err != nil {
+		// checkTree should have left nothing undecodable; say so plainly if it did.
+		problems = append(problems, &Problem{File: name, Msg: strings.TrimPrefix(err.Error(), "yaml: ")})
+	}
+	problems = append(problems, toProblems(cfg.Validate(), &root, name, problems)...)
+	return &cfg, problems
+}
+
+// syntaxProblem turns a YAML syntax error ("yaml: line 3: …") into a Problem.
+func syntaxProblem(err error, name string) *Problem {
+	msg := strings.TrimPrefix(err.Error(), "yaml: ")
+	p := &Problem{File: name, Msg: "not valid YAML: " + msg}
+	if rest, ok := strings.CutPrefix(msg, "line "); ok {
+		if num, text, ok := strings.Cut(rest, ": "); ok {
+			if n, err := strconv.Atoi(num); err == nil {
+				p.Line, p.Msg = n, "not valid YAML: "+text
+			}
+		}
+	}
+	return p
+}
+
+// toProblems gives each FieldError in err the line of its key. A problem
+// under a key already reported (a value that could not be read, so it is
+// missing now) is left out.
+func toProblems(err error, root *yaml.Node, name string, have []*Problem) []*Problem {
+	var out []*Problem
+	var walk func(error)
+	walk = func(e error) {
+		if e == nil {
+			return
+		}
+		if j, ok := e.(interface{ Unwrap() []error }); ok {
+			for _, x := range j.Unwrap() {
+				walk(x)
+			}
+			return
+		}
+		var fe *broker.FieldError
+		if !errors.As(e, &fe) {
+			out = append(out, &Problem{File: name, Msg: e.Error()})
+			return
+		}
+		for _, h := range have {
+			// The same key, one under it, or one above it already reported
+			// (a start-up failure caused by a bad value found earlier).
+			if h.Path != "" && (fe.Path == h.Path || strings.HasPrefix(fe.Path, h.Path+".") || strings.HasPrefix(fe.Path, h.Path+"[") ||
+				strings.HasPrefix(h.Path, fe.Path+".")) {
+				return
+			}
+		}
+		out = append(out, &Problem{File: name, Line: lineOf(root, fe.Path), Path: fe.Path, Msg: fe.Err.Error()})
+	}
+	walk(err)
+	return out
+}
+
+func joinProblems(ps []*Problem) error {
+	sort.SliceStable(ps, func(i, j int) bool {
+		if (ps[i].Line == 0) != (ps[j].Line == 0) {
+			return ps[i].Line != 0
+		}
+		return ps[i].Line < ps[j].Line
+	})
+	errs := make([]error, len(ps))
+	for i, p := range ps {
+		errs[i] = p
+	}
+	return errors.Join(errs...)
+}
+
+func cloneNode(n *yaml.Node) *yaml.Node {
+	c := *n
+	c.Content = make([]*yaml.Node, len(n.Content))
+	for i, x := range n.Content {
+		c.Content[i] = cloneNode(x)
+	}
+	return &c
+}
+
+// Preflight checks what the agent checks when it starts, beyond the file's
+// own consistency: the upstreams' TLS files, the secrets backends (the file
+// backend's file exists, is private and parses), the audit log's directory
+// and file, the metrics address. It calls the same functions New does, so
+// `pgward check-config` and the agent cannot disagree; it changes nothing.
+// Every problem is a *broker.FieldError naming its key.
+func Preflight(cfg *Config) error {
+	var errs []error
+	errs = append(errs, broker.CheckUpstreams(cfg.Config))
+	if err := exporter.CheckAudit(cfg.Audit); err != nil {
+		errs = append(errs, asField("audit.path", err))
+	}
+	def := cfg.Secrets.Backend
+	if def == "" {
+		def = "file"
+	}
+	used := map[string]bool{}
+	for _, u := range cfg.Upstreams {
+		if u.Secrets == "" {
+			used[def] = true
+		} else {
+			used[u.Secrets] = true
+		}
+	}
+	for _, b := range keys(used) {
+		// A backend whose keys are missing or wrong is reported by Validate.
+		switch {
+		case b == "file" && cfg.Secrets.File.Path != "":
+		case b == "vault" && cfg.Secrets.Vault != nil && cfg.Secrets.Vault.Validate() == nil:
+		default:
+			continue
+		}
+		src, err := openBackend(b, cfg, nil)
+		if err != nil {
+			path := "secrets." + b
+			if b == "file" {
+				path = "secrets.file.path"
+			}
+			errs = append(errs, asField(path, err))
+			continue
+		}
+		if c, ok := src.(interface{ Close() error }); ok {
+			c.Close()
+		}
+	}
+	if cfg.Audit.Checkpoint.Key != nil {
+		// Fetched at start as New does: the backend opened, the key read.
+		r := &router{route: map[string]secrets.Source{}, backends: map[string]secrets.Source{}}
+		if _, err := checkpointKey(context.Background(), cfg, r, nil); err != nil {
+			errs = append(errs, asField("audit.checkpoint.key", err))
+		}
+		r.Close()
+	}
+	return errors.Join(errs...)
+}
+
+// asField names the key a start-up error is about, unless it already does.
+func asField(path string, err error) error {
+	var fe *broker.FieldError
+	if errors.As(err, &fe) {
+		return err
+	}
+	if rest, ok := strings.CutPrefix(err.Error(), path+": "); ok {
+		return &broker.FieldError{Path: path, Err: errors.New(rest)}
+	}
+	return &broker.FieldError{Path: path, Err: err}
 }
 
 // Validate checks every part of the configuration and reports every problem.
@@ -195,8 +367,9 @@ func (c *Config) Validate() error {
 		}
 	}
 	if c.Metrics.Listen != "" {
-		if _, _, err := net.SplitHostPort(c.Metrics.Listen); err != nil {
-			fe("metrics.listen", "%q is not host:port", c.Metrics.Listen)
+		// The same resolution net.Listen does when the agent starts.
+		if _, err := net.ResolveTCPAddr("tcp", c.Metrics.Listen); err != nil {
+			fe("metrics.listen", "want host:port such as 127.0.0.1:9187, not %q", c.Metrics.Listen)
 		}
 	}
 	switch c.EBPF.Enabled {
@@ -223,30 +396,6 @@ func (c *Config) Validate() error {
 	}
 	errs = append(errs, c.validateKubernetes()...)
 	return errors.Join(errs...)
-}
-
-// withLines prefixes each field error with the line of its key.
-func withLines(err error, root *yaml.Node, name string) error {
-	var out []error
-	var walk func(error)
-	walk = func(e error) {
-		if j, ok := e.(interface{ Unwrap() []error }); ok {
-			for _, x := range j.Unwrap() {
-				walk(x)
-			}
-			return
-		}
-		var fe *broker.FieldError
-		if errors.As(e, &fe) {
-			if line := lineOf(root, fe.Path); line > 0 {
-				out = append(out, fmt.Errorf("%s:%d: %w", name, line, e))
-				return
-			}
-		}
-		out = append(out, fmt.Errorf("%s: %w", name, e))
-	}
-	walk(err)
-	return errors.Join(out...)
 }
 
 var (

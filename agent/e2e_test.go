@@ -319,6 +319,19 @@ func TestRefusals(t *testing.T) {
 			}
 		})
 	}
+	// The unknown dbname is audited with the name the client asked for.
+	found := false
+	for _, ev := range h.auditEvents(t) {
+		if ev["event"] == "db.session.start" && ev["success"] == false && strings.Contains(fmt.Sprint(ev["error"]), `no upstream named "nope"`) {
+			found = true
+			if ev["db_service"] != "nope" || ev["db_name"] != "nope" {
+				t.Errorf("unknown dbname audited as db_service %v, db_name %v; want the name asked for, nope", ev["db_service"], ev["db_name"])
+			}
+		}
+	}
+	if !found {
+		t.Error("the unknown dbname was not audited")
+	}
 	// A matching claim is accepted and stripped before forwarding.
 	c := h.connect(t, testenv.ScramUser, "orders", "options='-c pgward.principal=me -c search_path=public'")
 	var sp string

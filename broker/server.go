@@ -110,14 +110,33 @@ func newState(cfg Config) (*serverState, error) {
 		return nil, err
 	}
 	st := &serverState{cfg: cfg, policy: NewPolicy(cfg.Principals, cfg.Grants), upstreams: map[string]*upstream{}}
+	var errs []error
 	for name, uc := range cfg.Upstreams {
 		u, err := newUpstream(name, uc)
 		if err != nil {
-			return nil, err
+			errs = append(errs, err)
+			continue
 		}
 		st.upstreams[name] = u
 	}
+	if len(errs) > 0 {
+		return nil, errors.Join(errs...)
+	}
 	return st, nil
+}
+
+// CheckUpstreams reports, as *FieldError, every upstream whose TLS files
+// New would fail to load (a missing CA file, one without a certificate, a
+// client key pair that does not load). It is what `pgward check-config`
+// runs; it changes nothing.
+func CheckUpstreams(cfg Config) error {
+	var errs []error
+	for _, name := range sortedKeys(cfg.Upstreams) {
+		if _, err := newUpstream(name, cfg.Upstreams[name]); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // Reload replaces the policy and upstreams. Sessions whose grant no longer

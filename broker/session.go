@@ -167,9 +167,11 @@ func (s *Server) startSession(ctx context.Context, c net.Conn, st *serverState, 
 	if dbname == "" {
 		dbname = role
 	}
+	// Database is the name asked for until the upstream is known (then
+	// the upstream's real database): a refusal is audited with it.
 	info := SessionInfo{
 		RequestID: reqID, SessionID: newUUID(), Protocol: "postgres",
-		Upstream: dbname, User: role, Start: accepted,
+		Upstream: dbname, Database: dbname, User: role, Start: accepted,
 		ApplicationName: pkt.params["application_name"],
 	}
 	req := &AuthRequest{RequestID: reqID, Upstream: dbname, Role: role, Durations: map[Stage]time.Duration{}}

@@ -43,7 +43,7 @@ func newUpstream(name string, cfg UpstreamConfig) (*upstream, error) {
 	if cfg.TLS.CertFile != "" {
 		cert, err := tls.LoadX509KeyPair(cfg.TLS.CertFile, cfg.TLS.KeyFile)
 		if err != nil {
-			return nil, fmt.Errorf("upstream %s: load client certificate: %w", name, err)
+			return nil, fieldErr("upstreams."+name+".tls.cert_file", "cannot load the client certificate and key: %w", err)
 		}
 		tc.Certificates = []tls.Certificate{cert}
 	}
@@ -51,11 +51,11 @@ func newUpstream(name string, cfg UpstreamConfig) (*upstream, error) {
 	if cfg.TLS.CAFile != "" {
 		pem, err := os.ReadFile(cfg.TLS.CAFile)
 		if err != nil {
-			return nil, fmt.Errorf("upstream %s: read tls.ca_file: %w", name, err)
+			return nil, fieldErr("upstreams."+name+".tls.ca_file", "cannot read it: %w", err)
 		}
 		pool = x509.NewCertPool()
 		if !pool.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("upstream %s: tls.ca_file %s holds no PEM certificate", name, cfg.TLS.CAFile)
+			return nil, fieldErr("upstreams."+name+".tls.ca_file", "%s holds no PEM certificate", cfg.TLS.CAFile)
 		}
 	}
 	switch mode {

@@ -225,6 +225,9 @@ func OpenAudit(cfg AuditConfig, m *Metrics, log *slog.Logger, opts ...AuditOptio
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
+	if err := CheckAudit(cfg); err != nil {
+		return nil, err
+	}
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}

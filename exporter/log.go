@@ -30,7 +30,7 @@ func NewLogger(w io.Writer, env func(string) string) (*slog.Logger, error) {
 	default:
 		return nil, fmt.Errorf("PGWARD_LOG_LEVEL=%q: want one of debug, info, warn, error", v)
 	}
-	opts := &slog.HandlerOptions{Level: level}
+	opts := &slog.HandlerOptions{Level: level, ReplaceAttr: readableDuration}
 	switch v := strings.ToLower(strings.TrimSpace(env("PGWARD_LOG_FORMAT"))); v {
 	case "", "json":
 		return slog.New(slog.NewJSONHandler(w, opts)), nil
@@ -39,4 +39,13 @@ func NewLogger(w io.Writer, env func(string) string) (*slog.Logger, error) {
 	default:
 		return nil, fmt.Errorf("PGWARD_LOG_FORMAT=%q: want one of json, text", v)
 	}
+}
+
+// readableDuration writes durations as Go duration strings ("1.5s",
+// "250ms") rather than slog's JSON default of raw nanoseconds.
+func readableDuration(_ []string, a slog.Attr) slog.Attr {
+	if a.Value.Kind() == slog.KindDuration {
+		return slog.String(a.Key, a.Value.Duration().String())
+	}
+	return a
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/pgward/pgward/exporter"
 )
@@ -52,5 +53,26 @@ func TestNewLogger(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// Durations are logged as Go duration strings, not raw nanoseconds.
+func TestLoggerDurations(t *testing.T) {
+	for _, format := range []string{"json", "text"} {
+		var buf bytes.Buffer
+		log, err := exporter.NewLogger(&buf, func(k string) string {
+			if k == "PGWARD_LOG_FORMAT" {
+				return format
+			}
+			return ""
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		log.Info("draining sessions", "grace", 30*time.Second, "took", 1500*time.Millisecond)
+		out := buf.String()
+		if !strings.Contains(out, "30s") || !strings.Contains(out, "1.5s") || strings.Contains(out, "30000000000") {
+			t.Fatalf("%s: %s", format, out)
+		}
 	}
 }

@@ -4,13 +4,18 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"log/slog"
 	"net/url"
+	"os"
 	"strconv"
 	"strings"
 
+	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/exporters/otlp/otlptrace/otlptracegrpc"
 	"go.opentelemetry.io/otel/exporters/otlp/otlptrace/otlptracehttp"
+	"go.opentelemetry.io/otel/exporters/stdout/stdouttrace"
 	"go.opentelemetry.io/otel/sdk/resource"
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	"go.opentelemetry.io/otel/trace"
@@ -23,7 +28,9 @@ import (
 //	OTEL_EXPORTER_OTLP_ENDPOINT         base URL; http/protobuf appends /v1/traces
 //	OTEL_EXPORTER_OTLP_TRACES_PROTOCOL,
 //	OTEL_EXPORTER_OTLP_PROTOCOL         grpc | http/protobuf (default, as the spec says)
-//	OTEL_TRACES_EXPORTER                otlp (default when an endpoint is set) | none
+//	OTEL_TRACES_EXPORTER                otlp (default when an endpoint is set) | none |
+//	                                    console (one JSON line per span, to WithConsole's
+//	                                    writer, default stdout: a newcomer's way to see a trace)
 //	OTEL_TRACES_SAMPLER[_ARG]           always_on, always_off, traceidratio,
 //	                                    parentbased_always_on (default),
 //	                                    parentbased_always_off, parentbased_traceidratio
@@ -39,7 +46,11 @@ import (
 // valid ids.
 //
 // shutdown flushes queued spans and stops the exporter; call it once on exit.
-func NewTracerProvider(ctx context.Context, env func(string) string) (trace.TracerProvider, func(context.Context) error, error) {
+func NewTracerProvider(ctx context.Context, env func(string) string, opts ...TracingOption) (trace.TracerProvider, func(context.Context) error, error) {
+	var o tracingOptions
+	for _, opt := range opts {
+		opt(&o)
+	}
 	sampler, err := samplerFromEnv(env)
 	if err != nil {
 		return nil, nil, err
@@ -52,26 +63,59 @@ func NewTracerProvider(ctx context.Context, env func(string) string) (trace.Trac
 	if err != nil {
 		return nil, nil, fmt.Errorf("tracing resource: %w", err)
 	}
-	opts := []sdktrace.TracerProviderOption{sdktrace.WithSampler(sampler), sdktrace.WithResource(res)}
+	tpOpts := []sdktrace.TracerProviderOption{sdktrace.WithSampler(sampler), sdktrace.WithResource(res)}
 
-	exp, err := newSpanExporter(ctx, env)
+	exp, err := newSpanExporter(ctx, env, o)
 	if err != nil {
 		return nil, nil, err
 	}
 	if exp != nil {
-		opts = append(opts, sdktrace.WithBatcher(exp))
+		tpOpts = append(tpOpts, sdktrace.WithBatcher(exp))
 	}
-	tp := sdktrace.NewTracerProvider(opts...)
+	tp := sdktrace.NewTracerProvider(tpOpts...)
 	return tp, tp.Shutdown, nil
 }
 
-func newSpanExporter(ctx context.Context, env func(string) string) (sdktrace.SpanExporter, error) {
+// A TracingOption tunes NewTracerProvider.
+type TracingOption func(*tracingOptions)
+
+type tracingOptions struct {
+	console io.Writer
+}
+
+// WithConsole is where OTEL_TRACES_EXPORTER=console writes spans (default
+// os.Stdout).
+func WithConsole(w io.Writer) TracingOption {
+	return func(o *tracingOptions) { o.console = w }
+}
+
+// OTelErrorHandler sends what the OpenTelemetry SDK reports (a failed export,
+// a full queue) to log at WARN, so that it is a structured line like the
+// others rather than a plain line inside the JSON log. main installs it with
+// otel.SetErrorHandler, the SDK's only way to report.
+func OTelErrorHandler(log *slog.Logger) otel.ErrorHandler {
+	return otel.ErrorHandlerFunc(func(err error) {
+		log.Warn("trace export problem", "component", "opentelemetry", "err", err)
+	})
+}
+
+func newSpanExporter(ctx context.Context, env func(string) string, o tracingOptions) (sdktrace.SpanExporter, error) {
 	switch e := strings.TrimSpace(env("OTEL_TRACES_EXPORTER")); e {
 	case "", "otlp":
 	case "none":
 		return nil, nil
+	case "console":
+		w := o.console
+		if w == nil {
+			w = os.Stdout
+		}
+		exp, err := stdouttrace.New(stdouttrace.WithWriter(w))
+		if err != nil {
+			return nil, fmt.Errorf("console span exporter: %w", err)
+		}
+		return exp, nil
 	default:
-		return nil, fmt.Errorf("OTEL_TRACES_EXPORTER=%q: want otlp or none", e)
+		return nil, fmt.Errorf("OTEL_TRACES_EXPORTER=%q: want otlp, console or none", e)
 	}
 	endpoint, base := env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"), false
 	if endpoint == "" {

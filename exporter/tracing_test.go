@@ -1,7 +1,11 @@
 package exporter_test
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
+	"errors"
+	"log/slog"
 	"strings"
 	"testing"
 	"time"
@@ -162,5 +166,43 @@ func TestTracerProviderBadEnv(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), tt.want) {
 			t.Errorf("env %v: err = %v, want one mentioning %s", tt.env, err, tt.want)
 		}
+	}
+}
+
+// OTEL_TRACES_EXPORTER=console writes each ended span as a JSON line to the
+// given writer: the way a newcomer sees a session's trace (make demo).
+func TestConsoleSpanExporter(t *testing.T) {
+	var buf bytes.Buffer
+	tp, shutdown, err := exporter.NewTracerProvider(context.Background(), func(k string) string {
+		if k == "OTEL_TRACES_EXPORTER" {
+			return "console"
+		}
+		return ""
+	}, exporter.WithConsole(&buf))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, span := tp.Tracer("test").Start(context.Background(), "pgward.session")
+	span.End()
+	if err := shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	var s struct {
+		Name        string
+		SpanContext struct{ TraceID string }
+	}
+	if err := json.Unmarshal(bytes.SplitN(buf.Bytes(), []byte("\n"), 2)[0], &s); err != nil || s.Name != "pgward.session" || s.SpanContext.TraceID == "" {
+		t.Fatalf("console output %q: %v", buf.String(), err)
+	}
+}
+
+// What the SDK reports (an export that failed) becomes a structured WARN line.
+func TestOTelErrorHandlerLogs(t *testing.T) {
+	var buf bytes.Buffer
+	log := slog.New(slog.NewJSONHandler(&buf, nil))
+	exporter.OTelErrorHandler(log).Handle(errors.New("traces export: connection refused"))
+	var line map[string]any
+	if err := json.Unmarshal(buf.Bytes(), &line); err != nil || line["level"] != "WARN" || line["err"] != "traces export: connection refused" {
+		t.Fatalf("logged %q (%v)", buf.String(), err)
 	}
 }

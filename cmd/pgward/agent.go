@@ -8,17 +8,18 @@ import (
 	"strconv"
 	"syscall"
 
+	"go.opentelemetry.io/otel"
 	"k8s.io/klog/v2"
 
 	"github.com/pgward/pgward/agent"
 	"github.com/pgward/pgward/exporter"
 )
 
-func cmdAgent(args []string, stderr io.Writer) int {
-	fs := newFlags("agent", stderr)
-	configPath := fs.String("config", "/etc/pgward/pgward.yaml", "configuration file")
-	if err := fs.Parse(args); err != nil {
-		return exitUsage
+func cmdAgent(args []string, stdout, stderr io.Writer) int {
+	v := newVerb("agent", "", "Run the node agent until SIGTERM or SIGINT; SIGHUP reloads the configuration.", 0, 0)
+	configPath := v.fs.String("config", "/etc/pgward/pgward.yaml", "configuration file")
+	if _, code, ok := v.parse(args, stdout, stderr); !ok {
+		return code
 	}
 	log, err := exporter.NewLogger(stderr, os.Getenv)
 	if err != nil {
@@ -31,7 +32,10 @@ func cmdAgent(args []string, stderr io.Writer) int {
 		fmt.Fprintln(stderr, err)
 		return exitBadInput
 	}
-	tp, shutdownTracing, err := exporter.NewTracerProvider(context.Background(), os.Getenv)
+	// The SDK reports export failures through its global handler: make
+	// them structured log lines, not plain text inside the JSON log.
+	otel.SetErrorHandler(exporter.OTelErrorHandler(log))
+	tp, shutdownTracing, err := exporter.NewTracerProvider(context.Background(), os.Getenv, exporter.WithConsole(stdout))
 	if err != nil {
 		fmt.Fprintln(stderr, "pgward: tracing:", err)
 		return exitUsage
@@ -70,12 +74,19 @@ func cmdAgent(args []string, stderr io.Writer) int {
 	return exitOK
 }
 
-func cmdReload(args []string, stderr io.Writer) int {
-	fs := newFlags("reload", stderr)
-	pid := fs.Int("pid", 0, "pid of the running agent")
-	if err := fs.Parse(args); err != nil || *pid <= 0 {
+func cmdReload(args []string, stdout, stderr io.Writer) int {
+	v := newVerb("reload", "", "Ask a running agent to reload its configuration, as SIGHUP does (with systemd: systemctl reload pgward).", 0, 0)
+	pid := v.fs.Int("pid", 0, "pid of the running agent (required)")
+	if _, code, ok := v.parse(args, stdout, stderr); !ok {
+		return code
+	}
+	if *pid <= 0 {
 		fmt.Fprintln(stderr, "pgward reload: --pid PID is required (systemd: systemctl reload pgward)")
 		return exitUsage
+	}
+	if err := checkAgentPid(*pid); err != nil {
+		fmt.Fprintf(stderr, "pgward reload: %v; nothing signalled\n", err)
+		return exitFailure
 	}
 	if err := syscall.Kill(*pid, syscall.SIGHUP); err != nil {
 		fmt.Fprintf(stderr, "pgward reload: signal pid %s: %v\n", strconv.Itoa(*pid), err)

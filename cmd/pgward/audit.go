@@ -2,7 +2,6 @@ package main
 
 import (
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -44,30 +43,22 @@ type multiFlag []string
 func (m *multiFlag) String() string     { return strings.Join(*m, ",") }
 func (m *multiFlag) Set(s string) error { *m = append(*m, s); return nil }
 
-func parseFlags(fs *flag.FlagSet, args []string) (int, bool) {
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			return exitOK, false
-		}
-		return exitUsage, false
-	}
-	return 0, true
-}
-
 func cmdAuditVerify(args []string, stdout, stderr io.Writer) int {
-	fs := newFlags("audit verify", stderr)
+	v := newVerb("audit verify", "FILE...", `Check the sequence and hash chain of audit files given oldest first
+(audit.jsonl.2 audit.jsonl.1 audit.jsonl); with --key, also the signed
+checkpoints, and say which lines are proven and which are not.`, 0, -1)
+	fs := v.fs
 	keyFile := fs.String("key", "", "the checkpoint public key (PEM, from pgward audit keygen); checks the signed checkpoints")
 	var logs, anchors multiFlag
 	fs.Var(&logs, "log", "pgward's JSON log: its latest \"audit checkpoint\" line must be in the files (repeatable)")
 	fs.Var(&anchors, "checkpoint", "an anchor cp1.… as printed in an \"audit checkpoint\" log line (repeatable)")
-	fs.Usage = func() { fmt.Fprint(stderr, auditUsage, "\nflags of verify:\n"); fs.PrintDefaults() }
-	if code, ok := parseFlags(fs, args); !ok {
+	files, code, ok := v.parse(args, stdout, stderr)
+	if !ok {
 		return code
 	}
-	files := fs.Args()
 	if len(files) == 0 {
 		fmt.Fprintln(stderr, "pgward audit verify: no audit file given")
-		fs.Usage()
+		v.usage(stderr)
 		return exitUsage
 	}
 	if *keyFile == "" {
@@ -146,15 +137,11 @@ func verifyChainOnly(files []string, stdout, stderr io.Writer) int {
 }
 
 func cmdAuditKeygen(args []string, stdout, stderr io.Writer) int {
-	fs := newFlags("audit keygen", stderr)
-	out := fs.String("out", "pgward-audit", "path prefix of the key files: PREFIX.key and PREFIX.pub")
-	fs.Usage = func() { fmt.Fprint(stderr, auditUsage, "\nflags of keygen:\n"); fs.PrintDefaults() }
-	if code, ok := parseFlags(fs, args); !ok {
+	v := newVerb("audit keygen", "", `Write a new ed25519 checkpoint key pair: PREFIX.key (private, mode 0600,
+for the secrets backend) and PREFIX.pub (public, for verify --key).`, 0, 0)
+	out := v.fs.String("out", "pgward-audit", "path prefix of the key files: PREFIX.key and PREFIX.pub")
+	if _, code, ok := v.parse(args, stdout, stderr); !ok {
 		return code
-	}
-	if fs.NArg() != 0 {
-		fmt.Fprintf(stderr, "pgward audit keygen: unexpected argument %q\n", fs.Arg(0))
-		return exitUsage
 	}
 	priv, pub, err := exporter.GenerateCheckpointKey()
 	if err != nil {

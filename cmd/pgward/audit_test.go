@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 
+	"gopkg.in/yaml.v3"
+
 	"github.com/pgward/pgward/broker"
 	"github.com/pgward/pgward/exporter"
 )
@@ -118,11 +120,18 @@ func TestAuditKeygenAndVerify(t *testing.T) {
 func TestCheckConfigCheckpoint(t *testing.T) {
 	dir := t.TempDir()
 	cfg := filepath.Join(dir, "c.yaml")
+	// check-config fetches the key as the agent does at start.
+	if code, _, errs := runCLI("audit", "keygen", "--out", filepath.Join(dir, "k")); code != exitOK {
+		t.Fatal(errs)
+	}
+	priv, _ := os.ReadFile(filepath.Join(dir, "k.key"))
+	secretsYAML, _ := yaml.Marshal(map[string]map[string]map[string]string{"pgward": {"audit_checkpoint": {"password": string(priv)}}})
+	os.WriteFile(filepath.Join(dir, "secrets.yaml"), secretsYAML, 0o600)
 	os.WriteFile(cfg, []byte(`upstreams:
   orders: { address: /var/run/postgresql/.s.PGSQL.5432 }
-secrets: { backend: env, file: { path: /etc/pgward/secrets.yaml } }
+secrets: { backend: env, file: { path: `+dir+`/secrets.yaml } }
 audit:
-  path: /var/log/pgward/audit.jsonl
+  path: `+dir+`/audit.jsonl
   checkpoint: { every_lines: 500, every: 30s, key: { backend: file, upstream: pgward, role: audit_checkpoint } }
 `), 0o644)
 	code, out, errs := runCLI("check-config", cfg)
@@ -139,7 +148,7 @@ audit:
 `), 0o644)
 	code, _, errs = runCLI("check-config", cfg)
 	for _, want := range []string{"secrets.file.path", ":6: audit.checkpoint.key.upstream", "audit.checkpoint.every"} {
-		if code != exitBadInput || !strings.Contains(errs, want) {
+		if code != exitFailure || !strings.Contains(errs, want) {
 			t.Errorf("%d: lacks %q:\n%s", code, want, errs)
 		}
 	}

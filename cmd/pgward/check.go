@@ -9,21 +9,27 @@ import (
 	"github.com/pgward/pgward/agent"
 )
 
+// cmdCheckConfig is the systemd unit's ExecStartPre: it exits 0 only when
+// the agent would start with the file (and explains what it does), 1 with
+// every problem, each as "file:line: key.path: what is expected", and 2 on
+// a usage error.
 func cmdCheckConfig(args []string, stdout, stderr io.Writer) int {
-	if len(args) != 1 {
-		fmt.Fprintln(stderr, "usage: pgward check-config FILE")
-		return exitUsage
+	v := newVerb("check-config", "FILE", `Check a configuration file as the agent does when it starts — keys, values,
+policy, the files it names (secrets, CA, audit directory), the metrics
+address — and report every problem at once, each with its line. Exit 0: the
+agent would start; 1: it would not; 2: usage.`, 1, 1)
+	pos, code, ok := v.parse(args, stdout, stderr)
+	if !ok {
+		return code
 	}
-	cfg, err := agent.LoadConfig(args[0])
+	cfg, err := agent.CheckConfig(pos[0])
 	if err != nil {
-		var n int
+		n := 1
 		if j, ok := err.(interface{ Unwrap() []error }); ok {
 			n = len(j.Unwrap())
-		} else {
-			n = 1
 		}
-		fmt.Fprintf(stderr, "%s: %d problem(s):\n%v\n", args[0], n, err)
-		return exitBadInput
+		fmt.Fprintf(stderr, "%s: %d problem(s); the agent would not start:\n%v\n", pos[0], n, err)
+		return exitFailure
 	}
 	explain(stdout, cfg)
 	return exitOK

@@ -11,6 +11,8 @@ import (
 	"strings"
 	"time"
 
+	"go.opentelemetry.io/otel"
+
 	"github.com/pgward/pgward/agent"
 	"github.com/pgward/pgward/broker"
 	"github.com/pgward/pgward/broker/secrets"
@@ -26,10 +28,10 @@ const (
 )
 
 func cmdDemo(args []string, stdout, stderr io.Writer) int {
-	fs := newFlags("demo", stderr)
-	check := fs.Bool("check", false, "run the printed psql command once, report, and exit (for tests and CI)")
-	if err := fs.Parse(args); err != nil {
-		return exitUsage
+	v := newVerb("demo", "", "Start a private PostgreSQL and an agent with an example policy, and print the psql line to try.", 0, 0)
+	check := v.fs.Bool("check", false, "run the printed psql command once, report, and exit (for tests and CI)")
+	if _, code, ok := v.parse(args, stdout, stderr); !ok {
+		return code
 	}
 	log, err := exporter.NewLogger(stderr, os.Getenv)
 	if err != nil {
@@ -99,7 +101,8 @@ func cmdDemo(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "pgward demo: example config invalid:", err)
 		return exitFailure
 	}
-	tp, shutdownTracing, err := exporter.NewTracerProvider(ctx, os.Getenv)
+	otel.SetErrorHandler(exporter.OTelErrorHandler(log))
+	tp, shutdownTracing, err := exporter.NewTracerProvider(ctx, os.Getenv, exporter.WithConsole(stdout))
 	if err != nil {
 		fmt.Fprintln(stderr, "pgward demo: tracing:", err)
 		return exitFailure
@@ -125,8 +128,9 @@ No password is needed; pgward holds it. Try:
 
 Audit log: %s
 Metrics:   http://%s/metrics
+Traces:    %s
 Press Ctrl-C to stop and clean up.
-`, uid, demoRole, demoDB, psqlLine, cfg.Audit.Path, a.MetricsAddr())
+`, uid, demoRole, demoDB, psqlLine, cfg.Audit.Path, a.MetricsAddr(), demoTraceHint(os.Getenv))
 
 	if *check {
 		code := demoCheck(ctx, dir, cfg.Audit.Path, stdout, stderr)
@@ -178,4 +182,17 @@ func demoCheck(ctx context.Context, dir, auditPath string, stdout, stderr io.Wri
 	fmt.Fprintf(stdout, "demo check: audit chain ok (%d events)\n", n)
 	fmt.Fprintln(stdout, "demo check: ok: psql connected with no password and the query was audited")
 	return exitOK
+}
+
+// demoTraceHint says where the demo's session traces go and how to see them.
+func demoTraceHint(env func(string) string) string {
+	switch {
+	case env("OTEL_TRACES_EXPORTER") == "console":
+		return "printed below, one JSON line per span (pgward.session → pgward.auth → identity.verify, credentials.fetch, upstream.auth; a span per statement); the trace id is the request_id in the log and the audit log"
+	case env("OTEL_TRACES_EXPORTER") == "none":
+		return "off (OTEL_TRACES_EXPORTER=none)"
+	case env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") != "" || env("OTEL_EXPORTER_OTLP_ENDPOINT") != "":
+		return "exported by OTLP to " + env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") + env("OTEL_EXPORTER_OTLP_ENDPOINT")
+	}
+	return "not exported; to see each session's spans here, run with OTEL_TRACES_EXPORTER=console (make demo does)"
 }

@@ -4,7 +4,6 @@ package main
 
 import (
 	"context"
-	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -19,12 +18,16 @@ const usage = `pgward: PostgreSQL without passwords for the applications on this
 
 Usage:
   pgward agent --config FILE     run the node agent
-  pgward check-config FILE       validate a configuration file and explain it
+  pgward check-config FILE       every problem that would stop the agent, or what the file does
   pgward audit verify FILE...    check an audit log's hash chain (with --key, its signed checkpoints)
   pgward audit keygen            write an ed25519 key pair for audit checkpoints
   pgward reload --pid PID        ask a running agent to reload (same as SIGHUP)
   pgward demo                    start a private Postgres and an agent with an example policy
-  pgward version                 print the version
+  pgward version                 print the version (and Go's, and the main dependencies')
+
+Every command takes -h/--help. Exit codes: 0 ok, 1 failure (check-config:
+the agent would not start), 2 usage, 3 invalid input (agent: invalid
+configuration; audit verify: broken chain).
 
 Environment: PGWARD_LOG_FORMAT=json|text, PGWARD_LOG_LEVEL=debug|info|warn|error,
 and the standard OTEL_* variables for traces.
@@ -49,30 +52,23 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	switch args[0] {
 	case "agent":
-		return cmdAgent(args[1:], stderr)
+		return cmdAgent(args[1:], stdout, stderr)
 	case "check-config":
 		return cmdCheckConfig(args[1:], stdout, stderr)
 	case "audit":
 		return cmdAudit(args[1:], stdout, stderr)
 	case "reload":
-		return cmdReload(args[1:], stderr)
+		return cmdReload(args[1:], stdout, stderr)
 	case "demo":
 		return cmdDemo(args[1:], stdout, stderr)
 	case "version", "--version", "-v":
-		fmt.Fprintln(stdout, "pgward", version)
-		return exitOK
+		return cmdVersion(args[1:], stdout, stderr)
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 		return exitOK
 	}
 	fmt.Fprintf(stderr, "pgward: unknown command %q\n\n%s", args[0], usage)
 	return exitUsage
-}
-
-func newFlags(name string, stderr io.Writer) *flag.FlagSet {
-	fs := flag.NewFlagSet("pgward "+name, flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	return fs
 }
 
 // signalContext is cancelled by the first SIGTERM or SIGINT; a second one
