@@ -18,7 +18,7 @@ import (
 func TestCancelClientProcess(t *testing.T) {
 	spec := os.Getenv("PGWARD_CANCEL_CLIENT")
 	if spec == "" {
-		t.Skip("the cancel client process of TestCancelFromAnotherUID")
+		return // not a test: the cancel client process of TestCancelFromAnotherUID, run by it with its variable set (a skip would fail make test under CI=true)
 	}
 	f := strings.Fields(spec)
 	pid, _ := strconv.ParseUint(f[1], 10, 32)

@@ -210,7 +210,7 @@ func raiseNoFile(t testing.TB, n uint64) {
 func TestSlowlorisClientProcess(t *testing.T) {
 	spec := os.Getenv("PGWARD_SLOWLORIS")
 	if spec == "" {
-		t.Skip("the client process of TestSlowlorisClosedAtLoginTimeout")
+		return // not a test: the client process of TestSlowlorisClosedAtLoginTimeout, run by it with its variable set (a skip would fail make test under CI=true)
 	}
 	f := strings.Fields(spec)
 	socket := f[0]

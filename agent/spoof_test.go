@@ -30,7 +30,7 @@ import (
 func TestSpoofHelperProcess(t *testing.T) {
 	spec := os.Getenv("PGWARD_SPOOF")
 	if spec == "" {
-		t.Skip("the client process of the spoofing tests")
+		return // not a test: the client process of the spoofing tests, run by it with its variable set (a skip would fail make test under CI=true)
 	}
 	f := strings.Fields(spec)
 	mode, socket := f[0], f[1]

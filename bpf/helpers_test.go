@@ -85,7 +85,7 @@ func startClient(tb testing.TB, spec clientSpec) *client {
 // TestHelperProcess is the client that startClient runs.
 func TestHelperProcess(t *testing.T) {
 	if os.Getenv("PGWARD_HELPER") != "1" {
-		t.Skip("the client process of other tests")
+		return // not a test: the client process of other tests, run by it with its variable set (a skip would fail make test under CI=true)
 	}
 	runtime.LockOSThread()
 	res, err := helperConnect(os.Getenv("PGWARD_HELPER_NET"), os.Getenv("PGWARD_HELPER_ADDR"), os.Getenv("PGWARD_HELPER_COMM"))

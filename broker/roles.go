@@ -3,6 +3,7 @@ package broker
 import (
 	"context"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -95,6 +96,12 @@ func (s *Server) roleMemberships(ctx context.Context, u *upstream, role string, 
 	if m := s.roles.get(k); m != nil {
 		return m, false, 0, nil
 	}
+	if len(up.pre) > 0 && !u.cfg.RefuseRoleSwitching {
+		// The server already said something behind the login (a notice, or
+		// a FATAL before it closes): the client reads it first. The check
+		// waits for the credential's next login.
+		return nil, false, 0, errors.New("the server sent messages right after the login; checked at the next login")
+	}
 	t := time.Now()
 	rows, err := up.queryRows(ctx, membershipQuery)
 	took = time.Since(t)
@@ -175,6 +182,11 @@ func (uc *upstreamConn) queryRows(ctx context.Context, q string) ([][]*string, e
 				failed = fmt.Errorf("upstream refused pgward's statement (SQLSTATE %s)", code)
 			}
 			if fatalError(body) {
+				// The server is ending the connection (a backend terminated
+				// right after its login): what it said, and the notices
+				// before it, are the client's to read.
+				fatal := append(append(kept, hdr[:]...), body...)
+				uc.pre = append(fatal, uc.pre...)
 				return nil, failed
 			}
 		case 'Z':
