@@ -38,6 +38,7 @@ func TestThrottleFloodFromOneUID(t *testing.T) {
 	})
 	ctx := context.Background()
 	var throttled, refused atomic.Int64
+	floodStart := time.Now()
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
 	for range 4 {
@@ -80,8 +81,12 @@ func TestThrottleFloodFromOneUID(t *testing.T) {
 	close(stop)
 	wg.Wait()
 	t.Logf("flood: %d refused (28000) before the limit, %d throttled (53300)", refused.Load(), throttled.Load())
-	if throttled.Load() == 0 || refused.Load() > 5+3*5 {
-		t.Fatalf("flood not throttled: %d refused, %d throttled", refused.Load(), throttled.Load())
+	// The bucket lets through its burst and then the rate: the bound
+	// follows how long the flood ran (longer on a loaded machine), +1 for
+	// a refill in flight.
+	allowed := int64(5 + 5*time.Since(floodStart).Seconds() + 1)
+	if throttled.Load() == 0 || refused.Load() > allowed {
+		t.Fatalf("flood not throttled: %d refused (at most %d allowed), %d throttled", refused.Load(), allowed, throttled.Load())
 	}
 	e := connectErr(t, h.dsn("postgres", "orders"))
 	if e.Code != broker.CodeTooManyConnections || !strings.Contains(e.Message, "limits.auth_rate") || !strings.Contains(e.Message, "uid ") {

@@ -121,7 +121,10 @@ func TestMaxConnections(t *testing.T) {
 }
 
 func TestLoginTimeout(t *testing.T) {
-	h := newHarness(t, func(_ *harness, c *Config) { c.Listen.LoginTimeout = 300 * time.Millisecond })
+	// 2s: long enough for the legitimate login below (SCRAM against a real
+	// server, plus the first use's role-membership query) on a loaded CI
+	// machine under -race; 300ms failed there.
+	h := newHarness(t, func(_ *harness, c *Config) { c.Listen.LoginTimeout = 2 * time.Second })
 	c := rawDial(t, h)
 	c.Write([]byte{0, 0}) // half a length, then nothing
 	start := time.Now()
