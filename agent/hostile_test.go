@@ -20,6 +20,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgproto3"
 
+	"github.com/pgward/pgward/bpf"
 	"github.com/pgward/pgward/exporter"
 	"github.com/pgward/pgward/testenv"
 )
@@ -273,5 +274,66 @@ func TestAuditPathSymlinkRefused(t *testing.T) {
 	}
 	if _, err := os.Stat(filepath.Join(dir, "nothing-here")); err == nil {
 		t.Fatal("the dangling link's target was created")
+	}
+}
+
+// A second pgward guarding the same upstream is named in ebpf.exempt by its
+// cgroup: its upstream connects are not db.connect.direct, while the same
+// program (psql, same uid) in another cgroup still is. Real eBPF programs.
+func TestEBPFExemptCgroup(t *testing.T) {
+	var other testenv.Cgroup
+	h, cg, uid := ebpfHarness(t, false, func(h *harness, c *Config, cg testenv.Cgroup, uid uint32) {
+		other = cg.Child(t, "pgward-other.service")
+		root, err := bpf.Cgroup2Root()
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.EBPF.Exempt = []string{strings.TrimPrefix(other.Path, root)}
+	})
+	direct := fmt.Sprintf("host=127.0.0.1 port=%d user=%s dbname=%s sslmode=disable", h.pg.Port, testenv.ScramUser, testenv.Database)
+	for _, in := range []testenv.Cgroup{other, cg} {
+		out, err := psqlIn(t, in, uid, direct, "PGPASSWORD="+testenv.ScramPassword)
+		if err != nil || out != testenv.ScramUser {
+			t.Fatalf("direct psql in %s: %v %s", in.Path, err, out)
+		}
+	}
+	// The connect from the other cgroup came first; once the second is
+	// reported, the first has been read too.
+	findEvent(t, h, "db.connect.direct", func(ev map[string]any) bool {
+		p, _ := ev["process"].(map[string]any)
+		return p != nil && num(p["cgroup_id"]) == cg.ID
+	})
+	for _, ev := range h.auditEvents(t) {
+		if p, _ := ev["process"].(map[string]any); ev["event"] == "db.connect.direct" && p != nil && num(p["cgroup_id"]) == other.ID {
+			t.Fatalf("a connect from the exempt cgroup was reported: %v", ev)
+		}
+	}
+	if !strings.Contains(h.logs.String(), "exempt cgroup (ebpf.exempt)") {
+		t.Error("no debug line for the exempt connect")
+	}
+}
+
+// ebpf.exempt takes cgroup paths or service names, never the root cgroup,
+// and cannot be combined with enforce (the kernel would refuse the other
+// agent's connects).
+func TestEBPFExemptConfig(t *testing.T) {
+	for _, tc := range []struct {
+		exempt  []string
+		enforce bool
+		want    string
+	}{
+		{[]string{"/"}, false, "root cgroup"},
+		{[]string{"pgward"}, false, "neither a cgroup path"},
+		{[]string{"/system.slice/pgward-b.service"}, true, "cannot be combined with ebpf.enforce"},
+		{[]string{"/system.slice/pgward-b.service", "pgward-c.service"}, false, ""},
+	} {
+		c := &Config{EBPF: EBPFConfig{Exempt: tc.exempt, Enforce: tc.enforce}}
+		err := c.Validate()
+		switch {
+		case tc.want == "" && err != nil && strings.Contains(err.Error(), "ebpf.exempt"):
+			t.Errorf("%v: %v", tc.exempt, err)
+		case tc.want != "" && (err == nil || !strings.Contains(err.Error(), tc.want)):
+			t.Errorf("%v enforce=%v: %v; want %q", tc.exempt, tc.enforce, err, tc.want)
+		}
 	}
 }
