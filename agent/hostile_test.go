@@ -337,3 +337,56 @@ func TestEBPFExemptConfig(t *testing.T) {
 		}
 	}
 }
+
+// Processes of several uids in one cgroup (a container, a unit) share
+// limits.connections_per_cgroup: together they cannot take more login slots,
+// and a granted client elsewhere still logs in.
+func TestLoginSlotsPerCgroup(t *testing.T) {
+	testenv.RequireRoot(t)
+	const perCgroup, each = 10, 15
+	h := newHarness(t, func(h *harness, c *Config) {
+		c.Listen.MaxConnections = 100 // per uid: the default, 16, more than each opens
+		c.Listen.LoginTimeout = 30 * time.Second
+		c.Limits.ConnectionsPerCgroup = perCgroup
+	})
+	cg := testenv.NewCgroup(t, "")
+	bin, err := testenv.TestBinary()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, uid := range testenv.UnprivilegedIDs(t, 2) {
+		cmd := testenv.RunAs(uid, uid, bin, "-test.run=^TestSlotFloodProcess$")
+		cmd.Env = append(cmd.Env, fmt.Sprintf("PGWARD_SLOT_FLOOD=%s %d", h.agent.SocketPath(), each))
+		var rep struct{ Opened, Pid int }
+		testenv.StartChild(t, cg, cmd, &rep)
+		if rep.Opened != each {
+			t.Fatalf("uid %d opened %d connections", uid, rep.Opened)
+		}
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for scrapeCounter(t, h, "pgward_connections_refused_total", `reason="per_cgroup"`) < 2*each-perCgroup && time.Now().Before(deadline) {
+		time.Sleep(50 * time.Millisecond)
+	}
+	if got := scrapeCounter(t, h, "pgward_connections_refused_total", `reason="per_cgroup"`); got != 2*each-perCgroup {
+		t.Errorf("pgward_connections_refused_total{reason=per_cgroup} = %v, want %d", got, 2*each-perCgroup)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	c, err := pgx.Connect(ctx, h.dsn(testenv.ScramUser, "orders"))
+	if err != nil {
+		t.Fatalf("granted client locked out while a cgroup floods: %v", err)
+	}
+	c.Close(ctx)
+	if !strings.Contains(h.logs.String(), `"cgroup":"`+strings.TrimPrefix(cg.Path, mustCgroup2Root(t))+`"`) {
+		t.Error("no WARN line naming the flooding cgroup")
+	}
+}
+
+func mustCgroup2Root(t *testing.T) string {
+	t.Helper()
+	root, err := bpf.Cgroup2Root()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return root
+}
