@@ -199,7 +199,7 @@ type LimitsConfig struct {
 	// listen.max_connections/10 (at least 16). See slots.go.
 	ConnectionsPerUID int `yaml:"connections_per_uid"`
 	// ConnectionsPerCgroup is the same cap per cgroup (never the root
-	// cgroup). Default as ConnectionsPerUID.
+	// cgroup). 0 (default) is off: it costs a /proc read per connection.
 	ConnectionsPerCgroup int `yaml:"connections_per_cgroup"`
 }
 
@@ -228,12 +228,7 @@ func (c LimitsConfig) connectionsPerUID(l ListenConfig) int {
 	return defaultLoginSlots(l)
 }
 
-func (c LimitsConfig) connectionsPerCgroup(l ListenConfig) int {
-	if c.ConnectionsPerCgroup > 0 {
-		return c.ConnectionsPerCgroup
-	}
-	return defaultLoginSlots(l)
-}
+func (c LimitsConfig) connectionsPerCgroup() int { return c.ConnectionsPerCgroup }
 
 // FieldError is a configuration problem at a key path such as
 // "upstreams.orders.tls.mode". The agent adds the line number.

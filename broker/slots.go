@@ -21,7 +21,9 @@ import (
 // The uid and pid come from SO_PEERCRED at accept (Unix listener only: the
 // TCP listener's callers are known only after the eBPF lookup, so they count
 // against listen.max_connections alone). The cgroup comes from the resolver
-// when it implements PeerCgroups; the root cgroup ("/" or "") is never
+// when it implements PeerCgroups, and only when the per-cgroup limit is on
+// (off by default: a /proc read per connection measurably slowed accepting
+// under a 10k-connection slowloris); the root cgroup ("/" or "") is never
 // limited, since on hybrid hierarchies most tasks report it.
 
 // Slot refusal reasons (metric label values of pgward_connections_refused_total).
@@ -118,7 +120,7 @@ func (t *slotTable) loginSlots(uid uint32) int {
 }
 
 // peerOf reads the caller's credentials of an accepted Unix connection.
-func (s *Server) peerOf(c net.Conn) (Identity, bool) {
+func (s *Server) peerOf(c net.Conn, withCgroup bool) (Identity, bool) {
 	uc, ok := c.(*net.UnixConn)
 	if !ok {
 		return Identity{}, false
@@ -135,7 +137,7 @@ func (s *Server) peerOf(c net.Conn) (Identity, bool) {
 		return Identity{}, false
 	}
 	id := Identity{PID: cred.Pid, UID: cred.Uid, GID: cred.Gid}
-	if pc, ok := s.resolver.(PeerCgroups); ok && cred.Pid > 0 {
+	if pc, ok := s.resolver.(PeerCgroups); ok && withCgroup && cred.Pid > 0 {
 		id.Cgroup = pc.PeerCgroup(cred.Pid)
 	}
 	return id, true
@@ -146,13 +148,14 @@ func (s *Server) peerOf(c net.Conn) (Identity, bool) {
 // and reports it and returns the error for answerRefusal; the caller closes c.
 func (s *Server) admitConn(ctx context.Context, c net.Conn, n int64) (release func(), refusal *ClientError) {
 	cfg := s.state.Load().cfg
-	peer, known := s.peerOf(c)
+	perCgroup := cfg.Limits.connectionsPerCgroup()
+	peer, known := s.peerOf(c, perCgroup > 0)
 	r := &SlotRefusal{Peer: peer, PeerKnown: known}
 	if max := cfg.Listen.maxConnections(); n > int64(max) {
 		r.Reason, r.Limit = SlotMaxConnections, max
 	} else {
 		rel, reason, limit := s.slots.acquire(peerKey{known: known, uid: peer.UID, cgroup: peer.Cgroup},
-			cfg.Limits.connectionsPerUID(cfg.Listen), cfg.Limits.connectionsPerCgroup(cfg.Listen))
+			cfg.Limits.connectionsPerUID(cfg.Listen), perCgroup)
 		if reason == "" {
 			return rel, nil
 		}
