@@ -30,8 +30,9 @@ import (
 //
 // It reports and bounds: refusals of legitimate sessions (zero), their p99
 // statement latency against the baseline (within 2×, or 20 ms on a loaded
-// machine), the process's peak RSS, and the audit bytes per second of the
-// hostile phase beyond what the legitimate sessions wrote in the baseline.
+// machine), and the bytes of refusal audit lines (the allowance); it
+// reports the test process's peak RSS (VmHWM: agent, clients and runtime,
+// and whatever ran before it in the same process).
 // Messages announcing huge lengths (issue 13 point 1) are not part of this
 // mix yet: that bound belongs to limits.max_message_bytes.
 //
@@ -131,6 +132,7 @@ func TestHostileSoak(t *testing.T) {
 				if _, err := refusedStartup(h.agent.SocketPath()); err == nil {
 					refusedLogins.Add(1)
 				}
+				time.Sleep(hostilePace)
 			}
 		}()
 	}
@@ -146,6 +148,7 @@ func TestHostileSoak(t *testing.T) {
 			if err := testenv.SendCancel("unix", h.agent.SocketPath(), rand.Uint32(), rand.Uint32()); err == nil {
 				cancels.Add(1)
 			}
+			time.Sleep(hostilePace)
 		}
 	}()
 	idle := 0
@@ -185,11 +188,6 @@ func TestHostileSoak(t *testing.T) {
 	if lim := max(2*p99(baseLat), 20*time.Millisecond); p99(hostLat) > lim {
 		t.Errorf("p99 under the hostile mix %v; want at most %v (2× baseline %v, or 20 ms)", p99(hostLat), lim, p99(baseLat))
 	}
-	// Bound on what the hostile callers add to the audit trail: three kinds
-	// of refusal from one uid, each at most ~1.5 KB/s after the first burst.
-	if extra := hostAudit - baseAudit; extra > 16<<10 {
-		t.Errorf("the hostile mix added %.0f audit bytes/s; want at most %d", extra, 16<<10)
-	}
 	// The same, from the lines themselves: every refusal event (full or
 	// summary) written, including the summaries written at stop.
 	h.stop()
@@ -200,11 +198,24 @@ func TestHostileSoak(t *testing.T) {
 			refusalBytes += len(line) + 1
 		}
 	}
-	t.Logf("refusal audit lines: %d bytes, %.0f B/s over the hostile phase", refusalBytes, float64(refusalBytes)/phase.Seconds())
-	if r := float64(refusalBytes) / phase.Seconds(); r > 16<<10 {
-		t.Errorf("refusal audit lines %.0f B/s; want at most %d", r, 16<<10)
+	// The bound is the audit allowance (docs/audit-events.md): for each of
+	// the three kinds of refusal from one caller, 10 full lines at once and
+	// 1 a second, plus a summary per 10 s (and one at stop), ~1.6 KB a line.
+	// Short runs are dominated by the first 10; 5-minute runs approach
+	// 3 × 1.6 KB/s. (Total audit bytes are no measure: the legitimate
+	// sessions' statements dominate them and vary with their throughput.)
+	bound := 3 * (10 + phase.Seconds() + phase.Seconds()/10 + 2) * 1600
+	t.Logf("refusal audit lines: %d bytes, %.0f B/s over the hostile phase (bound %.0f bytes)", refusalBytes, float64(refusalBytes)/phase.Seconds(), bound)
+	if float64(refusalBytes) > bound {
+		t.Errorf("refusal audit lines: %d bytes in %v; want at most %.0f", refusalBytes, phase, bound)
 	}
 }
+
+// hostilePace spaces each hostile looper's attempts (under 1000/s each):
+// flat out, the loopers run in this process and take the shared cores from
+// the legitimate clients, which measures the machine, not pgward. The
+// audit bound does not depend on the rate.
+const hostilePace = time.Millisecond
 
 func isRoot() bool { return os.Geteuid() == 0 }
 
