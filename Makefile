@@ -86,12 +86,14 @@ fuzz:
 	PGWARD_DIFF_SESSIONS=3000 $(GO) test -count=1 -timeout 60m -run '^TestAuditMatchesServer$$' ./agent/
 
 # 500 concurrent sessions of mixed simple/extended/COPY traffic for 5
-# minutes (`make test` runs the same test with 100 sessions for 20s).
+# minutes (`make test` runs the same test with 100 sessions for 20s), then
+# TestHostileSoak: 500 sessions for 5 minutes alone and 5 minutes beside
+# hostile callers (refused logins, forged cancels, idle sockets of another uid).
 SOAK_SESSIONS ?= 500
 SOAK_DURATION ?= 5m
 soak: deps
 	PGWARD_SOAK_SESSIONS=$(SOAK_SESSIONS) PGWARD_SOAK_DURATION=$(SOAK_DURATION) \
-		$(GO) test -count=1 -timeout 30m -v -run '^TestLoadMixedTraffic$$' ./agent/
+		$(GO) test -count=1 -timeout 30m -v -run '^(TestLoadMixedTraffic|TestHostileSoak)$$' ./agent/
 
 lint:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { echo "gofmt needed:"; gofmt -l $$(git ls-files '*.go'); exit 1; }

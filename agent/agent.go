@@ -119,6 +119,7 @@ func New(ctx context.Context, opts Options) (_ *Agent, err error) {
 	}
 	a.closers = append(a.closers, a.audit.Close)
 	a.observer = exporter.NewObserver(log, a.metrics, a.audit)
+	a.closers = append(a.closers, a.observer.Close) // refusal summaries, before the audit closes
 
 	a.resolver = &Resolver{RequireEBPF: cfg.Identity.RequireEBPF}
 	if err := a.startKubernetes(opts.KubeClient); err != nil {

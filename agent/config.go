@@ -68,6 +68,10 @@ type EBPFConfig struct {
 	Guard []string `yaml:"guard"`
 	// Cgroup is where the programs attach; default the cgroup2 root.
 	Cgroup string `yaml:"cgroup"`
+	// Exempt names the cgroups (v2 paths, or systemd service names under
+	// /system.slice) of other pgward agents guarding the same endpoints:
+	// their connects are not direct connects. See ebpf_exempt.go.
+	Exempt []string `yaml:"exempt"`
 }
 
 // ShutdownConfig bounds draining on SIGTERM.
@@ -384,6 +388,14 @@ func (c *Config) Validate() error {
 		if _, _, err := net.SplitHostPort(g); err != nil {
 			fe(fmt.Sprintf("ebpf.guard[%d]", i), "%q is neither host:port nor a socket file path", g)
 		}
+	}
+	for i, e := range c.EBPF.Exempt {
+		if _, err := exemptPath(e); err != nil {
+			fe(fmt.Sprintf("ebpf.exempt[%d]", i), "%s", err.Error())
+		}
+	}
+	if len(c.EBPF.Exempt) > 0 && c.EBPF.Enforce {
+		fe("ebpf.exempt", "cannot be combined with ebpf.enforce yet: the kernel programs exempt pgward's own cgroup only, so another agent's connects would be refused")
 	}
 	if c.EBPF.Enforce && c.EBPF.Enabled == "false" {
 		fe("ebpf.enforce", "needs eBPF, but ebpf.enabled is false")

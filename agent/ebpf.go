@@ -21,6 +21,7 @@ import (
 type ebpfState struct {
 	tracker *Tracker
 	names   map[string]string // guarded endpoint → upstream name
+	exempt  *exemptCgroups    // ebpf.exempt; nil when none
 }
 
 // startEBPF loads the probes when ebpf.enabled allows. With "auto", a host
@@ -41,6 +42,9 @@ func (a *Agent) startEBPF(ctx context.Context) error {
 		return err
 	}
 	st := &ebpfState{names: names}
+	if st.exempt, err = newExemptCgroups(cfg.EBPF.Exempt); err != nil {
+		return err
+	}
 	t, err := NewTracker(TrackerOptions{
 		CgroupPath: cfg.EBPF.Cgroup,
 		Enforce:    cfg.EBPF.Enforce,
@@ -143,6 +147,10 @@ func sortedNames(m map[string]broker.UpstreamConfig) []string {
 
 // directConnect reports a connect that went around pgward.
 func (a *Agent) directConnect(st *ebpfState, r ConnectRecord) {
+	if p, ok := st.exempt.exempt(r.CgroupID); ok {
+		a.log.Debug("connect to a guarded endpoint from an exempt cgroup (ebpf.exempt)", "cgroup", p, "pid", r.TGID, "uid", r.UID)
+		return
+	}
 	id := broker.Identity{
 		PID: int32(r.TGID), UID: r.UID, GID: r.GID, Comm: r.Comm,
 		Attested: true, CgroupID: r.CgroupID, StartTime: r.StartTime, NSPID: int32(r.NSPID),

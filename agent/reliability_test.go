@@ -292,6 +292,10 @@ func TestSlowlorisClosedAtLoginTimeout(t *testing.T) {
 	h := newHarness(t, func(_ *harness, c *Config) {
 		c.Listen.LoginTimeout = timeout
 		c.Listen.MaxConnections = n + 100
+		// The slow clients share the legitimate client's uid here: this
+		// test is about login_timeout, not the per-uid share of login
+		// slots (TestLoginSlotsPerUID), so the share covers them all.
+		c.Limits.ConnectionsPerUID = n + 100
 	})
 	cmd := exec.Command(os.Args[0], "-test.run=^TestSlowlorisClientProcess$", "-test.v")
 	cmd.Env = append(os.Environ(), fmt.Sprintf("PGWARD_SLOWLORIS=%s %d %s", h.agent.SocketPath(), n, timeout+30*time.Second))

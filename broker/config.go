@@ -194,6 +194,13 @@ type LimitsConfig struct {
 	// inspect. A session whose message needs more than is left stops
 	// reading until other sessions give memory back. Default 256 MiB.
 	BufferMemory int64 `yaml:"buffer_memory"`
+	// ConnectionsPerUID caps the connections of one uid that are still
+	// logging in (accept to relaying); over it, 53300. Default
+	// listen.max_connections/10 (at least 16). See slots.go.
+	ConnectionsPerUID int `yaml:"connections_per_uid"`
+	// ConnectionsPerCgroup is the same cap per cgroup (never the root
+	// cgroup). 0 (default) is off: it costs a /proc read per connection.
+	ConnectionsPerCgroup int `yaml:"connections_per_cgroup"`
 }
 
 // DefaultCancelWait is limits.cancel_wait when unset.
@@ -205,6 +212,23 @@ func (l LimitsConfig) cancelWait() time.Duration {
 	}
 	return l.CancelWait
 }
+
+// defaultLoginSlots is the default of limits.connections_per_uid and
+// limits.connections_per_cgroup: a tenth of listen.max_connections, at
+// least 16 (but never over max_connections).
+func defaultLoginSlots(l ListenConfig) int {
+	m := l.maxConnections()
+	return min(m, max(16, m/10))
+}
+
+func (c LimitsConfig) connectionsPerUID(l ListenConfig) int {
+	if c.ConnectionsPerUID > 0 {
+		return c.ConnectionsPerUID
+	}
+	return defaultLoginSlots(l)
+}
+
+func (c LimitsConfig) connectionsPerCgroup() int { return c.ConnectionsPerCgroup }
 
 // FieldError is a configuration problem at a key path such as
 // "upstreams.orders.tls.mode". The agent adds the line number.
@@ -465,7 +489,8 @@ func (c *Config) Validate() error {
 			add(fieldErr(p+".roles", "at least one role is needed"))
 		}
 	}
-	if c.Limits.AuthRate < 0 || c.Limits.AuthBurst < 0 || c.Limits.SessionsPerPrincipal < 0 || c.Limits.CancelWait < 0 {
+	if c.Limits.AuthRate < 0 || c.Limits.AuthBurst < 0 || c.Limits.SessionsPerPrincipal < 0 || c.Limits.CancelWait < 0 ||
+		c.Limits.ConnectionsPerUID < 0 || c.Limits.ConnectionsPerCgroup < 0 {
 		add(fieldErr("limits", "limits must not be negative"))
 	}
 	return errors.Join(errs...)

@@ -93,6 +93,9 @@ type SessionInfo struct {
 	Success bool
 	Code    string // SQLSTATE sent to the client, when refused
 	Error   string // the message sent to the client, when refused
+	// Refusal is why a start was refused (the auth_failures_total reason);
+	// empty for a refusal that is no authentication failure (shutdown).
+	Refusal FailureReason
 
 	// Set at SessionEnd.
 	End       time.Time

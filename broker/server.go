@@ -52,9 +52,14 @@ type Server struct {
 
 	cancels cancelMap
 	limiter *limiter
-	roles   roleCache    // what each credential's role can become (roles.go)
-	reuse   reusePool    // parked upstream connections (upstreams.<name>.reuse)
-	budget  bufferBudget // limits.buffer_memory, shared by every session's relay
+	slots   slotTable      // login slots per uid and cgroup (slots.go)
+	slotLog slotLogLimiter // rate-limits the WARN of slot refusals
+	// refusing counts slot refusals waiting for the client's startup packet
+	// (at most politeRefusals; the others are answered at once).
+	refusing atomic.Int32
+	roles    roleCache    // what each credential's role can become (roles.go)
+	reuse    reusePool    // parked upstream connections (upstreams.<name>.reuse)
+	budget   bufferBudget // limits.buffer_memory, shared by every session's relay
 }
 
 // serverState is the part of the server a reload replaces.
@@ -264,18 +269,18 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 		n := s.conns.Add(1)
 		go func() {
 			defer s.wg.Done()
-			defer s.conns.Add(-1)
-			if n > int64(s.state.Load().cfg.Listen.maxConnections()) {
-				s.log.Warn("too many connections; refusing", "limit", s.state.Load().cfg.Listen.maxConnections())
-				// Read the client's startup first, as a server does, so a
-				// client still writing it gets the error, not EPIPE.
-				_ = c.SetDeadline(time.Now().Add(time.Second))
-				_, _ = s.readStartup(c)
-				sendError(c, refuse(CodeTooManyConnections, "", fmt.Sprintf("pgward has too many connections (listen.max_connections is %d)", s.state.Load().cfg.Listen.maxConnections()), "Try again later, or raise listen.max_connections."))
+			release, refusal := s.admitConn(ctx, c, n)
+			if refusal != nil {
+				// A refused connection gives its slot back at once, so
+				// refusals answered slowly cannot fill the slots.
+				s.conns.Add(-1)
+				s.answerRefusal(c, refusal)
 				c.Close()
 				return
 			}
-			s.handle(ctx, c)
+			defer s.conns.Add(-1)
+			defer release()
+			s.handle(withLoginSlot(ctx, release), c)
 		}()
 	}
 }

@@ -177,6 +177,7 @@ func (s *Server) startSession(ctx context.Context, c net.Conn, st *serverState, 
 	req := &AuthRequest{RequestID: reqID, Upstream: dbname, Role: role, Durations: map[Stage]time.Duration{}}
 	fail := func(e *ClientError, level slog.Level, logMsg string, attrs ...any) {
 		req.Failure = e.Reason
+		info.Refusal = e.Reason
 		req.Durations[StageTotal] = time.Since(accepted)
 		info.Success, info.Code, info.Error = false, e.Code, e.Message
 		log.Log(ctx, level, logMsg, append(attrs, "sqlstate", e.Code, "role", role, "upstream", dbname)...)
@@ -395,6 +396,7 @@ func (s *Server) startSession(ctx context.Context, c net.Conn, st *serverState, 
 		return
 	}
 	_ = c.SetDeadline(time.Time{})
+	releaseLoginSlot(ctx) // logged in: the connection no longer holds a login slot
 	sess.run()
 }
 

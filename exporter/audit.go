@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -62,6 +63,11 @@ type AuditConfig struct {
 	MaxFiles int `yaml:"max_files"`
 	// Checkpoint configures keyed checkpoints (off without a key).
 	Checkpoint CheckpointConfig `yaml:"checkpoint"`
+	// MinFreeBytes is the free-space floor of the audit directory's file
+	// system: below it pgward warns and the audit_seconds_until_full gauge
+	// says how long until fail-closed; 0 means DefaultAuditMinFree. See
+	// diskfree.go.
+	MinFreeBytes int64 `yaml:"min_free_bytes"`
 }
 
 // WithDefaults returns c with every zero field set to its default.
@@ -79,6 +85,9 @@ func (c AuditConfig) WithDefaults() AuditConfig {
 		c.MaxFiles = DefaultAuditMaxFiles
 	}
 	c.Checkpoint = c.Checkpoint.withDefaults()
+	if c.MinFreeBytes == 0 {
+		c.MinFreeBytes = DefaultAuditMinFree
+	}
 	return c
 }
 
@@ -106,6 +115,9 @@ func (c AuditConfig) Validate() error {
 		errs = append(errs, fmt.Errorf("audit.max_files: %d must not be negative", c.MaxFiles))
 	}
 	errs = append(errs, c.Checkpoint.validate()...)
+	if c.MinFreeBytes < 0 {
+		errs = append(errs, fmt.Errorf("audit.min_free_bytes: %d must not be negative", c.MinFreeBytes))
+	}
 	return errors.Join(errs...)
 }
 
@@ -200,6 +212,12 @@ type Audit struct {
 	cpStop   chan struct{}
 	cpDone   chan struct{}
 	cpClosed sync.Once
+
+	// Free-space floor (diskfree.go). rotatedBytes and openSize (the
+	// file's size at open) are under mu and make bytesTotal.
+	disk         *diskWatch
+	rotatedBytes int64
+	openSize     int64
 }
 
 // AuditOption adds an optional part to OpenAudit.
@@ -235,6 +253,9 @@ func OpenAudit(cfg AuditConfig, m *Metrics, log *slog.Logger, opts ...AuditOptio
 	a.pool.New = func() any { b := make([]byte, 0, 2048); return &b }
 	a.waiterPl.New = func() any { return new(waiter) }
 	a.cond.L = &a.mu
+	if fi, err := os.Lstat(a.cfg.Path); err == nil && fi.Mode()&os.ModeSymlink != 0 {
+		return nil, fmt.Errorf("audit.path %s is a symbolic link: pgward does not follow one (it could point the audit trail anywhere); set audit.path to the file itself", a.cfg.Path)
+	}
 	for _, o := range opts {
 		o(a)
 	}
@@ -252,6 +273,11 @@ func OpenAudit(cfg AuditConfig, m *Metrics, log *slog.Logger, opts ...AuditOptio
 		return nil, fmt.Errorf("open audit file: %w", err)
 	}
 	a.f = f
+	a.openSize = a.size
+	a.startDiskWatch()
+	if m != nil {
+		m.hostile.audit.Store(a)
+	}
 	if a.cfg.Durability == DurabilityAsync {
 		a.ch = make(chan *[]byte, asyncQueueLen)
 		a.done = make(chan struct{})
@@ -264,8 +290,14 @@ func OpenAudit(cfg AuditConfig, m *Metrics, log *slog.Logger, opts ...AuditOptio
 	return a, nil
 }
 
+// openAuditFile opens the audit file for appending. It never follows a
+// symbolic link (O_NOFOLLOW), at start, at reopen or after rotation.
 func openAuditFile(name string) (auditFile, error) {
-	return os.OpenFile(name, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+	f, err := os.OpenFile(name, os.O_WRONLY|os.O_APPEND|os.O_CREATE|syscall.O_NOFOLLOW, 0o600)
+	if errors.Is(err, syscall.ELOOP) {
+		return nil, fmt.Errorf("%s is a symbolic link, which pgward does not follow: %w", name, err)
+	}
+	return f, err
 }
 
 // recover reads the chain state (size, seq, prev) of an existing file.
@@ -980,6 +1012,7 @@ func (a *Audit) rotate() error {
 		return nil
 	}
 	_ = a.f.Close()
+	a.rotatedBytes += a.size
 	a.f, a.size, a.seq, a.dirty = nil, 0, 0, false
 	f, err := a.open(path)
 	if err != nil {
@@ -997,6 +1030,7 @@ func (a *Audit) rotate() error {
 
 // Close flushes queued events (async), syncs and closes the file. It is idempotent.
 func (a *Audit) Close() error {
+	a.stopDiskWatch()
 	if a.cpOn {
 		a.cpClosed.Do(func() { close(a.cpStop) })
 		<-a.cpDone

@@ -25,6 +25,7 @@ const (
 	CodeCancelRejected     = "PGW04W"
 	CodeDirectConnect      = "PGW05W"
 	CodeDirectConnectBlock = "PGW06W"
+	CodeRefusalSummary     = "PGW08W"
 )
 
 // DirectConnectEvent is a connect to a guarded Postgres endpoint by a process

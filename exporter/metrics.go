@@ -21,6 +21,8 @@ const (
 	EventQueryResult  = "db.session.query.result"
 	EventCancel       = "db.session.cancel"
 	EventDirect       = "db.connect.direct"
+	// EventRefusalSummary counts refusals beyond the audit allowance (aggregate.go).
+	EventRefusalSummary = "db.refusal.summary"
 )
 
 // event indexes into Metrics.auditEvents.
@@ -32,17 +34,19 @@ const (
 	evCancel
 	evDirect
 	evCheckpoint
+	evRefusalSummary
 	numEvents
 )
 
 var eventNames = [numEvents]string{
-	evSessionStart: EventSessionStart,
-	evSessionEnd:   EventSessionEnd,
-	evQuery:        EventQuery,
-	evQueryResult:  EventQueryResult,
-	evCancel:       EventCancel,
-	evDirect:       EventDirect,
-	evCheckpoint:   EventCheckpoint,
+	evSessionStart:   EventSessionStart,
+	evSessionEnd:     EventSessionEnd,
+	evQuery:          EventQuery,
+	evQueryResult:    EventQueryResult,
+	evCancel:         EventCancel,
+	evDirect:         EventDirect,
+	evCheckpoint:     EventCheckpoint,
+	evRefusalSummary: EventRefusalSummary,
 }
 
 var stages = []broker.Stage{broker.StageTotal, broker.StageIdentity, broker.StageCredentials, broker.StageUpstreamAuth}
@@ -89,6 +93,7 @@ type Metrics struct {
 	buffers                                            atomic.Pointer[func() broker.BufferStats]
 	bufBytesDesc, bufLimitDesc, bufWaitsDesc           *prometheus.Desc
 	tooLargeDesc                                       *prometheus.Desc
+	hostile                                            *hostileMetrics // diskfree.go
 }
 
 // NewMetrics creates every pgward_ metric on reg, with the Go and process
@@ -180,6 +185,7 @@ func NewMetrics(reg *prometheus.Registry) *Metrics {
 	m.ebpfLostDesc = prometheus.NewDesc(namespace+"_ebpf_events_lost_total", "Connect events lost because the eBPF ring buffer was full.", nil, nil)
 	m.ebpfProbesDesc = prometheus.NewDesc(namespace+"_ebpf_probes_attached", "eBPF programs attached now; 0 means identity from peer credentials only.", nil, nil)
 	reg.MustRegister(ebpfCollector{m})
+	m.hostile = newHostileMetrics(reg)
 
 	m.bufBytesDesc = prometheus.NewDesc(namespace+"_buffer_bytes", "Bytes held now in relay buffers grown past the standard 32 KiB read buffer, counted against limits.buffer_memory.", nil, nil)
 	m.bufLimitDesc = prometheus.NewDesc(namespace+"_buffer_limit_bytes", "limits.buffer_memory: the most pgward_buffer_bytes may reach.", nil, nil)

@@ -23,6 +23,8 @@ type Observer struct {
 	log   *slog.Logger
 	m     *Metrics
 	audit *Audit // nil: no audit trail
+	// refusals paces the audit events of refusals (aggregate.go).
+	refusals *refusals
 
 	mu       sync.Mutex
 	sessions map[string]*sessionState // by SessionInfo.SessionID
@@ -56,7 +58,11 @@ func NewObserver(log *slog.Logger, m *Metrics, audit *Audit) *Observer {
 	if m == nil {
 		m = NewMetrics(prometheus.NewRegistry())
 	}
-	return &Observer{log: log, m: m, audit: audit, sessions: make(map[string]*sessionState)}
+	o := &Observer{log: log, m: m, audit: audit, sessions: make(map[string]*sessionState)}
+	if audit != nil {
+		o.refusals = newRefusals(audit, m, log)
+	}
+	return o
 }
 
 // state returns the session's event counter, creating it when missing (a
@@ -198,6 +204,12 @@ func checkString(c broker.Check) string {
 // audit failure is returned and the session must be refused.
 func (o *Observer) SessionStart(ctx context.Context, s *broker.SessionInfo) error {
 	var err error
+	if !s.Success && o.refusals != nil && !o.refusals.full(time.Now(), sessionRefusal(s)) {
+		// Beyond the caller's allowance: counted in a db.refusal.summary.
+		o.log.DebugContext(ctx, "session refused (audited in a summary)", append(sessionAttrs(s),
+			"sqlstate", s.Code, "error", s.Error)...)
+		return nil
+	}
 	if o.audit != nil {
 		st := o.state(s.SessionID)
 		err = o.audit.sessionStart(time.Now(), s, st.next())
@@ -348,6 +360,11 @@ func (o *Observer) Cancel(ctx context.Context, c *broker.CancelEvent) {
 		o.m.cancelForwarded.Inc()
 	} else {
 		o.m.cancelRejected.Inc()
+	}
+	if !c.Forwarded && o.refusals != nil && !o.refusals.full(time.Now(), cancelRefusal(c)) {
+		o.log.DebugContext(ctx, "cancel request rejected (audited in a summary)", "reason", c.Reason,
+			"uid", c.Caller.UID, "pid", c.Caller.PID)
+		return
 	}
 	if o.audit != nil {
 		var ei int64
