@@ -1,0 +1,208 @@
+package agent
+
+import (
+	"context"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/pgward/pgward/testenv"
+)
+
+// Issue 14, point 1: startup parameters reach the server as they would
+// directly, and the server's refusal of one reaches the client.
+
+func show(t *testing.T, c *pgx.Conn, name string) string {
+	t.Helper()
+	var v string
+	if err := c.QueryRow(context.Background(), "show "+name, pgx.QueryExecModeSimpleProtocol).Scan(&v); err != nil {
+		t.Fatalf("show %s: %v", name, err)
+	}
+	return v
+}
+
+// directErr connects to the server directly with the same extra
+// parameters and returns its refusal, to compare pgward's with.
+func directErr(t *testing.T, pg *testenv.Postgres, extra string) *pgconn.PgError {
+	t.Helper()
+	return connectErr(t, pg.DSN(testenv.ScramUser, testenv.ScramPassword, testenv.Database)+" "+extra)
+}
+
+// TestStartupParamsForwarded: GUCs given as startup parameters take effect
+// in the session (they were dropped before).
+func TestStartupParamsForwarded(t *testing.T) {
+	h := newHarness(t, nil)
+	c := h.connect(t, testenv.ScramUser, "orders", "default_transaction_read_only=on", "work_mem=1234kB", "lock_timeout=7s")
+	if v := show(t, c, "transaction_read_only"); v != "on" {
+		t.Errorf("transaction_read_only = %q through pgward with default_transaction_read_only=on, want on", v)
+	}
+	if v := show(t, c, "work_mem"); v != "1234kB" {
+		t.Errorf("work_mem = %q, want 1234kB", v)
+	}
+	if v := show(t, c, "lock_timeout"); v != "7s" {
+		t.Errorf("lock_timeout = %q, want 7s", v)
+	}
+	_, err := c.Exec(context.Background(), "create temp table t14 (i int)")
+	if code := pgCode(err); code != "25006" {
+		t.Errorf("create table in a read-only session: %v (SQLSTATE %q), want 25006", err, code)
+	}
+
+	st := h.connect(t, testenv.ScramUser, "orders", "statement_timeout=1ms")
+	_, err = st.Exec(context.Background(), "select pg_sleep(2)")
+	if code := pgCode(err); code != "57014" {
+		t.Errorf("pg_sleep(2) with statement_timeout=1ms: %v (SQLSTATE %q), want 57014", err, code)
+	}
+}
+
+// TestStartupParamRefusedAsDirectly: a parameter the server refuses is
+// refused through pgward with the server's SQLSTATE and message.
+func TestStartupParamRefusedAsDirectly(t *testing.T) {
+	h := newHarness(t, nil)
+	for _, extra := range []string{
+		"nosuch_param=1",                      // 42704 unrecognized configuration parameter
+		"statement_timeout=banana",            // 22023 invalid value
+		"default_transaction_read_only=maybe", // 22023
+		"server_version=1",                    // 55P02 cannot be changed
+	} {
+		t.Run(extra, func(t *testing.T) {
+			want := directErr(t, h.pg, extra)
+			got := connectErr(t, h.dsn(testenv.ScramUser, "orders", extra))
+			if got.Code != want.Code || got.Message != want.Message {
+				t.Errorf("through pgward: %s %q; directly: %s %q", got.Code, got.Message, want.Code, want.Message)
+			}
+		})
+	}
+}
+
+// TestStartupParamsOwnedByPgward: role and session_authorization are
+// refused as startup parameters as in options; pgward.principal is the
+// claim either way; other pgward.* names are refused, not dropped.
+func TestStartupParamsOwnedByPgward(t *testing.T) {
+	h := newHarness(t, nil)
+	for _, tc := range []struct{ extra, code, msg string }{
+		{"role=" + testenv.MD5User, "42501", `startup parameter "role" is not allowed through pgward`},
+		{"session_authorization=" + testenv.MD5User, "42501", `startup parameter "session_authorization" is not allowed through pgward`},
+		{"options='-c role=" + testenv.MD5User + "'", "42501", `startup option "role" is not allowed through pgward`},
+		{"pgward.foo=1", "42704", `startup parameter "pgward.foo" is not known to pgward`},
+		{"options='-c pgward.foo=1'", "42704", `startup option "pgward.foo" is not known to pgward`},
+		{"pgward.principal=stranger", "28000", `does not match claimed principal "stranger"`},
+		{"pgward.principal=me options='-c pgward.principal=stranger'", "08P01", "two different principals claimed"},
+	} {
+		got := connectErr(t, h.dsn(testenv.ScramUser, "orders", tc.extra))
+		if got.Code != tc.code || !strings.Contains(got.Message, tc.msg) {
+			t.Errorf("%s: %s %q, want %s containing %q", tc.extra, got.Code, got.Message, tc.code, tc.msg)
+		}
+	}
+	c := h.connect(t, testenv.ScramUser, "orders", "pgward.principal=me")
+	if v := show(t, c, "session_authorization"); v != testenv.ScramUser {
+		t.Errorf("session_authorization = %q", v)
+	}
+	var claim string
+	for _, ev := range h.auditEvents(t) {
+		if ev["event"] == "db.session.start" && ev["success"] == true {
+			claim, _ = ev["principal"].(string)
+		}
+	}
+	if claim != "me" {
+		t.Errorf("principal of the session claimed as a startup parameter = %q, want me", claim)
+	}
+}
+
+// TestTargetSessionAttrs: pgx's target_session_attrs check sees the
+// session the client asked for, as directly.
+func TestTargetSessionAttrs(t *testing.T) {
+	h := newHarness(t, nil)
+	ctx := context.Background()
+	for _, tc := range []struct {
+		extra string
+		ok    bool
+	}{
+		{"default_transaction_read_only=on target_session_attrs=read-write", false},
+		{"default_transaction_read_only=on target_session_attrs=read-only", true},
+		{"target_session_attrs=read-write", true},
+		{"target_session_attrs=read-only", false},
+	} {
+		for _, via := range []string{"direct", "pgward"} {
+			dsn := h.dsn(testenv.ScramUser, "orders", tc.extra)
+			if via == "direct" {
+				dsn = h.pg.DSN(testenv.ScramUser, testenv.ScramPassword, testenv.Database) + " " + tc.extra
+			}
+			cctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+			c, err := pgx.Connect(cctx, dsn)
+			cancel()
+			if err == nil {
+				c.Close(ctx)
+			}
+			if (err == nil) != tc.ok {
+				t.Errorf("%s, %s: connect error %v, want success %v", tc.extra, via, err, tc.ok)
+			}
+		}
+	}
+}
+
+// TestTargetSessionAttrsLibpq: libpq (psql) reads default_transaction_read_only
+// from the ParameterStatus pgward greets it with, as from the server.
+func TestTargetSessionAttrsLibpq(t *testing.T) {
+	h := newHarness(t, nil)
+	for _, tc := range []struct {
+		attrs string
+		ok    bool
+	}{{"read-write", false}, {"read-only", true}} {
+		for _, via := range []string{"direct", "pgward"} {
+			dsn := h.dsn(testenv.ScramUser, "orders")
+			if via == "direct" {
+				dsn = h.pg.DSN(testenv.ScramUser, testenv.ScramPassword, testenv.Database)
+			}
+			dsn += " options='-c default_transaction_read_only=on' target_session_attrs=" + tc.attrs
+			out, err := testenv.RunAs(uint32(os.Getuid()), uint32(os.Getgid()), "psql", "-XAt", "-c", "show transaction_read_only", dsn).CombinedOutput()
+			if (err == nil) != tc.ok {
+				t.Errorf("psql target_session_attrs=%s %s: %v %s, want success %v", tc.attrs, via, err, out, tc.ok)
+			}
+		}
+	}
+}
+
+// TestReuseStartupParams: on a reused upstream connection the client's
+// parameters are applied, a refused one gives the server's error, and the
+// next session inherits none of them.
+func TestReuseStartupParams(t *testing.T) {
+	h := reuseHarness(t)
+	ctx := context.Background()
+
+	c1 := h.connect(t, testenv.ScramUser, "orders", "default_transaction_read_only=on", "work_mem=1234kB")
+	pid := backendPID(t, c1)
+	if v := show(t, c1, "transaction_read_only"); v != "on" {
+		t.Errorf("first session: transaction_read_only = %q, want on", v)
+	}
+	c1.Close(ctx)
+	waitIdle(t, h, 1)
+
+	c2 := h.connect(t, testenv.ScramUser, "orders", "statement_timeout=1ms")
+	if p := backendPID(t, c2); p != pid {
+		t.Fatalf("second session backend %d, want the parked %d", p, pid)
+	}
+	if v := show(t, c2, "transaction_read_only"); v != "off" {
+		t.Errorf("second session inherited transaction_read_only = %q", v)
+	}
+	if v := show(t, c2, "work_mem"); v == "1234kB" {
+		t.Errorf("second session inherited work_mem = %q", v)
+	}
+	_, err := c2.Exec(ctx, "select pg_sleep(2)")
+	if code := pgCode(err); code != "57014" {
+		t.Errorf("pg_sleep(2) with statement_timeout=1ms on a reused connection: %v (SQLSTATE %q), want 57014", err, code)
+	}
+	c2.Close(ctx)
+	waitIdle(t, h, 1)
+
+	for _, extra := range []string{"nosuch_param=1", "statement_timeout=banana"} {
+		want := directErr(t, h.pg, extra)
+		got := connectErr(t, h.dsn(testenv.ScramUser, "orders", extra))
+		if got.Code != want.Code || got.Message != want.Message {
+			t.Errorf("%s on a reuse upstream: %s %q; directly: %s %q", extra, got.Code, got.Message, want.Code, want.Message)
+		}
+	}
+}
