@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"os"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -205,4 +206,138 @@ func TestReuseStartupParams(t *testing.T) {
 			t.Errorf("%s on a reuse upstream: %s %q; directly: %s %q", extra, got.Code, got.Message, want.Code, want.Message)
 		}
 	}
+}
+
+// Issue 14, point 3: the request_id and principal in application_name.
+
+// lastSessionStart returns the request_id of the last successful
+// db.session.start.
+func lastSessionStart(t *testing.T, h *harness) string {
+	t.Helper()
+	var rid string
+	for _, ev := range h.auditEvents(t) {
+		if ev["event"] == "db.session.start" && ev["success"] == true {
+			rid, _ = ev["request_id"].(string)
+		}
+	}
+	if rid == "" {
+		t.Fatal("no successful db.session.start in the audit")
+	}
+	return rid
+}
+
+func statActivityApp(t *testing.T, c *pgx.Conn) string {
+	t.Helper()
+	var v string
+	if err := c.QueryRow(context.Background(), "select application_name from pg_stat_activity where pid = pg_backend_pid()", pgx.QueryExecModeSimpleProtocol).Scan(&v); err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
+// TestApplicationNameCarriesRequestID: pg_stat_activity and the server
+// log (%a) show the request_id of the session's db.session.start; the
+// client's ParameterStatus still shows its own name.
+func TestApplicationNameCarriesRequestID(t *testing.T) {
+	pg := privatePG(t, testenv.Options{LogStatements: true, ExtraConf: []string{"log_line_prefix = '%m [%p] %a '"}})
+	h := newHarness(t, onPrivatePG(pg))
+	c := h.connect(t, testenv.ScramUser, "orders", "application_name=billing-worker")
+	rid := lastSessionStart(t, h)
+	want := "billing-worker pgward:me:" + rid
+	if got := statActivityApp(t, c); got != want {
+		t.Errorf("pg_stat_activity.application_name = %q, want %q", got, want)
+	}
+	if got := show(t, c, "application_name"); got != want {
+		t.Errorf("SHOW application_name = %q, want %q", got, want)
+	}
+	if got := c.PgConn().ParameterStatus("application_name"); got != "billing-worker" {
+		t.Errorf("ParameterStatus application_name = %q, want the client's own billing-worker", got)
+	}
+	marker := "issue14_marker_" + rid[:8]
+	if _, err := c.Exec(context.Background(), "select '"+marker+"'", pgx.QueryExecModeSimpleProtocol); err != nil {
+		t.Fatal(err)
+	}
+	line := regexp.MustCompile(`(?m)^.*` + regexp.QuoteMeta(want) + ` .*` + marker + `.*$`)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		b, err := os.ReadFile(pg.LogFile())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if line.Match(b) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no server log line with %q and the statement; log tail:\n%s", want, tail(string(b), 2000))
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+
+	// psql (libpq sends application_name=psql).
+	out, err := testenv.RunAs(uint32(os.Getuid()), uint32(os.Getgid()), "psql", "-XAt", "-c",
+		"select application_name from pg_stat_activity where pid = pg_backend_pid()", h.dsn(testenv.ScramUser, "orders")).CombinedOutput()
+	if err != nil {
+		t.Fatalf("psql: %v %s", err, out)
+	}
+	if want := "psql pgward:me:" + lastSessionStart(t, h); strings.TrimSpace(string(out)) != want {
+		t.Errorf("psql's pg_stat_activity.application_name = %q, want %q", out, want)
+	}
+}
+
+// TestApplicationNameReuse: a reused connection carries each session's
+// own request_id, and a session without an application_name gets pgward's
+// part alone.
+func TestApplicationNameReuse(t *testing.T) {
+	h := reuseHarness(t)
+	ctx := context.Background()
+	c1 := h.connect(t, testenv.ScramUser, "orders", "application_name=first")
+	rid1 := lastSessionStart(t, h)
+	if got, want := statActivityApp(t, c1), "first pgward:me:"+rid1; got != want {
+		t.Errorf("first session: %q, want %q", got, want)
+	}
+	pid := backendPID(t, c1)
+	c1.Close(ctx)
+	waitIdle(t, h, 1)
+	c2 := h.connect(t, testenv.ScramUser, "orders")
+	if p := backendPID(t, c2); p != pid {
+		t.Fatalf("second session backend %d, want the parked %d", p, pid)
+	}
+	rid2 := lastSessionStart(t, h)
+	if rid2 == rid1 {
+		t.Fatal("two sessions with one request_id")
+	}
+	if got, want := statActivityApp(t, c2), "pgward:me:"+rid2; got != want {
+		t.Errorf("reused session: %q, want %q", got, want)
+	}
+	if got := c2.PgConn().ParameterStatus("application_name"); got != "" {
+		t.Errorf("reused session's ParameterStatus application_name = %q, want empty (it sent none)", got)
+	}
+}
+
+// TestApplicationNameFormat: the per-upstream format, and "{app}" passes
+// the client's own name through.
+func TestApplicationNameFormat(t *testing.T) {
+	h := newHarness(t, func(h *harness, c *Config) {
+		u := c.Upstreams["orders"]
+		u.ApplicationName = "{app}"
+		c.Upstreams["orders"] = u
+		u = c.Upstreams["orders_tls"]
+		u.ApplicationName = "rid={request_id} p={principal}"
+		c.Upstreams["orders_tls"] = u
+	})
+	c := h.connect(t, testenv.ScramUser, "orders", "application_name=mine")
+	if got := statActivityApp(t, c); got != "mine" {
+		t.Errorf("with {app}: %q, want mine", got)
+	}
+	c = h.connect(t, testenv.ScramUser, "orders_tls", "application_name=mine")
+	if got, want := statActivityApp(t, c), "rid="+lastSessionStart(t, h)+" p=me"; got != want {
+		t.Errorf("custom format: %q, want %q", got, want)
+	}
+}
+
+func tail(s string, n int) string {
+	if len(s) > n {
+		return s[len(s)-n:]
+	}
+	return s
 }

@@ -126,6 +126,11 @@ type session struct {
 	span  trace.Span
 	ctx   context.Context
 
+	// clientApp is the client's own application_name, which its
+	// ParameterStatus shows (the upstream's carries pgward's format).
+	clientApp string
+	upApp     string // the application_name pgward gave the upstream session
+
 	client net.Conn
 	up     *upstreamConn
 	ups    *upstream
@@ -329,6 +334,9 @@ func (s *Server) startSession(ctx context.Context, c net.Conn, st *serverState, 
 		}()
 	}
 
+	// The upstream session's application_name carries the caller.
+	clientApp := setAppName(params, ups.cfg.applicationName(), d.Principal, reqID)
+
 	// Upstream authentication.
 	uctx, uspan := s.tracer.Start(authCtx, "upstream.auth")
 	uctx, cancel := context.WithTimeout(uctx, ups.cfg.connectTimeout())
@@ -375,6 +383,7 @@ func (s *Server) startSession(ctx context.Context, c net.Conn, st *serverState, 
 	sess = &session{
 		srv: s, info: info, claim: claim, log: log, span: span, ctx: ctx,
 		client: c, up: up, ups: ups, lease: cred.Lease, reused: reused, cred: cred,
+		clientApp: clientApp, upApp: params["application_name"],
 	}
 	if !s.addSession(sess) {
 		up.conn.Close()
@@ -490,6 +499,21 @@ func filterParams(in map[string]string) (map[string]string, string, *ClientError
 	return out, claim, nil
 }
 
+// setAppName replaces the client's application_name in params (under
+// whatever spelling it sent) with the one format gives, and returns the
+// client's own.
+func setAppName(params map[string]string, format, principal, requestID string) string {
+	var app string
+	for k, v := range params {
+		if strings.EqualFold(k, "application_name") {
+			app = v
+			delete(params, k)
+		}
+	}
+	params["application_name"] = formatAppName(format, app, principal, requestID)
+	return app
+}
+
 func forbiddenSetting(kind, name string) *ClientError {
 	return refuse(CodeInsufficientPriv, ReasonProtocol,
 		fmt.Sprintf("%s %q is not allowed through pgward: a session starts as the role its user parameter names, the one the pgward policy granted", kind, name),
@@ -533,6 +557,13 @@ func (sess *session) greet() error {
 	slices.Sort(names)
 	for _, k := range names {
 		v := sess.up.params[k]
+		if k == "application_name" && v == sess.upApp {
+			// The client sees the name it gave, as it would directly;
+			// SHOW application_name shows pgward's (docs/config.md).
+			// A value the server reports otherwise (set after the
+			// login) is the server's, and passed on.
+			v = sess.clientApp
+		}
 		buf, _ = (&pgproto3.ParameterStatus{Name: k, Value: v}).Encode(buf)
 	}
 	var key [4]byte
