@@ -341,3 +341,39 @@ func tail(s string, n int) string {
 	}
 	return s
 }
+
+// TestMembershipCheckIgnoresClientSearchPath: now that every startup
+// parameter reaches the session, pgward's own membership query runs under
+// the client's search_path: an operator of the client's schema must not
+// be able to hide a membership from refuse_role_switching.
+func TestMembershipCheckIgnoresClientSearchPath(t *testing.T) {
+	pg := privatePG(t, testenv.Options{})
+	h := newHarness(t, func(h *harness, c *Config) {
+		onPrivatePG(pg)(h, c)
+		u := c.Upstreams["orders"]
+		u.RefuseRoleSwitching = true
+		c.Upstreams["orders"] = u
+	})
+	ctx := context.Background()
+	admin, err := pg.Admin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer admin.Close(ctx)
+	for _, q := range []string{
+		"create role pgw_target nologin",
+		"grant pgw_target to " + testenv.ScramUser,
+		"create schema evil",
+		"grant usage on schema evil to public",
+		"create function evil.ne(oid, oid) returns bool language sql immutable as 'select false'",
+		"create operator evil.<> (leftarg = oid, rightarg = oid, function = evil.ne)",
+	} {
+		if _, err := admin.Exec(ctx, q); err != nil {
+			t.Fatalf("%s: %v", q, err)
+		}
+	}
+	e := connectErr(t, h.dsn(testenv.ScramUser, "orders", "search_path=evil,pg_catalog"))
+	if e.Code != "42501" || !strings.Contains(e.Message, "pgw_target") {
+		t.Fatalf("refused with %s %q, want 42501 naming the membership", e.Code, e.Message)
+	}
+}
