@@ -12,6 +12,7 @@ upstreams:
   orders:
     address: db.internal:5432
     tls: { mode: verify-full, ca_file: /etc/pgward/ca.pem }
+    application_name: "{app} via pgward {request_id}"
 secrets:
   backend: file
   file: { path: /etc/pgward/secrets.yaml }
@@ -31,7 +32,7 @@ func TestParseConfig(t *testing.T) {
 		t.Fatal(err)
 	}
 	if cfg.Upstreams["orders"].Address != "db.internal:5432" || cfg.Principals["billing"].Match.SystemdUnit[0] != "billing.service" ||
-		cfg.Grants[0].Roles[0] != "orders_rw" || cfg.Listen.SocketPath() != "/run/pgward/.s.PGSQL.5432" {
+		cfg.Grants[0].Roles[0] != "orders_rw" || cfg.Upstreams["orders"].ApplicationName != "{app} via pgward {request_id}" || cfg.Listen.SocketPath() != "/run/pgward/.s.PGSQL.5432" {
 		t.Fatalf("decoded %+v", cfg)
 	}
 }
@@ -49,6 +50,7 @@ func TestParseConfigErrors(t *testing.T) {
     address: nohost
     tls:
       mode: sometimes
+    application_name: "{app} {user}"
 principals:
   p: { match: {} }
 grants:
@@ -58,10 +60,11 @@ ebpf: { enabled: maybe }
 `, []string{
 			"pgward.yaml:3: upstreams.orders.address",
 			"pgward.yaml:5: upstreams.orders.tls.mode",
-			"pgward.yaml:7: principals.p.match",
-			"pgward.yaml:9: grants[0].principal",
-			"pgward.yaml:10: secrets.backend",
-			"pgward.yaml:11: ebpf.enabled",
+			"pgward.yaml:6: upstreams.orders.application_name",
+			"pgward.yaml:8: principals.p.match",
+			"pgward.yaml:10: grants[0].principal",
+			"pgward.yaml:11: secrets.backend",
+			"pgward.yaml:12: ebpf.enabled",
 		}},
 	}
 	for _, tt := range tests {

@@ -525,7 +525,8 @@ func TestSessionSemantics(t *testing.T) {
 		if err := c.QueryRow(ctx, "select current_setting('application_name'), current_setting('TimeZone')").Scan(&app, &tz); err != nil {
 			t.Fatal(err)
 		}
-		if app != "billing-worker" || tz != "Asia/Tokyo" {
+		// pgward adds its part to the upstream's application_name (upstreams.<name>.application_name).
+		if !strings.HasPrefix(app, "billing-worker pgward:me:") || tz != "Asia/Tokyo" {
 			t.Fatalf("application_name %q TimeZone %q", app, tz)
 		}
 	})
@@ -587,7 +588,7 @@ func TestNoLeftoverUpstreamSessions(t *testing.T) {
 	deadline := time.Now().Add(5 * time.Second)
 	for {
 		var n int
-		if err := admin.QueryRow(ctx, "select count(*) from pg_stat_activity where application_name = 'leftover-check'").Scan(&n); err != nil {
+		if err := admin.QueryRow(ctx, "select count(*) from pg_stat_activity where application_name like 'leftover-check pgward:%'").Scan(&n); err != nil {
 			t.Fatal(err)
 		}
 		if n == 0 {

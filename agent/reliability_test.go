@@ -81,7 +81,8 @@ func rawSession(t *testing.T, h *harness, params map[string]string) (net.Conn, *
 	}
 }
 
-// waitUpstreamGone waits until no upstream backend has application_name app.
+// waitUpstreamGone waits until no upstream backend has application_name app
+// (with pgward's part after it: upstreams.<name>.application_name).
 func waitUpstreamGone(t *testing.T, pg *testenv.Postgres, app string) {
 	t.Helper()
 	ctx := context.Background()
@@ -93,7 +94,7 @@ func waitUpstreamGone(t *testing.T, pg *testenv.Postgres, app string) {
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		var n int
-		if err := admin.QueryRow(ctx, "select count(*) from pg_stat_activity where application_name = $1", app).Scan(&n); err != nil {
+		if err := admin.QueryRow(ctx, "select count(*) from pg_stat_activity where application_name = $1 or starts_with(application_name, $1 || ' pgward:')", app).Scan(&n); err != nil {
 			t.Fatal(err)
 		}
 		if n == 0 {

@@ -88,7 +88,7 @@ func TestReuseResetsSession(t *testing.T) {
 		"select coalesce(to_regclass('pg_temp.leftover')::text, 'gone')":                             "gone",
 		"select count(*)::text from pg_prepared_statements where name = 'leftover_stmt'":             "0",
 		"select current_setting('work_mem')":                                                         "4MB",
-		"select current_setting('application_name')":                                                 "session-b",
+		"select split_part(current_setting('application_name'), ' ', 1)":                             "session-b",
 		"select current_setting('search_path')":                                                      `"$user", public`,
 		"select count(*)::text from pg_listening_channels()":                                         "0",
 		"select count(*)::text from pg_locks where locktype = 'advisory' and pid = pg_backend_pid()": "0",

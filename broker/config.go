@@ -75,6 +75,23 @@ type UpstreamConfig struct {
 	// (roles.go). Off by default: such credentials are reported (audit,
 	// metric, WARN) and allowed.
 	RefuseRoleSwitching bool `yaml:"refuse_role_switching"`
+	// ApplicationName is the application_name pgward gives the upstream
+	// session, a format with {app} (the client's own application_name),
+	// {principal} and {request_id}; empty means
+	// DefaultApplicationName. "{app}" passes the client's name through
+	// unchanged. Cut to PostgreSQL's 63 bytes keeping {request_id} whole
+	// (appname.go).
+	ApplicationName string `yaml:"application_name"`
+}
+
+// DefaultApplicationName is upstreams.<name>.application_name when unset.
+const DefaultApplicationName = "{app} pgward:{principal}:{request_id}"
+
+func (u UpstreamConfig) applicationName() string {
+	if u.ApplicationName == "" {
+		return DefaultApplicationName
+	}
+	return u.ApplicationName
 }
 
 // ReuseConfig is upstreams.<name>.reuse.
@@ -450,6 +467,9 @@ func (c *Config) Validate() error {
 		case "", "file", "env", "vault":
 		default:
 			add(fieldErr(p+".secrets", "%q is not one of file, env, vault", u.Secrets))
+		}
+		if err := checkAppNameFormat(u.ApplicationName); err != nil {
+			add(fieldErr(p+".application_name", "%s", err))
 		}
 		if r := u.Reuse; r != nil && (r.MaxIdle < 0 || r.IdleTimeout < 0) {
 			add(fieldErr(p+".reuse", "max_idle and idle_timeout must not be negative"))

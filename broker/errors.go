@@ -17,6 +17,7 @@ const (
 	CodeProtocolViolation    = "08P01"
 	CodeTooManyConnections   = "53300"
 	CodeInsufficientPriv     = "42501"
+	CodeUndefinedObject      = "42704" // an unknown pgward.* startup parameter
 	CodeIOError              = "58030" // audit log unavailable
 	CodeAdminShutdown        = "57P01"
 	CodeFeatureNotSupported  = "0A000"
@@ -28,6 +29,7 @@ const (
 type ClientError struct {
 	Code    string
 	Message string
+	Detail  string
 	Hint    string
 	Reason  FailureReason // metric label; empty when not an auth failure
 }
@@ -45,6 +47,7 @@ func sendError(c net.Conn, e *ClientError) {
 		SeverityUnlocalized: "FATAL",
 		Code:                e.Code,
 		Message:             e.Message,
+		Detail:              e.Detail,
 		Hint:                e.Hint,
 	}).Encode(nil)
 	if err != nil {
@@ -52,4 +55,28 @@ func sendError(c net.Conn, e *ClientError) {
 	}
 	_ = c.SetWriteDeadline(time.Now().Add(2 * time.Second))
 	_, _ = c.Write(buf)
+}
+
+// serverError is an ErrorResponse of the upstream server, kept whole so
+// that the ones a client may see (see clientErrorFor) reach it as the
+// server sent them.
+type serverError struct {
+	Code, Message, Detail, Hint string
+	Fatal                       bool
+}
+
+func (e *serverError) Error() string { return "server error (SQLSTATE " + e.Code + ")" }
+
+// newServerError decodes an ErrorResponse body.
+func newServerError(body []byte) *serverError {
+	var m pgproto3.ErrorResponse
+	if err := m.Decode(body); err != nil {
+		code, msg := errorFields(body)
+		return &serverError{Code: code, Message: msg, Fatal: fatalError(body)}
+	}
+	sev := m.SeverityUnlocalized
+	if sev == "" {
+		sev = m.Severity
+	}
+	return &serverError{Code: m.Code, Message: m.Message, Detail: m.Detail, Hint: m.Hint, Fatal: sev == "FATAL" || sev == "PANIC"}
 }

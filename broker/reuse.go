@@ -222,7 +222,8 @@ func (s *Server) IdleUpstreamConns() int { return s.reuse.idle() }
 
 // upstreamFor returns an authenticated upstream connection for the
 // session: a parked one when reuse is on and one fits, else a new one.
-// params are the client's allowlisted startup parameters.
+// params are the client's startup parameters (filterParams) with pgward's
+// application_name.
 func (s *Server) upstreamFor(ctx context.Context, u *upstream, role string, cred secrets.Credential, params map[string]string) (*upstreamConn, bool, error) {
 	rc := u.cfg.Reuse
 	_, hasOptions := params["options"]
@@ -243,6 +244,12 @@ func (s *Server) upstreamFor(ctx context.Context, u *upstream, role string, cred
 		// The round trip (an empty query when there is nothing to set)
 		// also proves the backend is still there.
 		if err := e.up.applyParams(ctx, params, true); err != nil {
+			if errors.Is(err, errStartupParam) {
+				// The client's parameter, not the connection: a
+				// fresh one would refuse it too.
+				e.up.terminate()
+				return nil, false, err
+			}
 			// Its backend was terminated while parked, or it failed
 			// otherwise: dial fresh, the client sees nothing of it.
 			s.log.Debug("parked upstream connection unusable; trying another", "upstream", u.name, "backend_pid", e.up.pid, "err", err)
@@ -271,13 +278,24 @@ type reuseState struct {
 }
 
 // errStartupParam is a client startup parameter the server refused when
-// pgward set it (as it would have refused it in a startup packet).
+// pgward set it (as it would have refused it in a startup packet), wrapped
+// with the server's *serverError. The connection is still usable.
 var errStartupParam = errors.New("upstream refused a startup parameter")
 
 // applyParams sets the client's startup parameters with one set_config
 // statement (the value is taken as a startup packet would take it, lists
 // such as search_path included) and records the ParameterStatus messages.
+// The statement fails as a whole, so a refused parameter leaves none set.
 func (uc *upstreamConn) applyParams(ctx context.Context, params map[string]string, always bool) error {
+	err := uc.setParams(ctx, params, always)
+	var se *serverError
+	if errors.As(err, &se) && !se.Fatal {
+		return fmt.Errorf("%w: %w", errStartupParam, se)
+	}
+	return err
+}
+
+func (uc *upstreamConn) setParams(ctx context.Context, params map[string]string, always bool) error {
 	if len(params) == 0 {
 		if always {
 			return uc.simpleQuery(ctx, "", true)
@@ -374,12 +392,12 @@ func (uc *upstreamConn) simpleQuery(ctx context.Context, q string, keep bool) er
 				uc.params[name] = val
 			}
 		case 'E':
-			code, _ := errorFields(body)
+			se := newServerError(body)
 			if failed == nil {
-				failed = fmt.Errorf("%w (SQLSTATE %s)", errStartupParam, code)
+				failed = se
 			}
-			if fatalError(body) {
-				return failed
+			if se.Fatal {
+				return se
 			}
 		case 'Z':
 			if failed != nil {

@@ -83,10 +83,16 @@ func (c *roleCache) clear() {
 // membershipQuery lists, for the session user, whether it is a superuser
 // and every other role it is a member of. One row per role; a single row
 // with a NULL name when there is none (or for a superuser).
+//
+// It runs in the client's session, under the client's search_path (a
+// startup parameter): every function and operator is qualified with
+// pg_catalog, so one of the client's schema cannot stand in for it and
+// hide a membership (an unqualified <> resolves to evil.<> when
+// search_path is "evil, pg_catalog").
 const membershipQuery = `SELECT r.rolsuper, b.rolname FROM pg_catalog.pg_roles r ` +
-	`LEFT JOIN pg_catalog.pg_roles b ON b.oid <> r.oid AND NOT r.rolsuper ` +
+	`LEFT JOIN pg_catalog.pg_roles b ON b.oid OPERATOR(pg_catalog.<>) r.oid AND NOT r.rolsuper ` +
 	`AND pg_catalog.pg_has_role(r.oid, b.oid, 'MEMBER') ` +
-	`WHERE r.rolname = pg_catalog.session_user() ORDER BY b.rolname`
+	`WHERE r.rolname OPERATOR(pg_catalog.=) pg_catalog.session_user() ORDER BY b.rolname`
 
 // roleMemberships returns what the credential's role can become: from the
 // cache, or by asking the server on up (idle, before the relay) at first

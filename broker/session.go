@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net"
 	"os"
 	"slices"
@@ -24,15 +25,22 @@ import (
 	"github.com/pgward/pgward/broker/secrets"
 )
 
-// forwardedParams are the startup parameters passed upstream (lower-cased
-// names); everything else the client sends is dropped.
-var forwardedParams = map[string]bool{
-	"application_name": true, "client_encoding": true, "datestyle": true, "timezone": true,
-	"intervalstyle": true, "extra_float_digits": true, "search_path": true,
-}
+// Startup parameters: every one the client sends is forwarded upstream
+// (where PostgreSQL accepts or refuses it, as it would directly), except
+// those pgward owns:
+//   - user, database: pgward names the login role and the real database;
+//   - replication: refused (replication connections are not relayed);
+//   - role, session_authorization (directly or in options): refused, the
+//     session starts as the granted role;
+//   - pgward.*: pgward.principal is the principal claim, directly or in
+//     options; any other pgward.* name is refused.
 
-// forbiddenSettings may not be set through startup options: they would let
-// the client act as another role than the one it was granted.
+// ownedParams are startup parameter names pgward sets itself upstream
+// (PostgreSQL reads these names exactly, so they are compared exactly).
+var ownedParams = map[string]bool{"user": true, "database": true, "replication": true}
+
+// forbiddenSettings may not be set through startup parameters or options:
+// they would let the client act as another role than the one it was granted.
 var forbiddenSettings = map[string]bool{"role": true, "session_authorization": true}
 
 // claimSetting is the startup option a client uses to claim a principal.
@@ -117,6 +125,11 @@ type session struct {
 	log   *slog.Logger
 	span  trace.Span
 	ctx   context.Context
+
+	// clientApp is the client's own application_name, which its
+	// ParameterStatus shows (the upstream's carries pgward's format).
+	clientApp string
+	upApp     string // the application_name pgward gave the upstream session
 
 	client net.Conn
 	up     *upstreamConn
@@ -321,6 +334,9 @@ func (s *Server) startSession(ctx context.Context, c net.Conn, st *serverState, 
 		}()
 	}
 
+	// The upstream session's application_name carries the caller.
+	clientApp := setAppName(params, ups.cfg.applicationName(), d.Principal, reqID)
+
 	// Upstream authentication.
 	uctx, uspan := s.tracer.Start(authCtx, "upstream.auth")
 	uctx, cancel := context.WithTimeout(uctx, ups.cfg.connectTimeout())
@@ -331,7 +347,9 @@ func (s *Server) startSession(ctx context.Context, c net.Conn, st *serverState, 
 	uspan.End()
 	if err != nil {
 		uspan.SetStatus(codes.Error, "upstream authentication failed")
-		switch {
+		switch ce := clientErrorFor(err); {
+		case ce != nil:
+			fail(ce, slog.LevelInfo, "upstream refused the session the client asked for", "err", err)
 		case errors.Is(err, errUpstreamRejected):
 			fail(refuse(CodeInvalidPassword, ReasonUpstreamRejected,
 				fmt.Sprintf("upstream %q rejected the credential pgward holds for role %q", dbname, role),
@@ -365,6 +383,7 @@ func (s *Server) startSession(ctx context.Context, c net.Conn, st *serverState, 
 	sess = &session{
 		srv: s, info: info, claim: claim, log: log, span: span, ctx: ctx,
 		client: c, up: up, ups: ups, lease: cred.Lease, reused: reused, cred: cred,
+		clientApp: clientApp, upApp: params["application_name"],
 	}
 	if !s.addSession(sess) {
 		up.conn.Close()
@@ -416,22 +435,33 @@ func backendProblem(err error) string {
 	return "the backend failed"
 }
 
-// filterParams applies the startup parameter allowlist and extracts the
-// claimed principal from options.
+// filterParams returns the startup parameters to forward upstream and
+// the claimed principal, or the refusal of a parameter pgward owns. GUC
+// names are case-insensitive in PostgreSQL, so the owned ones are matched
+// lower-cased.
 func filterParams(in map[string]string) (map[string]string, string, *ClientError) {
 	out := map[string]string{}
 	var claim string
+	claimed := false
+	setClaim := func(v string) *ClientError {
+		if claimed && v != claim {
+			return refuse(CodeProtocolViolation, ReasonProtocol,
+				fmt.Sprintf("two different principals claimed (%q and %q)", claim, v),
+				"Claim a principal once: either the pgward.principal startup parameter or -c pgward.principal= in options.")
+		}
+		claim, claimed = v, true
+		return nil
+	}
 	if v, ok := in["replication"]; ok && v != "false" && v != "0" && v != "off" && v != "no" {
 		return nil, "", refuse(CodeInvalidAuthorization, ReasonProtocol,
 			"replication connections are not allowed through pgward", "Connect to the server directly for replication.")
 	}
-	for k, v := range in {
+	for _, k := range slices.Sorted(maps.Keys(in)) {
+		v := in[k]
 		lk := strings.ToLower(k)
-		if forwardedParams[lk] {
-			out[k] = v
-			continue
-		}
-		if lk == "options" {
+		switch {
+		case ownedParams[k]:
+		case k == "options":
 			settings, order, err := parseOptions(v)
 			if err != nil {
 				return nil, "", refuse(CodeProtocolViolation, ReasonProtocol, "invalid startup options: "+err.Error(), "Pass settings as -c name=value.")
@@ -440,11 +470,13 @@ func filterParams(in map[string]string) (map[string]string, string, *ClientError
 			for _, name := range order {
 				switch {
 				case name == claimSetting:
-					claim = settings[name]
+					if e := setClaim(settings[name]); e != nil {
+						return nil, "", e
+					}
 				case forbiddenSettings[name]:
-					return nil, "", refuse(CodeInsufficientPriv, ReasonProtocol,
-						fmt.Sprintf("startup option %q is not allowed through pgward: a session starts as the role its user parameter names, the one the pgward policy granted", name),
-						"Connect with user=<role>. Within a session the role can still change (SET ROLE) to roles it is a member of; pgward reports those memberships and flags such statements in its audit.")
+					return nil, "", forbiddenSetting("startup option", name)
+				case strings.HasPrefix(name, "pgward."):
+					return nil, "", unknownPgwardSetting("startup option", name)
 				default:
 					kept = append(kept, name)
 				}
@@ -452,9 +484,66 @@ func filterParams(in map[string]string) (map[string]string, string, *ClientError
 			if len(kept) > 0 {
 				out[k] = formatOptions(settings, kept)
 			}
+		case lk == claimSetting:
+			if e := setClaim(v); e != nil {
+				return nil, "", e
+			}
+		case forbiddenSettings[lk]:
+			return nil, "", forbiddenSetting("startup parameter", lk)
+		case strings.HasPrefix(lk, "pgward."):
+			return nil, "", unknownPgwardSetting("startup parameter", lk)
+		default:
+			out[k] = v
 		}
 	}
 	return out, claim, nil
+}
+
+// setAppName replaces the client's application_name in params (under
+// whatever spelling it sent) with the one format gives, and returns the
+// client's own.
+func setAppName(params map[string]string, format, principal, requestID string) string {
+	var app string
+	for k, v := range params {
+		if strings.EqualFold(k, "application_name") {
+			app = v
+			delete(params, k)
+		}
+	}
+	params["application_name"] = formatAppName(format, app, principal, requestID)
+	return app
+}
+
+func forbiddenSetting(kind, name string) *ClientError {
+	return refuse(CodeInsufficientPriv, ReasonProtocol,
+		fmt.Sprintf("%s %q is not allowed through pgward: a session starts as the role its user parameter names, the one the pgward policy granted", kind, name),
+		"Connect with user=<role>. Within a session the role can still change (SET ROLE) to roles it is a member of; pgward reports those memberships and flags such statements in its audit.")
+}
+
+func unknownPgwardSetting(kind, name string) *ClientError {
+	return refuse(CodeUndefinedObject, ReasonProtocol,
+		fmt.Sprintf("%s %q is not known to pgward: pgward.* names are pgward's, and the only one is %s", kind, name, claimSetting),
+		"Remove it, or claim a principal with "+claimSetting+"=<name>.")
+}
+
+// clientErrorFor is what the client sees when getting its upstream
+// session failed after the credential was accepted. A refused login is
+// turned into pgward's own error elsewhere (the server's text about a
+// failed authentication is not passed on, so nothing of the secret or of
+// the server's authentication setup reaches the client). But once the
+// server has sent AuthenticationOk, or when it refuses a startup
+// parameter pgward set with set_config on a reused connection, its error
+// is about the session the client asked for — an unknown parameter
+// (42704), an invalid value (22023), a parameter that cannot be set
+// (55P02), the database, a connection limit — and holds nothing of the
+// credential: the client gets the server's SQLSTATE, message, detail and
+// hint, as it would connecting directly. It returns nil for other errors.
+func clientErrorFor(err error) *ClientError {
+	var se *serverError
+	if !errors.As(err, &se) || !(errors.Is(err, errSessionRefused) || errors.Is(err, errStartupParam)) {
+		return nil
+	}
+	return &ClientError{Code: se.Code, Message: se.Message, Detail: se.Detail, Hint: se.Hint, Reason: ReasonUpstreamRejected}
 }
 
 // greet sends the client what a server sends after authentication.
@@ -467,7 +556,15 @@ func (sess *session) greet() error {
 	}
 	slices.Sort(names)
 	for _, k := range names {
-		buf, _ = (&pgproto3.ParameterStatus{Name: k, Value: sess.up.params[k]}).Encode(buf)
+		v := sess.up.params[k]
+		if k == "application_name" && v == sess.upApp {
+			// The client sees the name it gave, as it would directly;
+			// SHOW application_name shows pgward's (docs/config.md).
+			// A value the server reports otherwise (set after the
+			// login) is the server's, and passed on.
+			v = sess.clientApp
+		}
+		buf, _ = (&pgproto3.ParameterStatus{Name: k, Value: v}).Encode(buf)
 	}
 	var key [4]byte
 	binary.BigEndian.PutUint32(key[:], sess.key.secret)

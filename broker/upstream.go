@@ -107,8 +107,13 @@ var errUpstreamRejected = errors.New("upstream rejected the credential")
 // errAuthMethodRefused means the upstream asked for a method not in the auth list.
 var errAuthMethodRefused = errors.New("upstream asked for a refused authentication method")
 
+// errSessionRefused means the upstream accepted the credential
+// (AuthenticationOk) and then refused the session with an ErrorResponse,
+// wrapped as a *serverError.
+var errSessionRefused = errors.New("upstream refused the session after authentication")
+
 // connect dials the upstream and authenticates as role with cred, forwarding
-// the allowlisted startup parameters. It owns the connection until it
+// the client's startup parameters (filterParams). It owns the connection until it
 // returns it; on error nothing is left open.
 //
 // pgward speaks the startup itself (pgproto3 as the codec) rather than
@@ -302,6 +307,16 @@ func (u *upstream) connect(ctx context.Context, role string, cred secrets.Creden
 			_ = conn.SetDeadline(time.Time{})
 			return uc, nil
 		case *pgproto3.ErrorResponse:
+			if authenticated {
+				// After AuthenticationOk the credential has been
+				// accepted and used: what the server refuses now is
+				// the session it was asked for (a startup parameter
+				// it does not know or whose value is invalid, the
+				// database, a connection limit), and its message
+				// holds nothing of the secret. See clientErrorFor.
+				return nil, fmt.Errorf("%w: %w", errSessionRefused, &serverError{
+					Code: m.Code, Message: m.Message, Detail: m.Detail, Hint: m.Hint, Fatal: true})
+			}
 			switch m.Code {
 			case "28P01", "28000":
 				return nil, fmt.Errorf("%w (SQLSTATE %s)", errUpstreamRejected, m.Code)
