@@ -15,6 +15,8 @@ FUZZ_TARGETS := \
 	./broker:FuzzBackendStream:120000x \
 	./broker:FuzzParseOptions:100000x \
 	./broker:FuzzRelayNoSmuggling:120000x \
+	./broker:FuzzSQLEffects:100000x \
+	./broker:FuzzRoleChange:100000x \
 	./agent:FuzzCgroupPath:5000x \
 	./agent:FuzzParseConfig:2000x \
 	./agent:FuzzStatStartTime:2000x \
