@@ -247,23 +247,6 @@ func (t *tracker) unpin() {
 	t.mu.Unlock()
 }
 
-// newEvent returns a cleared QueryEvent, recycled when possible.
-func (t *tracker) newEvent() *QueryEvent {
-	t.mu.Lock()
-	var q *QueryEvent
-	if k := len(t.free); k > 0 {
-		q = t.free[k-1]
-		t.free[k-1] = nil
-		t.free = t.free[:k-1]
-	}
-	t.mu.Unlock()
-	if q == nil {
-		return &QueryEvent{}
-	}
-	*q = QueryEvent{}
-	return q
-}
-
 // recycle takes back events the observer is done with.
 func (t *tracker) recycle(done []pending) {
 	t.mu.Lock()
@@ -548,13 +531,7 @@ func (sess *session) bind(t *tracker, body []byte) error {
 		}
 		l := int(int32(binary.BigEndian.Uint32(rest)))
 		rest = rest[4:]
-		var f int16
-		switch {
-		case nf == 1:
-			f = int16(binary.BigEndian.Uint16(formats))
-		case nf > i:
-			f = int16(binary.BigEndian.Uint16(formats[2*i:]))
-		}
+		f := formatCode(formats, i)
 		var oid uint32
 		if si != nil && i < len(si.oids) {
 			oid = si.oids[i]
@@ -612,7 +589,8 @@ func nameKey(b []byte) []byte {
 	return b
 }
 
-// newEventLocked is newEvent with mu held.
+// newEventLocked returns a cleared QueryEvent, recycled when possible.
+// Called with mu held.
 func (t *tracker) newEventLocked() *QueryEvent {
 	if k := len(t.free); k > 0 {
 		q := t.free[k-1]
@@ -671,13 +649,7 @@ func decodeFunctionCall(t *tracker, body []byte) (*QueryEvent, error) {
 		}
 		l := int(int32(binary.BigEndian.Uint32(rest)))
 		rest = rest[4:]
-		var f int16
-		switch {
-		case nf == 1:
-			f = int16(binary.BigEndian.Uint16(formats))
-		case nf > i:
-			f = int16(binary.BigEndian.Uint16(formats[2*i:]))
-		}
+		f := formatCode(formats, i)
 		if l < 0 {
 			params = append(params, Param{Format: f})
 			continue
@@ -698,6 +670,18 @@ func decodeFunctionCall(t *tracker, body []byte) (*QueryEvent, error) {
 	q.FunctionOID = oid
 	q.Params = params
 	return q, nil
+}
+
+// formatCode is the format of value i under a Bind's or FunctionCall's
+// format codes (2 bytes each): none means text for all, one applies to all.
+func formatCode(formats []byte, i int) int16 {
+	switch n := len(formats) / 2; {
+	case n == 1:
+		return int16(binary.BigEndian.Uint16(formats))
+	case n > i:
+		return int16(binary.BigEndian.Uint16(formats[2*i:]))
+	}
+	return 0
 }
 
 // sameDeclared reports whether the parameter types a Parse declares (raw,
