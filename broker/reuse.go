@@ -352,6 +352,14 @@ func quoteLiteral(s string) string {
 // there. An ErrorResponse, a status other than idle, or a failure is an
 // error.
 func (uc *upstreamConn) simpleQuery(ctx context.Context, q string, keep bool) error {
+	_, err := uc.query(ctx, q, keep, false)
+	return err
+}
+
+// query is simpleQuery that also returns the rows (text, nil for NULL)
+// when withRows is set. A FATAL from the server (it is ending the
+// connection) is kept for the client with keep, like the notices before it.
+func (uc *upstreamConn) query(ctx context.Context, q string, keep, withRows bool) ([][]*string, error) {
 	dl, ok := ctx.Deadline()
 	if !ok {
 		dl = time.Now().Add(5 * time.Second)
@@ -363,22 +371,23 @@ func (uc *upstreamConn) simpleQuery(ctx context.Context, q string, keep bool) er
 	binary.BigEndian.PutUint32(msg[1:], uint32(4+len(q)+1))
 	msg = append(append(msg, q...), 0)
 	if _, err := uc.conn.Write(msg); err != nil {
-		return fmt.Errorf("send to upstream: %w", err)
+		return nil, fmt.Errorf("send to upstream: %w", err)
 	}
 	var hdr [5]byte
 	var failed error
 	var kept []byte
+	var rows [][]*string
 	for {
 		if _, err := io.ReadFull(uc, hdr[:]); err != nil {
-			return fmt.Errorf("read from upstream: %w", err)
+			return nil, fmt.Errorf("read from upstream: %w", err)
 		}
 		l := int(int32(binary.BigEndian.Uint32(hdr[1:])))
 		if l < 4 || l-4 > 1<<20 {
-			return fmt.Errorf("%w: message %q with length %d", errProtocol, hdr[0], l)
+			return nil, fmt.Errorf("%w: message %q with length %d", errProtocol, hdr[0], l)
 		}
 		body := make([]byte, l-4)
 		if _, err := io.ReadFull(uc, body); err != nil {
-			return fmt.Errorf("read from upstream: %w", err)
+			return nil, fmt.Errorf("read from upstream: %w", err)
 		}
 		switch hdr[0] {
 		case 'N', 'A':
@@ -391,25 +400,40 @@ func (uc *upstreamConn) simpleQuery(ctx context.Context, q string, keep bool) er
 			if ok1 && ok2 {
 				uc.params[name] = val
 			}
+		case 'D':
+			if withRows {
+				row, err := dataRow(body)
+				if err != nil {
+					return nil, err
+				}
+				rows = append(rows, row)
+			}
 		case 'E':
 			se := newServerError(body)
 			if failed == nil {
 				failed = se
 			}
 			if se.Fatal {
-				return se
+				if keep {
+					// What the server said as it ends the connection (a
+					// backend terminated right after its login) is the
+					// client's to read.
+					fatal := append(append(kept, hdr[:]...), body...)
+					uc.pre = append(fatal, uc.pre...)
+				}
+				return nil, se
 			}
 		case 'Z':
 			if failed != nil {
-				return failed
+				return nil, failed
 			}
 			if len(body) != 1 || body[0] != 'I' {
-				return fmt.Errorf("upstream not idle after pgward's statement (status %q)", body)
+				return nil, fmt.Errorf("upstream not idle after pgward's statement (status %q)", body)
 			}
 			if len(kept) > 0 {
 				uc.pre = append(kept, uc.pre...)
 			}
-			return nil
+			return rows, nil
 		}
 	}
 }

@@ -5,7 +5,6 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"slices"
 	"strings"
@@ -109,7 +108,7 @@ func (s *Server) roleMemberships(ctx context.Context, u *upstream, role string, 
 		return nil, false, 0, errors.New("the server sent messages right after the login; checked at the next login")
 	}
 	t := time.Now()
-	rows, err := up.queryRows(ctx, membershipQuery)
+	rows, err := up.query(ctx, membershipQuery, true, true)
 	took = time.Since(t)
 	if err != nil {
 		return nil, false, took, fmt.Errorf("query role memberships: %w", err)
@@ -132,82 +131,6 @@ func (s *Server) roleMemberships(ctx context.Context, u *upstream, role string, 
 	slices.Sort(m.Roles)
 	m, first = s.roles.add(k, m)
 	return m, first, took, nil
-}
-
-// queryRows runs one simple Query of pgward's own on an idle connection and
-// returns its rows as text (nil for NULL). Like simpleQuery it reads
-// through uc, keeps notices for the client and records ParameterStatus.
-func (uc *upstreamConn) queryRows(ctx context.Context, q string) ([][]*string, error) {
-	dl, ok := ctx.Deadline()
-	if !ok {
-		dl = time.Now().Add(5 * time.Second)
-	}
-	_ = uc.conn.SetDeadline(dl)
-	defer uc.conn.SetDeadline(time.Time{})
-	msg := make([]byte, 5, 6+len(q))
-	msg[0] = 'Q'
-	binary.BigEndian.PutUint32(msg[1:], uint32(4+len(q)+1))
-	msg = append(append(msg, q...), 0)
-	if _, err := uc.conn.Write(msg); err != nil {
-		return nil, fmt.Errorf("send to upstream: %w", err)
-	}
-	var hdr [5]byte
-	var failed error
-	var kept []byte
-	var rows [][]*string
-	for {
-		if _, err := io.ReadFull(uc, hdr[:]); err != nil {
-			return nil, fmt.Errorf("read from upstream: %w", err)
-		}
-		l := int(int32(binary.BigEndian.Uint32(hdr[1:])))
-		if l < 4 || l-4 > 1<<20 {
-			return nil, fmt.Errorf("%w: message %q with length %d", errProtocol, hdr[0], l)
-		}
-		body := make([]byte, l-4)
-		if _, err := io.ReadFull(uc, body); err != nil {
-			return nil, fmt.Errorf("read from upstream: %w", err)
-		}
-		switch hdr[0] {
-		case 'N', 'A':
-			kept = append(append(kept, hdr[:]...), body...)
-		case 'S':
-			name, rest, ok1 := cstring(body)
-			val, _, ok2 := cstring(rest)
-			if ok1 && ok2 {
-				uc.params[name] = val
-			}
-		case 'D':
-			row, err := dataRow(body)
-			if err != nil {
-				return nil, err
-			}
-			rows = append(rows, row)
-		case 'E':
-			code, _ := errorFields(body)
-			if failed == nil {
-				failed = fmt.Errorf("upstream refused pgward's statement (SQLSTATE %s)", code)
-			}
-			if fatalError(body) {
-				// The server is ending the connection (a backend terminated
-				// right after its login): what it said, and the notices
-				// before it, are the client's to read.
-				fatal := append(append(kept, hdr[:]...), body...)
-				uc.pre = append(fatal, uc.pre...)
-				return nil, failed
-			}
-		case 'Z':
-			if failed != nil {
-				return nil, failed
-			}
-			if len(body) != 1 || body[0] != 'I' {
-				return nil, fmt.Errorf("upstream not idle after pgward's statement (status %q)", body)
-			}
-			if len(kept) > 0 {
-				uc.pre = append(kept, uc.pre...)
-			}
-			return rows, nil
-		}
-	}
 }
 
 // dataRow decodes a DataRow body into text values.
