@@ -206,30 +206,6 @@ func (g *refusals) close() {
 	g.flush()
 }
 
-// refusalSummary writes one db.refusal.summary event.
-func (a *Audit) refusalSummary(now time.Time, s *refusalSummary) error {
-	b := a.getBuf()
-	si := broker.SessionInfo{Upstream: s.b.service, User: s.b.user}
-	id := &s.b.sample
-	if s.key.cgroup == unknownCaller || s.key.cgroup == overflowCgroup {
-		id = nil
-	}
-	buf := header(*b, now, EventRefusalSummary, CodeRefusalSummary, &si, 0, "", id)
-	buf = appendBoolField(buf, "success", false)
-	buf = appendStringField(buf, "refused", s.key.refused)
-	buf = appendStringField(buf, "reason", s.key.reason)
-	buf = appendStringFieldOmit(buf, "sqlstate", s.b.sqlstate)
-	buf = appendStringFieldOmit(buf, "error", s.b.message)
-	buf = appendUintField(buf, "caller_uid", uint64(s.key.uid))
-	buf = appendStringField(buf, "caller_cgroup", s.key.cgroup)
-	buf = appendIntField(buf, "count", s.b.count)
-	buf = appendTimeField(buf, "first_time", s.b.first)
-	buf = appendTimeField(buf, "last_time", s.b.prev)
-	buf = appendIntField(buf, "interval_s", int64(refusalInterval/time.Second))
-	*b = buf
-	return a.commit(evRefusalSummary, b)
-}
-
 // SlotRefused counts a connection refused for want of a slot (53300) and
 // summarises it in the audit trail (broker.SlotObserver).
 func (o *Observer) SlotRefused(_ context.Context, r *broker.SlotRefusal) {

@@ -74,9 +74,9 @@ func TestAuditWriteFailureRecovers(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			path, a, obs, reg := sinkWithMetrics(t, tt.durability)
-			real := a.f.(*os.File)
+			real := a.file().f.(*os.File)
 			ff := &faultyFile{File: real}
-			a.f = ff
+			a.file().f = ff
 			s := &broker.SessionInfo{RequestID: "r", SessionID: "s", Success: true}
 			ctx := context.Background()
 			query := func(i int64) error {
@@ -123,3 +123,7 @@ func TestAuditWriteFailureRecovers(t *testing.T) {
 		})
 	}
 }
+
+// file is the audit trail's file sink, whose file the tests swap for a
+// failing one.
+func (a *Audit) file() *FileSink { return a.sink.(*FileSink) }

@@ -32,8 +32,8 @@ func TestAuditGroupCommitConcurrent(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			ff := &faultyFile{File: a.f.(*os.File)}
-			a.f = ff
+			ff := &faultyFile{File: a.file().f.(*os.File)}
+			a.file().f = ff
 			obs := NewObserver(nil, nil, a)
 			ctx := context.Background()
 
@@ -182,16 +182,16 @@ func TestAuditGroupCommitPartialWrite(t *testing.T) {
 		q.Success, q.Rows = true, 1
 		obs.QueryDone(ctx, s, q)
 	}
-	a.mu.Lock()
-	lineLen := int64(len(a.pend)) / 3
-	a.f = &budgetFile{File: a.f.(*os.File), limit: st.Size() + lineLen*5/2}
-	a.mu.Unlock()
+	a.file().mu.Lock()
+	lineLen := int64(len(a.file().pend)) / 3
+	a.file().f = &budgetFile{File: a.file().f.(*os.File), limit: st.Size() + lineLen*5/2}
+	a.file().mu.Unlock()
 	if err := obs.Query(ctx, s, &broker.QueryEvent{Index: 4, Text: "SELECT 4"}); !errors.Is(err, ErrAuditUnavailable) {
 		t.Fatalf("Query on a full disk: %v, want ErrAuditUnavailable", err)
 	}
-	a.mu.Lock()
-	a.f = a.f.(*budgetFile).File
-	a.mu.Unlock()
+	a.file().mu.Lock()
+	a.file().f = a.file().f.(*budgetFile).File
+	a.file().mu.Unlock()
 	if err := obs.Query(ctx, s, &broker.QueryEvent{Index: 5, Text: "SELECT 5"}); err != nil {
 		t.Fatalf("Query once the disk has room: %v", err)
 	}
@@ -312,9 +312,9 @@ func TestAuditBatchPartlyWritten(t *testing.T) {
 		t.Fatal(err)
 	}
 	st, _ := os.Stat(path)
-	a.mu.Lock()
-	a.f = &budgetFile{File: a.f.(*os.File), limit: st.Size() + st.Size()*3/2} // room for 1.5 lines
-	a.mu.Unlock()
+	a.file().mu.Lock()
+	a.file().f = &budgetFile{File: a.file().f.(*os.File), limit: st.Size() + st.Size()*3/2} // room for 1.5 lines
+	a.file().mu.Unlock()
 	qs := []*broker.QueryEvent{
 		{Index: 1, Extended: true, Text: "SELECT 1"},
 		{Index: 2, Extended: true, Text: "SELECT 2"},
@@ -323,9 +323,9 @@ func TestAuditBatchPartlyWritten(t *testing.T) {
 	if err := obs.QueryBatch(ctx, s, qs); !errors.Is(err, ErrAuditUnavailable) {
 		t.Fatalf("QueryBatch on a nearly full disk: %v, want ErrAuditUnavailable", err)
 	}
-	a.mu.Lock()
-	a.f = a.f.(*budgetFile).File
-	a.mu.Unlock()
+	a.file().mu.Lock()
+	a.file().f = a.file().f.(*budgetFile).File
+	a.file().mu.Unlock()
 	if err := a.Close(); err != nil {
 		t.Fatal(err)
 	}

@@ -17,12 +17,6 @@ import (
 	"time"
 )
 
-// EventCheckpoint is the audit event that signs the chain head.
-const EventCheckpoint = "audit.checkpoint"
-
-// CodeCheckpoint is the code of EventCheckpoint.
-const CodeCheckpoint = "PGW07I"
-
 // Defaults of CheckpointConfig.
 const (
 	DefaultCheckpointEveryLines = 1000
@@ -314,7 +308,7 @@ func parseCheckpointLine(line []byte) (Checkpoint, error) {
 // The sink's side of checkpoints. Every function ending in Locked runs with
 // a.mu held.
 
-func (a *Audit) dueLocked() bool {
+func (a *FileSink) dueLocked() bool {
 	return a.cpOn && a.cpSince >= a.cfg.Checkpoint.EveryLines
 }
 
@@ -322,7 +316,7 @@ func (a *Audit) dueLocked() bool {
 // caller just staged once every_lines is reached; the caller waits for it
 // with its own lines (one write, one fsync) and then calls
 // checkpointDoneLocked.
-func (a *Audit) stageCheckpointIfDueLocked() *Checkpoint {
+func (a *FileSink) stageCheckpointIfDueLocked() *Checkpoint {
 	if !a.dueLocked() {
 		return nil
 	}
@@ -338,7 +332,7 @@ func (a *Audit) stageCheckpointIfDueLocked() *Checkpoint {
 
 // checkpointDoneLocked logs a staged checkpoint once written; if its write
 // failed, the next line makes a new one.
-func (a *Audit) checkpointDoneLocked(cp *Checkpoint, err error) {
+func (a *FileSink) checkpointDoneLocked(cp *Checkpoint, err error) {
 	if cp == nil {
 		return
 	}
@@ -352,7 +346,7 @@ func (a *Audit) checkpointDoneLocked(cp *Checkpoint, err error) {
 // checkpointIfDueLocked writes a checkpoint now if every_lines is reached
 // (the rare write paths and async mode, where nothing is staged). No write
 // may be in flight.
-func (a *Audit) checkpointIfDueLocked() {
+func (a *FileSink) checkpointIfDueLocked() {
 	if !a.dueLocked() || a.prepareLocked() != nil {
 		return
 	}
@@ -365,7 +359,7 @@ func (a *Audit) checkpointIfDueLocked() {
 // checkpoint over the head, at the end of the current file (never rotating:
 // a file may exceed max_size by one checkpoint line). prepareLocked
 // succeeded and no write is in flight.
-func (a *Audit) appendCheckpointLocked(reason string) error {
+func (a *FileSink) appendCheckpointLocked(reason string) error {
 	if a.pendN > 0 {
 		n, err := a.f.Write(a.pend)
 		if err != nil {
@@ -389,7 +383,7 @@ func (a *Audit) appendCheckpointLocked(reason string) error {
 
 // checkpointNow writes a checkpoint if any line was written since the last
 // one (the every timer).
-func (a *Audit) checkpointNow(reason string) {
+func (a *FileSink) checkpointNow(reason string) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	if a.closed || a.cpSince == 0 {
@@ -410,7 +404,7 @@ func (a *Audit) checkpointNow(reason string) {
 	a.writeOK()
 }
 
-func (a *Audit) checkpointLoop() {
+func (a *FileSink) checkpointLoop() {
 	defer close(a.cpDone)
 	t := time.NewTicker(a.cfg.Checkpoint.Every)
 	defer t.Stop()
@@ -427,10 +421,8 @@ func (a *Audit) checkpointLoop() {
 // checkpointWritten counts a checkpoint that is in the file and copies it to
 // the log stream: one INFO line, with the anchor `pgward audit verify
 // --checkpoint` and `--log` take. Never the key.
-func (a *Audit) checkpointWritten(cp *Checkpoint, reason string) {
-	if a.metrics != nil {
-		a.metrics.auditEvents[evCheckpoint].Inc()
-	}
+func (a *FileSink) checkpointWritten(cp *Checkpoint, reason string) {
+	a.m.AuditEvents(kindCheckpoint, 1)
 	a.log.Info("audit checkpoint",
 		"path", a.cfg.Path,
 		"node", cp.Node,

@@ -33,7 +33,7 @@ type hostileMetrics struct {
 	connRefused        map[string]prometheus.Counter
 	connRefusedOther   prometheus.Counter
 	refusalsSummarized prometheus.Counter
-	audit              atomic.Pointer[Audit]
+	storage            atomic.Pointer[func() AuditStorageStats] // the file sink's
 }
 
 func newHostileMetrics(reg *prometheus.Registry) *hostileMetrics {
@@ -53,32 +53,34 @@ func newHostileMetrics(reg *prometheus.Registry) *hostileMetrics {
 		Help: "Refusals beyond the audit allowance, written only as counts in db.refusal.summary events.",
 	})
 	reg.MustRegister(h.refusalsSummarized)
-	gauge := func(name, help string, f func(a *Audit) float64) {
+	stats := func() (AuditStorageStats, bool) {
+		if f := h.storage.Load(); f != nil {
+			return (*f)(), true
+		}
+		return AuditStorageStats{}, false
+	}
+	gauge := func(name, help string, f func(s AuditStorageStats) float64) {
 		reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: namespace, Name: name, Help: help}, func() float64 {
-			if a := h.audit.Load(); a != nil {
-				return f(a)
+			if s, ok := stats(); ok {
+				return f(s)
 			}
 			return 0
 		}))
 	}
-	gauge("audit_free_bytes", "Bytes available to pgward on the audit directory's file system.", func(a *Audit) float64 {
-		free, _ := a.disk.freeBytes()
-		return float64(free)
+	gauge("audit_free_bytes", "Bytes available to pgward on the audit directory's file system.", func(s AuditStorageStats) float64 {
+		return float64(s.FreeBytes)
 	})
-	gauge("audit_min_free_bytes", "The configured floor (audit.min_free_bytes); below it pgward warns.", func(a *Audit) float64 {
-		return float64(a.cfg.MinFreeBytes)
+	gauge("audit_min_free_bytes", "The configured floor (audit.min_free_bytes); below it pgward warns.", func(s AuditStorageStats) float64 {
+		return float64(s.MinFreeBytes)
 	})
-	gauge("audit_seconds_until_full", "Estimate of the seconds until the audit file system is full (and new sessions are refused, 58030) at the audit write rate of the last minute; +Inf when nothing is written.", func(a *Audit) float64 {
-		free, _ := a.disk.freeBytes()
-		return a.disk.secondsUntilFull(free)
+	gauge("audit_seconds_until_full", "Estimate of the seconds until the audit file system is full (and new sessions are refused, 58030) at the audit write rate of the last minute; +Inf when nothing is written.", func(s AuditStorageStats) float64 {
+		return s.SecondsUntilFull
 	})
 	reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
 		Namespace: namespace, Name: "audit_bytes_total", Help: "Bytes appended to the audit trail.",
 	}, func() float64 {
-		if a := h.audit.Load(); a != nil {
-			return float64(a.bytesTotal())
-		}
-		return 0
+		s, _ := stats()
+		return float64(s.BytesTotal)
 	}))
 	return h
 }
@@ -140,7 +142,7 @@ func (d *diskWatch) secondsUntilFull(free uint64) float64 {
 }
 
 // startDiskWatch begins sampling every diskSampleEvery until Close.
-func (a *Audit) startDiskWatch() {
+func (a *FileSink) startDiskWatch() {
 	a.disk = &diskWatch{dir: filepath.Dir(a.cfg.Path), stop: make(chan struct{}), done: make(chan struct{})}
 	a.checkDisk(time.Now())
 	go func() {
@@ -158,7 +160,7 @@ func (a *Audit) startDiskWatch() {
 	}()
 }
 
-func (a *Audit) stopDiskWatch() {
+func (a *FileSink) stopDiskWatch() {
 	if a.disk == nil {
 		return
 	}
@@ -171,7 +173,7 @@ func (a *Audit) stopDiskWatch() {
 }
 
 // checkDisk takes a sample and warns when free space is under the floor.
-func (a *Audit) checkDisk(now time.Time) {
+func (a *FileSink) checkDisk(now time.Time) {
 	d := a.disk
 	d.mu.Lock()
 	d.samples = append(d.samples, diskSample{now, a.bytesTotal()})
@@ -202,9 +204,24 @@ func (a *Audit) checkDisk(now time.Time) {
 	}
 }
 
+// AuditStorageStats is what the audit storage metrics read of the file sink.
+type AuditStorageStats struct {
+	FreeBytes        uint64  // available on the audit directory's file system (0 if unknown)
+	MinFreeBytes     int64   // audit.min_free_bytes
+	SecondsUntilFull float64 // at the write rate of the last minute; +Inf when nothing is written
+	BytesTotal       int64   // appended since the sink opened
+}
+
+// storageStats is the file sink's AuditStorageStats (Metrics.AuditStorage).
+func (a *FileSink) storageStats() AuditStorageStats {
+	free, _ := a.disk.freeBytes()
+	return AuditStorageStats{FreeBytes: free, MinFreeBytes: a.cfg.MinFreeBytes,
+		SecondsUntilFull: a.disk.secondsUntilFull(free), BytesTotal: a.bytesTotal()}
+}
+
 // bytesTotal is how many bytes the sink has appended since it opened
 // (lines staged for the next write included).
-func (a *Audit) bytesTotal() int64 {
+func (a *FileSink) bytesTotal() int64 {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	return a.rotatedBytes + a.size - a.openSize

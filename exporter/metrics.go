@@ -13,42 +13,6 @@ import (
 
 const namespace = "pgward"
 
-// Audit event names (the "event" field and the audit_events_total label).
-const (
-	EventSessionStart = "db.session.start"
-	EventSessionEnd   = "db.session.end"
-	EventQuery        = "db.session.query"
-	EventQueryResult  = "db.session.query.result"
-	EventCancel       = "db.session.cancel"
-	EventDirect       = "db.connect.direct"
-	// EventRefusalSummary counts refusals beyond the audit allowance (aggregate.go).
-	EventRefusalSummary = "db.refusal.summary"
-)
-
-// event indexes into Metrics.auditEvents.
-const (
-	evSessionStart = iota
-	evSessionEnd
-	evQuery
-	evQueryResult
-	evCancel
-	evDirect
-	evCheckpoint
-	evRefusalSummary
-	numEvents
-)
-
-var eventNames = [numEvents]string{
-	evSessionStart:   EventSessionStart,
-	evSessionEnd:     EventSessionEnd,
-	evQuery:          EventQuery,
-	evQueryResult:    EventQueryResult,
-	evCancel:         EventCancel,
-	evDirect:         EventDirect,
-	evCheckpoint:     EventCheckpoint,
-	evRefusalSummary: EventRefusalSummary,
-}
-
 var stages = []broker.Stage{broker.StageTotal, broker.StageIdentity, broker.StageCredentials, broker.StageUpstreamAuth}
 
 var failureReasons = []broker.FailureReason{
@@ -85,7 +49,7 @@ type Metrics struct {
 	relayToUpstream, relayToClient                     prometheus.Counter
 	cancelForwarded, cancelRejected                    prometheus.Counter
 	directBlocked, directAllowed                       prometheus.Counter
-	auditEvents                                        [numEvents]prometheus.Counter
+	auditEvents                                        [numKinds]prometheus.Counter
 	auditWriteFailures, auditDropped                   prometheus.Counter
 	switchableRoles                                    *prometheus.GaugeVec
 	ebpf                                               atomic.Pointer[func() EBPFStats]
@@ -195,6 +159,34 @@ func NewMetrics(reg *prometheus.Registry) *Metrics {
 
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
+}
+
+// The audit trail reports through AuditMetrics.
+var _ AuditMetrics = (*Metrics)(nil)
+
+// AuditEvents counts n events of kind k in audit_events_total.
+func (m *Metrics) AuditEvents(k EventKind, n int) {
+	if k < numKinds {
+		m.auditEvents[k].Add(float64(n))
+	}
+}
+
+// AuditWriteFailed counts a failed audit write in audit_write_failures_total.
+func (m *Metrics) AuditWriteFailed() { m.auditWriteFailures.Inc() }
+
+// AuditDropped counts n lost events in audit_events_dropped_total.
+func (m *Metrics) AuditDropped(n int) { m.auditDropped.Add(float64(n)) }
+
+// AuditStorage installs the function the audit_free_bytes,
+// audit_min_free_bytes, audit_seconds_until_full and audit_bytes_total
+// metrics read (the file sink's). Until it is called, or when f is nil,
+// they read 0.
+func (m *Metrics) AuditStorage(f func() AuditStorageStats) {
+	if f == nil {
+		m.hostile.storage.Store(nil)
+		return
+	}
+	m.hostile.storage.Store(&f)
 }
 
 // SetEBPFStats installs the function scraped for the ebpf_* metrics (the

@@ -5,10 +5,75 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/pgward/pgward/broker"
 )
+
+// This file is the audit schema and its encoder: the event names and codes,
+// the fields of each event and their order, and how sessions, statements,
+// parameters (params.go) and processes are written as JSON (json.go). The
+// encoder turns what the Observer reports into an Event; it knows nothing of
+// where events go. docs/audit-events.md describes the result, and
+// testdata/audit-golden.jsonl pins its bytes.
+
+// Audit event names (the "event" field and the audit_events_total label).
+const (
+	EventSessionStart = "db.session.start"
+	EventSessionEnd   = "db.session.end"
+	EventQuery        = "db.session.query"
+	EventQueryResult  = "db.session.query.result"
+	EventCancel       = "db.session.cancel"
+	EventDirect       = "db.connect.direct"
+	// EventCheckpoint signs the chain head (checkpoint.go); the file sink
+	// writes it into its own chain.
+	EventCheckpoint = "audit.checkpoint"
+	// EventRefusalSummary counts refusals beyond the audit allowance (aggregate.go).
+	EventRefusalSummary = "db.refusal.summary"
+)
+
+// EventKind is which audit event an Event is.
+type EventKind uint8
+
+// The event kinds, one per event name.
+const (
+	kindSessionStart EventKind = iota
+	kindSessionEnd
+	kindQuery
+	kindQueryResult
+	kindCancel
+	kindDirect
+	kindCheckpoint
+	kindRefusalSummary
+	numKinds
+)
+
+var eventNames = [numKinds]string{
+	kindSessionStart:   EventSessionStart,
+	kindSessionEnd:     EventSessionEnd,
+	kindQuery:          EventQuery,
+	kindQueryResult:    EventQueryResult,
+	kindCancel:         EventCancel,
+	kindDirect:         EventDirect,
+	kindCheckpoint:     EventCheckpoint,
+	kindRefusalSummary: EventRefusalSummary,
+}
+
+// String is the event's name, as in its "event" field.
+func (k EventKind) String() string {
+	if k < numKinds {
+		return eventNames[k]
+	}
+	return "unknown"
+}
+
+// Deferrable says that the event carries no durability requirement: a
+// db.session.query.result reports a statement that already ran, so a sink
+// may hold it back and store it with the next event that has one (the file
+// sink waits at most resultFlushDelay). Every other event must be stored,
+// at the configured durability, before the call that hands it over returns.
+func (k EventKind) Deferrable() bool { return k == kindQueryResult }
 
 // Event codes: "PGW", two digits for the event, and a severity letter —
 // I (information: the action happened as intended) or W (warning: a refusal,
@@ -25,6 +90,7 @@ const (
 	CodeCancelRejected     = "PGW04W"
 	CodeDirectConnect      = "PGW05W"
 	CodeDirectConnectBlock = "PGW06W"
+	CodeCheckpoint         = "PGW07I"
 	CodeRefusalSummary     = "PGW08W"
 )
 
@@ -198,10 +264,41 @@ func appendMillisField(buf []byte, key string, d time.Duration) []byte {
 	return strconv.AppendFloat(appendKey(buf, key), float64(d)/float64(time.Millisecond), 'f', 3, 64)
 }
 
-// The event writers below build one line each and hand it to commit.
+// encoder builds event bodies: the JSON object of an event without its
+// closing brace, which the sink completes (the file sink with seq and
+// prev_hash). Each method returns a buffer from the encoder's pool; the
+// caller hands it to putBuf once the sinks have it. Safe for concurrent use.
+type encoder struct {
+	params ParamMode // audit.parameters
+	pool   sync.Pool // *[]byte
+}
 
-func (a *Audit) sessionStart(now time.Time, s *broker.SessionInfo, ei int64) error {
-	b := a.getBuf()
+func newEncoder(params ParamMode) *encoder {
+	if params == "" {
+		params = ParamsRedacted
+	}
+	e := &encoder{params: params}
+	e.pool.New = func() any { b := make([]byte, 0, 2048); return &b }
+	return e
+}
+
+func (e *encoder) getBuf() *[]byte {
+	b := e.pool.Get().(*[]byte)
+	*b = (*b)[:0]
+	return b
+}
+
+func (e *encoder) putBuf(b *[]byte) {
+	if cap(*b) > 64<<10 {
+		return // don't keep the buffer of an outsized statement
+	}
+	e.pool.Put(b)
+}
+
+// The event builders below make one body each.
+
+func (e *encoder) sessionStart(now time.Time, s *broker.SessionInfo, ei int64) *[]byte {
+	b := e.getBuf()
 	code := CodeSessionStart
 	if !s.Success {
 		code = CodeSessionDenied
@@ -227,11 +324,11 @@ func (a *Audit) sessionStart(now time.Time, s *broker.SessionInfo, ei int64) err
 		buf = appendBoolField(buf, "db_role_superuser", m.Superuser)
 	}
 	*b = buf
-	return a.commit(evSessionStart, b)
+	return b
 }
 
-func (a *Audit) sessionEnd(now time.Time, s *broker.SessionInfo, ei int64) error {
-	b := a.getBuf()
+func (e *encoder) sessionEnd(now time.Time, s *broker.SessionInfo, ei int64) *[]byte {
+	b := e.getBuf()
 	code := CodeSessionEnd
 	failed := s.EndReason == "error" || s.EndReason == "audit_unavailable"
 	if failed {
@@ -251,38 +348,24 @@ func (a *Audit) sessionEnd(now time.Time, s *broker.SessionInfo, ei int64) error
 	buf = appendIntField(buf, "bytes_out", s.BytesOut)
 	buf = appendIntField(buf, "queries", s.Queries)
 	*b = buf
-	return a.commit(evSessionEnd, b)
+	return b
 }
 
-func (a *Audit) query(now time.Time, h *sessionHeader, s *broker.SessionInfo, q *broker.QueryEvent, ei int64) error {
-	return a.commit(evQuery, a.queryLine(now, h, s, q, ei))
-}
-
-// queryBatch audits the statements of one client read with one write.
-func (a *Audit) queryBatch(now time.Time, h *sessionHeader, s *broker.SessionInfo, qs []*broker.QueryEvent, ei int64) error {
-	var small [8]*[]byte
-	bodies := small[:0]
-	for i, q := range qs {
-		bodies = append(bodies, a.queryLine(now, h, s, q, ei+int64(i)))
-	}
-	return a.commitBatch(evQuery, bodies)
-}
-
-// queryLine builds a db.session.query event without its chain fields.
-func (a *Audit) queryLine(now time.Time, h *sessionHeader, s *broker.SessionInfo, q *broker.QueryEvent, ei int64) *[]byte {
-	b := a.getBuf()
+// query builds a db.session.query event.
+func (e *encoder) query(now time.Time, h *sessionHeader, s *broker.SessionInfo, q *broker.QueryEvent, ei int64) *[]byte {
+	b := e.getBuf()
 	buf := h.header(*b, now, EventQuery, CodeQuery, s, ei)
 	buf = appendBoolField(buf, "success", true)
 	text, secret := redactSQL(q.Text)
 	buf = appendStringField(buf, "db_query", text)
-	if (q.Extended || q.FunctionOID != 0) && a.cfg.Parameters != ParamsNone {
+	if (q.Extended || q.FunctionOID != 0) && e.params != ParamsNone {
 		buf = appendKey(buf, "db_query_parameters")
 		buf = append(buf, '[')
 		for i, p := range q.Params {
 			if i > 0 {
 				buf = append(buf, ',')
 			}
-			buf = appendParam(buf, p, a.cfg.Parameters, slices.Contains(secret, i+1))
+			buf = appendParam(buf, p, e.params, slices.Contains(secret, i+1))
 		}
 		buf = append(buf, ']')
 	}
@@ -305,15 +388,15 @@ func (a *Audit) queryLine(now time.Time, h *sessionHeader, s *broker.SessionInfo
 	return b
 }
 
-// queryResult builds and writes a db.session.query.result event. With
+// queryResult builds a db.session.query.result event. With
 // password set (the statement mentions a password) the server's message for
 // a syntax error (42601) or a data exception (class 22) is replaced: those
 // quote the text they stopped at, which can be part of a password literal
 // ('a' 'b' on one line), and a message in another lc_messages language
 // cannot be picked apart reliably. Other messages (permission denied, role
 // does not exist) name objects, not values, and are kept.
-func (a *Audit) queryResult(now time.Time, h *sessionHeader, s *broker.SessionInfo, q *broker.QueryEvent, ei, queryEI int64, password bool) error {
-	b := a.getBuf()
+func (e *encoder) queryResult(now time.Time, h *sessionHeader, s *broker.SessionInfo, q *broker.QueryEvent, ei, queryEI int64, password bool) *[]byte {
+	b := e.getBuf()
 	code := CodeQueryResult
 	if !q.Success {
 		code = CodeQueryResultError
@@ -335,11 +418,11 @@ func (a *Audit) queryResult(now time.Time, h *sessionHeader, s *broker.SessionIn
 	buf = appendStringFieldOmit(buf, "server_role_report", q.ServerRole)
 	buf = appendMillisField(buf, "duration_ms", q.Duration)
 	*b = buf
-	return a.commit(evQueryResult, b)
+	return b
 }
 
-func (a *Audit) cancel(now time.Time, c *broker.CancelEvent, ei int64) error {
-	b := a.getBuf()
+func (e *encoder) cancel(now time.Time, c *broker.CancelEvent, ei int64) *[]byte {
+	b := e.getBuf()
 	code := CodeCancel
 	if !c.Forwarded {
 		code = CodeCancelRejected
@@ -352,20 +435,44 @@ func (a *Audit) cancel(now time.Time, c *broker.CancelEvent, ei int64) error {
 		buf = appendIntField(buf, "target_pid", int64(c.Session.Identity.PID))
 	}
 	*b = buf
-	return a.commit(evCancel, b)
+	return b
 }
 
-func (a *Audit) directConnect(now time.Time, e *DirectConnectEvent) error {
-	b := a.getBuf()
+func (e *encoder) directConnect(now time.Time, d *DirectConnectEvent) *[]byte {
+	b := e.getBuf()
 	code := CodeDirectConnect
-	if e.Blocked {
+	if d.Blocked {
 		code = CodeDirectConnectBlock
 	}
-	s := broker.SessionInfo{Upstream: e.Upstream, URI: e.Dest}
-	buf := header(*b, now, EventDirect, code, &s, 0, "", &e.Process)
-	buf = appendBoolField(buf, "success", !e.Blocked)
-	buf = appendBoolField(buf, "blocked", e.Blocked)
-	buf = appendTimeField(buf, "connect_time", e.Time)
+	s := broker.SessionInfo{Upstream: d.Upstream, URI: d.Dest}
+	buf := header(*b, now, EventDirect, code, &s, 0, "", &d.Process)
+	buf = appendBoolField(buf, "success", !d.Blocked)
+	buf = appendBoolField(buf, "blocked", d.Blocked)
+	buf = appendTimeField(buf, "connect_time", d.Time)
 	*b = buf
-	return a.commit(evDirect, b)
+	return b
+}
+
+// refusalSummary builds one db.refusal.summary event (aggregate.go).
+func (e *encoder) refusalSummary(now time.Time, s *refusalSummary) *[]byte {
+	b := e.getBuf()
+	si := broker.SessionInfo{Upstream: s.b.service, User: s.b.user}
+	id := &s.b.sample
+	if s.key.cgroup == unknownCaller || s.key.cgroup == overflowCgroup {
+		id = nil
+	}
+	buf := header(*b, now, EventRefusalSummary, CodeRefusalSummary, &si, 0, "", id)
+	buf = appendBoolField(buf, "success", false)
+	buf = appendStringField(buf, "refused", s.key.refused)
+	buf = appendStringField(buf, "reason", s.key.reason)
+	buf = appendStringFieldOmit(buf, "sqlstate", s.b.sqlstate)
+	buf = appendStringFieldOmit(buf, "error", s.b.message)
+	buf = appendUintField(buf, "caller_uid", uint64(s.key.uid))
+	buf = appendStringField(buf, "caller_cgroup", s.key.cgroup)
+	buf = appendIntField(buf, "count", s.b.count)
+	buf = appendTimeField(buf, "first_time", s.b.first)
+	buf = appendTimeField(buf, "last_time", s.b.prev)
+	buf = appendIntField(buf, "interval_s", int64(refusalInterval/time.Second))
+	*b = buf
+	return b
 }
