@@ -31,40 +31,7 @@ func TestAuditGoldenLines(t *testing.T) {
 	fx := newSigned(t, exporter.AuditConfig{Parameters: exporter.ParamsFull}, key)
 	exampleEvents(t, fx)
 
-	ctx := context.Background()
-	s := testSession()
-	s.SessionID, s.RequestID = "0d9a8f6e-1b2c-4d3e-9f80-a1b2c3d4e5f6", "c0ffee00c0ffee00c0ffee00c0ffee00"
-	if err := fx.obs.SessionStart(ctx, s); err != nil {
-		t.Fatal(err)
-	}
-	qs := []*broker.QueryEvent{
-		{Index: 1, Extended: true, Statement: "s1", Portal: "", Text: "SELECT abalance FROM pgbench_accounts WHERE aid = $1",
-			Params: []broker.Param{{OID: 23, Value: []byte("4242")}, {OID: 17, Format: 1, Value: []byte{0, 1, 0xff}}}},
-		{Index: 2, Extended: true, BindOnly: true, Statement: "s2", Portal: "p", Text: "UPDATE t SET v = $1 -- \"quoted\"\n\tnext",
-			Params: []broker.Param{{OID: 25, Value: nil}}},
-		{Index: 3, FunctionOID: 1598, Params: []broker.Param{{OID: 23, Format: 1, Value: []byte{0, 0, 0, 7}}}},
-		{Index: 4, Text: "SET ROLE admin", RoleChange: true},
-	}
-	if err := fx.obs.QueryBatch(ctx, s, qs); err != nil {
-		t.Fatal(err)
-	}
-	for i, q := range qs {
-		q.Success, q.Rows, q.Tag = i != 1, int64(i), "UPDATE 1"
-		if i == 1 {
-			q.Code, q.Error, q.Rows, q.Tag = "22P02", "invalid input syntax for type integer: \"x\"", -1, ""
-		}
-		if i == 3 {
-			q.ServerRole = "admin"
-		}
-		fx.obs.QueryDone(ctx, s, q)
-	}
-	caller := broker.Identity{PID: 77, UID: 1003, GID: 1003, Cgroup: "/user.slice/flood.scope"}
-	for range 2 {
-		fx.obs.SlotRefused(ctx, &broker.SlotRefusal{Reason: broker.SlotPerUID, Limit: 16, Peer: caller, PeerKnown: true})
-	}
-	if err := fx.obs.Close(); err != nil { // the refusal summary
-		t.Fatal(err)
-	}
+	moreEvents(t, fx.obs)
 	if err := fx.audit.Close(); err != nil { // the shutdown checkpoint
 		t.Fatal(err)
 	}
@@ -77,7 +44,13 @@ func TestAuditGoldenLines(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	want := mustRead(t, golden)
+	compareLines(t, golden, got, mustRead(t, golden))
+}
+
+// compareLines fails the test for each line of got that differs from want
+// (the content of file).
+func compareLines(t testing.TB, file string, got, want []byte) {
+	t.Helper()
 	gl, wl := splitLines(got), splitLines(want)
 	for i := range max(len(gl), len(wl)) {
 		var g, w string
@@ -88,8 +61,49 @@ func TestAuditGoldenLines(t *testing.T) {
 			w = wl[i]
 		}
 		if g != w {
-			t.Errorf("line %d differs from %s\n got %s\nwant %s", i+1, golden, g, w)
+			t.Errorf("line %d differs from %s\n got %s\nwant %s", i+1, file, g, w)
 		}
+	}
+}
+
+// moreEvents writes, after exampleEvents, a session whose statements come
+// in one batch (every kind of statement event), their results, and a
+// refusal summary (written by obs.Close).
+func moreEvents(t testing.TB, obs *exporter.Observer) {
+	t.Helper()
+	ctx := context.Background()
+	s := testSession()
+	s.SessionID, s.RequestID = "0d9a8f6e-1b2c-4d3e-9f80-a1b2c3d4e5f6", "c0ffee00c0ffee00c0ffee00c0ffee00"
+	if err := obs.SessionStart(ctx, s); err != nil {
+		t.Fatal(err)
+	}
+	qs := []*broker.QueryEvent{
+		{Index: 1, Extended: true, Statement: "s1", Portal: "", Text: "SELECT abalance FROM pgbench_accounts WHERE aid = $1",
+			Params: []broker.Param{{OID: 23, Value: []byte("4242")}, {OID: 17, Format: 1, Value: []byte{0, 1, 0xff}}}},
+		{Index: 2, Extended: true, BindOnly: true, Statement: "s2", Portal: "p", Text: "UPDATE t SET v = $1 -- \"quoted\"\n\tnext",
+			Params: []broker.Param{{OID: 25, Value: nil}}},
+		{Index: 3, FunctionOID: 1598, Params: []broker.Param{{OID: 23, Format: 1, Value: []byte{0, 0, 0, 7}}}},
+		{Index: 4, Text: "SET ROLE admin", RoleChange: true},
+	}
+	if err := obs.QueryBatch(ctx, s, qs); err != nil {
+		t.Fatal(err)
+	}
+	for i, q := range qs {
+		q.Success, q.Rows, q.Tag = i != 1, int64(i), "UPDATE 1"
+		if i == 1 {
+			q.Code, q.Error, q.Rows, q.Tag = "22P02", "invalid input syntax for type integer: \"x\"", -1, ""
+		}
+		if i == 3 {
+			q.ServerRole = "admin"
+		}
+		obs.QueryDone(ctx, s, q)
+	}
+	caller := broker.Identity{PID: 77, UID: 1003, GID: 1003, Cgroup: "/user.slice/flood.scope"}
+	for range 2 {
+		obs.SlotRefused(ctx, &broker.SlotRefusal{Reason: broker.SlotPerUID, Limit: 16, Peer: caller, PeerKnown: true})
+	}
+	if err := obs.Close(); err != nil { // the refusal summary
+		t.Fatal(err)
 	}
 }
 
