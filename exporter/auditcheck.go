@@ -8,11 +8,11 @@ import (
 	"syscall"
 )
 
-// CheckAudit reports what would keep OpenAudit from opening cfg.Path,
+// CheckAudit reports what would keep OpenFileSink from opening cfg.Path,
 // without creating or changing anything: the directory must exist and be
 // writable, and an existing file must be a regular, writable file whose last
 // complete line is a pgward audit event (the chain goes on from it).
-// OpenAudit runs it first, and `pgward check-config` runs it too.
+// OpenFileSink runs it first, and `pgward check-config` runs it too.
 func CheckAudit(cfg AuditConfig) error {
 	path := cfg.Path
 	if path == "" {
