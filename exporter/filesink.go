@@ -120,7 +120,7 @@ type FileSink struct {
 	ch      chan *[]byte
 	done    chan struct{}
 
-	pool sync.Pool // *[]byte line buffers
+	linePool // line buffers
 
 	// Keyed checkpoints (checkpoint.go); cpOn is false without a key.
 	cpOn     bool
@@ -158,7 +158,6 @@ func OpenFileSink(cfg AuditConfig, m AuditMetrics, log *slog.Logger, opts ...Aud
 		m = noMetrics{}
 	}
 	a := &FileSink{cfg: cfg.WithDefaults(), log: log, m: m, open: openAuditFile}
-	a.pool.New = func() any { b := make([]byte, 0, 2048); return &b }
 	a.waiterPl.New = func() any { return new(waiter) }
 	a.cond.L = &a.mu
 	if fi, err := os.Lstat(a.cfg.Path); err == nil && fi.Mode()&os.ModeSymlink != 0 {
@@ -280,19 +279,6 @@ func readLastLine(path string) (last []byte, size, torn int64, err error) {
 		}
 		tail = append(buf, tail...)
 	}
-}
-
-func (a *FileSink) getBuf() *[]byte {
-	b := a.pool.Get().(*[]byte)
-	*b = (*b)[:0]
-	return b
-}
-
-func (a *FileSink) putBuf(b *[]byte) {
-	if cap(*b) > 64<<10 {
-		return // don't keep the buffer of an outsized statement
-	}
-	a.pool.Put(b)
 }
 
 // Append writes one event (Sink). Result events (Kind.Deferrable) are chained

@@ -2,6 +2,7 @@ package exporter
 
 import (
 	"strconv"
+	"sync"
 	"unicode/utf8"
 	"unsafe"
 )
@@ -10,6 +11,26 @@ import (
 // no reflection and allocates nothing beyond growing the caller's buffer.
 
 const hexDigits = "0123456789abcdef"
+
+// linePool recycles the buffers audit lines are built in (*[]byte); the
+// zero value is ready.
+type linePool struct{ p sync.Pool }
+
+func (lp *linePool) getBuf() *[]byte {
+	if b, ok := lp.p.Get().(*[]byte); ok {
+		*b = (*b)[:0]
+		return b
+	}
+	b := make([]byte, 0, 2048)
+	return &b
+}
+
+func (lp *linePool) putBuf(b *[]byte) {
+	if cap(*b) > 64<<10 {
+		return // don't keep the buffer of an outsized statement
+	}
+	lp.p.Put(b)
+}
 
 // appendJSONString appends s as a JSON string literal. It escapes what RFC 8259
 // requires (quote, backslash, C0 controls), replaces invalid UTF-8 with U+FFFD,

@@ -5,7 +5,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/pgward/pgward/broker"
@@ -266,33 +265,18 @@ func appendMillisField(buf []byte, key string, d time.Duration) []byte {
 
 // encoder builds event bodies: the JSON object of an event without its
 // closing brace, which the sink completes (the file sink with seq and
-// prev_hash). Each method returns a buffer from the encoder's pool; the
+// prev_hash). Each method returns a buffer from the encoder's linePool; the
 // caller hands it to putBuf once the sinks have it. Safe for concurrent use.
 type encoder struct {
 	params ParamMode // audit.parameters
-	pool   sync.Pool // *[]byte
+	linePool
 }
 
 func newEncoder(params ParamMode) *encoder {
 	if params == "" {
 		params = ParamsRedacted
 	}
-	e := &encoder{params: params}
-	e.pool.New = func() any { b := make([]byte, 0, 2048); return &b }
-	return e
-}
-
-func (e *encoder) getBuf() *[]byte {
-	b := e.pool.Get().(*[]byte)
-	*b = (*b)[:0]
-	return b
-}
-
-func (e *encoder) putBuf(b *[]byte) {
-	if cap(*b) > 64<<10 {
-		return // don't keep the buffer of an outsized statement
-	}
-	e.pool.Put(b)
+	return &encoder{params: params}
 }
 
 // The event builders below make one body each.
