@@ -99,6 +99,8 @@ var ErrAuditUnavailable = errors.New("audit trail unavailable")
 // ErrAuditClosed is returned (wrapped in ErrAuditUnavailable) after Close.
 var ErrAuditClosed = errors.New("audit sink closed")
 
+var _ Sink = (*FileSink)(nil)
+
 // Event is one encoded audit event as the encoder hands it to a sink.
 type Event struct {
 	Kind EventKind
@@ -109,22 +111,17 @@ type Event struct {
 	Body []byte
 }
 
-// AppendJSON appends the event as a complete JSON object with no fields
-// added, for a sink that keeps no chain.
-func (e Event) AppendJSON(dst []byte) []byte {
-	return append(append(dst, e.Body...), '}')
-}
-
 // Sink is an audit destination: the one interface a new one implements.
-// Audit calls it from many sessions at once, so it must be safe for
-// concurrent use, and it must keep the order of the events of one call.
+// Audit calls it from many sessions at once, on the sessions' own path
+// (a statement waits for it), so it must be safe for concurrent use and
+// quick: a sink that sends over a network queues and returns.
 //
 // Fail-closed: an error from the durable sink (the first given to
 // NewAudit) means the event is not stored and the session or statement it
 // describes must not go ahead; it should wrap ErrAuditUnavailable.
 type Sink interface {
-	// Append stores one event: before it returns, unless e.Kind is
-	// Deferrable (then at the latest by the next Flush).
+	// Append stores one event as durably as the sink is configured to
+	// before it returns; a Deferrable event may wait for the next Flush.
 	Append(e Event) error
 	// AppendBatch stores the db.session.query events of one client read,
 	// in order, and succeeds only if all of them were stored.
@@ -150,6 +147,14 @@ type AuditMetrics interface {
 
 // noMetrics is AuditMetrics when none are given.
 type noMetrics struct{}
+
+// orNoMetrics is m, or noMetrics when m is nil (or a nil *Metrics).
+func orNoMetrics(m AuditMetrics) AuditMetrics {
+	if pm, ok := m.(*Metrics); m == nil || ok && pm == nil {
+		return noMetrics{}
+	}
+	return m
+}
 
 func (noMetrics) AuditEvents(EventKind, int)            {}
 func (noMetrics) AuditWriteFailed()                     {}
@@ -206,14 +211,11 @@ type copySink struct {
 // returned: a copy that fails does not stop sessions. A copy that must
 // hold everything keeps its own record (as the OTLP shipper does by
 // reading the file), or is made the durable sink.
-func NewAudit(params ParamMode, m *Metrics, log *slog.Logger, sink Sink, copies ...Sink) *Audit {
+func NewAudit(params ParamMode, m AuditMetrics, log *slog.Logger, sink Sink, copies ...Sink) *Audit {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	a := &Audit{enc: newEncoder(params), sink: sink, m: noMetrics{}, log: log}
-	if m != nil {
-		a.m = m
-	}
+	a := &Audit{enc: newEncoder(params), sink: sink, m: orNoMetrics(m), log: log}
 	for _, c := range copies {
 		a.copies = append(a.copies, &copySink{s: c})
 	}
@@ -224,11 +226,7 @@ func NewAudit(params ParamMode, m *Metrics, log *slog.Logger, sink Sink, copies 
 // OpenAudit opens the audit trail of cfg: a FileSink (OpenFileSink) as the
 // durable sink, and the sinks of WithSink after it.
 func OpenAudit(cfg AuditConfig, m *Metrics, log *slog.Logger, opts ...AuditOption) (*Audit, error) {
-	var am AuditMetrics
-	if m != nil {
-		am = m
-	}
-	fs, err := OpenFileSink(cfg, am, log, opts...)
+	fs, err := OpenFileSink(cfg, m, log, opts...)
 	if err != nil {
 		return nil, err
 	}

@@ -154,10 +154,7 @@ func OpenFileSink(cfg AuditConfig, m AuditMetrics, log *slog.Logger, opts ...Aud
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	if m == nil {
-		m = noMetrics{}
-	}
-	a := &FileSink{cfg: cfg.WithDefaults(), log: log, m: m, open: openAuditFile}
+	a := &FileSink{cfg: cfg.WithDefaults(), log: log, m: orNoMetrics(m), open: openAuditFile}
 	a.waiterPl.New = func() any { return new(waiter) }
 	a.cond.L = &a.mu
 	if fi, err := os.Lstat(a.cfg.Path); err == nil && fi.Mode()&os.ModeSymlink != 0 {
@@ -186,7 +183,7 @@ func OpenFileSink(cfg AuditConfig, m AuditMetrics, log *slog.Logger, opts ...Aud
 	a.f = f
 	a.openSize = a.size
 	a.startDiskWatch()
-	m.AuditStorage(a.storageStats)
+	a.m.AuditStorage(a.storageStats)
 	if a.cfg.Durability == DurabilityAsync {
 		a.ch = make(chan *[]byte, asyncQueueLen)
 		a.done = make(chan struct{})
@@ -291,9 +288,9 @@ func (a *FileSink) Append(e Event) error {
 	return a.commit(e.Kind, b)
 }
 
-// AppendBatch writes the events of one client read together (Sink): one
-// write(2) and one fsync, shared with other sessions' lines; it succeeds
-// only if all of them were written.
+// AppendBatch writes the db.session.query events of one client read
+// together (Sink): one write(2) and one fsync, shared with other sessions'
+// lines; it succeeds only if all of them were written.
 func (a *FileSink) AppendBatch(es []Event) error {
 	var small [8]*[]byte
 	bodies := small[:0]
