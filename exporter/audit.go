@@ -107,7 +107,8 @@ type Event struct {
 	// Body is the event's JSON object without its closing brace, so that a
 	// sink can close it with fields of its own (the file sink adds seq and
 	// prev_hash: see Chain). It is valid only during the call that passes
-	// it; a sink that keeps it copies it.
+	// it, and the next sink gets the same bytes: a sink copies what it keeps
+	// and never writes into it.
 	Body []byte
 }
 
@@ -210,7 +211,9 @@ type copySink struct {
 // logged at ERROR (once per outage; it says when it recovers) and is not
 // returned: a copy that fails does not stop sessions. A copy that must
 // hold everything keeps its own record (as the OTLP shipper does by
-// reading the file), or is made the durable sink.
+// reading the file), or is made the durable sink. A copy sees events in the
+// order their durable append returned, which for concurrent sessions may
+// differ from the file's; one that chains (Chain) chains its own order.
 func NewAudit(params ParamMode, m AuditMetrics, log *slog.Logger, sink Sink, copies ...Sink) *Audit {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
