@@ -57,7 +57,7 @@ type Metrics struct {
 	buffers                                            atomic.Pointer[func() broker.BufferStats]
 	bufBytesDesc, bufLimitDesc, bufWaitsDesc           *prometheus.Desc
 	tooLargeDesc                                       *prometheus.Desc
-	hostile                                            *hostileMetrics // diskfree.go
+	hostile                                            *hostileMetrics // below
 }
 
 // NewMetrics creates every pgward_ metric on reg, with the Go and process
@@ -288,4 +288,78 @@ func (m *Metrics) Handler(ready ReadyFunc) http.Handler {
 		}
 	})
 	return mux
+}
+
+// AuditStorageStats is what the audit storage metrics read of the file sink.
+type AuditStorageStats struct {
+	FreeBytes        uint64  // available on the audit directory's file system (0 if unknown)
+	MinFreeBytes     int64   // audit.min_free_bytes
+	SecondsUntilFull float64 // at the write rate of the last minute; +Inf when nothing is written
+	BytesTotal       int64   // appended since the sink opened
+}
+
+// hostileMetrics are the metrics of issue 13: slot refusals, summarised
+// refusals, and the audit file system's free space.
+type hostileMetrics struct {
+	connRefused        map[string]prometheus.Counter
+	connRefusedOther   prometheus.Counter
+	refusalsSummarized prometheus.Counter
+	storage            atomic.Pointer[func() AuditStorageStats] // the file sink's
+}
+
+func newHostileMetrics(reg *prometheus.Registry) *hostileMetrics {
+	h := &hostileMetrics{}
+	refused := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: namespace, Name: "connections_refused_total",
+		Help: "Connections refused with 53300 before authentication for want of a slot, by reason (max_connections, per_uid, per_cgroup).",
+	}, []string{"reason"})
+	reg.MustRegister(refused)
+	h.connRefused = map[string]prometheus.Counter{}
+	for _, r := range []string{broker.SlotMaxConnections, broker.SlotPerUID, broker.SlotPerCgroup} {
+		h.connRefused[r] = refused.WithLabelValues(r)
+	}
+	h.connRefusedOther = refused.WithLabelValues(reasonOther)
+	h.refusalsSummarized = prometheus.NewCounter(prometheus.CounterOpts{
+		Namespace: namespace, Name: "audit_refusals_summarized_total",
+		Help: "Refusals beyond the audit allowance, written only as counts in db.refusal.summary events.",
+	})
+	reg.MustRegister(h.refusalsSummarized)
+	stats := func() (AuditStorageStats, bool) {
+		if f := h.storage.Load(); f != nil {
+			return (*f)(), true
+		}
+		return AuditStorageStats{}, false
+	}
+	gauge := func(name, help string, f func(s AuditStorageStats) float64) {
+		reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Namespace: namespace, Name: name, Help: help}, func() float64 {
+			if s, ok := stats(); ok {
+				return f(s)
+			}
+			return 0
+		}))
+	}
+	gauge("audit_free_bytes", "Bytes available to pgward on the audit directory's file system.", func(s AuditStorageStats) float64 {
+		return float64(s.FreeBytes)
+	})
+	gauge("audit_min_free_bytes", "The configured floor (audit.min_free_bytes); below it pgward warns.", func(s AuditStorageStats) float64 {
+		return float64(s.MinFreeBytes)
+	})
+	gauge("audit_seconds_until_full", "Estimate of the seconds until the audit file system is full (and new sessions are refused, 58030) at the audit write rate of the last minute; +Inf when nothing is written.", func(s AuditStorageStats) float64 {
+		return s.SecondsUntilFull
+	})
+	reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{
+		Namespace: namespace, Name: "audit_bytes_total", Help: "Bytes appended to the audit trail.",
+	}, func() float64 {
+		s, _ := stats()
+		return float64(s.BytesTotal)
+	}))
+	return h
+}
+
+func (h *hostileMetrics) slotRefused(reason string) {
+	if c, ok := h.connRefused[reason]; ok {
+		c.Inc()
+		return
+	}
+	h.connRefusedOther.Inc()
 }
