@@ -9,12 +9,12 @@
 //
 // # The audit trail: encoder → Sink
 //
-// Audit (audit.go) has the encoder (schema.go: event names and codes, the
+// Audit (sink.go) has the encoder (schema.go: event names and codes, the
 // fields of each event in their order, the JSON of sessions, statements,
 // parameters and processes) make each event's body, an Event, and hands it
 // to a Sink: Append, AppendBatch (the statements of one client read, all or
 // none), Flush, Close. A Sink is the one interface a new destination
-// implements; FileSink (filesink.go) is the first and the durable one: group
+// implements; FileSink (audit.go) is the first and the durable one: group
 // commit, the durability levels, rotation, keyed checkpoints
 // (checkpoint.go), the free-space floor (diskfree.go). NewAudit takes the
 // durable sink and any number of others; OpenAudit opens the FileSink of
