@@ -4,8 +4,19 @@
 // the OpenTelemetry tracer provider the broker creates its spans with.
 //
 // Observer implements broker.Observer and is the only type the broker sees.
-// It writes through an Audit trail, a Metrics set and a *slog.Logger, all
+// It writes through an Audit sink, a Metrics set and a *slog.Logger, all
 // handed to NewObserver; nothing here registers globally.
+//
+// Lifecycle: NewMetrics registers on the registry it is given; OpenAudit
+// opens (or continues) the audit file and Close flushes and closes it;
+// NewTracerProvider returns a shutdown func that flushes spans. The Observer
+// itself holds no resources beyond per-session counters between SessionStart
+// and SessionEnd.
+//
+// It deliberately does not parse SQL beyond what redaction needs (lexing as
+// PostgreSQL does to find the literal after a PASSWORD keyword), does not ship audit events anywhere
+// (a collector tails the file), and does not decide policy: a failing audit
+// write is reported to the broker, which refuses the session.
 //
 // # The audit trail: encoder → Sink
 //
@@ -44,16 +55,4 @@
 //
 // Audit and FileSink report to Prometheus through AuditMetrics, which
 // *Metrics implements; they do not reach into Metrics.
-//
-// Lifecycle: NewMetrics registers on the registry it is given; OpenAudit
-// opens (or continues) the audit file and Close flushes and closes every
-// sink; NewTracerProvider returns a shutdown func that flushes spans. The
-// Observer itself holds no resources beyond per-session counters between
-// SessionStart and SessionEnd.
-//
-// It deliberately does not parse SQL beyond what redaction needs (lexing as
-// PostgreSQL does to find the literal after a PASSWORD keyword), does not
-// decide policy (a failing audit write is reported to the broker, which
-// refuses the session), and writes the audit trail to the file only unless
-// another Sink is plugged in: a collector tails the file.
 package exporter
