@@ -83,13 +83,13 @@ func New(ctx context.Context, opts Options) (_ *Agent, err error) {
 	}
 	// a is not the named result: a failure returns nil, and the deferred
 	// cleanup still needs a.
-	a := &Agent{log: log, cfg: opts.Config, cfgPath: opts.ConfigPath, notify: opts.Notifier}
+	cfg := opts.Config.WithDefaults() // a Config built in Go gets the defaults LoadConfig applies
+	a := &Agent{log: log, cfg: cfg, cfgPath: opts.ConfigPath, notify: opts.Notifier}
 	defer func() {
 		if err != nil {
 			a.closeAll()
 		}
 	}()
-	cfg := opts.Config
 
 	reg := prometheus.NewRegistry()
 	a.metrics = exporter.NewMetrics(reg)
@@ -177,17 +177,10 @@ func New(ctx context.Context, opts Options) (_ *Agent, err error) {
 // upstream to its own, so that one backend's outage leaves the others'
 // upstreams working.
 func newSource(cfg *Config, log *slog.Logger) (secrets.Source, error) {
-	def := cfg.Secrets.Backend
-	if def == "" {
-		def = "file"
-	}
 	backends := map[string]secrets.Source{}
 	route := map[string]secrets.Source{}
 	for name, u := range cfg.Upstreams {
-		b := u.Secrets
-		if b == "" {
-			b = def
-		}
+		b := u.Secrets // defaults applied: secrets.backend when unset
 		if backends[b] == nil {
 			src, err := openBackend(b, cfg, log)
 			if err != nil {
@@ -221,7 +214,7 @@ func openBackend(name string, cfg *Config, log *slog.Logger) (secrets.Source, er
 		}
 		return newVaultSource(cfg, log)
 	}
-	return nil, fmt.Errorf("secrets backend %q is not one of file, env, vault", name)
+	return nil, broker.CheckChoice("secrets.backend", name, secrets.Backends)
 }
 
 // router sends each upstream's fetches to its backend.

@@ -15,13 +15,7 @@ import (
 // uses it. It is read once, at start.
 func checkpointKey(ctx context.Context, cfg *Config, r *router, log *slog.Logger) (exporter.CheckpointKey, error) {
 	ref := cfg.Audit.Checkpoint.Key
-	name := ref.Backend
-	if name == "" {
-		name = cfg.Secrets.Backend
-	}
-	if name == "" {
-		name = "file"
-	}
+	name := ref.Backend // defaults applied: secrets.backend when unset
 	src := r.backends[name]
 	if src == nil {
 		s, err := openBackend(name, cfg, log)

@@ -8,6 +8,7 @@ import (
 	"os"
 	"reflect"
 	"regexp"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -155,7 +156,7 @@ func parseConfig(data []byte, name string) (*Config, []*Problem) {
 		problems = append(problems, &Problem{File: name, Msg: strings.TrimPrefix(err.Error(), "yaml: ")})
 	}
 	problems = append(problems, toProblems(cfg.Validate(), &root, name, problems)...)
-	return &cfg, problems
+	return cfg.WithDefaults(), problems
 }
 
 // syntaxProblem turns a YAML syntax error ("yaml: line 3: …") into a Problem.
@@ -237,24 +238,13 @@ func cloneNode(n *yaml.Node) *yaml.Node {
 // `pgward check-config` and the agent cannot disagree; it changes nothing.
 // Every problem is a *broker.FieldError naming its key.
 func Preflight(cfg *Config) error {
+	cfg = cfg.WithDefaults()
 	var errs []error
 	errs = append(errs, broker.CheckUpstreams(cfg.Config))
 	if err := exporter.CheckAudit(cfg.Audit); err != nil {
 		errs = append(errs, asField("audit.path", err))
 	}
-	def := cfg.Secrets.Backend
-	if def == "" {
-		def = "file"
-	}
-	used := map[string]bool{}
-	for _, u := range cfg.Upstreams {
-		if u.Secrets == "" {
-			used[def] = true
-		} else {
-			used[u.Secrets] = true
-		}
-	}
-	for _, b := range keys(used) {
+	for _, b := range cfg.usedBackends() {
 		// A backend whose keys are missing or wrong is reported by Validate.
 		switch {
 		case b == "file" && cfg.Secrets.File.Path != "":
@@ -286,14 +276,25 @@ func Preflight(cfg *Config) error {
 	return errors.Join(errs...)
 }
 
+// usedBackends lists the secrets backends the configuration uses: those of
+// its upstreams and of the audit checkpoint key, defaults applied.
+func (c *Config) usedBackends() []string {
+	d := c.WithDefaults()
+	used := map[string]bool{}
+	for _, u := range d.Upstreams {
+		used[u.Secrets] = true
+	}
+	if k := d.Audit.Checkpoint.Key; k != nil {
+		used[k.Backend] = true
+	}
+	return keys(used)
+}
+
 // asField names the key a start-up error is about, unless it already does.
 func asField(path string, err error) error {
 	var fe *broker.FieldError
 	if errors.As(err, &fe) {
 		return err
-	}
-	if rest, ok := strings.CutPrefix(err.Error(), path+": "); ok {
-		return &broker.FieldError{Path: path, Err: errors.New(rest)}
 	}
 	return &broker.FieldError{Path: path, Err: err}
 }
@@ -307,79 +308,35 @@ func (c *Config) Validate() error {
 	fe := func(path, format string, args ...any) {
 		errs = append(errs, &broker.FieldError{Path: path, Err: fmt.Errorf(format, args...)})
 	}
-	used := map[string]bool{}
-	def := c.Secrets.Backend
-	if def == "" {
-		def = "file"
-	}
-	for _, u := range c.Upstreams {
-		if u.Secrets == "" {
-			used[def] = true
-		} else {
-			used[u.Secrets] = true
-		}
-	}
 	if k := c.Audit.Checkpoint.Key; k != nil {
 		if _, ok := c.Upstreams[k.Upstream]; ok {
 			fe("audit.checkpoint.key.upstream", "%q is a configured upstream: name the key under an upstream no client can use", k.Upstream)
 		}
-		if k.Backend == "" {
-			used[def] = true
-		} else {
-			used[k.Backend] = true
-		}
 	}
-	if used["file"] && c.Secrets.File.Path == "" {
+	used := c.usedBackends()
+	if slices.Contains(used, "file") && c.Secrets.File.Path == "" {
 		fe("secrets.file.path", "is required for the file backend")
 	}
-	switch c.Secrets.Backend {
-	case "", "file", "env":
-	case "vault":
-	default:
-		fe("secrets.backend", "%q is not one of file, env, vault", c.Secrets.Backend)
+	if c.Secrets.Backend != "" {
+		errs = append(errs, broker.CheckChoice("secrets.backend", c.Secrets.Backend, secrets.Backends))
 	}
-	if used["vault"] {
+	if slices.Contains(used, "vault") {
 		if c.Secrets.Vault == nil {
 			fe("secrets.vault", "is required for the vault backend")
-		} else if err := c.Secrets.Vault.Validate(); err != nil {
-			list := []error{err}
-			if j, ok := err.(interface{ Unwrap() []error }); ok {
-				list = j.Unwrap()
-			}
-			for _, e := range list {
-				key, msg, ok := strings.Cut(e.Error(), ": ")
-				if !ok {
-					key, msg = "", e.Error()
-				}
-				fe(strings.TrimSuffix("secrets.vault."+key, "."), "%s", msg)
-			}
+		} else {
+			errs = append(errs, broker.Under("secrets.vault", c.Secrets.Vault.Validate()))
 		}
 	}
-	if err := c.Audit.Validate(); err != nil {
-		var fieldErrs interface{ Unwrap() []error }
-		list := []error{err}
-		if errors.As(err, &fieldErrs) {
-			list = fieldErrs.Unwrap()
-		}
-		for _, e := range list {
-			// The exporter names its keys ("audit.path: required").
-			key, msg, ok := strings.Cut(e.Error(), ": ")
-			if !ok || !strings.HasPrefix(key, "audit") {
-				key, msg = "audit", e.Error()
-			}
-			fe(key, "%s", msg)
-		}
-	}
+	// The exporter names its keys (*broker.FieldError at audit.…).
+	errs = append(errs, c.Audit.Validate())
 	if c.Metrics.Listen != "" {
 		// The same resolution net.Listen does when the agent starts.
 		if _, err := net.ResolveTCPAddr("tcp", c.Metrics.Listen); err != nil {
 			fe("metrics.listen", "want host:port such as 127.0.0.1:9187, not %q", c.Metrics.Listen)
 		}
 	}
-	switch c.EBPF.Enabled {
-	case "", "auto", "true", "false":
-	default:
-		fe("ebpf.enabled", "%q is not one of auto, true, false", c.EBPF.Enabled)
+	if c.EBPF.Enabled != "" {
+		errs = append(errs, broker.CheckChoice("ebpf.enabled", c.EBPF.Enabled, ebpfModes))
 	}
 	for i, g := range c.EBPF.Guard {
 		if strings.HasPrefix(g, "/") {

@@ -29,10 +29,7 @@ type ebpfState struct {
 // said once at WARN (and in /readyz and pgward_ebpf_probes_attached).
 func (a *Agent) startEBPF(ctx context.Context) error {
 	cfg := a.cfg
-	mode := cfg.EBPF.Enabled
-	if mode == "" {
-		mode = "auto"
-	}
+	mode := cfg.EBPF.Enabled // defaults applied: auto when unset
 	if mode == "false" {
 		a.log.Info("eBPF disabled by configuration: identity from peer credentials only")
 		return nil

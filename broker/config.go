@@ -5,10 +5,13 @@ import (
 	"fmt"
 	"net"
 	"path"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/pgward/pgward/broker/secrets"
 )
 
 // Config is the broker's part of pgward's configuration. The agent loads it
@@ -257,6 +260,30 @@ type FieldError struct {
 func (e *FieldError) Error() string { return e.Path + ": " + e.Err.Error() }
 func (e *FieldError) Unwrap() error { return e.Err }
 
+// Under returns err with every *FieldError in it (joined or not) moved
+// under the key prefix: a section's own Validate names its keys relative to
+// the section, and the caller knows where the section is.
+func Under(prefix string, err error) error {
+	if err == nil {
+		return nil
+	}
+	if j, ok := err.(interface{ Unwrap() []error }); ok {
+		var errs []error
+		for _, e := range j.Unwrap() {
+			errs = append(errs, Under(prefix, e))
+		}
+		return errors.Join(errs...)
+	}
+	var fe *FieldError
+	if !errors.As(err, &fe) {
+		return &FieldError{Path: prefix, Err: err}
+	}
+	if fe.Path == "" {
+		return &FieldError{Path: prefix, Err: fe.Err}
+	}
+	return &FieldError{Path: prefix + "." + fe.Path, Err: fe.Err}
+}
+
 func fieldErr(path, format string, args ...any) error {
 	return &FieldError{Path: path, Err: fmt.Errorf(format, args...)}
 }
@@ -351,6 +378,25 @@ func (c *Config) Deprecations() []string {
 		out = append(out, "listen.max_message_size is deprecated: it is read as limits.max_message_bytes, which caps only the messages pgward inspects (COPY data and result rows stream through whatever their size); use limits.max_message_bytes")
 	}
 	return out
+}
+
+// WithDefaults returns a copy of c with the defaults that depend on other
+// keys set: each upstream's database (its name), tls.mode (disable for a
+// socket file, verify-full otherwise) and auth (scram-sha-256). The
+// defaults that are one value are in Keys; the agent applies both when it
+// loads a file. c is not modified.
+func (c Config) WithDefaults() Config {
+	if c.Upstreams != nil {
+		ups := make(map[string]UpstreamConfig, len(c.Upstreams))
+		for name, u := range c.Upstreams {
+			u.Database = u.database(name)
+			u.TLS.Mode = u.tlsMode()
+			u.Auth = u.authMethods()
+			ups[name] = u
+		}
+		c.Upstreams = ups
+	}
+	return c
 }
 
 // IsSocketPath reports whether the address names a Unix socket file.
@@ -449,10 +495,8 @@ func (c *Config) Validate() error {
 				add(fieldErr(p+".address", "%q is neither host:port nor an absolute socket file path", u.Address))
 			}
 		}
-		switch u.TLS.Mode {
-		case "", "disable", "require", "verify-ca", "verify-full":
-		default:
-			add(fieldErr(p+".tls.mode", "%q is not one of disable, require, verify-ca, verify-full", u.TLS.Mode))
+		if u.TLS.Mode != "" {
+			add(CheckChoice(p+".tls.mode", u.TLS.Mode, TLSModes))
 		}
 		if m := u.tlsMode(); (m == "verify-ca" || m == "verify-full") && u.TLS.CAFile == "" {
 			add(fieldErr(p+".tls.ca_file", "is required when tls.mode is %s", m))
@@ -463,10 +507,8 @@ func (c *Config) Validate() error {
 		if u.IsSocketPath() && u.tlsMode() != "disable" {
 			add(fieldErr(p+".tls.mode", "TLS over a socket file is not supported; use disable"))
 		}
-		switch u.Secrets {
-		case "", "file", "env", "vault":
-		default:
-			add(fieldErr(p+".secrets", "%q is not one of file, env, vault", u.Secrets))
+		if u.Secrets != "" {
+			add(CheckChoice(p+".secrets", u.Secrets, secrets.Backends))
 		}
 		if err := checkAppNameFormat(u.ApplicationName); err != nil {
 			add(fieldErr(p+".application_name", "%s", err))
@@ -475,11 +517,7 @@ func (c *Config) Validate() error {
 			add(fieldErr(p+".reuse", "max_idle and idle_timeout must not be negative"))
 		}
 		for i, m := range u.Auth {
-			switch m {
-			case "scram-sha-256", "md5", "password":
-			default:
-				add(fieldErr(fmt.Sprintf("%s.auth[%d]", p, i), "%q is not one of scram-sha-256, md5, password", m))
-			}
+			add(CheckChoice(fmt.Sprintf("%s.auth[%d]", p, i), m, AuthMethods))
 		}
 	}
 
@@ -514,6 +552,15 @@ func (c *Config) Validate() error {
 		add(fieldErr("limits", "limits must not be negative"))
 	}
 	return errors.Join(errs...)
+}
+
+// CheckChoice is nil when v is one of choices, else a *FieldError at path
+// that lists them.
+func CheckChoice(path, v string, choices []string) error {
+	if slices.Contains(choices, v) {
+		return nil
+	}
+	return fieldErr(path, "%q is not one of %s", v, strings.Join(choices, ", "))
 }
 
 func (s Selectors) any() bool {

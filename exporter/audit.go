@@ -94,27 +94,27 @@ func (c AuditConfig) Validate() error {
 	c = c.WithDefaults()
 	var errs []error
 	if c.Path == "" {
-		errs = append(errs, errors.New("audit.path: required"))
+		errs = append(errs, fieldError("audit.path", "required"))
 	}
 	switch c.Durability {
 	case DurabilityFsync, DurabilityWrite, DurabilityAsync:
 	default:
-		errs = append(errs, fmt.Errorf("audit.durability: %q is not one of fsync, write, async", c.Durability))
+		errs = append(errs, fieldError("audit.durability", "%q is not one of fsync, write, async", c.Durability))
 	}
 	switch c.Parameters {
 	case ParamsRedacted, ParamsFull, ParamsNone:
 	default:
-		errs = append(errs, fmt.Errorf("audit.parameters: %q is not one of redacted, full, none", c.Parameters))
+		errs = append(errs, fieldError("audit.parameters", "%q is not one of redacted, full, none", c.Parameters))
 	}
 	if c.MaxSize < 0 {
-		errs = append(errs, fmt.Errorf("audit.max_size: %d must not be negative", c.MaxSize))
+		errs = append(errs, fieldError("audit.max_size", "%d must not be negative", c.MaxSize))
 	}
 	if c.MaxFiles < 0 {
-		errs = append(errs, fmt.Errorf("audit.max_files: %d must not be negative", c.MaxFiles))
+		errs = append(errs, fieldError("audit.max_files", "%d must not be negative", c.MaxFiles))
 	}
 	errs = append(errs, c.Checkpoint.validate()...)
 	if c.MinFreeBytes < 0 {
-		errs = append(errs, fmt.Errorf("audit.min_free_bytes: %d must not be negative", c.MinFreeBytes))
+		errs = append(errs, fieldError("audit.min_free_bytes", "%d must not be negative", c.MinFreeBytes))
 	}
 	return errors.Join(errs...)
 }

@@ -15,6 +15,9 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/pgward/pgward/broker"
+	"github.com/pgward/pgward/broker/secrets"
 )
 
 // Defaults of CheckpointConfig.
@@ -60,27 +63,31 @@ func (c CheckpointConfig) withDefaults() CheckpointConfig {
 	return c
 }
 
+// fieldError is a configuration problem at a key path; the agent adds the
+// file and line.
+func fieldError(path, format string, args ...any) error {
+	return &broker.FieldError{Path: path, Err: fmt.Errorf(format, args...)}
+}
+
 func (c CheckpointConfig) validate() []error {
 	var errs []error
 	if c.EveryLines < 0 {
-		errs = append(errs, fmt.Errorf("audit.checkpoint.every_lines: %d must not be negative", c.EveryLines))
+		errs = append(errs, fieldError("audit.checkpoint.every_lines", "%d must not be negative", c.EveryLines))
 	}
 	if c.Every < 0 {
-		errs = append(errs, fmt.Errorf("audit.checkpoint.every: %s must not be negative", c.Every))
+		errs = append(errs, fieldError("audit.checkpoint.every", "%s must not be negative", c.Every))
 	} else if c.Every > 0 && c.Every < 100*time.Millisecond {
-		errs = append(errs, fmt.Errorf("audit.checkpoint.every: %s is below the minimum of 100ms", c.Every))
+		errs = append(errs, fieldError("audit.checkpoint.every", "%s is below the minimum of 100ms", c.Every))
 	}
 	if k := c.Key; k != nil {
-		switch k.Backend {
-		case "", "file", "env", "vault":
-		default:
-			errs = append(errs, fmt.Errorf("audit.checkpoint.key.backend: %q is not one of file, env, vault", k.Backend))
+		if err := broker.CheckChoice("audit.checkpoint.key.backend", k.Backend, secrets.Backends); k.Backend != "" && err != nil {
+			errs = append(errs, err)
 		}
 		if k.Upstream == "" {
-			errs = append(errs, errors.New("audit.checkpoint.key.upstream: required"))
+			errs = append(errs, fieldError("audit.checkpoint.key.upstream", "required"))
 		}
 		if k.Role == "" {
-			errs = append(errs, errors.New("audit.checkpoint.key.role: required"))
+			errs = append(errs, fieldError("audit.checkpoint.key.role", "required"))
 		}
 	}
 	return errs

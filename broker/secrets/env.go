@@ -15,6 +15,9 @@ type EnvConfig struct {
 	Prefix string `yaml:"prefix"`
 }
 
+// DefaultEnvPrefix is secrets.env.prefix when unset.
+const DefaultEnvPrefix = "PGWARD_SECRET_"
+
 // Env reads credentials from environment variables (for containers whose
 // orchestrator injects secrets that way).
 type Env struct {
@@ -26,7 +29,7 @@ type Env struct {
 func NewEnv(cfg EnvConfig) *Env {
 	p := cfg.Prefix
 	if p == "" {
-		p = "PGWARD_SECRET_"
+		p = DefaultEnvPrefix
 	}
 	return &Env{prefix: p, lookup: os.LookupEnv}
 }

@@ -79,3 +79,12 @@ var ErrUnavailable = errors.New("secrets backend unavailable")
 // ErrDenied is returned (wrapped) when the backend refused pgward's own
 // credentials or policy (permission denied).
 var ErrDenied = errors.New("secrets backend denied access")
+
+// Backends names the secrets backends a configuration may choose
+// (secrets.backend, upstreams.<name>.secrets, audit.checkpoint.key.backend);
+// the agent opens them by these names. DefaultBackend is the one used when
+// none is named.
+var Backends = []string{"file", "env", "vault"}
+
+// DefaultBackend is secrets.backend when unset.
+const DefaultBackend = "file"

@@ -35,9 +35,11 @@ agent would start; 1: it would not; 2: usage.`, 1, 1)
 	return exitOK
 }
 
-// explain says in plain words what a valid configuration does.
+// explain says in plain words what a valid configuration does. cfg has
+// its defaults applied (agent.CheckConfig returns it so), so every value
+// printed is the one the agent uses.
 func explain(w io.Writer, cfg *agent.Config) {
-	fmt.Fprintf(w, "Clients connect to %s (host=%s port=%d).\n", cfg.Listen.SocketPath(), dirOf(cfg.Listen.SocketPath()), portOf(cfg))
+	fmt.Fprintf(w, "Clients connect to %s (host=%s port=%d).\n", cfg.Listen.SocketPath(), dirOf(cfg.Listen.SocketPath()), cfg.Listen.Port)
 	if cfg.Listen.TCP != "" {
 		fmt.Fprintf(w, "Loopback TCP listener on %s (callers identified by eBPF).\n", cfg.Listen.TCP)
 	}
@@ -45,19 +47,7 @@ func explain(w io.Writer, cfg *agent.Config) {
 	fmt.Fprintf(w, "\nUpstreams (%d):\n", len(names))
 	for _, n := range names {
 		u := cfg.Upstreams[n]
-		auth := u.Auth
-		if len(auth) == 0 {
-			auth = []string{"scram-sha-256"}
-		}
-		mode := u.TLS.Mode
-		if mode == "" {
-			mode = "default (disable for socket files, verify-full otherwise)"
-		}
-		db := u.Database
-		if db == "" {
-			db = n
-		}
-		fmt.Fprintf(w, "  dbname=%s → %s database %s, tls %s, auth %s\n", n, u.Address, db, mode, strings.Join(auth, ","))
+		fmt.Fprintf(w, "  dbname=%s → %s database %s, tls %s, auth %s, secrets from %s\n", n, u.Address, u.Database, u.TLS.Mode, strings.Join(u.Auth, ","), u.Secrets)
 	}
 	fmt.Fprintf(w, "\nPrincipals and what they may use:\n")
 	for _, p := range keys(cfg.Principals) {
@@ -72,31 +62,21 @@ func explain(w io.Writer, cfg *agent.Config) {
 		}
 		fmt.Fprintf(w, "  %s: %s\n", p, strings.Join(uses, "; "))
 	}
-	backend := cfg.Secrets.Backend
-	if backend == "" {
-		backend = "file"
-	}
-	fmt.Fprintf(w, "\nSecrets from the %s backend.\n", backend)
-	a := cfg.Audit.WithDefaults()
+	fmt.Fprintf(w, "\nSecrets from the %s backend.\n", cfg.Secrets.Backend)
+	a := cfg.Audit
 	fmt.Fprintf(w, "Audit to %s (durability %s, parameters %s).\n", a.Path, a.Durability, a.Parameters)
 	if k := a.Checkpoint.Key; k != nil {
-		kb := k.Backend
-		if kb == "" {
-			kb = backend
-		}
 		fmt.Fprintf(w, "Audit checkpoints signed every %d lines or %s with the key %s.%s of the %s backend.\n",
-			a.Checkpoint.EveryLines, a.Checkpoint.Every, k.Upstream, k.Role, kb)
+			a.Checkpoint.EveryLines, a.Checkpoint.Every, k.Upstream, k.Role, k.Backend)
 	} else {
 		fmt.Fprintln(w, "Audit checkpoints off (no audit.checkpoint.key): the audit is unkeyed.")
 	}
 	if cfg.Metrics.Listen != "" {
 		fmt.Fprintf(w, "Metrics at http://%s/metrics.\n", cfg.Metrics.Listen)
+	} else {
+		fmt.Fprintln(w, "No metrics endpoint (metrics.listen is not set).")
 	}
-	e := cfg.EBPF.Enabled
-	if e == "" {
-		e = "auto"
-	}
-	fmt.Fprintf(w, "eBPF %s, enforce %v, require_ebpf %v.\n", e, cfg.EBPF.Enforce, cfg.Identity.RequireEBPF)
+	fmt.Fprintf(w, "eBPF %s, enforce %v, require_ebpf %v.\n", cfg.EBPF.Enabled, cfg.EBPF.Enforce, cfg.Identity.RequireEBPF)
 }
 
 func keys[V any](m map[string]V) []string {
@@ -113,11 +93,4 @@ func dirOf(p string) string {
 		return p[:i]
 	}
 	return "/"
-}
-
-func portOf(cfg *agent.Config) int {
-	if cfg.Listen.Port == 0 {
-		return 5432
-	}
-	return cfg.Listen.Port
 }

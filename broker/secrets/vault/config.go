@@ -7,6 +7,8 @@ import (
 	"sort"
 	"strings"
 	"time"
+
+	"github.com/pgward/pgward/broker"
 )
 
 // Config is the Vault backend's configuration, the `secrets.vault` section of
@@ -103,25 +105,36 @@ const (
 // DefaultJWTFile is where Kubernetes mounts a pod's service account token.
 const DefaultJWTFile = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 
+// Defaults of the unset keys (docs/vault.md).
+const (
+	DefaultTimeout            = 5 * time.Second
+	DefaultCacheTTL           = time.Minute
+	DefaultLeaseCheckInterval = 10 * time.Second
+	DefaultLeaseLinger        = 30 * time.Second
+	DefaultKVMount            = "secret"
+	DefaultKVField            = "password"
+	DefaultDatabaseMount      = "database"
+)
+
 func (c Config) timeout() time.Duration {
 	if c.Timeout > 0 {
 		return c.Timeout
 	}
-	return 5 * time.Second
+	return DefaultTimeout
 }
 
 func (c Config) cacheTTL() time.Duration {
 	if c.CacheTTL > 0 {
 		return c.CacheTTL
 	}
-	return time.Minute
+	return DefaultCacheTTL
 }
 
 func (c Config) leaseCheckInterval() time.Duration {
 	if c.LeaseCheckInterval > 0 {
 		return c.LeaseCheckInterval
 	}
-	return 10 * time.Second
+	return DefaultLeaseCheckInterval
 }
 
 func (c Config) leaseLinger() time.Duration {
@@ -129,7 +142,7 @@ func (c Config) leaseLinger() time.Duration {
 	case c.LeaseLinger < 0:
 		return 0
 	case c.LeaseLinger == 0:
-		return 30 * time.Second
+		return DefaultLeaseLinger
 	}
 	return c.LeaseLinger
 }
@@ -152,21 +165,21 @@ func (k KVConfig) mount() string {
 	if k.Mount != "" {
 		return strings.Trim(k.Mount, "/")
 	}
-	return "secret"
+	return DefaultKVMount
 }
 
 func (k KVConfig) field() string {
 	if k.Field != "" {
 		return k.Field
 	}
-	return "password"
+	return DefaultKVField
 }
 
 func (d DatabaseConfig) mount() string {
 	if d.Mount != "" {
 		return strings.Trim(d.Mount, "/")
 	}
-	return "database"
+	return DefaultDatabaseMount
 }
 
 func (d DatabaseConfig) role(pgwardRole string) string {
@@ -176,12 +189,13 @@ func (d DatabaseConfig) role(pgwardRole string) string {
 	return pgwardRole
 }
 
-// Validate reports every problem in the configuration, each prefixed with
-// its key path (relative to the vault section).
+// Validate reports every problem in the configuration, each a
+// *broker.FieldError whose path is relative to the vault section (the agent
+// puts it under secrets.vault).
 func (c Config) Validate() error {
 	var errs []error
 	bad := func(key, format string, args ...any) {
-		errs = append(errs, fmt.Errorf("%s: %s", key, fmt.Sprintf(format, args...)))
+		errs = append(errs, &broker.FieldError{Path: key, Err: fmt.Errorf(format, args...)})
 	}
 	if c.Address == "" {
 		bad("address", "required")
