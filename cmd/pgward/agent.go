@@ -4,8 +4,10 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"strconv"
+	"sync"
 	"syscall"
 
 	"go.opentelemetry.io/otel"
@@ -52,26 +54,60 @@ func cmdAgent(args []string, stdout, stderr io.Writer) int {
 		klog.SetSlogLogger(log.With("component", "client-go"))
 	}
 
-	var a *agent.Agent
-	ctx, stop := signalContext(func() {
-		if a == nil {
-			return
-		}
-		if err := a.Reload(); err != nil {
-			log.Error("reload refused: keeping the running configuration", "err", err)
-		}
-	})
+	// SIGHUP is handled on the signal goroutine from here on, while New
+	// still runs: hup hands it the agent once there is one, and a SIGHUP
+	// that came before is applied then.
+	hup := &reloader{log: log}
+	ctx, stop := signalContext(hup.signal)
 	defer stop()
-	a, err = agent.New(ctx, agent.Options{Config: cfg, ConfigPath: *configPath, Logger: log, TracerProvider: tp, Notifier: notifier})
+	a, err := agent.New(ctx, agent.Options{Config: cfg, ConfigPath: *configPath, Logger: log, TracerProvider: tp, Notifier: notifier})
 	if err != nil {
 		log.Error("cannot start", "err", err)
 		return exitFailure
 	}
+	hup.started(a)
 	if err := a.Run(ctx); err != nil {
 		log.Error("agent stopped", "err", err)
 		return exitFailure
 	}
 	return exitOK
+}
+
+// reloader runs the agent's Reload on SIGHUP. The signal goroutine calls
+// signal, main calls started once New returned; a SIGHUP before that is
+// remembered and applied by started, since the file may have changed
+// after LoadConfig read it.
+type reloader struct {
+	log     *slog.Logger
+	mu      sync.Mutex
+	agent   *agent.Agent
+	pending bool
+}
+
+func (r *reloader) signal() {
+	r.mu.Lock()
+	a := r.agent
+	r.pending = a == nil
+	r.mu.Unlock()
+	if a != nil {
+		r.reload(a)
+	}
+}
+
+func (r *reloader) started(a *agent.Agent) {
+	r.mu.Lock()
+	r.agent = a
+	pending := r.pending
+	r.mu.Unlock()
+	if pending {
+		r.reload(a)
+	}
+}
+
+func (r *reloader) reload(a *agent.Agent) {
+	if err := a.Reload(); err != nil {
+		r.log.Error("reload refused: keeping the running configuration", "err", err)
+	}
 }
 
 func cmdReload(args []string, stdout, stderr io.Writer) int {
