@@ -24,7 +24,10 @@ import (
 // The expensive step, PBKDF2 over the password with the server's salt and
 // iteration count, depends on (password, salt, iterations) only, so its
 // results (ClientKey, ServerKey) are cached: a repeated login pays two
-// HMACs, not 4096 (the server default) or more.
+// HMACs, not 4096 (the server default) or more. Each upstream owns its
+// cache (upstream.scram): it lives as long as that upstream's
+// configuration, so a reload or a Server's end drops the derived keys with
+// it, and nothing is shared between Servers in one process.
 
 const (
 	scramMech     = "SCRAM-SHA-256"
@@ -47,8 +50,6 @@ type scramKeyCache struct {
 	hits, misses int64
 }
 
-var scramCache = newScramKeyCache()
-
 func newScramKeyCache() *scramKeyCache {
 	c := &scramKeyCache{m: map[[32]byte]scramKeys{}}
 	_, _ = rand.Read(c.key[:])
@@ -69,8 +70,12 @@ func (c *scramKeyCache) id(password, salt []byte, iter int) [32]byte {
 	return out
 }
 
-// keys returns ClientKey and ServerKey, deriving them only on a miss.
+// keys returns ClientKey and ServerKey, deriving them only on a miss. A
+// nil cache derives them every time.
 func (c *scramKeyCache) keys(password, salt []byte, iter int) (scramKeys, error) {
+	if c == nil {
+		return deriveSCRAMKeys(password, salt, iter)
+	}
 	id := c.id(password, salt, iter)
 	c.mu.Lock()
 	k, ok := c.m[id]
@@ -81,12 +86,10 @@ func (c *scramKeyCache) keys(password, salt []byte, iter int) (scramKeys, error)
 	if ok {
 		return k, nil
 	}
-	salted, err := pbkdf2.Key(sha256.New, string(password), salt, iter, sha256.Size)
+	k, err := deriveSCRAMKeys(password, salt, iter)
 	if err != nil {
 		return scramKeys{}, err
 	}
-	copy(k.client[:], hmacSHA256(salted, []byte("Client Key")))
-	copy(k.server[:], hmacSHA256(salted, []byte("Server Key")))
 	c.mu.Lock()
 	c.misses++
 	if len(c.m) >= scramCacheSize {
@@ -97,6 +100,18 @@ func (c *scramKeyCache) keys(password, salt []byte, iter int) (scramKeys, error)
 	}
 	c.m[id] = k
 	c.mu.Unlock()
+	return k, nil
+}
+
+// deriveSCRAMKeys is the PBKDF2 step and the two keys made from its result.
+func deriveSCRAMKeys(password, salt []byte, iter int) (scramKeys, error) {
+	var k scramKeys
+	salted, err := pbkdf2.Key(sha256.New, string(password), salt, iter, sha256.Size)
+	if err != nil {
+		return k, err
+	}
+	copy(k.client[:], hmacSHA256(salted, []byte("Client Key")))
+	copy(k.server[:], hmacSHA256(salted, []byte("Server Key")))
 	return k, nil
 }
 
@@ -126,6 +141,7 @@ func normalizeSCRAMPassword(p string) []byte {
 
 // scramClient is one SCRAM exchange.
 type scramClient struct {
+	cache       *scramKeyCache // the upstream's; nil derives every time
 	password    []byte
 	gs2         []byte // GS2 header
 	cbData      []byte // channel binding data (PLUS only)
@@ -138,15 +154,15 @@ type scramClient struct {
 
 var errSCRAM = errors.New("SCRAM exchange failed")
 
-// newSCRAMClient starts an exchange. cbData is the tls-server-end-point hash
+// newSCRAMClient starts an exchange, with the keys cached in cache. cbData is the tls-server-end-point hash
 // when the PLUS mechanism is used; tlsNoBind says TLS is on but the server did
 // not offer PLUS ("y" flag, so a downgrade is detectable by the server).
-func newSCRAMClient(password string, plus bool, cbData []byte, tlsNoBind bool) (*scramClient, error) {
+func newSCRAMClient(cache *scramKeyCache, password string, plus bool, cbData []byte, tlsNoBind bool) (*scramClient, error) {
 	var raw [18]byte
 	if _, err := rand.Read(raw[:]); err != nil {
 		return nil, err
 	}
-	sc := &scramClient{password: normalizeSCRAMPassword(password)}
+	sc := &scramClient{cache: cache, password: normalizeSCRAMPassword(password)}
 	sc.clientNonce = []byte(base64.RawStdEncoding.EncodeToString(raw[:]))
 	switch {
 	case plus:
@@ -199,7 +215,7 @@ func (sc *scramClient) final(serverFirst []byte) ([]byte, error) {
 	if len(salt) == 0 || iter < 1 || iter > scramMaxIterations {
 		return nil, fmt.Errorf("%w: salt or iteration count out of range (%d)", errSCRAM, iter)
 	}
-	keys, err := scramCache.keys(sc.password, salt, iter)
+	keys, err := sc.cache.keys(sc.password, salt, iter)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %w", errSCRAM, err)
 	}

@@ -23,13 +23,14 @@ import (
 
 // upstream is a configured Postgres server, ready to dial.
 type upstream struct {
-	name string
-	cfg  UpstreamConfig
-	tls  *tls.Config // nil when TLS is disabled
+	name  string
+	cfg   UpstreamConfig
+	tls   *tls.Config    // nil when TLS is disabled
+	scram *scramKeyCache // SCRAM keys of this upstream's credentials, dropped with it (at reload)
 }
 
 func newUpstream(name string, cfg UpstreamConfig) (*upstream, error) {
-	u := &upstream{name: name, cfg: cfg}
+	u := &upstream{name: name, cfg: cfg, scram: newScramKeyCache()}
 	mode := cfg.tlsMode()
 	if mode == "disable" {
 		return u, nil
@@ -240,7 +241,7 @@ func (u *upstream) connect(ctx context.Context, role string, cred secrets.Creden
 					plus = false
 				}
 			}
-			if sc, err = newSCRAMClient(password, plus, cb, tlsState != nil); err != nil {
+			if sc, err = newSCRAMClient(u.scram, password, plus, cb, tlsState != nil); err != nil {
 				return nil, err
 			}
 			mech := scramMech
