@@ -435,7 +435,7 @@ func (lr *loginReader) release() {
 // server's answer is read one byte alone, so bytes a machine in the middle
 // injects after it cannot end up inside the TLS session (CVE-2021-23222).
 func startTLS(ctx context.Context, c net.Conn, cfg *tls.Config) (*tls.Conn, error) {
-	req := appendUint32(appendUint32(nil, 8), 80877103)
+	req := appendUint32(appendUint32(nil, 8), codeSSLRequest)
 	if _, err := c.Write(req); err != nil {
 		return nil, fmt.Errorf("send SSLRequest: %w", err)
 	}
