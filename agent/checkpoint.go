@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"time"
 
+	"github.com/pgward/pgward/broker"
 	"github.com/pgward/pgward/exporter"
 )
 
@@ -20,7 +21,7 @@ func checkpointKey(ctx context.Context, cfg *Config, r *router, log *slog.Logger
 	if src == nil {
 		s, err := openBackend(name, cfg, log)
 		if err != nil {
-			return exporter.CheckpointKey{}, fmt.Errorf("audit.checkpoint.key: %w", err)
+			return exporter.CheckpointKey{}, &broker.FieldError{Path: "audit.checkpoint.key", Err: err}
 		}
 		r.backends[name] = s // closed with the router
 		src = s
@@ -29,14 +30,14 @@ func checkpointKey(ctx context.Context, cfg *Config, r *router, log *slog.Logger
 	defer cancel()
 	cred, err := src.Fetch(ctx, ref.Upstream, ref.Role)
 	if err != nil {
-		return exporter.CheckpointKey{}, fmt.Errorf("audit.checkpoint.key: %s.%s from the %s backend: %w", ref.Upstream, ref.Role, name, err)
+		return exporter.CheckpointKey{}, &broker.FieldError{Path: "audit.checkpoint.key", Err: fmt.Errorf("%s.%s from the %s backend: %w", ref.Upstream, ref.Role, name, err)}
 	}
 	if cred.Lease != nil && cred.Lease.Release != nil {
 		cred.Lease.Release() // a dynamic credential is no signing key; let it go
 	}
 	key, err := exporter.ParseCheckpointKey(cred.Password.Reveal())
 	if err != nil {
-		return exporter.CheckpointKey{}, fmt.Errorf("audit.checkpoint.key: %s.%s from the %s backend: %w", ref.Upstream, ref.Role, name, err)
+		return exporter.CheckpointKey{}, &broker.FieldError{Path: "audit.checkpoint.key", Err: fmt.Errorf("%s.%s from the %s backend: %w", ref.Upstream, ref.Role, name, err)}
 	}
 	return key, nil
 }
