@@ -337,7 +337,7 @@ func (a *Agent) Run(ctx context.Context) error {
 			runErr = err
 		}
 	}
-	grace := a.config().Shutdown.GraceOrDefault()
+	grace := a.config().Shutdown.Grace
 	a.log.Info("draining sessions", "grace", grace, "sessions", a.broker.ActiveSessions())
 	a.sdNotify("STOPPING=1", fmt.Sprintf("STATUS=draining %d sessions for up to %s", a.broker.ActiveSessions(), grace))
 	dctx, cancel := context.WithTimeout(context.Background(), grace)

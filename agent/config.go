@@ -83,14 +83,6 @@ type ShutdownConfig struct {
 // DefaultGrace is how long SIGTERM lets sessions finish.
 const DefaultGrace = 30 * time.Second
 
-// GraceOrDefault is the configured grace period or the default.
-func (c ShutdownConfig) GraceOrDefault() time.Duration {
-	if c.Grace <= 0 {
-		return DefaultGrace
-	}
-	return c.Grace
-}
-
 // LoadConfig reads and validates a configuration file. Every problem is
 // reported, each with its line number.
 func LoadConfig(path string) (*Config, error) {

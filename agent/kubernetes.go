@@ -47,14 +47,6 @@ type KubernetesConfig struct {
 // DefaultLookupWait is kubernetes.lookup_wait's default.
 const DefaultLookupWait = 2 * time.Second
 
-// LookupWaitOrDefault is the configured wait or the default.
-func (c KubernetesConfig) LookupWaitOrDefault() time.Duration {
-	if c.LookupWait <= 0 {
-		return DefaultLookupWait
-	}
-	return c.LookupWait
-}
-
 // validate reports kubernetes problems, and k8s.* selectors that could
 // never match because pod identity is off.
 func (c *Config) validateKubernetes() []error {
@@ -348,7 +340,7 @@ func (a *Agent) startKubernetes(client kubernetes.Interface) error {
 			return err
 		}
 	}
-	idx, err := NewPodIndex(client, node, kc.LookupWaitOrDefault(), a.log.With("component", "kubernetes"))
+	idx, err := NewPodIndex(client, node, kc.LookupWait, a.log.With("component", "kubernetes"))
 	if err != nil {
 		return err
 	}

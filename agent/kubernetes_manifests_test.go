@@ -125,8 +125,8 @@ func TestKubernetesManifests(t *testing.T) {
 	if !spec.HostPID {
 		t.Error("hostPID is off: peer pids from other pods would be 0")
 	}
-	if spec.TerminationGracePeriodSeconds == nil || float64(*spec.TerminationGracePeriodSeconds) <= cfg.Shutdown.GraceOrDefault().Seconds() {
-		t.Errorf("terminationGracePeriodSeconds %v must exceed shutdown.grace %v", spec.TerminationGracePeriodSeconds, cfg.Shutdown.GraceOrDefault())
+	if spec.TerminationGracePeriodSeconds == nil || float64(*spec.TerminationGracePeriodSeconds) <= cfg.Shutdown.Grace.Seconds() {
+		t.Errorf("terminationGracePeriodSeconds %v must exceed shutdown.grace %v", spec.TerminationGracePeriodSeconds, cfg.Shutdown.Grace)
 	}
 	if len(spec.Containers) != 1 {
 		t.Fatalf("%d containers", len(spec.Containers))

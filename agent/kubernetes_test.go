@@ -303,14 +303,14 @@ audit: { path: /var/log/pgward/audit.jsonl }
 	if err != nil {
 		t.Fatal(err)
 	}
-	if k := cfg.Kubernetes; !k.Enabled || k.NodeName != "node-a" || k.Kubeconfig != "/etc/kube.conf" || k.LookupWaitOrDefault() != 500*time.Millisecond {
+	if k := cfg.Kubernetes; !k.Enabled || k.NodeName != "node-a" || k.Kubeconfig != "/etc/kube.conf" || k.LookupWait != 500*time.Millisecond {
 		t.Fatalf("kubernetes config %+v", k)
 	}
 	_, err = ParseConfig([]byte(base+"kubernetes: { enabled: true, lookup_wait: -1s, nodename: x }\n"), "pgward.yaml")
 	if err == nil || !strings.Contains(err.Error(), "nodename") {
 		t.Fatalf("unknown key: %v", err)
 	}
-	if (KubernetesConfig{}).LookupWaitOrDefault() != DefaultLookupWait {
+	if (&Config{}).WithDefaults().Kubernetes.LookupWait != DefaultLookupWait {
 		t.Fatal("default lookup wait")
 	}
 }
