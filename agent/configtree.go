@@ -242,19 +242,13 @@ func scalarFits(n *yaml.Node, t reflect.Type) bool {
 func collectFields(t reflect.Type, out map[string]reflect.Type) {
 	for i := 0; i < t.NumField(); i++ {
 		f := t.Field(i)
-		tag := f.Tag.Get("yaml")
-		if tag == "-" || (!f.IsExported() && !f.Anonymous) {
-			continue
-		}
-		name, opts, _ := strings.Cut(tag, ",")
-		if strings.Contains(opts, "inline") {
+		switch name, ok := yamlName(f); {
+		case !ok:
+		case name == "": // inline
 			collectFields(f.Type, out)
-			continue
+		default:
+			out[name] = f.Type
 		}
-		if name == "" {
-			name = strings.ToLower(f.Name)
-		}
-		out[name] = f.Type
 	}
 }
 
