@@ -146,17 +146,7 @@ func withDefaults(v reflect.Value, path string, defs map[string]any) reflect.Val
 	case reflect.Struct:
 		n := reflect.New(t).Elem()
 		n.Set(v)
-		for i := 0; i < t.NumField(); i++ {
-			name, ok := yamlName(t.Field(i))
-			if !ok {
-				continue
-			}
-			p := path
-			if name != "" {
-				p = join(path, name)
-			}
-			n.Field(i).Set(withDefaults(v.Field(i), p, defs))
-		}
+		eachKeyField(t, path, func(i int, p string) { n.Field(i).Set(withDefaults(v.Field(i), p, defs)) })
 		return n
 	case reflect.Map:
 		if v.IsNil() {
@@ -211,6 +201,22 @@ func yamlName(f reflect.StructField) (name string, ok bool) {
 	return name, true
 }
 
+// eachKeyField calls f with the index and key path of every field of
+// struct type t that the file sets (an inline field's path is path).
+func eachKeyField(t reflect.Type, path string, f func(i int, p string)) {
+	for i := 0; i < t.NumField(); i++ {
+		name, ok := yamlName(t.Field(i))
+		if !ok {
+			continue
+		}
+		p := path
+		if name != "" {
+			p = join(path, name)
+		}
+		f(i, p)
+	}
+}
+
 // keyTypes maps every key path of type t (as normPath writes it) to the
 // type of its value.
 func keyTypes(t reflect.Type, path string, out map[string]reflect.Type) {
@@ -222,17 +228,7 @@ func keyTypes(t reflect.Type, path string, out map[string]reflect.Type) {
 	case reflect.Pointer:
 		keyTypes(t.Elem(), path, out)
 	case reflect.Struct:
-		for i := 0; i < t.NumField(); i++ {
-			name, ok := yamlName(t.Field(i))
-			if !ok {
-				continue
-			}
-			p := path
-			if name != "" {
-				p = join(path, name)
-			}
-			keyTypes(t.Field(i).Type, p, out)
-		}
+		eachKeyField(t, path, func(i int, p string) { keyTypes(t.Field(i).Type, p, out) })
 	case reflect.Map:
 		keyTypes(t.Elem(), path+".<>", out)
 	case reflect.Slice:
