@@ -61,6 +61,7 @@ type Agent struct {
 	ebpf      *ebpfState
 	notify    *Notifier
 	pods      *PodIndex // nil unless kubernetes.enabled
+	admin     *adminServer
 
 	// cfgMu guards cfg, which Reload replaces while Run and the
 	// accessors read it; reloadMu serialises reloads.
@@ -151,6 +152,9 @@ func New(ctx context.Context, opts Options) (_ *Agent, err error) {
 		return nil, err
 	}
 	a.closers = append(a.closers, a.unixLn.Close)
+	if err := a.openAdmin(); err != nil {
+		return nil, err
+	}
 	if cfg.Listen.TCP != "" {
 		a.tcpLn, err = net.Listen("tcp", cfg.Listen.TCP)
 		if err != nil {
@@ -311,6 +315,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	if a.ebpf != nil {
 		a.ebpf.run(serveCtx)
 	}
+	a.admin.serve()
 	// The addresses actually bound: "127.0.0.1:0" in the file is a real port here.
 	metrics, tcp := "", ""
 	if addr := a.MetricsAddr(); addr != nil {

@@ -35,6 +35,8 @@ type Config struct {
 	Shutdown ShutdownConfig       `yaml:"shutdown"`
 	// Kubernetes maps callers' containers to their pods (kubernetes.go).
 	Kubernetes KubernetesConfig `yaml:"kubernetes"`
+	// Admin is the local admin API (admin.go).
+	Admin AdminConfig `yaml:"admin"`
 }
 
 // SecretsConfig chooses and configures the secrets backend.
@@ -321,6 +323,9 @@ func (c *Config) Validate() error {
 	}
 	// The exporter names its keys (*broker.FieldError at audit.…).
 	errs = append(errs, c.Audit.Validate())
+	if err := c.Admin.validate(); err != nil {
+		errs = append(errs, err)
+	}
 	if c.Metrics.Listen != "" {
 		// The same resolution net.Listen does when the agent starts.
 		if _, err := net.ResolveTCPAddr("tcp", c.Metrics.Listen); err != nil {

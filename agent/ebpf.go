@@ -170,6 +170,7 @@ func (a *Agent) directConnect(st *ebpfState, r ConnectRecord) {
 			}
 		}
 	}
+	a.noteDirect(id, dest, upstream, r.Blocked)
 	_ = a.observer.DirectConnect(context.Background(), exporter.DirectConnectEvent{
 		Process: id, Dest: dest, Upstream: upstream, Blocked: r.Blocked,
 	})

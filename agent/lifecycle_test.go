@@ -501,7 +501,7 @@ func TestSystemdUnit(t *testing.T) {
 		}
 	}
 	for k, want := range map[string]string{
-		"Type": "notify", "RuntimeDirectory": "pgward", "LogsDirectory": "pgward",
+		"Type": "notify", "RuntimeDirectory": "pgward pgward-admin", "LogsDirectory": "pgward",
 		"ExecReload": "/bin/kill -HUP $MAINPID", "NoNewPrivileges": "yes", "ProtectSystem": "strict",
 		"CapabilityBoundingSet":   "CAP_BPF CAP_PERFMON CAP_NET_ADMIN CAP_SYS_PTRACE",
 		"RestrictAddressFamilies": "AF_UNIX AF_INET AF_INET6 AF_NETLINK",

@@ -225,6 +225,7 @@ func (sess *session) pumpClient(tr *tracker, upDone <-chan struct{}) error {
 					return errUpstreamGone
 				}
 				sess.info.BytesIn += int64(fwd)
+				sess.live.bytesIn.Add(int64(fwd))
 				sess.srv.obs.RelayBytes(true, fwd)
 				rd.consume(fwd)
 			}
@@ -291,6 +292,7 @@ func (sess *session) audit(batch QueryBatcher, events []*QueryEvent) error {
 	for _, q := range events {
 		q.RoleChange = roleChange(q.Text)
 	}
+	sess.live.began(events)
 	var err error
 	if batch != nil && len(events) > 1 {
 		err = batch.QueryBatch(sess.ctx, &sess.info, events)
@@ -350,6 +352,7 @@ func (sess *session) pumpUpstream(tr *tracker, clientGone func() bool) {
 		case 'Z':
 			if len(body) > 0 {
 				txStatus = body[0]
+				sess.live.txStatus.Store(uint32(body[0]))
 			}
 		}
 		saidWhy = typ == 'E' && fatalError(body)
@@ -385,6 +388,7 @@ func (sess *session) pumpUpstream(tr *tracker, clientGone func() bool) {
 					return
 				}
 				sess.info.BytesOut += int64(fwd)
+				sess.live.bytesOut.Add(int64(fwd))
 				sess.srv.obs.RelayBytes(false, fwd)
 				rd.consume(fwd)
 			}

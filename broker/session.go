@@ -150,6 +150,7 @@ type session struct {
 	// end authenticates with it (endsession.go).
 	cred secrets.Credential
 	endState
+	live liveState // what Sessions shows (sessions.go)
 	// roleReport: session_authorization / is_superuser changes the server
 	// reported and no statement result carries yet (roles.go).
 	roleMu       sync.Mutex

@@ -45,6 +45,8 @@ const (
 	kindDirect
 	kindCheckpoint
 	kindRefusalSummary
+	kindAdminSessionsList
+	kindAdminSessionsEnd
 	numKinds
 )
 
@@ -57,6 +59,10 @@ var eventNames = [numKinds]string{
 	kindDirect:         EventDirect,
 	kindCheckpoint:     EventCheckpoint,
 	kindRefusalSummary: EventRefusalSummary,
+
+	// Admin actions (admin.go).
+	kindAdminSessionsList: EventAdminSessionsList,
+	kindAdminSessionsEnd:  EventAdminSessionsEnd,
 }
 
 // String is the event's name, as in its "event" field.
