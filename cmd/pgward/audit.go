@@ -19,6 +19,9 @@ const auditUsage = `usage:
   pgward audit keygen [--out PREFIX]
       write a new ed25519 checkpoint key pair: PREFIX.key (private, mode 0600,
       for the secrets backend) and PREFIX.pub (public, for verify --key)
+  pgward audit show [--since D] [--principal P] [--json] [-f] … [FILE]
+      show the events of the audit files (rotated ones too), filtered, and
+      say where their hash chain does not verify
 `
 
 func cmdAudit(args []string, stdout, stderr io.Writer) int {
@@ -28,6 +31,8 @@ func cmdAudit(args []string, stdout, stderr io.Writer) int {
 			return cmdAuditVerify(args[1:], stdout, stderr)
 		case "keygen":
 			return cmdAuditKeygen(args[1:], stdout, stderr)
+		case "show":
+			return cmdAuditShow(args[1:], stdout, stderr)
 		case "-h", "--help", "help":
 			fmt.Fprint(stdout, auditUsage)
 			return exitOK

@@ -21,6 +21,9 @@ Usage:
   pgward check-config FILE       every problem that would stop the agent, or what the file does
   pgward audit verify FILE...    check an audit log's hash chain (with --key, its signed checkpoints)
   pgward audit keygen            write an ed25519 key pair for audit checkpoints
+  pgward audit show [FILE]       show audit events, filtered (--since, --principal, …), -f to follow
+  pgward sessions                list the agent's live sessions (root; --json, filters)
+  pgward sessions end SID...     end sessions, the running statement cancelled first (root)
   pgward reload --pid PID        ask a running agent to reload (same as SIGHUP)
   pgward demo                    start a private Postgres and an agent with an example policy
   pgward version                 print the version (and Go's, and the main dependencies')
@@ -57,6 +60,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return cmdCheckConfig(args[1:], stdout, stderr)
 	case "audit":
 		return cmdAudit(args[1:], stdout, stderr)
+	case "sessions":
+		return cmdSessions(args[1:], stdout, stderr)
 	case "reload":
 		return cmdReload(args[1:], stdout, stderr)
 	case "demo":
