@@ -25,7 +25,8 @@ FUZZ_TARGETS := \
 	./exporter:FuzzJSONString:30000x \
 	./exporter:FuzzDecodeParam:15000x \
 	./exporter:FuzzRedactSQL:20000x \
-	./exporter:FuzzRedactPasswordLiteral:30000x
+	./exporter:FuzzRedactPasswordLiteral:30000x \
+	./exporter:FuzzAuditRead:40000x
 
 .PHONY: all build test unit fuzz-short fuzz soak demo bench lint lint-report generate deps clean
 

@@ -80,7 +80,9 @@ type SessionStatus struct {
 	SessionID string
 	RequestID string
 	Principal string
-	Upstream  string
+	Upstream  string // the upstream's name (db_service)
+	Database  string // the real database name upstream (db_name)
+	URI       string // the upstream's address (db_uri)
 	Role      string
 	Process   Identity
 	// BackendPID is the upstream server's process for this session.
@@ -123,7 +125,7 @@ func (s *Server) Sessions() []SessionStatus {
 func (sess *session) status() SessionStatus {
 	st := SessionStatus{
 		SessionID: sess.info.SessionID, RequestID: sess.info.RequestID, Principal: sess.info.Principal,
-		Upstream: sess.info.Upstream, Role: sess.info.User, Process: sess.info.Identity,
+		Upstream: sess.info.Upstream, Database: sess.info.Database, URI: sess.info.URI, Role: sess.info.User, Process: sess.info.Identity,
 		BackendPID: sess.up.pid, Reused: sess.reused, Start: sess.info.Start,
 		Statements: sess.live.statements.Load(),
 		BytesIn:    sess.live.bytesIn.Load(), BytesOut: sess.live.bytesOut.Load(),

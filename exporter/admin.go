@@ -94,7 +94,7 @@ func (enc *encoder) admin(now time.Time, kind EventKind, e *AdminEvent) *[]byte 
 	}
 	var s broker.SessionInfo
 	if t := e.Session; t != nil {
-		s = broker.SessionInfo{SessionID: t.SessionID, Upstream: t.Upstream, User: t.Role, Principal: t.Principal}
+		s = broker.SessionInfo{SessionID: t.SessionID, Upstream: t.Upstream, Database: t.Database, URI: t.URI, User: t.Role, Principal: t.Principal}
 	} else {
 		s.SessionID = e.TargetSID
 	}
@@ -114,15 +114,9 @@ func (enc *encoder) admin(now time.Time, kind EventKind, e *AdminEvent) *[]byte 
 }
 
 // RedactStatement is what an operator may see of a statement's text: its
-// password literals replaced, as in the audit; a text that mentions a
-// password where none could be found (a line cut short) is withheld whole.
+// password literals replaced, as the audit writes it (a literal cut short
+// at the end of a line is replaced too).
 func RedactStatement(sql string) string {
-	if !mentionsPassword(sql) {
-		return sql
-	}
 	r, _ := redactSQL(sql)
-	if r == sql {
-		return "[REDACTED: the statement mentions a password]"
-	}
 	return r
 }

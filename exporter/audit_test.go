@@ -540,6 +540,7 @@ func TestAuditDocExamples(t *testing.T) {
 	key, _, _ := testKey(t)
 	fx := newSigned(t, exporter.AuditConfig{Parameters: exporter.ParamsFull}, key)
 	exampleEvents(t, fx)
+	adminEvents(t, fx, testSession())
 	fx.audit.Close() // the shutdown checkpoint
 	keys := func(m map[string]any) string {
 		var ks []string
@@ -572,7 +573,8 @@ func TestAuditDocExamples(t *testing.T) {
 	}
 	for _, code := range []string{exporter.CodeSessionStart, exporter.CodeSessionDenied, exporter.CodeSessionEnd,
 		exporter.CodeQuery, exporter.CodeQueryResult, exporter.CodeQueryResultError, exporter.CodeCancel,
-		exporter.CodeCancelRejected, exporter.CodeDirectConnect, exporter.CodeDirectConnectBlock, exporter.CodeCheckpoint} {
+		exporter.CodeCancelRejected, exporter.CodeDirectConnect, exporter.CodeDirectConnectBlock, exporter.CodeCheckpoint,
+		exporter.CodeAdminSessionsList, exporter.CodeAdminSessionsListDenied, exporter.CodeAdminSessionsEnd, exporter.CodeAdminSessionsEndFailed} {
 		if !seen[code] {
 			t.Errorf("no example of %s in docs/audit-events.md", code)
 		}

@@ -254,7 +254,7 @@ type AuditScan struct {
 func (s *AuditScan) ReadFiles(paths []string) error {
 	for i, p := range paths {
 		last := i == len(paths)-1
-		if err := s.open(p, last); err != nil {
+		if err := s.open(p); err != nil {
 			if last && errors.Is(err, os.ErrNotExist) {
 				continue
 			}
@@ -271,7 +271,7 @@ func (s *AuditScan) ReadFiles(paths []string) error {
 }
 
 // open starts reading file p.
-func (s *AuditScan) open(p string, keep bool) error {
+func (s *AuditScan) open(p string) error {
 	f, err := os.Open(p)
 	if err != nil {
 		return err
@@ -431,13 +431,18 @@ func (s *AuditScan) Follow(paths []string, interval time.Duration, stop <-chan s
 		}
 		if s.closer == nil || inode(fi) != s.ino {
 			if s.closer != nil {
-				// Rotated: finish what was written to the old file.
+				// Rotated: finish what was written to the old file, then
+				// read the files rotated after it (several rotations may
+				// have happened since the last poll).
 				if err := s.drain(); err != nil {
 					return err
 				}
 				s.finish()
+				if err := s.readRotatedSince(active, s.ino); err != nil {
+					return err
+				}
 			}
-			if err := s.open(active, true); err != nil {
+			if err := s.open(active); err != nil {
 				continue
 			}
 		}
@@ -452,6 +457,37 @@ func (s *AuditScan) polled() {
 	if s.Polled != nil {
 		s.Polled()
 	}
+}
+
+// readRotatedSince reads whole the rotated files of active that are newer
+// than the one with inode ino (the file followed until it was rotated).
+// When that file is gone too (rotated out), none is read: the chain check
+// then reports the gap.
+func (s *AuditScan) readRotatedSince(active string, ino uint64) error {
+	files, err := AuditFiles(active)
+	if err != nil {
+		return err
+	}
+	rotated := files[:len(files)-1]
+	from := -1
+	for i, f := range rotated {
+		if fi, err := os.Stat(f); err == nil && inode(fi) == ino {
+			from = i
+		}
+	}
+	if from < 0 {
+		return nil
+	}
+	for _, f := range rotated[from+1:] {
+		if err := s.open(f); err != nil {
+			continue // rotated out meanwhile
+		}
+		if err := s.drain(); err != nil {
+			return err
+		}
+		s.finish()
+	}
+	return nil
 }
 
 func inode(fi os.FileInfo) uint64 {
@@ -484,7 +520,16 @@ func tailChainFields(line []byte) (seq int64, prev string, ok bool) {
 	if i < 0 {
 		return 0, "", false
 	}
-	v, err := strconv.ParseInt(string(head[i+7:]), 10, 64)
+	num := head[i+7:]
+	if len(num) == 0 || len(num) > 1 && num[0] == '0' {
+		return 0, "", false
+	}
+	for _, c := range num {
+		if c < '0' || c > '9' {
+			return 0, "", false
+		}
+	}
+	v, err := strconv.ParseInt(string(num), 10, 64)
 	if err != nil {
 		return 0, "", false
 	}
