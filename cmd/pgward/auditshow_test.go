@@ -211,7 +211,9 @@ func TestAuditShowFollow(t *testing.T) {
 	var out, errs lockedBuffer
 	stop := make(chan struct{})
 	done := make(chan int, 1)
-	go func() { done <- auditShow([]string{"-f", "--principal", "billing", "--event", "db.session.query", path}, &out, &errs, stop) }()
+	go func() {
+		done <- auditShow([]string{"-f", "--principal", "billing", "--event", "db.session.query", path}, &out, &errs, stop)
+	}()
 	waitFor(t, 5*time.Second, func() bool { return strings.Contains(out.String(), "select 'before'") }, out.String)
 
 	start := time.Now()
