@@ -14,6 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+
 	"github.com/pgward/pgward/agent"
 	"github.com/pgward/pgward/testenv"
 )
@@ -40,21 +42,23 @@ func startAdminAgent(t *testing.T) *adminAgent {
 		t.Fatal(err)
 	}
 	secretsPath := filepath.Join(dir, "secrets.yaml")
-	if err := os.WriteFile(secretsPath, []byte(fmt.Sprintf("real:\n  %s: { password: %q }\n", testenv.ScramUser, testenv.ScramPassword)), 0o600); err != nil {
+	if err := os.WriteFile(secretsPath, []byte(fmt.Sprintf("real:\n  %[1]s: { password: %[2]q }\npooled:\n  %[1]s: { password: %[2]q }\n", testenv.ScramUser, testenv.ScramPassword)), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	h := &adminAgent{pg: pg, dir: dir, auditPath: filepath.Join(dir, "audit.jsonl"), admin: filepath.Join(dir, "admin", "admin.sock")}
-	cfgText := fmt.Sprintf(`listen: { unix_dir: %q, port: 5432 }
+	cfgText := fmt.Sprintf(`listen: { unix_dir: %[1]q, port: 5432 }
 upstreams:
-  real: { address: %q, database: %q }
-secrets: { backend: file, file: { path: %q } }
+  real: { address: %[2]q, database: %[3]q }
+  pooled: { address: %[2]q, database: %[3]q, reuse: {} }
+secrets: { backend: file, file: { path: %[4]q } }
 principals:
-  ops: { match: { uid: [%d] } }
+  ops: { match: { uid: [%[5]d] } }
 grants:
-  - { principal: ops, upstream: real, roles: [%s] }
-audit: { path: %q, durability: write, parameters: redacted }
+  - { principal: ops, upstream: real, roles: [%[6]s] }
+  - { principal: ops, upstream: pooled, roles: [%[6]s] }
+audit: { path: %[7]q, durability: write, parameters: redacted }
 ebpf: { enabled: "false" }
-admin: { socket: %q }
+admin: { socket: %[8]q }
 `, dir, pg.SocketPath(), testenv.Database, secretsPath, os.Getuid(), testenv.ScramUser, h.auditPath, h.admin)
 	cfgPath := filepath.Join(dir, "pgward.yaml")
 	if err := os.WriteFile(cfgPath, []byte(cfgText), 0o600); err != nil {
@@ -81,8 +85,24 @@ admin: { socket: %q }
 	return h
 }
 
-func (h *adminAgent) dsn() string {
-	return fmt.Sprintf("host=%s port=5432 user=%s dbname=real sslmode=disable connect_timeout=10", h.dir, testenv.ScramUser)
+func (h *adminAgent) dsn() string { return h.dsnTo("real") }
+
+func (h *adminAgent) dsnTo(upstream string) string {
+	return fmt.Sprintf("host=%s port=5432 user=%s dbname=%s sslmode=disable connect_timeout=10", h.dir, testenv.ScramUser, upstream)
+}
+
+// list runs `pgward sessions --json`.
+func (h *adminAgent) list(t *testing.T, args ...string) agent.AdminSessions {
+	t.Helper()
+	code, out, errs := runCLI(append([]string{"sessions", "--socket", h.admin, "--json"}, args...)...)
+	if code != exitOK {
+		t.Fatalf("sessions --json: %d %s", code, errs)
+	}
+	var l agent.AdminSessions
+	if err := json.Unmarshal([]byte(out), &l); err != nil {
+		t.Fatalf("sessions --json: %v\n%s", err, out)
+	}
+	return l
 }
 
 // auditLines returns the audit file's events.
@@ -259,6 +279,64 @@ func TestSessionsListAndEnd(t *testing.T) {
 	}
 	if lists < 4 || unknown != 1 {
 		t.Errorf("audited lists %d (want ≥ 4), unknown-sid ends %d (want 1)", lists, unknown)
+	}
+}
+
+// The states pg_stat_activity would show (from the server's
+// ReadyForQuery), the statement count and traffic, and the connections a
+// reuse upstream parks.
+func TestSessionsStates(t *testing.T) {
+	testenv.RequireRoot(t)
+	h := startAdminAgent(t)
+	ctx := context.Background()
+	c, err := pgx.Connect(ctx, h.dsn())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close(ctx)
+	state := func() agent.AdminSession {
+		t.Helper()
+		l := h.list(t)
+		if len(l.Sessions) != 1 {
+			t.Fatalf("%d sessions listed, want 1", len(l.Sessions))
+		}
+		return l.Sessions[0]
+	}
+	if s := state(); s.State != "idle" || s.Statements != 0 || s.Statement != "" {
+		t.Errorf("fresh session: %+v", s)
+	}
+	for _, step := range []struct{ sql, want string }{
+		{"begin", "idle in transaction"},
+		{"select 1/0", "idle in transaction (aborted)"},
+		{"rollback", "idle"},
+	} {
+		_, _ = c.Exec(ctx, step.sql)
+		if s := state(); s.State != step.want || !strings.HasPrefix(s.Statement, step.sql) {
+			t.Errorf("after %q: state %q, statement %q; want %q", step.sql, s.State, s.Statement, step.want)
+		}
+	}
+	s := state()
+	if s.Statements != 3 || s.BytesIn == 0 || s.BytesOut == 0 || s.Process.PID != int32(os.Getpid()) {
+		t.Errorf("counters: %+v", s)
+	}
+	// Reuse: a session that ends idle parks its connection; the list shows it.
+	p, err := pgx.Connect(ctx, h.dsnTo("pooled"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var backend uint32
+	if err := p.QueryRow(ctx, "select pg_backend_pid()").Scan(&backend); err != nil {
+		t.Fatal(err)
+	}
+	p.Close(ctx)
+	var l agent.AdminSessions
+	waitFor(t, 10*time.Second, func() bool { l = h.list(t, "--upstream", "pooled"); return len(l.Parked) == 1 }, func() string { return fmt.Sprint(l) })
+	if pk := l.Parked[0]; pk.Upstream != "pooled" || pk.Role != testenv.ScramUser || pk.BackendPID != backend || len(l.Sessions) != 0 {
+		t.Errorf("parked: %+v (backend %d)", l, backend)
+	}
+	_, table, _ := runCLI("sessions", "--socket", h.admin)
+	if !strings.Contains(table, "parked upstream connections (reuse): 1") || !strings.Contains(table, strconv.Itoa(int(backend))) {
+		t.Errorf("table:\n%s", table)
 	}
 }
 
