@@ -381,6 +381,10 @@ func (a *Agent) Reload() error {
 		a.log.Warn("reload: listen settings changed; they take effect at restart")
 		cfg.Listen = old.Listen
 	}
+	if cfg.Admin != old.Admin {
+		a.log.Warn("reload: admin settings changed; they take effect at restart")
+		cfg.Admin = old.Admin
+	}
 	if cfg.Kubernetes != old.Kubernetes {
 		a.log.Warn("reload: kubernetes settings changed; they take effect at restart")
 		cfg.Kubernetes = old.Kubernetes

@@ -84,6 +84,9 @@ var agentKeys = []broker.Key{
 
 	{Path: "metrics.listen", Default: "", Doc: "host:port serving /metrics, /healthz, /readyz"},
 
+	// Not applied: its default follows listen.unix_dir (Config.AdminSocket).
+	{Path: "admin.socket", DefaultDoc: "`<listen.unix_dir>-admin/admin.sock`", Doc: "the admin API's Unix socket (pgward sessions), root only"},
+
 	{Path: "ebpf.enabled", Default: defaultEBPFMode, OneOf: ebpfModes, Doc: "whether to use the kernel probes"},
 	{Path: "ebpf.enforce", Default: false, Doc: "refuse direct connects to guarded endpoints"},
 	{Path: "ebpf.guard", DefaultDoc: "`[]`", Doc: "endpoints to guard besides every upstream address"},

@@ -71,6 +71,7 @@ func explain(w io.Writer, cfg *agent.Config) {
 	} else {
 		fmt.Fprintln(w, "Audit checkpoints off (no audit.checkpoint.key): the audit is unkeyed.")
 	}
+	fmt.Fprintf(w, "Admin API (pgward sessions) on %s, root only.\n", cfg.AdminSocket())
 	if cfg.Metrics.Listen != "" {
 		fmt.Fprintf(w, "Metrics at http://%s/metrics.\n", cfg.Metrics.Listen)
 	} else {

@@ -267,6 +267,16 @@ func TestSessionsListAndEnd(t *testing.T) {
 	if end == nil || end["reason"] != "ended_by_operator" {
 		t.Errorf("session end: %v", end)
 	}
+	// audit show tells the story of the session, the operator's end included.
+	code, shown, errs := runCLI("audit", "show", "--sid", sess.SID, h.auditPath)
+	t.Logf("pgward audit show --sid %s:\n%s%s", sess.SID, shown, errs)
+	for _, want := range []string{"session start", "query #1: select pg_sleep(120) /* ops-sleep */;",
+		"admin: ended session " + sess.SID + " (reason: ops drill)", "result #1: failed 57014: pgward cancelled this statement while ending the session (ended_by_operator)",
+		"session end (ended_by_operator, 1 statements)"} {
+		if code != exitOK || !strings.Contains(shown, want) {
+			t.Errorf("audit show --sid: no %q in\n%s", want, shown)
+		}
+	}
 	// The list and the refused unknown sid were audited too.
 	var lists, unknown int
 	for _, ev := range h.auditLines(t) {
