@@ -4,6 +4,10 @@
 // consumes: IdentityResolver (who is calling), secrets.Source (the real
 // credential) and Observer (audit, metrics, logs).
 //
+// For operators (sessions.go): Sessions lists the live sessions with their
+// state as the server's ReadyForQuery says it, EndSession ends one like a
+// revoked grant (endsession.go), Parked lists the reuse pool.
+//
 // Lifecycle: New validates the Config; Serve(ctx, ln) accepts until ctx ends
 // or Close is called; Shutdown stops accepting and drains sessions with a limit.
 //

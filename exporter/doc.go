@@ -7,6 +7,10 @@
 // It writes through an Audit sink, a Metrics set and a *slog.Logger, all
 // handed to NewObserver; nothing here registers globally.
 //
+// It also reads the trail back (auditread.go, for `pgward audit show`):
+// rotated and compressed files in order, filtered, with the chain checked,
+// and followed as it grows.
+//
 // Lifecycle: NewMetrics registers on the registry it is given; OpenAudit
 // opens (or continues) the audit file and Close flushes and closes it;
 // NewTracerProvider returns a shutdown func that flushes spans. The Observer
