@@ -210,6 +210,7 @@ type adminServer struct {
 	ln     *net.UnixListener
 	srv    *http.Server
 	ids    *Resolver // peer credentials and /proc, without eBPF
+	dir    string    // the socket's directory, when pgward made it (removed at close)
 	direct recentDirect
 }
 
@@ -222,11 +223,26 @@ type peer struct {
 }
 
 // openAdmin creates the admin socket (mode 0600, a stale one replaced).
+// A configured admin.socket that cannot be created stops the agent; the
+// default one (an agent run by hand as a user that cannot create it) is
+// said once at WARN and the agent runs without the admin API.
 func (a *Agent) openAdmin() error {
+	err := a.listenAdmin()
+	if err != nil && a.cfg.Admin.Socket == "" {
+		a.log.Warn("admin API off: cannot create the default admin socket; set admin.socket", "err", err)
+		return nil
+	}
+	return err
+}
+
+func (a *Agent) listenAdmin() error {
 	path := a.cfg.AdminSocket()
-	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+	dir := filepath.Dir(path)
+	_, statErr := os.Stat(dir)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return fmt.Errorf("admin.socket: create directory: %w", err)
 	}
+	madeDir := errors.Is(statErr, os.ErrNotExist)
 	if fi, err := os.Lstat(path); err == nil {
 		if fi.Mode()&os.ModeSocket == 0 {
 			return fmt.Errorf("admin.socket: %s exists and is not a socket", path)
@@ -241,6 +257,9 @@ func (a *Agent) openAdmin() error {
 	}
 	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: path, Net: "unix"})
 	if err != nil {
+		if madeDir {
+			os.Remove(dir)
+		}
 		return fmt.Errorf("admin.socket: %w", err)
 	}
 	ln.SetUnlinkOnClose(true)
@@ -248,9 +267,15 @@ func (a *Agent) openAdmin() error {
 	// its peer credentials.
 	if err := os.Chmod(path, 0o600); err != nil {
 		ln.Close()
+		if madeDir {
+			os.Remove(dir)
+		}
 		return fmt.Errorf("admin.socket: chmod %s: %w", path, err)
 	}
 	s := &adminServer{a: a, ln: ln, ids: &Resolver{ProcRoot: a.resolver.ProcRoot, Pods: a.resolver.Pods}}
+	if madeDir {
+		s.dir = dir
+	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /v1/sessions", s.sessions)
 	mux.HandleFunc("POST /v1/sessions/end", s.end)
@@ -266,8 +291,11 @@ func (a *Agent) openAdmin() error {
 	return nil
 }
 
-// serve runs the admin API until close.
+// serve runs the admin API until close (nothing when it is off).
 func (s *adminServer) serve() {
+	if s == nil {
+		return
+	}
 	go func() {
 		if err := s.srv.Serve(s.ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			s.a.log.Error("admin socket failed", "err", err)
@@ -280,6 +308,9 @@ func (s *adminServer) close() error {
 	defer cancel()
 	err := s.srv.Shutdown(ctx)
 	s.ln.Close()
+	if s.dir != "" {
+		os.Remove(s.dir) // only if empty
+	}
 	return err
 }
 
@@ -352,7 +383,7 @@ func (s *adminServer) sessions(w http.ResponseWriter, r *http.Request) {
 	if v := q.Get("uid"); v != "" {
 		n, err := strconv.ParseUint(v, 10, 32)
 		if err != nil {
-			writeJSON(w, http.StatusBadRequest, adminError{fmt.Sprintf("uid %q is not a number", v)})
+			s.badRequest(w, r, exporter.EventAdminSessionsList, fmt.Sprintf("uid %q is not a number", v))
 			return
 		}
 		u := uint32(n)
@@ -410,18 +441,18 @@ func (s *adminServer) end(w http.ResponseWriter, r *http.Request) {
 	dec := json.NewDecoder(io.LimitReader(r.Body, 1<<20))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&req); err != nil {
-		writeJSON(w, http.StatusBadRequest, adminError{"the request body is not an end request: " + err.Error()})
+		s.badRequest(w, r, exporter.EventAdminSessionsEnd, "the request body is not an end request: "+err.Error())
 		return
 	}
 	switch {
 	case len(req.SIDs) == 0:
-		writeJSON(w, http.StatusBadRequest, adminError{"no session id given"})
+		s.badRequest(w, r, exporter.EventAdminSessionsEnd, "no session id given")
 		return
 	case len(req.SIDs) > maxEndSIDs:
-		writeJSON(w, http.StatusBadRequest, adminError{fmt.Sprintf("at most %d session ids per request", maxEndSIDs)})
+		s.badRequest(w, r, exporter.EventAdminSessionsEnd, fmt.Sprintf("at most %d session ids per request", maxEndSIDs))
 		return
 	case len(req.Reason) > maxReasonLen || !utf8.ValidString(req.Reason):
-		writeJSON(w, http.StatusBadRequest, adminError{fmt.Sprintf("the reason must be valid UTF-8 of at most %d bytes", maxReasonLen)})
+		s.badRequest(w, r, exporter.EventAdminSessionsEnd, fmt.Sprintf("the reason must be valid UTF-8 of at most %d bytes", maxReasonLen))
 		return
 	}
 	rid := newRequestID()
@@ -455,6 +486,14 @@ func (s *adminServer) end(w http.ResponseWriter, r *http.Request) {
 		status = http.StatusNotFound
 	}
 	writeJSON(w, status, reply)
+}
+
+// badRequest answers 400 to a request that asked for nothing valid, and
+// audits it as a failed action.
+func (s *adminServer) badRequest(w http.ResponseWriter, r *http.Request, event, msg string) {
+	p, _ := r.Context().Value(peerKey{}).(peer)
+	_ = s.a.observer.Admin(r.Context(), exporter.AdminEvent{Event: event, RequestID: newRequestID(), Operator: p.id, Error: msg})
+	writeJSON(w, http.StatusBadRequest, adminError{msg})
 }
 
 func (s *adminServer) statusOf(sid string) (broker.SessionStatus, bool) {
