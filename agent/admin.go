@@ -14,7 +14,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"sync"
-	"syscall"
 	"time"
 	"unicode/utf8"
 
@@ -315,40 +314,10 @@ func (s *adminServer) close() error {
 }
 
 // peerOf reads the connection's peer credentials and the process's /proc
-// facts.
+// facts. A caller gone before it could be identified is refused.
 func (s *adminServer) peerOf(c net.Conn) peer {
-	uc, ok := c.(*net.UnixConn)
-	if !ok {
-		return peer{err: errors.New("not a Unix connection")}
-	}
-	id, err := s.ids.Resolve(context.Background(), uc)
-	if err != nil && !errors.Is(err, ErrProcessGone) {
-		return peer{err: err}
-	}
-	if err != nil {
-		// Gone already: the credentials alone are still who asked.
-		id, err = s.ids.bareCredentials(uc)
-	}
+	id, err := s.ids.Resolve(context.Background(), c)
 	return peer{id: id, err: err}
-}
-
-// bareCredentials is SO_PEERCRED alone.
-func (r *Resolver) bareCredentials(c *net.UnixConn) (broker.Identity, error) {
-	raw, err := c.SyscallConn()
-	if err != nil {
-		return broker.Identity{}, err
-	}
-	var id broker.Identity
-	var cerr error
-	err = raw.Control(func(fd uintptr) {
-		cred, err := syscall.GetsockoptUcred(int(fd), syscall.SOL_SOCKET, syscall.SO_PEERCRED)
-		if err != nil {
-			cerr = err
-			return
-		}
-		id = broker.Identity{PID: cred.Pid, UID: cred.Uid, GID: cred.Gid, User: r.userName(cred.Uid)}
-	})
-	return id, errors.Join(err, cerr)
 }
 
 // guard refuses every caller but root (in pgward's pid namespace) with
