@@ -2,8 +2,10 @@ package main
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -97,7 +99,7 @@ where it does not verify, a warning says where, and the exit code is 3.`, 0, 1)
 	}
 	files, err := exporter.AuditFiles(path)
 	if err != nil {
-		fmt.Fprintf(stderr, "pgward audit show: %v\n", err)
+		fmt.Fprintf(stderr, "pgward audit show: %s\n", readProblem(err))
 		return exitFailure
 	}
 	w := bufio.NewWriterSize(stdout, 64<<10)
@@ -127,7 +129,7 @@ where it does not verify, a warning says where, and the exit code is 3.`, 0, 1)
 	}
 	w.Flush()
 	if err != nil {
-		fmt.Fprintf(stderr, "pgward audit show: %v\n", err)
+		fmt.Fprintf(stderr, "pgward audit show: %s\n", readProblem(err))
 		return exitFailure
 	}
 	report()
@@ -142,6 +144,15 @@ where it does not verify, a warning says where, and the exit code is 3.`, 0, 1)
 		return exitBadInput
 	}
 	return exitOK
+}
+
+// readProblem says what keeps the audit files from being read; a
+// permission problem needs root.
+func readProblem(err error) string {
+	if errors.Is(err, fs.ErrPermission) {
+		return "needs root: " + err.Error() + " (the audit files are root's, mode 0600)"
+	}
+	return err.Error()
 }
 
 // parseWhen reads a --since/--until value: a duration before now or an

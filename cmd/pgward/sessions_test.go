@@ -352,7 +352,8 @@ func TestSessionsStates(t *testing.T) {
 
 // A caller that is not root: the socket's mode keeps it out, and with the
 // mode opened up the agent refuses it by its peer credentials (audited).
-// Either way the CLI says it needs root and exits 1.
+// Either way the CLI says it needs root and exits 1; so does audit show
+// on root's audit file.
 func TestSessionsNeedRoot(t *testing.T) {
 	testenv.RequireRoot(t)
 	h := startAdminAgent(t)
@@ -373,9 +374,9 @@ func TestSessionsNeedRoot(t *testing.T) {
 	if err := os.WriteFile(bin, data, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	run := func() (int, string) {
+	runArgs := func(args string) (int, string) {
 		cmd := testenv.RunAs(uid, uid, bin, "-test.run=^$")
-		cmd.Env = append(cmd.Env, "PGWARD_CMD_CHILD=sessions --socket "+h.admin)
+		cmd.Env = append(cmd.Env, "PGWARD_CMD_CHILD="+args)
 		out, err := cmd.CombinedOutput()
 		code := 0
 		if ee, ok := err.(*exec.ExitError); ok {
@@ -384,6 +385,11 @@ func TestSessionsNeedRoot(t *testing.T) {
 			t.Fatal(err)
 		}
 		return code, string(out)
+	}
+	run := func() (int, string) { return runArgs("sessions --socket " + h.admin) }
+	// audit show: the audit file is root's (0600).
+	if code, out := runArgs("audit show " + h.auditPath); code != exitFailure || !strings.Contains(out, "needs root") {
+		t.Errorf("non-root audit show: %d %s", code, out)
 	}
 	if err := os.Chmod(filepath.Dir(h.admin), 0o755); err != nil {
 		t.Fatal(err)
