@@ -276,6 +276,12 @@ func (s *AuditScan) open(p string) error {
 	if err != nil {
 		return err
 	}
+	return s.start(f, p)
+}
+
+// start reads f (named p; a .gz name is decompressed) from its start; it
+// takes f.
+func (s *AuditScan) start(f *os.File, p string) error {
 	var r io.Reader = f
 	var c io.Closer = f
 	if strings.HasSuffix(p, ".gz") {
@@ -438,11 +444,13 @@ func (s *AuditScan) Follow(paths []string, interval time.Duration, stop <-chan s
 					return err
 				}
 				s.finish()
-				if err := s.readRotatedSince(active, s.ino); err != nil {
+				if err := s.followRotation(active, s.ino); err != nil {
 					return err
 				}
-			}
-			if err := s.open(active); err != nil {
+				if s.closer == nil {
+					continue // no active file yet
+				}
+			} else if err := s.open(active); err != nil {
 				continue
 			}
 		}
@@ -459,35 +467,79 @@ func (s *AuditScan) polled() {
 	}
 }
 
-// readRotatedSince reads whole the rotated files of active that are newer
-// than the one with inode ino (the file followed until it was rotated).
-// When that file is gone too (rotated out), none is read: the chain check
-// then reports the gap.
-func (s *AuditScan) readRotatedSince(active string, ino uint64) error {
-	files, err := AuditFiles(active)
-	if err != nil {
-		return err
+// followRotation goes on from the file with inode ino (followed until it
+// was rotated): it reads whole the rotated files newer than it, then
+// starts on the active file. The writer may rotate again meanwhile, which
+// renames every file: the files are opened (pinned) between two listings
+// of name → inode, and opened again when the two differ. When the followed
+// file is gone too (rotated out), only the active file is started: the
+// chain check then reports the gap.
+func (s *AuditScan) followRotation(active string, ino uint64) error {
+	type pinned struct {
+		name string
+		f    *os.File
+		ino  uint64
 	}
-	rotated := files[:len(files)-1]
-	from := -1
-	for i, f := range rotated {
-		if fi, err := os.Stat(f); err == nil && inode(fi) == ino {
-			from = i
+	inodes := func() (map[string]uint64, []string, error) {
+		files, err := AuditFiles(active)
+		if err != nil {
+			return nil, nil, err
 		}
-	}
-	if from < 0 {
-		return nil
-	}
-	for _, f := range rotated[from+1:] {
-		if err := s.open(f); err != nil {
-			continue // rotated out meanwhile
+		m := map[string]uint64{}
+		for _, f := range files {
+			if fi, err := os.Stat(f); err == nil {
+				m[f] = inode(fi)
+			}
 		}
-		if err := s.drain(); err != nil {
+		return m, files, nil
+	}
+	for attempt := 0; ; attempt++ {
+		before, names, err := inodes()
+		if err != nil {
 			return err
 		}
-		s.finish()
+		var open []pinned
+		for _, n := range names {
+			if f, err := os.Open(n); err == nil {
+				fi, _ := f.Stat()
+				open = append(open, pinned{n, f, inode(fi)})
+			}
+		}
+		after, _, err := inodes()
+		stable := err == nil && len(before) == len(after)
+		for n, i := range before {
+			stable = stable && after[n] == i
+		}
+		for _, p := range open {
+			stable = stable && before[p.name] == p.ino
+		}
+		if !stable && attempt < 20 {
+			for _, p := range open {
+				p.f.Close()
+			}
+			continue
+		}
+		from := -1
+		for i, p := range open {
+			if p.ino == ino {
+				from = i
+			}
+		}
+		var rerr error
+		for i, p := range open {
+			last := p.name == active
+			if !last && (i <= from || from < 0) || rerr != nil {
+				p.f.Close()
+				continue
+			}
+			if rerr = s.start(p.f, p.name); rerr != nil || last {
+				continue // the active file is followed from here
+			}
+			rerr = s.drain()
+			s.finish()
+		}
+		return rerr
 	}
-	return nil
 }
 
 func inode(fi os.FileInfo) uint64 {
