@@ -32,6 +32,7 @@ type File struct {
 	mu      sync.Mutex
 	creds   map[string]map[string]fileEntry
 	stamp   fileStamp
+	certs   map[string]fileStamp // cert_file and key_file paths the content was read from
 	checked time.Time
 	now     func() time.Time
 }
@@ -39,6 +40,15 @@ type File struct {
 type fileEntry struct {
 	User     string `yaml:"user"`
 	Password string `yaml:"password"`
+	// Cert and Key are a client certificate (leaf first) and its private
+	// key, PEM, inline; CertFile and KeyFile name files holding them.
+	// Either pair, for upstream `cert` authentication (cert.go).
+	Cert     string `yaml:"cert"`
+	Key      string `yaml:"key"`
+	CertFile string `yaml:"cert_file"`
+	KeyFile  string `yaml:"key_file"`
+
+	cert *ClientCert
 }
 
 type fileStamp struct {
@@ -56,15 +66,28 @@ func NewFile(cfg FileConfig, log *slog.Logger) (*File, error) {
 		log = slog.New(slog.DiscardHandler)
 	}
 	f := &File{path: cfg.Path, log: log, now: time.Now}
-	creds, stamp, err := loadFile(cfg.Path)
+	creds, stamp, certs, err := loadFile(cfg.Path)
 	if err != nil {
 		return nil, err
 	}
-	f.creds, f.stamp, f.checked = creds, stamp, f.now()
+	f.creds, f.stamp, f.certs, f.checked = creds, stamp, certs, f.now()
+	f.warnExpiring()
 	return f, nil
 }
 
-func loadFile(path string) (map[string]map[string]fileEntry, fileStamp, error) {
+func loadFile(path string) (map[string]map[string]fileEntry, fileStamp, map[string]fileStamp, error) {
+	creds, st, err := loadCreds(path)
+	if err != nil {
+		return nil, fileStamp{}, nil, err
+	}
+	certs, err := loadCerts(path, creds)
+	if err != nil {
+		return nil, fileStamp{}, nil, err
+	}
+	return creds, st, certs, nil
+}
+
+func loadCreds(path string) (map[string]map[string]fileEntry, fileStamp, error) {
 	fh, err := os.Open(path)
 	if err != nil {
 		return nil, fileStamp{}, fmt.Errorf("open secrets file: %w", err)
@@ -95,17 +118,6 @@ func loadFile(path string) (map[string]map[string]fileEntry, fileStamp, error) {
 		// yaml's messages carry line numbers and keys, never values of scalars we did not ask for.
 		return nil, fileStamp{}, fmt.Errorf("secrets file %s: %s", path, sanitizeYAMLError(err))
 	}
-	var problems []error
-	for up, roles := range creds {
-		for role, e := range roles {
-			if e.Password == "" {
-				problems = append(problems, fmt.Errorf("secrets file %s: %s.%s: password is empty", path, up, role))
-			}
-		}
-	}
-	if err := errors.Join(problems...); err != nil {
-		return nil, fileStamp{}, err
-	}
 	return creds, st, nil
 }
 
@@ -118,18 +130,20 @@ func (f *File) Fetch(_ context.Context, upstream, role string) (Credential, erro
 	if !ok {
 		return Credential{}, fmt.Errorf("file %s: %s.%s: %w", f.path, upstream, role, ErrNotFound)
 	}
-	return Credential{User: e.User, Password: NewSecret(e.Password)}, nil
+	return Credential{User: e.User, Password: NewSecret(e.Password), Cert: e.cert}, nil
 }
 
-// Reload re-reads the file now. On error the old content stays in use.
+// Reload re-reads the file (and the certificate files it names) now. On
+// error the old content stays in use.
 func (f *File) Reload() error {
-	creds, st, err := loadFile(f.path)
+	creds, st, certs, err := loadFile(f.path)
 	if err != nil {
 		return err
 	}
 	f.mu.Lock()
-	f.creds, f.stamp, f.checked = creds, st, f.now()
+	f.creds, f.stamp, f.certs, f.checked = creds, st, certs, f.now()
 	f.mu.Unlock()
+	f.warnExpiring()
 	return nil
 }
 
@@ -151,13 +165,14 @@ func (f *File) maybeReload() {
 	if sys, ok := fi.Sys().(*syscall.Stat_t); ok {
 		st.ino = sys.Ino
 	}
-	if st == old {
+	if st == old && !f.certsChanged() {
 		return
 	}
 	if err := f.Reload(); err != nil {
 		f.log.Warn("secrets file changed but is invalid; keeping the last good content", "path", f.path, "err", err)
+		certs := f.currentCertStamps()
 		f.mu.Lock()
-		f.stamp = st // do not retry until it changes again
+		f.stamp, f.certs = st, certs // do not retry until it changes again
 		f.mu.Unlock()
 		return
 	}

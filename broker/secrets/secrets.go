@@ -37,6 +37,9 @@ type Credential struct {
 	// User is the upstream login role. Empty means the role the client asked for.
 	User     string
 	Password Secret
+	// Cert, when non-nil, is the TLS client certificate and key presented
+	// to upstreams whose auth list has cert.
+	Cert *ClientCert
 	// Lease, when non-nil, is the lifetime of a dynamic credential. Sessions
 	// authenticated with it end when Done is closed.
 	Lease *Lease
