@@ -60,8 +60,10 @@ type UpstreamConfig struct {
 	Database string    `yaml:"database"`
 	TLS      TLSConfig `yaml:"tls"`
 	// Auth lists the authentication methods pgward accepts from this upstream:
-	// scram-sha-256 (default), md5, password. A method not listed is refused,
-	// so a server (or a machine in the middle) cannot downgrade to harvest the secret.
+	// scram-sha-256 (default), md5, password, cert (client certificate over
+	// verify-full TLS), trust (alone: no authentication). A method not listed
+	// is refused, so a server (or a machine in the middle) cannot downgrade
+	// to harvest the secret. See certauth.go.
 	Auth []string `yaml:"auth"`
 	// ConnectTimeout bounds dialling and authenticating. Default 5s.
 	ConnectTimeout time.Duration `yaml:"connect_timeout"`
@@ -519,6 +521,7 @@ func (c *Config) Validate() error {
 		for i, m := range u.Auth {
 			add(CheckChoice(fmt.Sprintf("%s.auth[%d]", p, i), m, AuthMethods))
 		}
+		checkAuth(p, u, add) // certauth.go
 	}
 
 	for _, name := range sortedKeys(c.Principals) {

@@ -31,7 +31,7 @@ type Key struct {
 // these lists, so a value is added in one place.
 var (
 	TLSModes    = []string{"disable", "require", "verify-ca", "verify-full"}
-	AuthMethods = []string{"scram-sha-256", "md5", "password"}
+	AuthMethods = []string{"scram-sha-256", "md5", "password", AuthCert, AuthTrust}
 )
 
 // Keys is the broker's part of the configuration (listen, upstreams,

@@ -92,7 +92,7 @@ func TestConfigValidate(t *testing.T) {
 	bad := Config{
 		Listen: ListenConfig{UnixDir: "rel", Mode: "999", TCP: "10.0.0.1:5432"},
 		Upstreams: map[string]UpstreamConfig{
-			"a": {Address: "nohostport", Auth: []string{"trust"}},
+			"a": {Address: "nohostport", Auth: []string{"none"}}, // trust is a method now (certauth.go)
 			"b": {Address: "db:5432", TLS: TLSConfig{Mode: "maybe"}},
 			"c": {Address: "db:5432"}, // verify-full default without CA
 		},

@@ -106,6 +106,7 @@ func New(opts Options) (*Server, error) {
 	for _, d := range opts.Config.Deprecations() {
 		s.log.Warn(d)
 	}
+	warnTrust(s.log, opts.Config)
 	s.state.Store(st)
 	return s, nil
 }
@@ -154,6 +155,7 @@ func (s *Server) Reload(cfg Config) error {
 		return err
 	}
 	s.state.Store(st)
+	warnTrust(s.log, cfg)
 	s.limiter.setConfig(cfg.Limits)
 	// Role memberships are learned again at each credential's next use.
 	s.roles.clear()

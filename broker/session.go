@@ -309,7 +309,7 @@ func (s *Server) startSession(ctx context.Context, c net.Conn, st *serverState, 
 	// A backend that hangs must not hold the login past listen.login_timeout.
 	fctx, fcancel := context.WithDeadline(fctx, accepted.Add(st.cfg.Listen.loginTimeout()))
 	t := time.Now()
-	cred, err := s.secrets.Fetch(fctx, dbname, role)
+	cred, err := fetchCredential(fctx, s.secrets, ups.cfg, dbname, role) // certauth.go
 	fcancel()
 	req.Durations[StageCredentials] = time.Since(t)
 	fspan.End()
@@ -351,6 +351,8 @@ func (s *Server) startSession(ctx context.Context, c net.Conn, st *serverState, 
 		switch ce := clientErrorFor(err); {
 		case ce != nil:
 			fail(ce, slog.LevelInfo, "upstream refused the session the client asked for", "err", err)
+		case certClientError(err, dbname, role) != nil:
+			fail(certClientError(err, dbname, role), slog.LevelWarn, "upstream client-certificate authentication failed", "err", err)
 		case errors.Is(err, errUpstreamRejected):
 			fail(refuse(CodeInvalidPassword, ReasonUpstreamRejected,
 				fmt.Sprintf("upstream %q rejected the credential pgward holds for role %q", dbname, role),
@@ -359,7 +361,7 @@ func (s *Server) startSession(ctx context.Context, c net.Conn, st *serverState, 
 		case errors.Is(err, errAuthMethodRefused):
 			fail(refuse(CodeCannotConnect, ReasonUpstreamRejected,
 				fmt.Sprintf("upstream %q asked for an authentication method pgward does not allow for it", dbname),
-				"Allow the method in upstreams."+dbname+".auth, or configure the server for SCRAM-SHA-256."),
+				authMethodHint(dbname)),
 				slog.LevelWarn, "upstream asked for a refused authentication method", "err", err)
 		default:
 			fail(refuse(CodeCannotConnect, ReasonBackendError,

@@ -160,10 +160,14 @@ func (u *upstream) connect(ctx context.Context, role string, cred secrets.Creden
 	defer stop()
 
 	var tlsState *tls.ConnectionState
-	if u.tls != nil {
-		tc, err := startTLS(ctx, raw, u.tls)
+	tcfg, proof, err := u.tlsConfigFor(cred) // certauth.go
+	if err != nil {
+		return nil, err
+	}
+	if tcfg != nil {
+		tc, err := startTLS(ctx, raw, tcfg)
 		if err != nil {
-			return nil, err
+			return nil, certRefusal(err, proof)
 		}
 		conn = tc
 		st := tc.ConnectionState()
@@ -193,7 +197,8 @@ func (u *upstream) connect(ctx context.Context, role string, cred secrets.Creden
 	}
 	methods := u.cfg.authMethods()
 	allowed := func(m string) bool { return slices.Contains(methods, m) }
-	requireCB := tlsState != nil && len(methods) == 1 && methods[0] == "scram-sha-256"
+	pwMethods := slices.DeleteFunc(slices.Clone(methods), func(m string) bool { return m == AuthCert })
+	requireCB := tlsState != nil && len(pwMethods) == 1 && pwMethods[0] == "scram-sha-256"
 	password := cred.Password.Reveal()
 	uc := &upstreamConn{params: map[string]string{}, tls: tlsState != nil, dialTarget: target}
 	asked := false         // the server asked for a password in some form
@@ -202,7 +207,7 @@ func (u *upstream) connect(ctx context.Context, role string, cred secrets.Creden
 	for {
 		msg, err := fe.Receive()
 		if err != nil {
-			return nil, fmt.Errorf("read from upstream during startup: %w", err)
+			return nil, certRefusal(fmt.Errorf("read from upstream during startup: %w", err), proof)
 		}
 		switch m := msg.(type) {
 		case *pgproto3.AuthenticationCleartextPassword:
@@ -270,9 +275,11 @@ func (u *upstream) connect(ctx context.Context, role string, cred secrets.Creden
 		case *pgproto3.AuthenticationOk:
 			switch {
 			case !asked:
-				// The server asked for no authentication: require_auth
-				// (our auth list) has no "none".
-				return nil, fmt.Errorf("%w: server requested no authentication", errAuthMethodRefused)
+				// The server asked for no authentication: accepted only
+				// with trust, or cert and a proven handshake (certauth.go).
+				if err := u.noAuthAccepted(tlsState, proof); err != nil {
+					return nil, err
+				}
 			case sc != nil && !sc.verified:
 				// SCRAM must end with the server's proof (SASLFinal).
 				return nil, fmt.Errorf("%w: AuthenticationOk before the server proved itself", errAuthMethodRefused)
@@ -317,6 +324,9 @@ func (u *upstream) connect(ctx context.Context, role string, cred secrets.Creden
 				// holds nothing of the secret. See clientErrorFor.
 				return nil, fmt.Errorf("%w: %w", errSessionRefused, &serverError{
 					Code: m.Code, Message: m.Message, Detail: m.Detail, Hint: m.Hint, Fatal: true})
+			}
+			if err := certErrorResponse(proof, asked, m.Code, m.Message); err != nil {
+				return nil, err
 			}
 			switch m.Code {
 			case "28P01", "28000":

@@ -93,6 +93,18 @@ func (ca *CA) IssueClient(commonName string) (certPEM, keyPEM []byte, err error)
 	})
 }
 
+// IssueClientValid is IssueClient with the given validity: a short-lived
+// certificate, as Vault's PKI engine issues, or one already expired.
+func (ca *CA) IssueClientValid(commonName string, notBefore, notAfter time.Time) (certPEM, keyPEM []byte, err error) {
+	return ca.issue(&x509.Certificate{
+		Subject:     pkix.Name{CommonName: commonName},
+		KeyUsage:    x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+		NotBefore:   notBefore,
+		NotAfter:    notAfter,
+	})
+}
+
 func (ca *CA) issue(tmpl *x509.Certificate) (certPEM, keyPEM []byte, err error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -100,8 +112,10 @@ func (ca *CA) issue(tmpl *x509.Certificate) (certPEM, keyPEM []byte, err error) 
 	}
 	now := time.Now()
 	tmpl.SerialNumber = serial()
-	tmpl.NotBefore = now.Add(-time.Hour)
-	tmpl.NotAfter = now.Add(certValidity)
+	if tmpl.NotAfter.IsZero() {
+		tmpl.NotBefore = now.Add(-time.Hour)
+		tmpl.NotAfter = now.Add(certValidity)
+	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, key.Public(), ca.key)
 	if err != nil {
 		return nil, nil, fmt.Errorf("create certificate %q: %w", tmpl.Subject.CommonName, err)

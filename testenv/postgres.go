@@ -56,6 +56,10 @@ type Options struct {
 	ExtraHBA []string
 	// ExtraConf lines are appended to postgresql.conf (later settings win).
 	ExtraConf []string
+	// ClientCA makes the server trust client certificates issued by CA
+	// (ssl_ca_file), for pg_hba lines with cert or clientcert=verify-full
+	// in ExtraHBA. CA.IssueClient and IssueClientValid issue them.
+	ClientCA bool
 }
 
 func (o Options) maxConnections() int {
@@ -278,6 +282,9 @@ func (p *Postgres) configure() error {
 	if err := p.writeDataFile("server.key", keyPEM, 0o600); err != nil {
 		return err
 	}
+	if err := p.writeDataFile("root.crt", ca.CertPEM, 0o644); err != nil {
+		return err
+	}
 	return p.writeDataFile("pg_hba.conf", []byte(hbaConf(p.opts.ExtraHBA)), 0o600)
 }
 
@@ -328,6 +335,9 @@ lc_numeric = 'C'
 lc_time = 'C'
 default_text_search_config = 'pg_catalog.english'
 `, p.Port, confQuote(p.SocketDir), p.opts.maxConnections(), logStatement)
+	if p.opts.ClientCA {
+		b.WriteString("ssl_ca_file = 'root.crt'\n")
+	}
 	for _, l := range p.opts.ExtraConf {
 		b.WriteString(l + "\n")
 	}
