@@ -1,0 +1,263 @@
+package agent
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/pgward/pgward/broker"
+	"github.com/pgward/pgward/testenv"
+	"github.com/pgward/pgward/testenv/faultpg"
+)
+
+// Roles of certPG.
+const (
+	certUser  = "cert_user"  // hostssl … cert clientcert=verify-full
+	trustUser = "trust_user" // trust, on the socket file and over TCP
+)
+
+// certPG starts a Postgres that trusts its CA's client certificates
+// (ssl_ca_file) and authenticates certUser by certificate only and
+// trustUser not at all. The test's cleanup stops it.
+func certPG(t *testing.T) *testenv.Postgres {
+	t.Helper()
+	postgres(t) // the harness's shared server; also skips without Postgres
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	pg, err := testenv.StartPostgres(ctx, testenv.Options{
+		Logf:     t.Logf,
+		ClientCA: true,
+		ExtraHBA: []string{
+			"hostssl all " + certUser + " 127.0.0.1/32 cert clientcert=verify-full",
+			"host all " + certUser + " 127.0.0.1/32 reject",
+			"local all " + certUser + " reject",
+			"local all " + trustUser + " trust",
+			"host all " + trustUser + " 127.0.0.1/32 trust",
+		},
+	})
+	if err != nil {
+		t.Fatalf("start the cert Postgres: %v", err)
+	}
+	t.Cleanup(func() { _ = pg.Stop() })
+	if err := pg.Exec(ctx, "CREATE ROLE "+certUser+" LOGIN; CREATE ROLE "+trustUser+" LOGIN"); err != nil {
+		t.Fatal(err)
+	}
+	return pg
+}
+
+// certUpstream is a verify-full TLS upstream on pg with auth [cert].
+func certUpstream(pg *testenv.Postgres) broker.UpstreamConfig {
+	return broker.UpstreamConfig{Address: pg.TCPAddr(), Database: testenv.Database, Auth: []string{"cert"},
+		TLS: broker.TLSConfig{Mode: "verify-full", CAFile: pg.CAFile, ServerName: "localhost"}}
+}
+
+func indentPEM(b []byte) string {
+	return "      " + strings.ReplaceAll(strings.TrimSpace(string(b)), "\n", "\n      ")
+}
+
+// writeCertSecrets writes a secrets file for the cert tests and points the
+// file backend at it.
+func writeCertSecrets(t *testing.T, h *harness, c *Config, body string) {
+	t.Helper()
+	path := filepath.Join(h.dir, "cert-secrets.yaml")
+	if err := os.WriteFile(path, []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	c.Secrets.File.Path = path
+}
+
+func parseCert(t *testing.T, certPEM []byte) *x509.Certificate {
+	t.Helper()
+	b, _ := pem.Decode(certPEM)
+	if b == nil {
+		t.Fatal("no PEM")
+	}
+	c, err := x509.ParseCertificate(b.Bytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// auth: [cert] with the file backend: a session through pgward logs in
+// by the client certificate the secrets file holds (inline, and by
+// cert_file/key_file), with pgx and with psql; the server sees that
+// certificate. A certificate with the wrong common name and an expired one
+// are refused by the server, and the client gets 28000, audited.
+func TestCertAuthFileBackend(t *testing.T) {
+	pg := certPG(t)
+	good, goodKey, err := pg.CA.IssueClient(certUser)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wrongCN, wrongKey, _ := pg.CA.IssueClient("somebody_else")
+	expired, expiredKey, _ := pg.CA.IssueClientValid(certUser, time.Now().Add(-2*time.Hour), time.Now().Add(-time.Hour))
+	goodCert := parseCert(t, good)
+	h := newHarness(t, func(h *harness, c *Config) {
+		for name, data := range map[string][]byte{"exp.crt": expired, "exp.key": expiredKey} {
+			if err := os.WriteFile(filepath.Join(h.dir, name), data, 0o600); err != nil {
+				t.Fatal(err)
+			}
+		}
+		writeCertSecrets(t, h, c, "certdb:\n  "+certUser+":\n    cert: |\n"+indentPEM(good)+"\n    key: |\n"+indentPEM(goodKey)+
+			"\ncertwrong:\n  "+certUser+":\n    cert: |\n"+indentPEM(wrongCN)+"\n    key: |\n"+indentPEM(wrongKey)+
+			"\ncertexp:\n  "+certUser+": { cert_file: exp.crt, key_file: exp.key }\n")
+		for _, n := range []string{"certdb", "certwrong", "certexp"} {
+			c.Upstreams[n] = certUpstream(pg)
+			c.Grants = append(c.Grants, broker.Grant{Principal: "me", Upstream: n, Roles: []string{certUser}})
+		}
+	})
+	ctx := context.Background()
+
+	// pgx.
+	conn := h.connect(t, certUser, "certdb")
+	var who, dn, serial string
+	if err := conn.QueryRow(ctx, "select current_user, s.client_dn, s.client_serial::text from pg_stat_ssl s where s.pid = pg_backend_pid()").Scan(&who, &dn, &serial); err != nil {
+		t.Fatal(err)
+	}
+	if who != certUser || dn != "/CN="+certUser || serial != goodCert.SerialNumber.String() {
+		t.Fatalf("pgx: user %q dn %q serial %s; want %s, /CN=%s, %s", who, dn, serial, certUser, certUser, goodCert.SerialNumber)
+	}
+
+	// psql (libpq).
+	out, err := testenv.RunAs(uint32(os.Getuid()), uint32(os.Getgid()), "psql", "-XAt", "-c",
+		"select current_user || ' ' || s.client_dn from pg_stat_ssl s where s.pid = pg_backend_pid()", h.dsn(certUser, "certdb")).CombinedOutput()
+	if err != nil || strings.TrimSpace(string(out)) != certUser+" /CN="+certUser {
+		t.Fatalf("psql: %v %q", err, out)
+	}
+
+	// The server's refusals: wrong CN (an ErrorResponse before
+	// AuthenticationOk), expired (a TLS alert).
+	for _, tc := range []struct{ upstream, detail string }{
+		{"certwrong", "certificate authentication failed"},
+		{"certexp", "expired"},
+	} {
+		e := connectErr(t, h.dsn(certUser, tc.upstream))
+		if e.Code != broker.CodeInvalidAuthorization || !strings.Contains(e.Message, "refused the client certificate") || !strings.Contains(e.Detail, tc.detail) {
+			t.Errorf("%s: got %s %q (detail %q); want 28000 with %q", tc.upstream, e.Code, e.Message, e.Detail, tc.detail)
+		}
+		out, err := testenv.RunAs(uint32(os.Getuid()), uint32(os.Getgid()), "psql", "-XAt", "-c", "select 1", h.dsn(certUser, tc.upstream)).CombinedOutput()
+		if err == nil || !strings.Contains(string(out), "refused the client certificate") {
+			t.Errorf("%s: psql: %v %q", tc.upstream, err, out)
+		}
+		findEvent(t, h, "db.session.start", func(ev map[string]any) bool {
+			return ev["db_service"] == tc.upstream && ev["success"] == false && strings.Contains(asString(ev["error"]), "client certificate")
+		})
+	}
+	for _, s := range []string{string(goodKey), string(wrongKey), string(expiredKey)} {
+		line := strings.Split(s, "\n")[1]
+		if strings.Contains(h.logs.String(), line) || strings.Contains(readFile(t, h.auditPath), line) {
+			t.Fatal("a private key was written to the log or the audit")
+		}
+	}
+}
+
+// auth: [cert] accepts AuthenticationOk with no request only when the
+// server asked for pgward's certificate: a server that trusts everybody
+// (trust in pg_hba) is refused on a cert upstream, as it is by default.
+// With auth: [trust] it is accepted, and pgward says so at WARN when it
+// starts and at every reload.
+func TestTrustUpstream(t *testing.T) {
+	pg := certPG(t)
+	good, goodKey, _ := pg.CA.IssueClient(trustUser)
+	// A verify-full TLS server that asks for no client certificate and
+	// lets everybody in: what a cert upstream must not accept.
+	srvCert, srvKey, _ := pg.CA.Issue("localhost", "127.0.0.1")
+	srvPair, err := tls.X509KeyPair(srvCert, srvKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fake := faultpg.Start(t, func(s *faultpg.Server, c net.Conn) error {
+		if code, _, err := faultpg.ReadPacket(c); err != nil || code != faultpg.SSLRequest {
+			return err
+		}
+		if _, err := c.Write([]byte{'S'}); err != nil {
+			return err
+		}
+		tc := tls.Server(c, &tls.Config{Certificates: []tls.Certificate{srvPair}})
+		if err := tc.Handshake(); err != nil {
+			return nil
+		}
+		if _, _, err := faultpg.ReadPacket(tc); err != nil {
+			return nil
+		}
+		_, _ = tc.Write(faultpg.AuthOKReady())
+		_, _, _ = faultpg.ReadPacket(tc) // until the client goes
+		return nil
+	})
+	var conf *Config
+	h := newHarness(t, func(h *harness, c *Config) {
+		conf = c
+		writeCertSecrets(t, h, c, "certtrust:\n  "+trustUser+":\n    cert: |\n"+indentPEM(good)+"\n    key: |\n"+indentPEM(goodKey)+
+			"\nnotrust:\n  "+trustUser+": { password: unused-password }\n")
+		c.Upstreams["trusted"] = broker.UpstreamConfig{Address: pg.SocketPath(), Database: testenv.Database, Auth: []string{"trust"}}
+		c.Upstreams["trusted_tcp"] = broker.UpstreamConfig{Address: pg.TCPAddr(), Database: testenv.Database, Auth: []string{"trust"}, TLS: broker.TLSConfig{Mode: "disable"}}
+		c.Upstreams["notrust"] = broker.UpstreamConfig{Address: pg.SocketPath(), Database: testenv.Database}
+		c.Upstreams["certtrust"] = broker.UpstreamConfig{Address: fake.Addr(), Database: testenv.Database, Auth: []string{"cert"},
+			TLS: broker.TLSConfig{Mode: "verify-full", CAFile: pg.CAFile, ServerName: "localhost"}}
+		for _, n := range []string{"trusted", "trusted_tcp", "notrust", "certtrust"} {
+			c.Grants = append(c.Grants, broker.Grant{Principal: "me", Upstream: n, Roles: []string{trustUser}})
+		}
+	})
+	ctx := context.Background()
+	warns := func() int {
+		n := 0
+		for _, l := range strings.Split(h.logs.String(), "\n") {
+			if strings.Contains(l, `"level":"WARN"`) && strings.Contains(l, "auth lists trust") {
+				n++
+			}
+		}
+		return n
+	}
+	if n := warns(); n != 2 {
+		t.Fatalf("WARN lines about trust at start: %d, want 2 (trusted, trusted_tcp)", n)
+	}
+	if !strings.Contains(h.logs.String(), `"upstream":"trusted_tcp"`) {
+		t.Fatal("the WARN does not name the upstream")
+	}
+
+	for _, up := range []string{"trusted", "trusted_tcp"} {
+		conn := h.connect(t, trustUser, up)
+		var who string
+		if err := conn.QueryRow(ctx, "select current_user").Scan(&who); err != nil || who != trustUser {
+			t.Fatalf("%s: pgx: %q %v", up, who, err)
+		}
+		out, err := testenv.RunAs(uint32(os.Getuid()), uint32(os.Getgid()), "psql", "-XAt", "-c", "select current_user", h.dsn(trustUser, up)).CombinedOutput()
+		if err != nil || strings.TrimSpace(string(out)) != trustUser {
+			t.Fatalf("%s: psql: %v %q", up, err, out)
+		}
+	}
+
+	// Not listed: refused, as before this option existed; and a cert
+	// upstream whose server asked for no certificate is refused too.
+	for _, up := range []string{"notrust", "certtrust"} {
+		e := connectErr(t, h.dsn(trustUser, up))
+		if e.Code != broker.CodeCannotConnect || !strings.Contains(e.Message, "authentication method pgward does not allow") {
+			t.Errorf("%s: got %s %q; want 08001 refusing the method", up, e.Code, e.Message)
+		}
+		findEvent(t, h, "db.session.start", func(ev map[string]any) bool {
+			return ev["db_service"] == up && ev["success"] == false
+		})
+	}
+	if !strings.Contains(h.logs.String(), "did not ask for pgward's client certificate") {
+		t.Error("the cert upstream's refusal does not say the server asked for no certificate")
+	}
+	if fake.Accepted() == 0 {
+		t.Fatal("the fake upstream was never dialled: the test proves nothing")
+	}
+
+	// A reload warns again.
+	if err := h.agent.Broker().Reload(conf.Config); err != nil {
+		t.Fatal(err)
+	}
+	if n := warns(); n != 4 {
+		t.Fatalf("WARN lines about trust after a reload: %d, want 4", n)
+	}
+}
