@@ -12,9 +12,13 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
+
 	"github.com/pgward/pgward/broker"
+	"github.com/pgward/pgward/broker/secrets/vault"
 	"github.com/pgward/pgward/testenv"
 	"github.com/pgward/pgward/testenv/faultpg"
+	"github.com/pgward/pgward/testenv/vaultsim"
 )
 
 // Roles of certPG.
@@ -259,5 +263,108 @@ func TestTrustUpstream(t *testing.T) {
 	}
 	if n := warns(); n != 4 {
 		t.Fatalf("WARN lines about trust after a reload: %d, want 4", n)
+	}
+}
+
+// auth: [cert] with Vault's PKI engine: pgward asks pki/issue/<role> for a
+// short-lived certificate with the role as its common name, logs in with it
+// (pgx, psql), renews it before it expires (a second certificate is issued
+// and the next session uses it, while the first session outlives its
+// certificate), and when Vault cannot renew it, new sessions are refused
+// clearly once it expired while the open one continues.
+func TestCertAuthVaultPKI(t *testing.T) {
+	pg := certPG(t)
+	sim := vaultsim.New(vaultsim.Options{Logf: t.Logf})
+	t.Cleanup(sim.Close)
+	const ttl = 4 * time.Second
+	sim.AddPKIRole("pki", "pgward-client", vaultsim.PKIRole{Issuer: pg.CA, CAPEM: pg.CA.CertPEM, TTL: time.Hour,
+		AllowedCommonNames: []string{certUser}})
+	h := newHarness(t, func(h *harness, c *Config) {
+		tokenFile := filepath.Join(h.dir, "vault-token")
+		if err := os.WriteFile(tokenFile, []byte(sim.RootToken()), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		c.Secrets.Vault = &vault.Config{
+			Address: sim.Addr(),
+			Timeout: 2 * time.Second,
+			Auth:    vault.AuthConfig{Method: "token", TokenFile: tokenFile},
+			Roles: map[string]map[string]vault.RoleConfig{
+				"vcert": {certUser: {PKI: &vault.PKIConfig{Role: "pgward-client", TTL: ttl}}},
+			},
+		}
+		up := certUpstream(pg)
+		up.Secrets = "vault"
+		c.Upstreams["vcert"] = up
+		c.Grants = append(c.Grants, broker.Grant{Principal: "me", Upstream: "vcert", Roles: []string{certUser}})
+	})
+	ctx := context.Background()
+	serialOf := func(conn interface {
+		QueryRow(context.Context, string, ...any) pgx.Row
+	}) string {
+		t.Helper()
+		var who, serial string
+		if err := conn.QueryRow(ctx, "select current_user, client_serial::text from pg_stat_ssl where pid = pg_backend_pid()").Scan(&who, &serial); err != nil || who != certUser {
+			t.Fatalf("session: %q %v", who, err)
+		}
+		return serial
+	}
+
+	first := h.connect(t, certUser, "vcert")
+	s1 := serialOf(first)
+	issued := sim.Issued()
+	if len(issued) != 1 || issued[0].Serial != s1 || issued[0].CommonName != certUser || (issued[0].NotAfter.Sub(issued[0].Time)-ttl).Abs() > time.Second {
+		t.Fatalf("issued %+v; session serial %s", issued, s1)
+	}
+	out, err := testenv.RunAs(uint32(os.Getuid()), uint32(os.Getgid()), "psql", "-XAt", "-c",
+		"select client_serial from pg_stat_ssl where pid = pg_backend_pid()", h.dsn(certUser, "vcert")).CombinedOutput()
+	if err != nil || strings.TrimSpace(string(out)) != s1 {
+		t.Fatalf("psql: %v %q, want serial %s (the cached certificate)", err, out, s1)
+	}
+
+	// Renewed before it expires: at two thirds of its life.
+	deadline := time.Now().Add(3 * ttl)
+	for len(sim.Issued()) < 2 {
+		if time.Now().After(deadline) {
+			t.Fatal("no second certificate was issued")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	issued = sim.Issued()
+	if issued[1].Time.After(issued[0].NotAfter) {
+		t.Fatalf("renewed at %v, after the first certificate expired at %v", issued[1].Time, issued[0].NotAfter)
+	}
+	second := h.connect(t, certUser, "vcert")
+	if s2 := serialOf(second); s2 != issued[1].Serial || s2 == s1 {
+		t.Fatalf("second session used serial %s; issued %+v", s2, issued)
+	}
+	if !strings.Contains(h.logs.String(), "vault pki certificate renewed") {
+		t.Fatal("no log line at renewal")
+	}
+
+	// Vault stops issuing: once the current certificate expired, new
+	// sessions are refused with a message that says so; open sessions
+	// (their TLS handshake is done) continue.
+	remove := sim.Inject(vaultsim.Fault{Path: "pki/issue/", Status: 500, Errors: []string{"internal error"}})
+	defer remove()
+	last := sim.Issued()
+	time.Sleep(time.Until(last[len(last)-1].NotAfter) + 500*time.Millisecond)
+	e := connectErr(t, h.dsn(certUser, "vcert"))
+	if e.Code != broker.CodeCannotConnect || !strings.Contains(e.Message, "client certificate expired") {
+		t.Fatalf("after a failed renewal: %s %q", e.Code, e.Message)
+	}
+	for _, c := range []*pgx.Conn{first, second} {
+		if _, err := c.Exec(ctx, "select 1"); err != nil {
+			t.Fatalf("an open session ended with its certificate: %v", err)
+		}
+	}
+	if !strings.Contains(h.logs.String(), "could not be renewed") {
+		t.Fatal("no ERROR line when the certificate expired unrenewed")
+	}
+
+	// Vault back: the next session gets a new certificate.
+	remove()
+	third := h.connect(t, certUser, "vcert")
+	if s3 := serialOf(third); s3 == s1 || s3 != sim.Issued()[len(sim.Issued())-1].Serial {
+		t.Fatalf("third session serial %s", s3)
 	}
 }

@@ -426,6 +426,8 @@ func (s *Server) startSession(ctx context.Context, c net.Conn, st *serverState, 
 // (which could carry a path or token).
 func backendProblem(err error) string {
 	switch {
+	case errors.Is(err, secrets.ErrCertExpired):
+		return "its client certificate expired and the backend could not issue a new one"
 	case errors.Is(err, secrets.ErrNotFound):
 		return "no credential is stored for it"
 	case errors.Is(err, secrets.ErrDenied):

@@ -79,6 +79,11 @@ var ErrNotFound = errors.New("no credential stored")
 // cannot answer now (down, sealed, timed out).
 var ErrUnavailable = errors.New("secrets backend unavailable")
 
+// ErrCertExpired is returned (wrapped, with ErrUnavailable) when the
+// role's client certificate expired and the backend could not issue a new
+// one: new sessions are refused until it can.
+var ErrCertExpired = errors.New("client certificate expired and not renewed")
+
 // ErrDenied is returned (wrapped) when the backend refused pgward's own
 // credentials or policy (permission denied).
 var ErrDenied = errors.New("secrets backend denied access")

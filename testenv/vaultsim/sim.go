@@ -141,6 +141,8 @@ type Server struct {
 	k8s      map[string]map[string]KubernetesRole
 	faults   []*faultState
 	requests []Request
+	pkiRoles map[string]PKIRole // "mount/role" (pki.go)
+	issued   []IssuedCert
 }
 
 type token struct {
@@ -525,6 +527,8 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request) {
 		isDB := s.dbMounts[mount]
 		s.mu.Unlock()
 		switch {
+		case strings.HasPrefix(rest, "issue/") && isWrite(r) && s.isPKIMount(mount):
+			s.pkiIssue(w, r, mount, strings.TrimPrefix(rest, "issue/"))
 		case isDB && strings.HasPrefix(rest, "creds/") && (r.Method == http.MethodGet || isWrite(r)):
 			s.creds(w, r, mount, strings.TrimPrefix(rest, "creds/"))
 		case isKV && strings.HasPrefix(rest, "data/") && r.Method == http.MethodGet:

@@ -63,13 +63,16 @@ type AuthConfig struct {
 	Mount string `yaml:"mount"`
 }
 
-// RoleConfig says where one role's credential lives: exactly one of KV and
-// Database.
+// RoleConfig says where one role's credential lives: exactly one of KV,
+// Database and PKI.
 type RoleConfig struct {
 	// KV is a static password in a KV version 2 secret.
 	KV *KVConfig `yaml:"kv"`
 	// Database is a dynamic login issued by Vault's database secrets engine.
 	Database *DatabaseConfig `yaml:"database"`
+	// PKI is a short-lived client certificate issued by Vault's PKI
+	// secrets engine, for upstreams with auth [cert] (pki.go).
+	PKI *PKIConfig `yaml:"pki"`
 }
 
 // KVConfig locates a static credential in a KV version 2 engine.
@@ -255,11 +258,19 @@ func (c Config) Validate() error {
 		for _, role := range sortedKeys(c.Roles[up]) {
 			r := c.Roles[up][role]
 			key := "roles." + up + "." + role
+			n := 0
+			for _, set := range []bool{r.KV != nil, r.Database != nil, r.PKI != nil} {
+				if set {
+					n++
+				}
+			}
 			switch {
-			case r.KV == nil && r.Database == nil:
-				bad(key, "needs kv or database")
-			case r.KV != nil && r.Database != nil:
-				bad(key, "has both kv and database; choose one")
+			case n == 0:
+				bad(key, "needs kv, database or pki")
+			case n > 1:
+				bad(key, "has more than one of kv, database and pki; choose one")
+			case r.PKI != nil:
+				r.PKI.validate(key+".pki", bad)
 			case r.KV != nil:
 				if strings.Trim(r.KV.Path, "/") == "" {
 					bad(key+".kv.path", "required")

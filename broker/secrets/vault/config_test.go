@@ -82,7 +82,7 @@ func TestConfigValidate(t *testing.T) {
 					"data":   {KV: &vault.KVConfig{Path: "data/x"}},
 				},
 			}
-		}, []string{"roles.a: no roles", "roles.b.none: needs kv or database", "roles.b.both: has both",
+		}, []string{"roles.a: no roles", "roles.b.none: needs kv, database or pki", "roles.b.both: has more than one of kv, database and pki",
 			"roles.b.nopath.kv.path: required", "roles.b.nopath.kv.version:", "roles.b.data.kv.path:"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -39,6 +39,7 @@ type Source struct {
 	static map[key]staticEntry
 	leases map[key]*leaseEntry      // the current lease per key
 	live   map[*leaseEntry]struct{} // every lease not yet ended, superseded ones too
+	certs  map[key]*certEntry       // PKI client certificates (pki.go)
 }
 
 type key struct{ upstream, role string }
@@ -81,6 +82,7 @@ func New(cfg Config, log *slog.Logger) (*Source, error) {
 		static:  map[key]staticEntry{},
 		leases:  map[key]*leaseEntry{},
 		live:    map[*leaseEntry]struct{}{},
+		certs:   map[key]*certEntry{},
 	}
 	s.bg, s.stopBg = context.WithCancel(context.Background())
 	s.flights.track, s.flights.done = s.track, s.wg.Done
@@ -181,6 +183,9 @@ func (s *Source) Fetch(ctx context.Context, upstream, role string) (secrets.Cred
 	k := key{upstream, role}
 	if rc.KV != nil {
 		return s.fetchKV(ctx, k, *rc.KV)
+	}
+	if rc.PKI != nil {
+		return s.fetchPKI(ctx, k, *rc.PKI)
 	}
 	return s.fetchDatabase(ctx, k, *rc.Database)
 }
@@ -449,6 +454,7 @@ func (s *Source) Close() {
 			}()
 		}
 		wg.Wait()
+		s.stopCertTimers()
 		close(s.closing)
 		s.stopBg()
 		s.wg.Wait()
