@@ -44,7 +44,7 @@ const defaultEBPFMode = "auto"
 // agentKeys are the keys of the sections the agent owns.
 var agentKeys = []broker.Key{
 	{Path: "secrets.backend", Default: secrets.DefaultBackend, OneOf: secrets.Backends, Doc: "the backend of upstreams that name none"},
-	{Path: "secrets.file.path", DefaultDoc: "—", Doc: "the file backend's YAML file upstream → role → {password, user}"},
+	{Path: "secrets.file.path", DefaultDoc: "—", Doc: "the file backend's YAML file upstream → role → {password, user, cert, key, cert_file, key_file}"},
 	{Path: "secrets.env.prefix", Default: secrets.DefaultEnvPrefix, Doc: "the env backend's variable prefix"},
 	{Path: "secrets.vault.address", DefaultDoc: "required", Doc: "Vault's base URL"},
 	{Path: "secrets.vault.ca_file", DefaultDoc: "system roots", Doc: "PEM bundle that signs Vault's certificate"},
@@ -67,6 +67,10 @@ var agentKeys = []broker.Key{
 	{Path: "secrets.vault.roles.<upstream>.<role>.kv.version", Default: 0, DefaultDoc: "`0` (latest)", Doc: "pin a secret version"},
 	{Path: "secrets.vault.roles.<upstream>.<role>.database.mount", Default: vault.DefaultDatabaseMount, Doc: "database secrets engine mount"},
 	{Path: "secrets.vault.roles.<upstream>.<role>.database.role", DefaultDoc: "`<role>`", Doc: "the engine's role"},
+	{Path: "secrets.vault.roles.<upstream>.<role>.pki.mount", Default: vault.DefaultPKIMount, Doc: "PKI secrets engine mount (client certificates, auth [cert])"},
+	{Path: "secrets.vault.roles.<upstream>.<role>.pki.role", DefaultDoc: "`<role>`", Doc: "the engine's role: <mount>/issue/<role>"},
+	{Path: "secrets.vault.roles.<upstream>.<role>.pki.common_name", DefaultDoc: "`<role>`", Doc: "the certificate's CN, the login role under cert authentication"},
+	{Path: "secrets.vault.roles.<upstream>.<role>.pki.ttl", DefaultDoc: "the Vault role's `ttl`", Doc: "lifetime asked for"},
 
 	{Path: "identity.require_ebpf", Default: false, Doc: "refuse connections no eBPF connect record matches"},
 

@@ -54,7 +54,7 @@ var Keys = []Key{
 	{Path: "upstreams.<name>.tls.server_name", DefaultDoc: "host of `address`", Doc: "name to verify"},
 	{Path: "upstreams.<name>.tls.cert_file", DefaultDoc: "—", Doc: "client certificate"},
 	{Path: "upstreams.<name>.tls.key_file", DefaultDoc: "—", Doc: "client certificate's key"},
-	{Path: "upstreams.<name>.auth", DefaultDoc: "`[scram-sha-256]`", OneOf: AuthMethods, Doc: "methods pgward accepts from this server"},
+	{Path: "upstreams.<name>.auth", DefaultDoc: "`[scram-sha-256]`", OneOf: AuthMethods, Doc: "methods pgward accepts from this server (cert: client certificate over verify-full TLS; trust: alone, no authentication; certauth.go)"},
 	{Path: "upstreams.<name>.connect_timeout", Default: DefaultConnectTimeout, Doc: "dial and authenticate"},
 	{Path: "upstreams.<name>.secrets", DefaultDoc: "`secrets.backend`", OneOf: secrets.Backends, Doc: "the backend holding this upstream's credentials"},
 	{Path: "upstreams.<name>.refuse_role_switching", Default: false, Doc: "refuse credentials whose role can become another role"},
