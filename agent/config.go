@@ -321,6 +321,7 @@ func (c *Config) Validate() error {
 			errs = append(errs, broker.Under("secrets.vault", c.Secrets.Vault.Validate()))
 		}
 	}
+	c.checkCertSources(fe) // certcheck.go
 	// The exporter names its keys (*broker.FieldError at audit.…).
 	errs = append(errs, c.Audit.Validate())
 	if err := c.Admin.validate(); err != nil {

@@ -5,6 +5,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/pgward/pgward/testenv"
 )
 
 // checkFixture writes a configuration whose files (secrets, CA, audit
@@ -107,4 +109,69 @@ func TestCheckConfigCheckpointKey(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "audit.checkpoint.key") {
 		t.Fatalf("missing checkpoint key: %v", err)
 	}
+}
+
+// upstreams.<name>.auth with cert and trust: check-config names the key
+// and says what is needed.
+func TestCheckConfigCertTrust(t *testing.T) {
+	dir, base := checkFixture(t)
+	os.WriteFile(filepath.Join(dir, "ca.pem"), []byte(testCAPEM(t)), 0o644)
+	tcp := func(extra string) string {
+		return strings.Replace(base(""), "{ address: /var/run/postgresql/.s.PGSQL.5432 }", "{ address: db:5432, tls: { ca_file: "+dir+"/ca.pem"+extra+" }, auth: AUTH }", 1)
+	}
+	for _, tt := range []struct {
+		name, text string
+		want       []string // empty: accepted
+	}{
+		{"cert verify-full file backend", strings.Replace(tcp(""), "AUTH", "[cert]", 1), nil},
+		{"cert and scram", strings.Replace(tcp(""), "AUTH", "[cert, scram-sha-256]", 1), nil},
+		{"trust on a socket", strings.Replace(base(""), "{ address: /var/run/postgresql/.s.PGSQL.5432 }", "{ address: /var/run/postgresql/.s.PGSQL.5432, auth: [trust] }", 1), nil},
+		{"cert with verify-ca", strings.Replace(tcp(", mode: verify-ca"), "AUTH", "[cert]", 1),
+			[]string{"pgward.yaml:3: upstreams.orders.tls.mode: is verify-ca, but auth lists cert, which needs verify-full"}},
+		{"cert without TLS", strings.Replace(tcp(", mode: disable"), "AUTH", "[cert]", 1),
+			[]string{"upstreams.orders.tls.mode: is disable, but auth lists cert"}},
+		{"cert on a socket", strings.Replace(base(""), "{ address: /var/run/postgresql/.s.PGSQL.5432 }", "{ address: /var/run/postgresql/.s.PGSQL.5432, auth: [cert] }", 1),
+			[]string{"upstreams.orders.auth: cert needs TLS"}},
+		{"trust with scram", strings.Replace(tcp(""), "AUTH", "[trust, scram-sha-256]", 1),
+			[]string{"upstreams.orders.auth: trust cannot be combined with other methods"}},
+		{"unknown method", strings.Replace(tcp(""), "AUTH", "[certificate]", 1),
+			[]string{`upstreams.orders.auth[0]: "certificate" is not one of scram-sha-256, md5, password, cert, trust`}},
+		{"cert from env", strings.Replace(strings.Replace(tcp(""), "AUTH", "[cert]", 1), "secrets: { file: { path: "+dir+"/secrets.yaml } }", "secrets: { backend: env }", 1),
+			[]string{"upstreams.orders.auth: cert needs a client certificate from the secrets backend, and env holds only passwords"}},
+		{"cert from vault without pki", strings.Replace(strings.Replace(tcp(""), "AUTH", "[cert]", 1), "secrets: { file: { path: "+dir+"/secrets.yaml } }",
+			"secrets:\n  backend: vault\n  vault: { address: \"http://127.0.0.1:8200\", auth: { method: token, token_file: "+dir+"/secrets.yaml }, roles: { orders: { orders_rw: { kv: { path: x } } } } }", 1),
+			[]string{"upstreams.orders.auth: cert needs a client certificate, and secrets.vault.roles.orders maps no role to pki"}},
+		{"vault pki ttl", strings.Replace(strings.Replace(tcp(""), "AUTH", "[cert]", 1), "secrets: { file: { path: "+dir+"/secrets.yaml } }",
+			"secrets:\n  backend: vault\n  vault: { address: \"http://127.0.0.1:8200\", auth: { method: token, token_file: "+dir+"/secrets.yaml }, roles: { orders: { orders_rw: { pki: { ttl: 1ms } } } } }", 1),
+			[]string{"secrets.vault.roles.orders.orders_rw.pki.ttl: must be at least 1s"}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			p := filepath.Join(dir, "pgward.yaml")
+			os.WriteFile(p, []byte(tt.text), 0o644)
+			_, err := CheckConfig(p)
+			if len(tt.want) == 0 {
+				if err != nil {
+					t.Fatalf("refused:\n%v", err)
+				}
+				return
+			}
+			if err == nil {
+				t.Fatal("accepted")
+			}
+			for _, w := range tt.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("missing %q in:\n%s", w, err)
+				}
+			}
+		})
+	}
+}
+
+func testCAPEM(t *testing.T) []byte {
+	t.Helper()
+	ca, err := testenv.NewCA()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ca.CertPEM
 }
