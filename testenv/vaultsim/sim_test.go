@@ -2,6 +2,9 @@ package vaultsim_test
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
 	"errors"
 	"net/http"
 	"strings"
@@ -12,6 +15,7 @@ import (
 	"github.com/hashicorp/vault/api"
 	"go.uber.org/goleak"
 
+	"github.com/pgward/pgward/testenv"
 	"github.com/pgward/pgward/testenv/vaultsim"
 )
 
@@ -241,5 +245,47 @@ func TestDatabaseLeases(t *testing.T) {
 	s.Close() // drops what is left
 	if !strings.Contains(db.all(), `DROP ROLE IF EXISTS "`+sec3.Data["username"].(string)+`"`) {
 		t.Fatal("Close did not drop the outstanding role")
+	}
+}
+
+// pki/issue/<role> issues a real certificate signed by the role's issuer,
+// for the common name asked, with the ttl asked (capped), and refuses a
+// common name the role does not allow.
+func TestPKIIssue(t *testing.T) {
+	ca, err := testenv.NewCA()
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := vaultsim.New(vaultsim.Options{})
+	defer s.Close()
+	s.AddPKIRole("pki", "client", vaultsim.PKIRole{Issuer: ca, CAPEM: ca.CertPEM, MaxTTL: time.Minute, AllowedCommonNames: []string{"orders_rw"}})
+	c, err := api.NewClient(&api.Config{Address: s.Addr()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.SetToken(s.RootToken())
+	sec, err := c.Logical().Write("pki/issue/client", map[string]any{"common_name": "orders_rw", "ttl": "1h"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := pem.Decode([]byte(sec.Data["certificate"].(string)))
+	leaf, err := x509.ParseCertificate(b.Bytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := leaf.Verify(x509.VerifyOptions{Roots: ca.Pool(), KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}); err != nil {
+		t.Fatalf("not signed by the CA: %v", err)
+	}
+	if leaf.Subject.CommonName != "orders_rw" || time.Until(leaf.NotAfter) > time.Minute+time.Second {
+		t.Fatalf("CN %q, not after %v (want capped at 1m)", leaf.Subject.CommonName, leaf.NotAfter)
+	}
+	if _, err := tls.X509KeyPair([]byte(sec.Data["certificate"].(string)), []byte(sec.Data["private_key"].(string))); err != nil {
+		t.Fatalf("key does not match: %v", err)
+	}
+	if got := s.Issued(); len(got) != 1 || got[0].Serial != leaf.SerialNumber.String() {
+		t.Fatalf("issued %+v", got)
+	}
+	if _, err := c.Logical().Write("pki/issue/client", map[string]any{"common_name": "postgres"}); err == nil || !strings.Contains(err.Error(), "not allowed") {
+		t.Fatalf("a common name the role does not allow: %v", err)
 	}
 }
