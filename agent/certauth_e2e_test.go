@@ -323,7 +323,7 @@ func TestCertAuthVaultPKI(t *testing.T) {
 
 	// Renewed before it expires: at two thirds of its life.
 	deadline := time.Now().Add(3 * ttl)
-	for len(sim.Issued()) < 2 {
+	for !strings.Contains(h.logs.String(), "vault pki certificate renewed") { // the sim records it before pgward has it
 		if time.Now().After(deadline) {
 			t.Fatal("no second certificate was issued")
 		}
@@ -336,9 +336,6 @@ func TestCertAuthVaultPKI(t *testing.T) {
 	second := h.connect(t, certUser, "vcert")
 	if s2 := serialOf(second); s2 != issued[1].Serial || s2 == s1 {
 		t.Fatalf("second session used serial %s; issued %+v", s2, issued)
-	}
-	if !strings.Contains(h.logs.String(), "vault pki certificate renewed") {
-		t.Fatal("no log line at renewal")
 	}
 
 	// Vault stops issuing: once the current certificate expired, new
@@ -357,8 +354,10 @@ func TestCertAuthVaultPKI(t *testing.T) {
 			t.Fatalf("an open session ended with its certificate: %v", err)
 		}
 	}
-	if !strings.Contains(h.logs.String(), "could not be renewed") {
-		t.Fatal("no ERROR line when the certificate expired unrenewed")
+	for end := time.Now().Add(3 * time.Second); !strings.Contains(h.logs.String(), "could not be renewed"); time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(end) {
+			t.Fatal("no ERROR line when the certificate expired unrenewed")
+		}
 	}
 
 	// Vault back: the next session gets a new certificate.

@@ -48,7 +48,7 @@ func TestPKIClientCertificate(t *testing.T) {
 
 	// Renewed at two thirds of its life, before it expires.
 	deadline := time.Now().Add(2 * ttl)
-	for len(h.sim.Issued()) < 2 {
+	for !strings.Contains(h.logs.String(), "vault pki certificate renewed") { // the sim records it before pgward has it
 		if time.Now().After(deadline) {
 			t.Fatal("not renewed")
 		}
@@ -60,9 +60,6 @@ func TestPKIClientCertificate(t *testing.T) {
 	c3, err := fetch()
 	if err != nil || c3.Cert.Serial == c1.Cert.Serial {
 		t.Fatalf("after renewal: %v %v", c3.Cert, err)
-	}
-	if !strings.Contains(h.logs.String(), "vault pki certificate renewed") {
-		t.Fatal("renewal not logged")
 	}
 
 	// Vault fails: the current certificate serves until it expires, then
@@ -76,7 +73,9 @@ func TestPKIClientCertificate(t *testing.T) {
 	if !errors.Is(err, secrets.ErrCertExpired) || !errors.Is(err, secrets.ErrUnavailable) || !strings.Contains(err.Error(), "expired") {
 		t.Fatalf("after expiry without renewal: %v", err)
 	}
-	if !strings.Contains(h.logs.String(), "could not be renewed") {
-		t.Fatal("no ERROR when the certificate expired unrenewed")
+	for end := time.Now().Add(3 * time.Second); !strings.Contains(h.logs.String(), "could not be renewed"); time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(end) {
+			t.Fatal("no ERROR line when the certificate expired unrenewed")
+		}
 	}
 }
