@@ -40,6 +40,7 @@ func certPG(t *testing.T) *testenv.Postgres {
 		ClientCA: true,
 		ExtraHBA: []string{
 			"hostssl all " + certUser + " 127.0.0.1/32 cert clientcert=verify-full",
+			"hostssl all " + testenv.ScramUser + " 127.0.0.1/32 scram-sha-256 clientcert=verify-full",
 			"host all " + certUser + " 127.0.0.1/32 reject",
 			"local all " + certUser + " reject",
 			"local all " + trustUser + " trust",
@@ -104,6 +105,7 @@ func TestCertAuthFileBackend(t *testing.T) {
 	wrongCN, wrongKey, _ := pg.CA.IssueClient("somebody_else")
 	expired, expiredKey, _ := pg.CA.IssueClientValid(certUser, time.Now().Add(-2*time.Hour), time.Now().Add(-time.Hour))
 	goodCert := parseCert(t, good)
+	scramCert, scramKey, _ := pg.CA.IssueClient(testenv.ScramUser)
 	h := newHarness(t, func(h *harness, c *Config) {
 		for name, data := range map[string][]byte{"exp.crt": expired, "exp.key": expiredKey} {
 			if err := os.WriteFile(filepath.Join(h.dir, name), data, 0o600); err != nil {
@@ -112,7 +114,12 @@ func TestCertAuthFileBackend(t *testing.T) {
 		}
 		writeCertSecrets(t, h, c, "certdb:\n  "+certUser+":\n    cert: |\n"+indentPEM(good)+"\n    key: |\n"+indentPEM(goodKey)+
 			"\ncertwrong:\n  "+certUser+":\n    cert: |\n"+indentPEM(wrongCN)+"\n    key: |\n"+indentPEM(wrongKey)+
-			"\ncertexp:\n  "+certUser+": { cert_file: exp.crt, key_file: exp.key }\n")
+			"\ncertexp:\n  "+certUser+": { cert_file: exp.crt, key_file: exp.key }\n"+
+			"certscram:\n  "+testenv.ScramUser+":\n    password: "+testenv.ScramPassword+"\n    cert: |\n"+indentPEM(scramCert)+"\n    key: |\n"+indentPEM(scramKey)+"\n")
+		both := certUpstream(pg)
+		both.Auth = []string{"cert", "scram-sha-256"}
+		c.Upstreams["certscram"] = both
+		c.Grants = append(c.Grants, broker.Grant{Principal: "me", Upstream: "certscram", Roles: []string{testenv.ScramUser}})
 		for _, n := range []string{"certdb", "certwrong", "certexp"} {
 			c.Upstreams[n] = certUpstream(pg)
 			c.Grants = append(c.Grants, broker.Grant{Principal: "me", Upstream: n, Roles: []string{certUser}})
@@ -135,6 +142,14 @@ func TestCertAuthFileBackend(t *testing.T) {
 		"select current_user || ' ' || s.client_dn from pg_stat_ssl s where s.pid = pg_backend_pid()", h.dsn(certUser, "certdb")).CombinedOutput()
 	if err != nil || strings.TrimSpace(string(out)) != certUser+" /CN="+certUser {
 		t.Fatalf("psql: %v %q", err, out)
+	}
+
+	// cert with SCRAM (pg_hba scram-sha-256 clientcert=verify-full): the
+	// certificate in the handshake, then SCRAM with channel binding.
+	both := h.connect(t, testenv.ScramUser, "certscram")
+	if err := both.QueryRow(ctx, "select current_user, s.client_dn from pg_stat_ssl s where s.pid = pg_backend_pid()").Scan(&who, &dn); err != nil ||
+		who != testenv.ScramUser || dn != "/CN="+testenv.ScramUser {
+		t.Fatalf("cert and scram: %q %q %v", who, dn, err)
 	}
 
 	// The server's refusals: wrong CN (an ErrorResponse before
