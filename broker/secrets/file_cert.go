@@ -3,9 +3,10 @@ package secrets
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
-	"sort"
+	"slices"
 	"syscall"
 	"time"
 )
@@ -22,9 +23,9 @@ func loadCerts(path string, creds map[string]map[string]fileEntry) (map[string]f
 	bad := func(up, role, format string, args ...any) {
 		problems = append(problems, fmt.Errorf("secrets file %s: %s.%s: %s", path, up, role, fmt.Sprintf(format, args...)))
 	}
-	for _, up := range sortedKeys(creds) {
+	for _, up := range slices.Sorted(maps.Keys(creds)) {
 		roles := creds[up]
-		for _, role := range sortedKeys(roles) {
+		for _, role := range slices.Sorted(maps.Keys(roles)) {
 			e := roles[role]
 			inline := e.Cert != "" || e.Key != ""
 			files := e.CertFile != "" || e.KeyFile != ""
@@ -154,8 +155,8 @@ func (f *File) warnExpiring() {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	now := f.now()
-	for _, up := range sortedKeys(f.creds) {
-		for _, role := range sortedKeys(f.creds[up]) {
+	for _, up := range slices.Sorted(maps.Keys(f.creds)) {
+		for _, role := range slices.Sorted(maps.Keys(f.creds[up])) {
 			c := f.creds[up][role].cert
 			switch {
 			case c == nil:
@@ -166,13 +167,4 @@ func (f *File) warnExpiring() {
 			}
 		}
 	}
-}
-
-func sortedKeys[V any](m map[string]V) []string {
-	keys := make([]string, 0, len(m))
-	for k := range m {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	return keys
 }
