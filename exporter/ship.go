@@ -209,13 +209,17 @@ func (s *Shipper) run() {
 		if len(lines) == 0 {
 			if s.atEndOfRotated(r) {
 				s.mu.Lock()
+				var nr *spoolReader
 				if rgen == s.gen {
-					if nr := s.nextFileLocked(r); nr != nil {
+					if nr = s.nextFileLocked(r); nr != nil {
 						r.close()
 						r = nr
 					}
 				}
 				s.mu.Unlock()
+				if nr == nil {
+					s.sleep(shipPoll / 10) // the next file is being created
+				}
 				continue
 			}
 			s.m.lagEvents.Set(0)
@@ -338,10 +342,12 @@ func (s *Shipper) locateLocked() *spoolReader {
 		return nil
 	}
 	open := func(f spoolFile, c shipCursor) *spoolReader {
-		r, err := openSpool(f.name, c)
+		r, err := openSpool(f, c)
 		if err != nil {
-			s.log.Warn("audit shipping: open audit file", "path", f.name, "error", err)
-			return nil
+			if !errors.Is(err, errSpoolMoved) {
+				s.log.Warn("audit shipping: open audit file", "path", f.name, "error", err)
+			}
+			return nil // listed again on the next round
 		}
 		s.readInode = r.inode
 		return r
@@ -390,9 +396,9 @@ func (s *Shipper) nextFileLocked(r *spoolReader) *spoolReader {
 	for _, f := range listSpool(s.path) {
 		if f.start == r.cur.Last && f.inode != r.inode {
 			c := shipCursor{Start: f.start, Last: f.start}
-			nr, err := openSpool(f.name, c)
+			nr, err := openSpool(f, c)
 			if err != nil {
-				return nil
+				return nil // listed again on the next round
 			}
 			s.readInode = nr.inode
 			s.cur, s.haveCur = nr.cur, true
@@ -488,7 +494,11 @@ func (s *Shipper) rotateKeep(path string, maxFiles int) int {
 				lost -= s.cur.Seq
 			}
 			next := files[c-1]
-			start := firstPrevHash(next.name)
+			start := ""
+			if nf, err := os.Open(next.name); err == nil {
+				start = firstPrevHash(nf)
+				nf.Close()
+			}
 			if start == "" {
 				if last, _, _, err := readLastLine(f.name); err == nil && last != nil {
 					start = hashHex(last)

@@ -83,19 +83,25 @@ func inodeOf(fi os.FileInfo) uint64 {
 
 // listSpool returns the audit files, newest (the active file) first, as far
 // as they are numbered without a hole. An empty active file starts after the
-// last line of path.1 (or at zeros), as Audit.recover chains it.
+// last line of path.1 (or at zeros), as Audit.recover chains it. Each file's
+// inode and first line come from one open file, so a rotation while it
+// lists cannot pair one file's inode with another's start.
 func listSpool(path string) []spoolFile {
 	var out []spoolFile
 	for i := 0; i < 100000; i++ {
 		name := rotatedName(path, i)
-		fi, err := os.Stat(name)
+		f, err := os.Open(name)
 		if err != nil {
 			if i == 0 {
 				continue
 			}
 			break
 		}
-		out = append(out, spoolFile{index: i, name: name, inode: inodeOf(fi), size: fi.Size(), start: firstPrevHash(name)})
+		fi, err := f.Stat()
+		if err == nil {
+			out = append(out, spoolFile{index: i, name: name, inode: inodeOf(fi), size: fi.Size(), start: firstPrevHash(f)})
+		}
+		f.Close()
 	}
 	if len(out) > 0 && out[0].index == 0 && out[0].start == "" {
 		if len(out) > 1 && out[1].index == 1 {
@@ -116,14 +122,10 @@ func hashHex(line []byte) string {
 
 // firstPrevHash returns the prev_hash of the file's first line, "" if it
 // has no complete line.
-func firstPrevHash(name string) string {
-	f, err := os.Open(name)
-	if err != nil {
-		return ""
-	}
-	defer f.Close()
+func firstPrevHash(f io.ReaderAt) string {
+	r := io.NewSectionReader(f, 0, 1<<62)
 	buf := make([]byte, 64<<10)
-	n, _ := io.ReadFull(f, buf)
+	n, _ := io.ReadFull(r, buf)
 	buf = buf[:n]
 	for {
 		i := bytes.IndexByte(buf, '\n')
@@ -139,7 +141,7 @@ func firstPrevHash(name string) string {
 		}
 		// A long first line: read on.
 		more := make([]byte, len(buf))
-		m, _ := io.ReadFull(f, more)
+		m, _ := io.ReadFull(r, more)
 		if m == 0 {
 			return ""
 		}
@@ -166,7 +168,14 @@ type spoolReader struct {
 	eof   bool       // the last read found nothing new
 }
 
-func openSpool(name string, c shipCursor) (*spoolReader, error) {
+// errSpoolMoved: the name no longer holds the file listed (a rotation).
+var errSpoolMoved = errors.New("audit file rotated while opening it")
+
+// openSpool opens the file listed as sf at the cursor c. It fails with
+// errSpoolMoved when a rotation put another file under that name since it
+// was listed: the caller lists again.
+func openSpool(sf spoolFile, c shipCursor) (*spoolReader, error) {
+	name := sf.name
 	f, err := os.Open(name)
 	if err != nil {
 		return nil, err
@@ -175,6 +184,10 @@ func openSpool(name string, c shipCursor) (*spoolReader, error) {
 	if err != nil {
 		f.Close()
 		return nil, err
+	}
+	if inodeOf(fi) != sf.inode {
+		f.Close()
+		return nil, errSpoolMoved
 	}
 	if c.Offset > fi.Size() {
 		f.Close()
