@@ -11,7 +11,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/prometheus/client_golang/prometheus"
 	collogspb "go.opentelemetry.io/proto/otlp/collector/logs/v1"
 	logspb "go.opentelemetry.io/proto/otlp/logs/v1"
 	"google.golang.org/grpc"
@@ -97,11 +96,11 @@ func NewShipper(a AuditConfig, m *Metrics, log *slog.Logger) (*Shipper, error) {
 	}
 	s := &Shipper{cfg: c, path: a.Path, maxFiles: a.MaxFiles, node: node, done: make(chan struct{}),
 		log: log.With("component", "audit-ship", "endpoint", c.Endpoint, "protocol", c.Protocol)}
-	var reg *prometheus.Registry
 	if m != nil {
-		reg = m.reg
+		s.m = m.ship
+	} else {
+		s.m = newShipMetrics(nil)
 	}
-	s.m = newShipMetrics(reg)
 	s.sender, err = newShipSender(c, grpc.WithConnectParams(grpc.ConnectParams{
 		Backoff: backoff.Config{BaseDelay: shipBackoffMin, Multiplier: 1.6, Jitter: 0.2, MaxDelay: shipBackoffMax},
 	}))

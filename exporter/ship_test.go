@@ -2,6 +2,7 @@ package exporter_test
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"fmt"
 	"log/slog"
@@ -378,5 +379,99 @@ func TestShipDiskCap(t *testing.T) {
 	}
 	if delivered+lost > int64(len(all))+512 {
 		t.Errorf("%d delivered + %d lost for %d written: lost overcounts by more than a batch", delivered, lost, len(all))
+	}
+}
+
+// What the collector wrote verifies per node and per file with the signed
+// checkpoints that arrived with it, in any order and with duplicates; a
+// lost batch is a gap that leaves lines unproven.
+func TestShipVerifyWhatArrived(t *testing.T) {
+	col := testenv.RequireCollector(t)
+	priv, pubPEM, err := exporter.GenerateCheckpointKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	key, err := exporter.ParseCheckpointKey(string(priv))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pub, err := exporter.ParseCheckpointPublicKey(pubPEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ins := true
+	cfg := exporter.AuditConfig{Path: filepath.Join(t.TempDir(), "audit.jsonl"), MaxSize: 64 << 10, MaxFiles: 40,
+		Checkpoint: exporter.CheckpointConfig{EveryLines: 50},
+		OTLP:       &exporter.ShipConfig{Endpoint: col.GRPCAddr, Insecure: &ins, Timeout: time.Second}}
+	s, err := exporter.NewShipper(cfg, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := exporter.OpenAudit(cfg, nil, nil, exporter.WithCheckpointKey(key), exporter.WithShipper(s))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.Start()
+	obs := exporter.NewObserver(nil, exporter.NewMetrics(prometheus.NewRegistry()), a)
+	sess := testSession()
+	for i := range 600 {
+		if err := obs.Query(context.Background(), sess, &broker.QueryEvent{Index: int64(i), Text: "select 'a fairly long statement text to make files rotate' || " + strconv.Itoa(i)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	obs.Close()
+	a.Close() // a last checkpoint over everything
+	waitDelivered(t, col, spoolLines(t, cfg.Path), 30*time.Second)
+	s.Close()
+
+	out, err := os.ReadFile(col.OutputPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	verify := func(data []byte) *exporter.ShippedReport {
+		t.Helper()
+		nodes, err := exporter.ReadShipped(bytes.NewReader(data))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(nodes) != 1 {
+			t.Fatalf("%d nodes, want 1", len(nodes))
+		}
+		reps, err := exporter.VerifyShipped(nodes, exporter.VerifyOptions{Key: pub})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return reps[0]
+	}
+	rep := verify(out)
+	var text bytes.Buffer
+	rep.WriteText(&text)
+	if !rep.Audit.OK() || rep.Audit.Lines != len(spoolLines(t, cfg.Path)) || len(rep.Node.Files) < 3 {
+		t.Fatalf("what arrived does not verify:\n%s", text.String())
+	}
+	// Reversed, with every request twice: the same answer.
+	lines := bytes.Split(bytes.TrimSpace(out), []byte("\n"))
+	var mixed [][]byte
+	for i := len(lines) - 1; i >= 0; i-- {
+		mixed = append(mixed, lines[i], lines[i])
+	}
+	rep2 := verify(bytes.Join(mixed, []byte("\n")))
+	if !rep2.Audit.OK() || rep2.Audit.Lines != rep.Audit.Lines || rep2.Node.Duplicates < rep.Node.Records {
+		var b bytes.Buffer
+		rep2.WriteText(&b)
+		t.Fatalf("reordered and duplicated:\n%s", b.String())
+	}
+	// A batch that never arrived: a gap, reported, and lines unproven.
+	var cut [][]byte
+	for i, l := range lines {
+		if i != len(lines)/2 {
+			cut = append(cut, l)
+		}
+	}
+	rep3 := verify(bytes.Join(cut, []byte("\n")))
+	if rep3.Audit.OK() || len(rep3.Audit.Problems) == 0 || rep3.Audit.Unproven == 0 {
+		var b bytes.Buffer
+		rep3.WriteText(&b)
+		t.Fatalf("a missing batch went unnoticed:\n%s", b.String())
 	}
 }

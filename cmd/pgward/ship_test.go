@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -21,6 +22,7 @@ import (
 // the middle and started again. Every line of the audit files arrives at
 // the collector byte for byte (at least once), and the files verify.
 // (The collector stalls around the kill, so lines are undelivered then.)
+// `pgward audit verify --otlp` verifies what the collector wrote.
 func TestShipSurvivesKill9(t *testing.T) {
 	pg := testenv.Require(t)
 	col := testenv.RequireCollector(t)
@@ -144,6 +146,13 @@ ebpf: { enabled: "false" }
 	if code, out, errs := runCLI(append([]string{"audit", "verify"}, auditFiles(auditPath)...)...); code != exitOK {
 		t.Fatalf("audit verify: %d\n%s\n%s", code, out, errs)
 	}
+	// What arrived verifies too: in any order, with the duplicates.
+	code, out, errs := runCLI("audit", "verify", "--otlp", col.OutputPath)
+	host, _ := os.Hostname()
+	if code != exitOK || !strings.Contains(out, "node "+host+":") || !strings.Contains(out, fmt.Sprintf("%d lines", len(want))) {
+		t.Fatalf("audit verify --otlp: %d\n%s\n%s", code, out, errs)
+	}
+	t.Logf("audit verify --otlp:\n%s", out)
 	stopTestChild(t, agent, agentErr)
 }
 
