@@ -26,7 +26,8 @@ FUZZ_TARGETS := \
 	./exporter:FuzzDecodeParam:15000x \
 	./exporter:FuzzRedactSQL:20000x \
 	./exporter:FuzzRedactPasswordLiteral:30000x \
-	./exporter:FuzzAuditRead:40000x
+	./exporter:FuzzAuditRead:40000x \
+	./exporter:FuzzReadShipped:45000x
 
 .PHONY: all build otelcol test unit fuzz-short fuzz soak demo bench lint lint-report generate deps clean
 
