@@ -126,7 +126,7 @@ func (c ShipConfig) resolve(getenv func(string) string) (ShipConfig, error) {
 	}
 	if c.Endpoint == "" {
 		errs = append(errs, errors.New("audit.otlp.endpoint: required (host:port of the collector's OTLP receiver), or set OTEL_EXPORTER_OTLP_LOGS_ENDPOINT"))
-	} else if _, port, err := net.SplitHostPort(c.Endpoint); err != nil || port == "" {
+	} else if _, port, err := net.SplitHostPort(c.Endpoint); err != nil || port == "" || strings.Contains(c.Endpoint, "/") {
 		errs = append(errs, fmt.Errorf("audit.otlp.endpoint: %q is not host:port", c.Endpoint))
 	}
 	if c.Insecure == nil {

@@ -195,6 +195,31 @@ func TestShipDeliversEveryLine(t *testing.T) {
 	}
 }
 
+// verifyArrived checks what the collector wrote with `audit verify --otlp`'s
+// code: one node, the chain intact across every file, n lines at least.
+func verifyArrived(t *testing.T, col *testenv.Collector, n int) {
+	t.Helper()
+	data, err := os.ReadFile(col.OutputPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	nodes, err := exporter.ReadShipped(bytes.NewReader(data))
+	if err != nil {
+		t.Fatal(err)
+	}
+	reps, err := exporter.VerifyShipped(nodes, exporter.VerifyOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(reps) != 1 || len(reps[0].Audit.Problems) > 0 || reps[0].Audit.Lines < n {
+		var b bytes.Buffer
+		for _, r := range reps {
+			r.WriteText(&b)
+		}
+		t.Fatalf("what arrived does not verify (want one node, %d lines, no problem):\n%s", n, b.String())
+	}
+}
+
 func rotatedOldestFirst(path string) []string {
 	var names []string
 	for i := 1; ; i++ {
@@ -244,6 +269,7 @@ func TestShipCollectorKilledMidStream(t *testing.T) {
 	}
 	want := spoolLines(t, fx.cfg.Path)
 	waitDelivered(t, col, want, 30*time.Second)
+	verifyArrived(t, col, len(want))
 	if v := metricValue(t, fx.reg, "pgward_audit_ship_failures_total"); v == 0 {
 		t.Error("no export failed while the collector was dead")
 	}
@@ -276,8 +302,10 @@ func TestShipCollectorStalls(t *testing.T) {
 	if err := col.Resume(); err != nil {
 		t.Fatal(err)
 	}
-	waitDelivered(t, col, spoolLines(t, fx.cfg.Path), 30*time.Second)
+	want := spoolLines(t, fx.cfg.Path)
+	waitDelivered(t, col, want, 30*time.Second)
 	waitMetric(t, fx.reg, "pgward_audit_ship_lag_events", 0)
+	verifyArrived(t, col, len(want))
 }
 
 // A restart of the shipper resumes from the saved cursor: lines written
@@ -314,6 +342,7 @@ func TestShipResumesAfterRestart(t *testing.T) {
 	if len(recs) > len(want)+512 {
 		t.Errorf("%d records arrived for %d lines: the restart re-sent more than a batch", len(recs), len(want))
 	}
+	verifyArrived(t, col, len(want))
 }
 
 // With the collector down, rotation keeps undelivered files up to
