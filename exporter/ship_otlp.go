@@ -33,38 +33,84 @@ const shipScope = "github.com/pgward/pgward/exporter/audit"
 
 var shipScopeProto = &commonpb.InstrumentationScope{Name: shipScope}
 
-// auditLineFields is what the shipper reads of an audit line to set the
-// record's attributes; the body is the line itself.
-type auditLineFields struct {
-	Event     string `json:"event"`
-	Time      string `json:"time"`
-	UID       string `json:"uid"`
-	SID       string `json:"sid"`
-	RequestID string `json:"request_id"`
-	SpanID    string `json:"span_id"`
-	DBName    string `json:"db_name"`
-	DBUser    string `json:"db_user"`
-	DBService string `json:"db_service"`
-	Principal string `json:"principal"`
-	Query     string `json:"db_query"`
-	SQLState  string `json:"sqlstate"`
-	Success   *bool  `json:"success"`
-	Rows      *int64 `json:"rows"`
-	Seq       int64  `json:"seq"`
-	Process   *struct {
-		PID         int64  `json:"pid"`
-		UID         *int64 `json:"uid"`
-		User        string `json:"user"`
-		Comm        string `json:"comm"`
-		Exe         string `json:"exe"`
-		SystemdUnit string `json:"systemd_unit"`
-		ContainerID string `json:"container_id"`
-		Pod         *struct {
-			Namespace      string `json:"namespace"`
-			Name           string `json:"name"`
-			ServiceAccount string `json:"service_account"`
-		} `json:"pod"`
-	} `json:"process"`
+// lineField returns the value of the first "key": in an audit line: a
+// string (unquoted), or the raw token of a number, bool or null. Keys cannot
+// match inside string values, where every quote is escaped. The writer puts
+// the top-level fields the shipper reads before the process object, whose
+// own fields (pid, exe, …) have names of their own, so the first match is
+// the right one.
+func lineField(line []byte, key string) (string, bool) {
+	var pat [64]byte
+	p := append(pat[:0], '"')
+	p = append(p, key...)
+	p = append(p, '"', ':')
+	i := bytes.Index(line, p)
+	if i < 0 {
+		return "", false
+	}
+	v := line[i+len(p):]
+	if len(v) == 0 {
+		return "", false
+	}
+	if v[0] != '"' {
+		j := bytes.IndexAny(v, ",}]")
+		if j < 0 {
+			return "", false
+		}
+		return string(v[:j]), true
+	}
+	// A string: up to the first unescaped quote.
+	esc := false
+	for j := 1; j < len(v); j++ {
+		switch {
+		case esc:
+			esc = false
+		case v[j] == '\\':
+			esc = true
+		case v[j] == '"':
+			raw := v[:j+1]
+			if bytes.IndexByte(raw, '\\') < 0 {
+				return string(raw[1:j]), true
+			}
+			var out string
+			if json.Unmarshal(raw, &out) != nil {
+				return "", false
+			}
+			return out, true
+		}
+	}
+	return "", false
+}
+
+// splitProcess cuts an audit line around its "process":{…} object (nil
+// when there is none, e.g. "process":null).
+func splitProcess(line []byte) (before, proc, after []byte) {
+	const key = `"process":{`
+	i := bytes.Index(line, []byte(key))
+	if i < 0 {
+		return line, nil, nil
+	}
+	depth, inStr, esc := 0, false, false
+	for j := i + len(key) - 1; j < len(line); j++ {
+		c := line[j]
+		switch {
+		case esc:
+			esc = false
+		case inStr && c == '\\':
+			esc = true
+		case c == '"':
+			inStr = !inStr
+		case inStr:
+		case c == '{':
+			depth++
+		case c == '}':
+			depth--
+			if depth == 0 {
+				return line[:i], line[i : j+1], line[j+1:]
+			}
+		}
+	}
+	return line[:i], line[i:], nil
 }
 
 func strAttr(k, v string) *commonpb.KeyValue {
@@ -90,73 +136,79 @@ func shipRecord(line []byte, fileStart string, observed time.Time) *logspb.LogRe
 		SeverityText:         "INFO",
 		Body:                 &commonpb.AnyValue{Value: &commonpb.AnyValue_StringValue{StringValue: string(line)}},
 	}
-	var f auditLineFields
-	if err := json.Unmarshal(line, &f); err != nil {
-		// The chain fields were readable (the spool checked them); ship the
-		// line anyway, the body is what counts.
-		rec.Attributes = append(rec.Attributes, strAttr("pgward.audit.file_start", fileStart))
-		return rec
+	// Top-level fields are looked up outside the process object (its pod
+	// labels are free-form keys), process fields inside it.
+	before, proc, after := splitProcess(line)
+	top := func(k string) (string, bool) {
+		if v, ok := lineField(before, k); ok {
+			return v, true
+		}
+		return lineField(after, k)
 	}
-	rec.EventName = f.Event
-	if t, err := time.Parse(time.RFC3339Nano, f.Time); err == nil {
+	get := func(k string) string { v, _ := top(k); return v }
+	pget := func(k string) string { v, _ := lineField(proc, k); return v }
+	event := get("event")
+	rec.EventName = event
+	if t, err := time.Parse(time.RFC3339Nano, get("time")); err == nil {
 		rec.TimeUnixNano = uint64(t.UnixNano())
 	}
-	if id, err := hex.DecodeString(f.RequestID); err == nil && len(id) == 16 {
+	reqID := get("request_id")
+	if id, err := hex.DecodeString(reqID); err == nil && len(id) == 16 {
 		rec.TraceId = id
 	}
-	if id, err := hex.DecodeString(f.SpanID); err == nil && len(id) == 8 {
+	if id, err := hex.DecodeString(get("span_id")); err == nil && len(id) == 8 {
 		rec.SpanId = id
 	}
-	a := make([]*commonpb.KeyValue, 0, 20)
-	a = append(a, strAttr("event.name", f.Event), intAttr("pgward.audit.seq", f.Seq),
+	seq, _ := spoolSeq(line)
+	a := make([]*commonpb.KeyValue, 0, 24)
+	a = append(a, strAttr("event.name", event), intAttr("pgward.audit.seq", seq),
 		strAttr("pgward.audit.file_start", fileStart))
-	if f.UID != "" {
-		a = append(a, strAttr("log.record.uid", f.UID))
-	}
-	if f.DBService != "" || f.DBName != "" {
+	dbName, dbService, sqlstate := get("db_name"), get("db_service"), get("sqlstate")
+	if dbService != "" || dbName != "" {
 		a = append(a, strAttr("db.system.name", "postgresql"))
 	}
 	for _, kv := range [...][2]string{
-		{"db.namespace", f.DBName}, {"db.query.text", f.Query}, {"db.response.status_code", f.SQLState},
-		{"session.id", f.SID}, {"pgward.request_id", f.RequestID}, {"pgward.principal", f.Principal},
-		{"pgward.db_user", f.DBUser}, {"pgward.db_service", f.DBService},
+		{"log.record.uid", get("uid")}, {"db.namespace", dbName}, {"db.query.text", get("db_query")},
+		{"db.response.status_code", sqlstate}, {"session.id", get("sid")}, {"pgward.request_id", reqID},
+		{"pgward.principal", get("principal")}, {"pgward.db_user", get("db_user")}, {"pgward.db_service", dbService},
+		{"process.executable.path", pget("exe")}, {"process.executable.name", pget("comm")}, {"process.owner", pget("user")},
+		{"container.id", pget("container_id")}, {"pgward.systemd_unit", pget("systemd_unit")},
 	} {
 		if kv[1] != "" {
 			a = append(a, strAttr(kv[0], kv[1]))
 		}
 	}
-	if f.Success != nil {
-		a = append(a, boolAttr("pgward.success", *f.Success))
-		if !*f.Success {
+	if v, ok := top("success"); ok && (v == "true" || v == "false") {
+		a = append(a, boolAttr("pgward.success", v == "true"))
+		if v == "false" {
 			rec.SeverityNumber, rec.SeverityText = logspb.SeverityNumber_SEVERITY_NUMBER_WARN, "WARN"
-			if f.SQLState != "" {
-				a = append(a, strAttr("error.type", f.SQLState))
+			if sqlstate != "" {
+				a = append(a, strAttr("error.type", sqlstate))
 			}
 		}
 	}
-	if f.Rows != nil {
-		a = append(a, intAttr("db.response.returned_rows", *f.Rows))
+	if v, ok := top("rows"); ok {
+		if n, err := strconv.ParseInt(v, 10, 64); err == nil {
+			a = append(a, intAttr("db.response.returned_rows", n))
+		}
 	}
-	if p := f.Process; p != nil {
-		if p.PID != 0 {
-			a = append(a, intAttr("process.pid", p.PID))
+	if v, ok := lineField(proc, "pid"); ok {
+		if n, err := strconv.ParseInt(v, 10, 64); err == nil && n != 0 {
+			a = append(a, intAttr("process.pid", n))
 		}
-		if p.UID != nil {
-			a = append(a, intAttr("process.user.id", *p.UID))
+	}
+	if v, ok := lineField(proc, "uid"); ok {
+		if n, err := strconv.ParseInt(v, 10, 64); err == nil {
+			a = append(a, intAttr("process.user.id", n))
 		}
-		for _, kv := range [...][2]string{
-			{"process.executable.path", p.Exe}, {"process.executable.name", p.Comm}, {"process.owner", p.User},
-			{"container.id", p.ContainerID}, {"pgward.systemd_unit", p.SystemdUnit},
-		} {
-			if kv[1] != "" {
-				a = append(a, strAttr(kv[0], kv[1]))
-			}
-		}
-		if pod := p.Pod; pod != nil {
-			a = append(a, strAttr("k8s.pod.name", pod.Name), strAttr("k8s.namespace.name", pod.Namespace))
-			if pod.ServiceAccount != "" {
-				a = append(a, strAttr("k8s.serviceaccount.name", pod.ServiceAccount))
-			}
+	}
+	if j := bytes.Index(proc, []byte(`"pod":{`)); j >= 0 {
+		pod := proc[j:]
+		ns, _ := lineField(pod, "namespace")
+		name, _ := lineField(pod, "name")
+		a = append(a, strAttr("k8s.pod.name", name), strAttr("k8s.namespace.name", ns))
+		if sa, _ := lineField(pod, "service_account"); sa != "" {
+			a = append(a, strAttr("k8s.serviceaccount.name", sa))
 		}
 	}
 	rec.Attributes = a

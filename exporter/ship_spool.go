@@ -229,18 +229,40 @@ func (r *spoolReader) next(maxLines, maxBytes int) ([]spoolLine, error) {
 		if len(out) > 0 && total+len(line) > maxBytes {
 			break
 		}
-		seq, _, err := chainFields(line)
+		seq, err := spoolSeq(line)
 		if err != nil {
 			return nil, fmt.Errorf("%s at offset %d: not a pgward audit line: %w", r.f.Name(), c.Offset, err)
 		}
 		c.Offset += int64(i + 1)
 		c.Seq = seq
-		c.Last = hashHex(line)
 		out = append(out, spoolLine{line: line, after: c})
 		used += i + 1
 		total += len(line)
 	}
+	if n := len(out); n > 0 {
+		// Only the last line's cursor is ever kept: hash that one.
+		out[n-1].after.Last = hashHex(out[n-1].line)
+	}
 	return out, nil
+}
+
+// spoolSeq reads the seq of an audit line from its tail, which the writer
+// always makes `,"seq":N,"prev_hash":"<64 hex>"}`; anything else goes
+// through the JSON decoder.
+func spoolSeq(line []byte) (int64, error) {
+	const tail = 64 + len(`"}`)
+	const ph = `,"prev_hash":"`
+	if len(line) > tail+len(ph) && bytes.HasSuffix(line, []byte(`"}`)) &&
+		bytes.Equal(line[len(line)-tail-len(ph):len(line)-tail], []byte(ph)) {
+		head := line[:len(line)-tail-len(ph)]
+		if i := bytes.LastIndex(head, []byte(`,"seq":`)); i >= 0 {
+			if n, err := strconv.ParseInt(string(head[i+len(`,"seq":`):]), 10, 64); err == nil {
+				return n, nil
+			}
+		}
+	}
+	seq, _, err := chainFields(line)
+	return seq, err
 }
 
 // advance drops the first n bytes of buf: those lines are handed out.
