@@ -23,7 +23,7 @@ import (
 const (
 	shipBatchLines = 512
 	shipBatchBytes = 1 << 20
-	shipPoll       = 100 * time.Millisecond // how often the spool is looked at when caught up
+	shipPoll       = 100 * time.Millisecond // how often the spool is looked at when caught up (the lag this adds)
 	shipBackoffMin = 100 * time.Millisecond
 	shipBackoffMax = 5 * time.Second
 	shipLagEvery   = time.Second
@@ -246,6 +246,11 @@ func (s *Shipper) run() {
 			}
 		}
 		s.mu.Unlock()
+		if len(lines) < maxLines {
+			// Caught up: let lines gather rather than send a handful per
+			// export (each costs a round trip and the collector's work).
+			s.sleep(shipPoll)
+		}
 	}
 }
 

@@ -164,7 +164,8 @@ type spoolReader struct {
 	f     *os.File
 	inode uint64
 	cur   shipCursor // position after the lines handed out
-	buf   []byte     // unread bytes from cur.Offset (may end in a partial line)
+	buf   []byte     // unread bytes from cur.Offset (may end in a partial line), in store
+	store []byte     // the read buffer, reused
 	eof   bool       // the last read found nothing new
 }
 
@@ -281,8 +282,15 @@ func (r *spoolReader) fill(maxBytes int) error {
 	if len(r.buf) >= want {
 		return nil
 	}
-	buf := make([]byte, len(r.buf), want+4096)
+	// Reuse the buffer: move the unread bytes to its front, grow it only
+	// for a line longer than it.
+	buf := r.store
+	if cap(buf) < want+4096 {
+		buf = make([]byte, 0, want+4096)
+	}
+	buf = buf[:len(r.buf)]
 	copy(buf, r.buf)
+	r.store = buf
 	n, err := r.f.ReadAt(buf[len(buf):cap(buf)], r.cur.Offset+int64(len(r.buf)))
 	r.buf = buf[:len(buf)+n]
 	r.eof = n == 0
