@@ -265,6 +265,7 @@ func OpenFileSink(cfg AuditConfig, m AuditMetrics, log *slog.Logger, opts ...Aud
 	if o.cpKey.valid() {
 		a.cpOn, a.cpKey = true, o.cpKey
 	}
+	a.rotateKeep = o.rotateKeep
 	if a.cpOn {
 		a.cpNode, _ = os.Hostname()
 		if a.cpNode == "" {

@@ -118,7 +118,7 @@ func NewShipper(a AuditConfig, m *Metrics, log *slog.Logger) (*Shipper, error) {
 
 // WithShipper lets s keep rotated audit files it has not delivered yet.
 func WithShipper(s *Shipper) AuditOption {
-	return func(a *Audit) { a.rotateKeep = s.rotateKeep }
+	return func(o *auditOptions) { o.rotateKeep = s.rotateKeep }
 }
 
 // Start starts shipping in a goroutine of its own.
