@@ -14,7 +14,7 @@ func FuzzReadShipped(f *testing.F) {
 	f.Add([]byte("{\"resourceLogs\":[]}\n{\"resourceSpans\":[]}\n"))
 	f.Add([]byte(`{"resourceLogs":[{"scopeLogs":[{"logRecords":[{"body":{"stringValue":"{\"seq\":2,\"prev_hash\":\"ab\"}"}}]}]}]}`))
 	f.Fuzz(func(t *testing.T, data []byte) {
-		nodes, err := exporter.ReadShipped(bytes.NewReader(data))
+		nodes, _, err := exporter.ReadShipped(bytes.NewReader(data))
 		if err != nil {
 			return
 		}
@@ -37,4 +37,16 @@ func FuzzReadShipped(f *testing.F) {
 			r.WriteText(&bytes.Buffer{})
 		}
 	})
+}
+
+// A collector killed mid-write leaves a torn request; restarted, it appends
+// the next one on the same line. The torn part is counted, the rest read.
+func TestReadShippedTorn(t *testing.T) {
+	zero := "0000000000000000000000000000000000000000000000000000000000000000"
+	req := `{"resourceLogs":[{"resource":{"attributes":[{"key":"pgward.node","value":{"stringValue":"n"}}]},"scopeLogs":[{"logRecords":[{"body":{"stringValue":"{\"event\":\"x\",\"seq\":1,\"prev_hash\":\"` + zero + `\"}"}}]}]}]}`
+	data := req[:40] + req + "\n"
+	nodes, torn, err := exporter.ReadShipped(bytes.NewReader([]byte(data)))
+	if err != nil || torn != 1 || len(nodes) != 1 || len(nodes[0].Files) != 1 || len(nodes[0].Files[0].Lines) != 1 {
+		t.Fatalf("nodes %v, torn %d, err %v", nodes, torn, err)
+	}
 }

@@ -203,7 +203,7 @@ func verifyArrived(t *testing.T, col *testenv.Collector, n int) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	nodes, err := exporter.ReadShipped(bytes.NewReader(data))
+	nodes, _, err := exporter.ReadShipped(bytes.NewReader(data))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -459,7 +459,7 @@ func TestShipVerifyWhatArrived(t *testing.T) {
 	}
 	verify := func(data []byte) *exporter.ShippedReport {
 		t.Helper()
-		nodes, err := exporter.ReadShipped(bytes.NewReader(data))
+		nodes, _, err := exporter.ReadShipped(bytes.NewReader(data))
 		if err != nil {
 			t.Fatal(err)
 		}

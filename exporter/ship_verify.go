@@ -75,27 +75,34 @@ func shippedAttr(kvs []shippedKV, key string) string {
 // logs, traces) are skipped. The node is the resource's pgward.node (else
 // host.name); the file is the record's pgward.audit.file_start, else the
 // line's own chain fields decide.
-func ReadShipped(r io.Reader) ([]*ShippedNode, error) {
+//
+// A collector killed while writing leaves a torn request (and, restarted,
+// appends the next on the same line): what follows the tear is read, the
+// torn part is counted in torn (its records, acknowledged or not, are lost
+// by the collector; they show as gaps).
+func ReadShipped(r io.Reader) (nodes []*ShippedNode, torn int, err error) {
 	type key struct{ node, start string }
 	type fileAcc struct {
 		bySeq map[int64][]byte
 		conf  map[int64]bool
 	}
-	nodes := map[string]*ShippedNode{}
+	byNode := map[string]*ShippedNode{}
 	files := map[key]*fileAcc{}
 	seen := map[string]bool{}
 	sc := bufio.NewScanner(r)
 	sc.Buffer(nil, 256<<20)
-	n := 0
 	for sc.Scan() {
-		n++
 		line := bytes.TrimSpace(sc.Bytes())
 		if len(line) == 0 || !bytes.Contains(line, []byte(`"resourceLogs"`)) {
 			continue
 		}
 		var req shippedJSON
 		if err := json.Unmarshal(line, &req); err != nil {
-			return nil, fmt.Errorf("line %d: not OTLP JSON: %w", n, err)
+			torn++
+			i := bytes.LastIndex(line, []byte(`{"resourceLogs":`))
+			if i <= 0 || json.Unmarshal(line[i:], &req) != nil {
+				continue
+			}
 		}
 		for _, rl := range req.ResourceLogs {
 			node := shippedAttr(rl.Resource.Attributes, "pgward.node")
@@ -113,10 +120,10 @@ func ReadShipped(r io.Reader) ([]*ShippedNode, error) {
 					if start == "" && seq == 1 {
 						start = prev
 					}
-					nd := nodes[node]
+					nd := byNode[node]
 					if nd == nil {
 						nd = &ShippedNode{Node: node}
-						nodes[node] = nd
+						byNode[node] = nd
 					}
 					nd.Records++
 					if seen[node+"\x00"+body] {
@@ -140,7 +147,7 @@ func ReadShipped(r io.Reader) ([]*ShippedNode, error) {
 		}
 	}
 	if err := sc.Err(); err != nil {
-		return nil, err
+		return nil, torn, err
 	}
 	// Reassemble each file by seq, then order each node's files: a file
 	// follows the one whose last line's hash is its Start.
@@ -158,15 +165,15 @@ func ReadShipped(r io.Reader) ([]*ShippedNode, error) {
 			f.Conflicts = append(f.Conflicts, s)
 		}
 		slices.Sort(f.Conflicts)
-		nodes[k.node].Files = append(nodes[k.node].Files, f)
+		byNode[k.node].Files = append(byNode[k.node].Files, f)
 	}
-	out := make([]*ShippedNode, 0, len(nodes))
-	for _, nd := range nodes {
+	out := make([]*ShippedNode, 0, len(byNode))
+	for _, nd := range byNode {
 		nd.Files = chainOrder(nd.Files)
 		out = append(out, nd)
 	}
 	slices.SortFunc(out, func(a, b *ShippedNode) int { return strings.Compare(a.Node, b.Node) })
-	return out, nil
+	return out, torn, nil
 }
 
 // chainOrder puts files in chain order: each after the file whose last line

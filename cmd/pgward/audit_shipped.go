@@ -24,7 +24,7 @@ func verifyShipped(files []string, opts exporter.VerifyOptions, stdout, stderr i
 		defer f.Close()
 		readers = append(readers, f, newlineReader{})
 	}
-	nodes, err := exporter.ReadShipped(io.MultiReader(readers...))
+	nodes, torn, err := exporter.ReadShipped(io.MultiReader(readers...))
 	if err != nil {
 		fmt.Fprintf(stderr, "pgward audit verify --otlp: %v\n", err)
 		return exitBadInput
@@ -32,6 +32,9 @@ func verifyShipped(files []string, opts exporter.VerifyOptions, stdout, stderr i
 	if len(nodes) == 0 {
 		fmt.Fprintln(stderr, "pgward audit verify --otlp: no pgward audit record in the files")
 		return exitBadInput
+	}
+	if torn > 0 {
+		fmt.Fprintf(stdout, "note: %d torn export requests (a collector killed while writing); what they held is missing unless it arrived again\n", torn)
 	}
 	reps, err := exporter.VerifyShipped(nodes, opts)
 	if err != nil {
