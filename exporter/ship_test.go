@@ -102,7 +102,7 @@ func (fx *shipFixture) write(t *testing.T, n int) {
 func spoolLines(t *testing.T, path string) []string {
 	t.Helper()
 	var out []string
-	for _, n := range rotatedOldestFirst(path) {
+	for _, n := range exporter.AuditFiles(path) {
 		f, err := os.Open(n)
 		if err != nil {
 			t.Fatal(err)
@@ -166,7 +166,7 @@ func TestShipDeliversEveryLine(t *testing.T) {
 				t.Fatalf("the test wants several rotations: %v", err)
 			}
 			got := waitDelivered(t, col, want, 30*time.Second)
-			if _, err := exporter.VerifyFiles(rotatedOldestFirst(fx.cfg.Path)...); err != nil {
+			if _, err := exporter.VerifyFiles(exporter.AuditFiles(fx.cfg.Path)...); err != nil {
 				t.Fatalf("the audit files do not verify: %v", err)
 			}
 			r := got[want[len(want)-1]]
@@ -218,18 +218,6 @@ func verifyArrived(t *testing.T, col *testenv.Collector, n int) {
 		}
 		t.Fatalf("what arrived does not verify (want one node, %d lines, no problem):\n%s", n, b.String())
 	}
-}
-
-func rotatedOldestFirst(path string) []string {
-	var names []string
-	for i := 1; ; i++ {
-		n := path + "." + strconv.Itoa(i)
-		if _, err := os.Stat(n); err != nil {
-			break
-		}
-		names = append([]string{n}, names...)
-	}
-	return append(names, path)
 }
 
 func waitMetric(t *testing.T, g prometheus.Gatherer, name string, want float64) {
@@ -375,7 +363,7 @@ func TestShipDiskCap(t *testing.T) {
 		t.Fatal("no event counted lost although far more than the cap was written undelivered")
 	}
 	var kept int64
-	for _, n := range rotatedOldestFirst(fx.cfg.Path)[:len(rotatedOldestFirst(fx.cfg.Path))-1] {
+	for _, n := range exporter.AuditFiles(fx.cfg.Path)[:len(exporter.AuditFiles(fx.cfg.Path))-1] {
 		fi, _ := os.Stat(n)
 		kept += fi.Size()
 	}

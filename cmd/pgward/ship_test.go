@@ -15,6 +15,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/pgward/pgward/exporter"
 	"github.com/pgward/pgward/testenv"
 )
 
@@ -140,11 +141,11 @@ ebpf: { enabled: "false" }
 			state, _ := os.ReadFile(auditPath + ".ship")
 			lag, _ := scrapeMetric(fmt.Sprintf("http://127.0.0.1:%d/metrics", port), "pgward_audit_ship_lag_events")
 			t.Fatalf("%d of %d audit lines never arrived at the collector (lag metric %v)\nfirst: %.300s\nlast: %.300s\ncursor: %s\nfiles: %v",
-				missing, len(want), lag, firstMissing, lastMissing, state, auditFiles(auditPath))
+				missing, len(want), lag, firstMissing, lastMissing, state, exporter.AuditFiles(auditPath))
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
-	if code, out, errs := runCLI(append([]string{"audit", "verify"}, auditFiles(auditPath)...)...); code != exitOK {
+	if code, out, errs := runCLI(append([]string{"audit", "verify"}, exporter.AuditFiles(auditPath)...)...); code != exitOK {
 		t.Fatalf("audit verify: %d\n%s\n%s", code, out, errs)
 	}
 	// What arrived verifies too: in any order, with the duplicates.
@@ -162,24 +163,11 @@ ebpf: { enabled: "false" }
 	stopTestChild(t, agent, agentErr)
 }
 
-// auditFiles lists the audit files, oldest first.
-func auditFiles(path string) []string {
-	var files []string
-	for i := 1; ; i++ {
-		n := path + "." + strconv.Itoa(i)
-		if _, err := os.Stat(n); err != nil {
-			break
-		}
-		files = append([]string{n}, files...)
-	}
-	return append(files, path)
-}
-
 // auditLines returns every line of the audit files, oldest first.
 func auditLines(t *testing.T, path string) []string {
 	t.Helper()
 	var out []string
-	for _, n := range auditFiles(path) {
+	for _, n := range exporter.AuditFiles(path) {
 		f, err := os.Open(n)
 		if err != nil {
 			t.Fatal(err)
