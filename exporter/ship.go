@@ -1,7 +1,6 @@
 package exporter
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -226,7 +225,7 @@ func (s *Shipper) run() {
 			s.sleep(shipPoll)
 			continue
 		}
-		first := lineTime(lines[0].line)
+		first, _ := lineTime(lines[0].line)
 		req := s.request(r.cur.Start, lines)
 		delivered, ok := s.deliver(req, len(lines), first)
 		if !ok {
@@ -319,22 +318,6 @@ func (s *Shipper) request(fileStart string, lines []spoolLine) *collogspb.Export
 		Resource:  shipResource(s.node, s.path),
 		ScopeLogs: []*logspb.ScopeLogs{{Scope: shipScopeProto, LogRecords: recs}},
 	}}}
-}
-
-// lineTime is the "time" of an audit line (the zero time if unreadable).
-func lineTime(line []byte) time.Time {
-	const key = `"time":"`
-	i := bytes.Index(line, []byte(key))
-	if i < 0 {
-		return time.Time{}
-	}
-	rest := line[i+len(key):]
-	j := bytes.IndexByte(rest, '"')
-	if j < 0 {
-		return time.Time{}
-	}
-	t, _ := time.Parse(time.RFC3339Nano, string(rest[:j]))
-	return t
 }
 
 // locateLocked opens the file of the delivery cursor. Without a cursor (or
@@ -447,7 +430,7 @@ func (s *Shipper) updateLag(r *spoolReader) {
 		return // deliver sets the age from its batch
 	}
 	if lines, err := r.next(1, shipBatchBytes); err == nil && len(lines) > 0 {
-		if t := lineTime(lines[0].line); !t.IsZero() {
+		if t, ok := lineTime(lines[0].line); ok {
 			s.m.lagSeconds.Set(time.Since(t).Seconds())
 		}
 	}

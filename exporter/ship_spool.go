@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"slices"
 	"strconv"
 	"syscall"
 )
@@ -299,20 +298,4 @@ func (r *spoolReader) fill(maxBytes int) error {
 		return err
 	}
 	return nil
-}
-
-// AuditFiles returns the audit files of path that exist, oldest first
-// (path.N … path.1, path), as VerifyFiles and VerifyAudit want them; it
-// stops at the first missing number.
-func AuditFiles(path string) []string {
-	var names []string
-	for i := 1; ; i++ {
-		n := rotatedName(path, i)
-		if _, err := os.Stat(n); err != nil {
-			break
-		}
-		names = append(names, n)
-	}
-	slices.Reverse(names)
-	return append(names, path)
 }

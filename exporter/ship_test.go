@@ -102,7 +102,7 @@ func (fx *shipFixture) write(t *testing.T, n int) {
 func spoolLines(t *testing.T, path string) []string {
 	t.Helper()
 	var out []string
-	for _, n := range exporter.AuditFiles(path) {
+	for _, n := range auditFilesOf(t, path) {
 		f, err := os.Open(n)
 		if err != nil {
 			t.Fatal(err)
@@ -166,7 +166,7 @@ func TestShipDeliversEveryLine(t *testing.T) {
 				t.Fatalf("the test wants several rotations: %v", err)
 			}
 			got := waitDelivered(t, col, want, 30*time.Second)
-			if _, err := exporter.VerifyFiles(exporter.AuditFiles(fx.cfg.Path)...); err != nil {
+			if _, err := exporter.VerifyFiles(auditFilesOf(t, fx.cfg.Path)...); err != nil {
 				t.Fatalf("the audit files do not verify: %v", err)
 			}
 			r := got[want[len(want)-1]]
@@ -363,7 +363,7 @@ func TestShipDiskCap(t *testing.T) {
 		t.Fatal("no event counted lost although far more than the cap was written undelivered")
 	}
 	var kept int64
-	for _, n := range exporter.AuditFiles(fx.cfg.Path)[:len(exporter.AuditFiles(fx.cfg.Path))-1] {
+	for _, n := range auditFilesOf(t, fx.cfg.Path)[:len(auditFilesOf(t, fx.cfg.Path))-1] {
 		fi, _ := os.Stat(n)
 		kept += fi.Size()
 	}
@@ -491,4 +491,14 @@ func TestShipVerifyWhatArrived(t *testing.T) {
 		rep3.WriteText(&b)
 		t.Fatalf("a missing batch went unnoticed:\n%s", b.String())
 	}
+}
+
+// auditFilesOf is exporter.AuditFiles, failing the test on an error.
+func auditFilesOf(t testing.TB, path string) []string {
+	t.Helper()
+	files, err := exporter.AuditFiles(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return files
 }

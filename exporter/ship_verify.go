@@ -201,7 +201,9 @@ func chainOrder(fs []*ShippedFile) []*ShippedFile {
 		}
 	}
 	slices.SortFunc(heads, func(a, b *ShippedFile) int {
-		return lineTime(a.Lines[0]).Compare(lineTime(b.Lines[0]))
+		ta, _ := lineTime(a.Lines[0])
+		tb, _ := lineTime(b.Lines[0])
+		return ta.Compare(tb)
 	})
 	var out []*ShippedFile
 	done := map[*ShippedFile]bool{}

@@ -141,11 +141,11 @@ ebpf: { enabled: "false" }
 			state, _ := os.ReadFile(auditPath + ".ship")
 			lag, _ := scrapeMetric(fmt.Sprintf("http://127.0.0.1:%d/metrics", port), "pgward_audit_ship_lag_events")
 			t.Fatalf("%d of %d audit lines never arrived at the collector (lag metric %v)\nfirst: %.300s\nlast: %.300s\ncursor: %s\nfiles: %v",
-				missing, len(want), lag, firstMissing, lastMissing, state, exporter.AuditFiles(auditPath))
+				missing, len(want), lag, firstMissing, lastMissing, state, auditFilesOf(t, auditPath))
 		}
 		time.Sleep(200 * time.Millisecond)
 	}
-	if code, out, errs := runCLI(append([]string{"audit", "verify"}, exporter.AuditFiles(auditPath)...)...); code != exitOK {
+	if code, out, errs := runCLI(append([]string{"audit", "verify"}, auditFilesOf(t, auditPath)...)...); code != exitOK {
 		t.Fatalf("audit verify: %d\n%s\n%s", code, out, errs)
 	}
 	// What arrived verifies too: in any order, with the duplicates.
@@ -167,7 +167,7 @@ ebpf: { enabled: "false" }
 func auditLines(t *testing.T, path string) []string {
 	t.Helper()
 	var out []string
-	for _, n := range exporter.AuditFiles(path) {
+	for _, n := range auditFilesOf(t, path) {
 		f, err := os.Open(n)
 		if err != nil {
 			t.Fatal(err)
@@ -180,4 +180,14 @@ func auditLines(t *testing.T, path string) []string {
 		f.Close()
 	}
 	return out
+}
+
+// auditFilesOf is exporter.AuditFiles, failing the test on an error.
+func auditFilesOf(t testing.TB, path string) []string {
+	t.Helper()
+	files, err := exporter.AuditFiles(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return files
 }
