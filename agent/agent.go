@@ -114,11 +114,24 @@ func New(ctx context.Context, opts Options) (_ *Agent, err error) {
 		log.Warn("audit checkpoints are off (no audit.checkpoint.key): the audit trail is unkeyed, so a file cut at a line boundary, extended or re-chained still verifies",
 			"path", cfg.Audit.Path)
 	}
+	var ship *exporter.Shipper
+	if exporter.ShipEnabled(cfg.Audit.OTLP, nil) {
+		// Closed after the audit (closers run in reverse).
+		if ship, err = exporter.NewShipper(cfg.Audit, a.metrics, log); err != nil {
+			return nil, fmt.Errorf("audit.otlp: %w", err)
+		}
+		a.closers = append(a.closers, ship.Close)
+		auditOpts = append(auditOpts, exporter.WithShipper(ship))
+	}
 	a.audit, err = exporter.OpenAudit(cfg.Audit, a.metrics, log, auditOpts...)
 	if err != nil {
 		return nil, fmt.Errorf("open audit log: %w", err)
 	}
 	a.closers = append(a.closers, a.audit.Close)
+	if ship != nil {
+		ship.Start()
+		log.Info("audit shipping on", "shipper", ship.String())
+	}
 	a.observer = exporter.NewObserver(log, a.metrics, a.audit)
 	a.closers = append(a.closers, a.observer.Close) // refusal summaries, before the audit closes
 

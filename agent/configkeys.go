@@ -85,6 +85,17 @@ var agentKeys = []broker.Key{
 	{Path: "audit.checkpoint.key.backend", DefaultDoc: "`secrets.backend`", OneOf: secrets.Backends, Doc: "the backend holding the signing key"},
 	{Path: "audit.checkpoint.key.upstream", DefaultDoc: "required", Doc: "the key's name in the backend, as an upstream"},
 	{Path: "audit.checkpoint.key.role", DefaultDoc: "required", Doc: "the key's name in the backend, as a role"},
+	// audit.otlp: what is left empty falls back to OTEL_EXPORTER_OTLP_LOGS_*
+	// and OTEL_EXPORTER_OTLP_* when the shipper starts, so only the keys
+	// without such a variable get a Default here.
+	{Path: "audit.otlp.endpoint", DefaultDoc: "`$OTEL_EXPORTER_OTLP_LOGS_ENDPOINT`", Doc: "host:port of the collector's OTLP receiver"},
+	{Path: "audit.otlp.protocol", DefaultDoc: "`grpc`", OneOf: []string{exporter.ShipGRPC, exporter.ShipHTTP}, Doc: "OTLP over gRPC or HTTP/protobuf"},
+	{Path: "audit.otlp.insecure", DefaultDoc: "`false`", Doc: "plain text instead of TLS"},
+	{Path: "audit.otlp.headers", DefaultDoc: "none", Doc: "sent with every export; never logged"},
+	{Path: "audit.otlp.ca_file", DefaultDoc: "system roots", Doc: "PEM CA that verifies the collector"},
+	{Path: "audit.otlp.timeout", DefaultDoc: "`10s`", Doc: "one export attempt"},
+	{Path: "audit.otlp.max_undelivered_bytes", Default: int64(exporter.DefaultShipMaxUndelivered), Doc: "cap on undelivered rotated files kept past max_files"},
+	{Path: "audit.otlp.state_path", DefaultDoc: "`<audit.path>.ship`", Doc: "the delivery cursor"},
 
 	{Path: "metrics.listen", Default: "", Doc: "host:port serving /metrics, /healthz, /readyz"},
 

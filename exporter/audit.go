@@ -66,6 +66,9 @@ type AuditConfig struct {
 	// says how long until fail-closed; 0 means DefaultAuditMinFree. See
 	// diskfree.go.
 	MinFreeBytes int64 `yaml:"min_free_bytes"`
+	// OTLP ships the trail to an OpenTelemetry Collector (ship.go); nil
+	// means off unless OTEL_EXPORTER_OTLP_LOGS_ENDPOINT is set.
+	OTLP *ShipConfig `yaml:"otlp"`
 }
 
 // WithDefaults returns c with every zero field set to its default.
@@ -115,6 +118,15 @@ func (c AuditConfig) Validate() error {
 	errs = append(errs, c.Checkpoint.validate()...)
 	if c.MinFreeBytes < 0 {
 		errs = append(errs, fieldError("audit.min_free_bytes", "%d must not be negative", c.MinFreeBytes))
+	}
+	if ShipEnabled(c.OTLP, nil) {
+		var sc ShipConfig
+		if c.OTLP != nil {
+			sc = *c.OTLP
+		}
+		if _, err := sc.resolve(nil); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	return errors.Join(errs...)
 }
@@ -218,6 +230,10 @@ type FileSink struct {
 	disk         *diskWatch
 	rotatedBytes int64
 	openSize     int64
+
+	// rotateKeep (WithShipper) says how many rotated files to keep, at
+	// least MaxFiles; nil keeps MaxFiles.
+	rotateKeep func(path string, maxFiles int) int
 }
 
 // OpenFileSink opens (creating it 0600 if needed) the audit file of cfg and
@@ -249,6 +265,7 @@ func OpenFileSink(cfg AuditConfig, m AuditMetrics, log *slog.Logger, opts ...Aud
 	if o.cpKey.valid() {
 		a.cpOn, a.cpKey = true, o.cpKey
 	}
+	a.rotateKeep = o.rotateKeep
 	if a.cpOn {
 		a.cpNode, _ = os.Hostname()
 		if a.cpNode == "" {
@@ -957,8 +974,12 @@ func (a *FileSink) rotate() error {
 			return fmt.Errorf("fsync before rotation: %w", err)
 		}
 	}
-	_ = os.Remove(path + "." + strconv.Itoa(a.cfg.MaxFiles))
-	for i := a.cfg.MaxFiles - 1; i >= 1; i-- {
+	keep := a.cfg.MaxFiles
+	if a.rotateKeep != nil {
+		keep = a.rotateKeep(path, keep)
+	}
+	_ = os.Remove(path + "." + strconv.Itoa(keep))
+	for i := keep - 1; i >= 1; i-- {
 		from := path + "." + strconv.Itoa(i)
 		if err := os.Rename(from, path+"."+strconv.Itoa(i+1)); err != nil && !errors.Is(err, os.ErrNotExist) {
 			a.log.Warn("rotate audit file", "from", from, "error", err)

@@ -35,7 +35,8 @@ type EBPFStats struct {
 // Every label value comes from a fixed set, created up front, so the hot path
 // does no label lookups.
 type Metrics struct {
-	reg *prometheus.Registry
+	reg  *prometheus.Registry
+	ship *shipMetrics // audit shipping (ship_metrics.go), 0 unless on
 
 	requests, responses, errorResponses                prometheus.Counter
 	duration                                           map[broker.Stage]prometheus.Observer
@@ -63,7 +64,7 @@ type Metrics struct {
 // NewMetrics creates every pgward_ metric on reg, with the Go and process
 // collectors. It panics if reg already holds them (a wiring bug).
 func NewMetrics(reg *prometheus.Registry) *Metrics {
-	m := &Metrics{reg: reg}
+	m := &Metrics{reg: reg, ship: newShipMetrics(reg)}
 	counter := func(name, help string) prometheus.Counter {
 		c := prometheus.NewCounter(prometheus.CounterOpts{Namespace: namespace, Name: name, Help: help})
 		reg.MustRegister(c)

@@ -83,8 +83,9 @@ func (noMetrics) AuditStorage(func() AuditStorageStats) {}
 type AuditOption func(*auditOptions)
 
 type auditOptions struct {
-	cpKey  CheckpointKey
-	copies []Sink
+	cpKey      CheckpointKey
+	copies     []Sink
+	rotateKeep func(path string, maxFiles int) int // WithShipper
 }
 
 // WithCheckpointKey turns keyed checkpoints on (audit.checkpoint): the

@@ -76,11 +76,16 @@ type verifier struct {
 // and, with opts.Key, their checkpoints and anchors. The error is for I/O
 // only; what the files show is in the report.
 func VerifyAudit(paths []string, opts VerifyOptions) (*VerifyReport, error) {
+	return verifyAudit(paths, func(i int) (io.ReadCloser, error) { return os.Open(paths[i]) }, opts)
+}
+
+// verifyAudit is VerifyAudit over files named paths that open opens.
+func verifyAudit(paths []string, open func(i int) (io.ReadCloser, error), opts VerifyOptions) (*VerifyReport, error) {
 	v := &verifier{opts: opts, rep: &VerifyReport{}, paths: paths, start: pos{0, 1}, cps: map[string]pos{}}
 	var prev [sha256.Size]byte
 	havePrev := false
 	for i, p := range paths {
-		f, err := os.Open(p)
+		f, err := open(i)
 		if err != nil {
 			return nil, err
 		}

@@ -22,6 +22,12 @@
 //     (Cgroup.Start) or move the test into (Cgroup.Enter).
 //   - TestBinary, StartChild and Report: a client in a process of its own,
 //     the test binary re-executed to run a hook test that reports as JSON.
+//   - Collector: a real OpenTelemetry Collector (StartCollector, or
+//     RequireCollector in a test) with OTLP gRPC and HTTP receivers on
+//     loopback and the file exporter, built from testenv/otelcol, a Go module
+//     of its own, into bin/otelcol (`make otelcol`; built on first use when
+//     missing). Kill/Start, Stall/Resume (SIGSTOP/SIGCONT) for fault tests;
+//     Logs reads what arrived.
 //   - SendCancel: a raw CancelRequest, as a client holding BackendKeyData
 //     sends it.
 //

@@ -49,6 +49,7 @@ func main() {
 	only := flag.String("workloads", "", "comma-separated subset of workloads: simple,extended,prepared,tpcb,connect")
 	cpuprofile := flag.String("cpuprofile", "", "write a CPU profile of the pgward process to this file")
 	decompose := flag.Bool("decompose", true, "also run select-only through pgward with audit durability async (pgw-async) and without statement audit lines (pgw-noaudit), to show what the audit costs")
+	flag.BoolVar(&shipAudit, "ship", false, "also run select-only through a pgward that ships its audit (audit.otlp) to a real OpenTelemetry Collector (bin/otelcol), the pgw-ship row, and report events written vs shipped and the lag")
 	flag.StringVar(&auditDir, "audit-dir", "", "directory for pgward's audit files (default: the bench's temporary directory, under $TMPDIR); put it on the file system production would use")
 	flag.Parse()
 	if err := run(*duration, *rounds, *clients, *scale, *only, *cpuprofile, *decompose); err != nil {
@@ -140,7 +141,7 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 
 	// pgward in its own process.
 	cfgPath := filepath.Join(dir, "pgward.yaml")
-	if err := writeAgentConfig(dir, cfgPath, pg, "write"); err != nil {
+	if err := writeAgentConfig(dir, cfgPath, pg, "write", "", ""); err != nil {
 		return err
 	}
 	var env []string
@@ -173,7 +174,7 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 				return err
 			}
 			vcfg := filepath.Join(vdir, "pgward.yaml")
-			if err := writeAgentConfig(vdir, vcfg, pg, v.durability); err != nil {
+			if err := writeAgentConfig(vdir, vcfg, pg, v.durability, "", ""); err != nil {
 				return err
 			}
 			var venv []string
@@ -190,6 +191,15 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 			}
 			targets = append(targets, target{name: v.name, host: vdir, db: "bench", port: 5432, pid: c.Process.Pid, only: "simple,extended,prepared"})
 		}
+	}
+
+	var ship *shipRow
+	if shipAudit {
+		if ship, err = startShipRow(dir, pg); err != nil {
+			return err
+		}
+		defer ship.stop()
+		targets = append(targets, ship.target)
 	}
 
 	// PgBouncer, session mode, SCRAM to the client and the server.
@@ -217,9 +227,15 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 					continue
 				}
 				before, beforeCS := procCPU(t.pid), procSwitches(t.pid)
+				if ship != nil && t.name == ship.target.name {
+					ship.before()
+				}
 				res, err := pgbench(t, w, clients, duration)
 				if err != nil {
 					return fmt.Errorf("%s %s: %w", w.name, t.name, err)
+				}
+				if ship != nil && t.name == ship.target.name {
+					ship.after(w.name, duration)
 				}
 				key := w.name + "|" + t.name
 				cpu[key] += procCPU(t.pid) - before
@@ -251,6 +267,9 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 			fmt.Printf("%-22s %-10s %10.0f %11.3f %8.2fx %8.2fx %16s %12s\n", w.name, t.name, med.tps, med.latencyMS, med.tps/direct.tps, med.tps/relayRes.tps, c, cs)
 		}
 	}
+	if ship != nil {
+		ship.report()
+	}
 	rss, hwm := procRSS(pgw.Process.Pid)
 	fmt.Printf("\npgward process: RSS %d KiB now, %d KiB peak\n", rss, hwm)
 	if cpuprofile != "" {
@@ -278,7 +297,9 @@ func auditPath(dir string) string {
 // benchDir is the bench's temporary directory.
 var benchDir string
 
-func writeAgentConfig(dir, path string, pg *testenv.Postgres, durability string) error {
+// writeAgentConfig writes pgward's config; auditExtra is added to the audit
+// section (", key: value"), extra to the end (whole sections).
+func writeAgentConfig(dir, path string, pg *testenv.Postgres, durability, auditExtra, extra string) error {
 	secretsPath := filepath.Join(dir, "secrets.yaml")
 	if err := os.WriteFile(secretsPath, fmt.Appendf(nil, "bench:\n  %[1]s: { password: %[2]q }\nbenchreuse:\n  %[1]s: { password: %[2]q }\n", testenv.ScramUser, testenv.ScramPassword), 0o600); err != nil {
 		return err
@@ -294,9 +315,9 @@ grants:
   - { principal: bench, upstream: bench, roles: [%[6]s] }
   - { principal: bench, upstream: benchreuse, roles: [%[6]s] }
 limits: { auth_rate: 0, sessions_per_principal: 10000 }
-audit: { path: %[7]q, durability: %[8]s, parameters: full, max_size: 268435456, max_files: 2 }
+audit: { path: %[7]q, durability: %[8]s, parameters: full, max_size: 268435456, max_files: 2%[9]s }
 ebpf: { enabled: "false" }
-`, dir, pg.SocketPath(), testenv.Database, secretsPath, os.Getuid(), testenv.ScramUser, auditPath(dir), durability)
+`, dir, pg.SocketPath(), testenv.Database, secretsPath, os.Getuid(), testenv.ScramUser, auditPath(dir), durability, auditExtra) + extra
 	return os.WriteFile(path, []byte(cfg), 0o600)
 }
 

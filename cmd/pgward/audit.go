@@ -16,6 +16,10 @@ const auditUsage = `usage:
       check the sequence and hash chain of audit files given oldest first
       (audit.jsonl.2 audit.jsonl.1 audit.jsonl); with --key, also the signed
       checkpoints, and say which lines are proven and which are not
+  pgward audit verify --otlp [--key PUBLIC_KEY_FILE] [--checkpoint ANCHOR]... FILE...
+      the same for what an OpenTelemetry Collector received from audit.otlp
+      (its file exporter's JSON, in any order, with duplicates): per node and
+      per audit file
   pgward audit keygen [--out PREFIX]
       write a new ed25519 checkpoint key pair: PREFIX.key (private, mode 0600,
       for the secrets backend) and PREFIX.pub (public, for verify --key)
@@ -57,6 +61,7 @@ checkpoints, and say which lines are proven and which are not.`, 0, -1)
 	var logs, anchors multiFlag
 	fs.Var(&logs, "log", "pgward's JSON log: its latest \"audit checkpoint\" line must be in the files (repeatable)")
 	fs.Var(&anchors, "checkpoint", "an anchor cp1.… as printed in an \"audit checkpoint\" log line (repeatable)")
+	otlp := fs.Bool("otlp", false, "FILE... are what an OpenTelemetry Collector wrote of audit.otlp (file exporter JSON), in any order, with duplicates")
 	files, code, ok := v.parse(args, stdout, stderr)
 	if !ok {
 		return code
@@ -65,6 +70,13 @@ checkpoints, and say which lines are proven and which are not.`, 0, -1)
 		fmt.Fprintln(stderr, "pgward audit verify: no audit file given")
 		v.usage(stderr)
 		return exitUsage
+	}
+	if *keyFile == "" && *otlp {
+		if len(logs) > 0 || len(anchors) > 0 {
+			fmt.Fprintln(stderr, "pgward audit verify: --log and --checkpoint need --key")
+			return exitUsage
+		}
+		return verifyShipped(files, exporter.VerifyOptions{}, stdout, stderr)
 	}
 	if *keyFile == "" {
 		if len(logs) > 0 || len(anchors) > 0 {
@@ -109,6 +121,9 @@ checkpoints, and say which lines are proven and which are not.`, 0, -1)
 			return exitBadInput
 		}
 		opts.Anchors = append(opts.Anchors, cps...)
+	}
+	if *otlp {
+		return verifyShipped(files, opts, stdout, stderr)
 	}
 	rep, err := exporter.VerifyAudit(files, opts)
 	if err != nil {
