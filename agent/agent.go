@@ -119,7 +119,7 @@ func New(ctx context.Context, opts Options) (_ *Agent, err error) {
 		return nil, fmt.Errorf("open audit log: %w", err)
 	}
 	a.closers = append(a.closers, a.audit.Close)
-	a.observer = exporter.NewObserver(log, a.metrics, a.audit)
+	a.observer = exporter.NewObserver(log, a.metrics, a.audit, exporter.WithTracerProvider(opts.TracerProvider))
 	a.closers = append(a.closers, a.observer.Close) // refusal summaries, before the audit closes
 
 	a.resolver = &Resolver{RequireEBPF: cfg.Identity.RequireEBPF}
@@ -135,12 +135,11 @@ func New(ctx context.Context, opts Options) (_ *Agent, err error) {
 		obs = opts.WrapObserver(obs)
 	}
 	a.broker, err = broker.New(broker.Options{
-		Config:         cfg.Config,
-		Resolver:       a.resolver,
-		Secrets:        a.source,
-		Observer:       obs,
-		Logger:         log,
-		TracerProvider: opts.TracerProvider,
+		Config:   cfg.Config,
+		Resolver: a.resolver,
+		Secrets:  a.source,
+		Observer: obs,
+		Logger:   log,
 	})
 	if err != nil {
 		return nil, err

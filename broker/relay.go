@@ -1,8 +1,6 @@
 package broker
 
 import (
-	"bytes"
-	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -13,9 +11,6 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5/pgproto3"
-	"go.opentelemetry.io/otel/attribute"
-	"go.opentelemetry.io/otel/codes"
-	"go.opentelemetry.io/otel/trace"
 )
 
 const relayBufSize = 32 << 10
@@ -37,12 +32,12 @@ func (sess *session) run() {
 		go func() {
 			select {
 			case <-sess.lease.Done:
-				reason := "lease_expired"
-				if sess.lease.Reason != nil {
-					reason = sess.lease.Reason()
+				reason := EndLeaseExpired
+				if sess.lease.Reason != nil && sess.lease.Reason() == string(EndLeaseRevoked) {
+					reason = EndLeaseRevoked
 				}
 				sess.log.Warn("credential lease ended: ending session", "reason", reason)
-				sess.end(reason, CodeAdminShutdown, "pgward ended this session: its database credential lease ended ("+reason+")")
+				sess.end(reason, CodeAdminShutdown, "pgward ended this session: its database credential lease ended ("+string(reason)+")")
 			case <-upDone:
 			}
 		}()
@@ -115,10 +110,7 @@ func (sess *session) run() {
 			}
 			p.q.Success = false
 			p.q.Duration = time.Since(p.q.Start)
-			sess.srv.obs.QueryDone(sess.ctx, &sess.info, p.q)
-			if p.span != nil {
-				p.span.End()
-			}
+			sess.obs.Result(sess.ctx, p.q)
 		}
 	}
 	tr.queue, tr.head = nil, 0
@@ -126,8 +118,7 @@ func (sess *session) run() {
 	sess.info.EndReason = reason
 	sess.info.End = time.Now()
 	sess.info.Queries = tr.index
-	sess.srv.obs.SessionEnd(sess.ctx, &sess.info)
-	sess.log.Info("session ended", "reason", reason, "queries", tr.index, "bytes_in", sess.info.BytesIn, "bytes_out", sess.info.BytesOut)
+	sess.obs.End(sess.ctx)
 }
 
 var errUpstreamGone = errors.New("upstream connection closed")
@@ -184,7 +175,6 @@ func (sess *session) pumpClient(tr *tracker, upDone <-chan struct{}) error {
 		}
 		return nil
 	}
-	batch, _ := sess.srv.obs.(QueryBatcher)
 	for {
 		m, rerr := rd.read()
 		for m > 0 {
@@ -199,23 +189,22 @@ func (sess *session) pumpClient(tr *tracker, upDone <-chan struct{}) error {
 				// Read (and drop) what the client is still sending of it,
 				// for a while, so that it reads the 54000 below.
 				rd.drain(tl.Size-int64(len(rd.pending())-fwd), refusedDrainTime)
-				sess.terminate("message_too_large", CodeProgramLimitExceeded, fmt.Sprintf(
+				sess.terminate(EndMessageTooLarge, CodeProgramLimitExceeded, fmt.Sprintf(
 					"pgward refused a message of %d bytes: limits.max_message_bytes is %d; the session is closed. Send smaller statements or parameters (COPY streams any size), or have the operator raise limits.max_message_bytes",
 					tl.Size, tl.Limit))
 				return err
 			}
 			if err != nil {
 				sess.log.Warn("malformed message from client", "err", err)
-				sess.terminate("protocol_error", CodeProtocolViolation, "pgward received a malformed message and closed the session")
+				sess.terminate(EndProtocolError, CodeProtocolViolation, "pgward received a malformed message and closed the session")
 				return err
 			}
 			// Audit first: nothing reaches the database unaudited. The
 			// statements of one read are audited together, all durable
 			// before any of them is forwarded.
 			if len(tr.batch) > 0 {
-				if err := sess.audit(batch, tr.batch); err != nil {
-					sess.log.Error("audit log unavailable: stopping this session", "err", err)
-					sess.terminate("audit_unavailable", CodeIOError, "pgward's audit log is unavailable, so the statement was not sent; the session is closed")
+				if err := sess.audit(tr.batch); err != nil {
+					sess.terminate(EndAuditUnavailable, CodeIOError, "pgward's audit log is unavailable, so the statement was not sent; the session is closed")
 					return err
 				}
 			}
@@ -226,7 +215,7 @@ func (sess *session) pumpClient(tr *tracker, upDone <-chan struct{}) error {
 				}
 				sess.info.BytesIn += int64(fwd)
 				sess.live.bytesIn.Add(int64(fwd))
-				sess.srv.obs.RelayBytes(true, fwd)
+				sess.obs.Bytes(true, fwd)
 				rd.consume(fwd)
 			}
 			if len(tr.skipped) > 0 {
@@ -278,31 +267,15 @@ func (sess *session) pumpClient(tr *tracker, upDone <-chan struct{}) error {
 	}
 }
 
-// QueryBatcher is an optional interface of an Observer: QueryBatch audits
-// the statements read from the client together, in order, as Query would
-// each of them. An error means none of them may be forwarded.
-type QueryBatcher interface {
-	QueryBatch(ctx context.Context, s *SessionInfo, qs []*QueryEvent) error
-}
-
 // audit hands the statements of one read to the observer before they are
 // forwarded. The text of a simple Query points into the relay buffer, so it
 // is cleared once the observer has seen it.
-func (sess *session) audit(batch QueryBatcher, events []*QueryEvent) error {
+func (sess *session) audit(events []*QueryEvent) error {
 	for _, q := range events {
 		q.RoleChange = roleChange(q.Text)
 	}
 	sess.live.began(events)
-	var err error
-	if batch != nil && len(events) > 1 {
-		err = batch.QueryBatch(sess.ctx, &sess.info, events)
-	} else {
-		for _, q := range events {
-			if err = sess.srv.obs.Query(sess.ctx, &sess.info, q); err != nil {
-				break
-			}
-		}
-	}
+	err := sess.obs.Statements(sess.ctx, events)
 	for _, q := range events {
 		if !q.Extended {
 			q.Text = ""
@@ -374,12 +347,12 @@ func (sess *session) pumpUpstream(tr *tracker, clientGone func() bool) {
 			if tl := asTooLarge(err); tl != nil {
 				sess.srv.budget.tooLarge[1].Add(1)
 				sess.log.Error("upstream message over limits.max_message_bytes: ending the session", "type", string(tl.Type), "size", tl.Size, "limit", tl.Limit)
-				sess.terminate("message_too_large", CodeConnectionFailure, fmt.Sprintf(
+				sess.terminate(EndMessageTooLarge, CodeConnectionFailure, fmt.Sprintf(
 					"pgward ended the session: the server sent a message of %d bytes, over limits.max_message_bytes (%d)", tl.Size, tl.Limit))
 				rerr = err
 			} else if err != nil {
 				sess.log.Error("malformed message from upstream", "err", err)
-				sess.terminate("protocol_error", CodeConnectionFailure, "pgward received a malformed message from the upstream server and closed the session")
+				sess.terminate(EndProtocolError, CodeConnectionFailure, "pgward received a malformed message from the upstream server and closed the session")
 				rerr = err
 			}
 			if fwd > 0 {
@@ -389,7 +362,7 @@ func (sess *session) pumpUpstream(tr *tracker, clientGone func() bool) {
 				}
 				sess.info.BytesOut += int64(fwd)
 				sess.live.bytesOut.Add(int64(fwd))
-				sess.srv.obs.RelayBytes(false, fwd)
+				sess.obs.Bytes(false, fwd)
 				rd.consume(fwd)
 			}
 			sess.finish(tr, done)
@@ -436,55 +409,9 @@ func (sess *session) finish(tr *tracker, done []pending) {
 		if i == len(done)-1 {
 			p.q.ServerRole = sess.takeRoleReport()
 		}
-		sess.srv.obs.QueryDone(sess.ctx, &sess.info, p.q)
-		if p.span != nil {
-			if !p.q.Success {
-				p.span.SetStatus(codes.Error, p.q.Code)
-				p.span.SetAttributes(attribute.String("db.response.status_code", p.q.Code))
-			}
-			p.span.End()
-		}
+		sess.obs.Result(sess.ctx, p.q)
 	}
 	tr.recycle(done)
-}
-
-// statementSpan starts a span for a statement when the session's trace is
-// sampled, following the OTel database conventions. Statement text that may
-// hold a password is not put on the span.
-func (sess *session) statementSpan(q *QueryEvent) trace.Span {
-	if !sess.span.IsRecording() {
-		return nil
-	}
-	// q.Text may point into the relay buffer: the span keeps a copy.
-	text := strings.Clone(q.Text)
-	op := operationName(text)
-	if containsFold(text, "password") {
-		text = "[REDACTED: statement mentions a password]"
-	}
-	_, sp := sess.srv.tracer.Start(sess.ctx, op, trace.WithSpanKind(trace.SpanKindClient),
-		trace.WithAttributes(
-			attribute.String("db.system.name", "postgresql"),
-			attribute.String("db.namespace", sess.info.Database),
-			attribute.String("db.query.text", text),
-			attribute.String("db.operation.name", op),
-			attribute.String("pgward.request_id", sess.info.RequestID),
-		))
-	return sp
-}
-
-func operationName(text string) string {
-	t := strings.TrimSpace(text)
-	if i := strings.IndexAny(t, " \t\n\r(;"); i >= 0 {
-		t = t[:i]
-	}
-	if t == "" {
-		return "statement"
-	}
-	return strings.ToUpper(t)
-}
-
-func containsFold(s, sub string) bool {
-	return bytes.Contains(bytes.ToLower([]byte(s)), []byte(sub))
 }
 
 // rowsOf is the row count of a command tag ("SELECT 5", "INSERT 0 5"), or -1.

@@ -38,13 +38,6 @@ type RoleMemberships struct {
 // Switchable reports whether the role can become another role.
 func (m *RoleMemberships) Switchable() bool { return m.Superuser || len(m.Roles) > 0 }
 
-// RoleReporter is an optional interface of an Observer: CredentialRoles is
-// called once per credential (upstream, role, credential version), when it
-// is first used, with what its role can become.
-type RoleReporter interface {
-	CredentialRoles(upstream, role string, m RoleMemberships)
-}
-
 // roleCache remembers the memberships learned per credential. A reload
 // empties it, so a changed grant on the server is learned again.
 type roleCache struct {
@@ -185,9 +178,7 @@ func (s *Server) checkRoles(ctx context.Context, ups *upstream, role string, cre
 				"upstream", ups.name, "role", role, "superuser", m.Superuser, "can_become", m.Roles,
 				"refuse_role_switching", ups.cfg.RefuseRoleSwitching)
 		}
-		if rr, ok := s.obs.(RoleReporter); ok {
-			rr.CredentialRoles(ups.name, role, *m)
-		}
+		s.obs.CredentialRoles(ups.name, role, *m)
 	}
 	if ups.cfg.RefuseRoleSwitching && m.Switchable() {
 		what := "is a superuser and can become any role"

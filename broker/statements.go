@@ -7,8 +7,6 @@ import (
 	"sync"
 	"time"
 	"unsafe"
-
-	"go.opentelemetry.io/otel/trace"
 )
 
 // The statement tracker follows, for audit, what the server will execute.
@@ -65,7 +63,6 @@ type pending struct {
 	copies int64  // CopyDone/CopyFail messages the client sent before it
 	name   string // the statement (Parse, Close/Describe 'S') or portal (Bind, Close/Describe 'P')
 	q      *QueryEvent
-	span   trace.Span
 	stmt   *stmtInfo   // Parse: the new statement; Describe 'S': the one described
 	portal *portalInfo // Bind: the new portal
 	// owner: a Bind whose event was merged into the Execute that followed it
@@ -361,9 +358,7 @@ func (sess *session) frontendMessage(t *tracker, typ byte, body []byte) error {
 		// The text is only needed until the observer has audited it, before
 		// the buffer is reused: no copy.
 		q.Index, q.Text, q.Start, q.Rows = t.index, unsafe.String(unsafe.SliceData(text), len(text)), time.Now(), -1
-		p := pending{kind: pendQuery, q: q, effects: parseSQLEffects(text)}
-		p.span = sess.statementSpan(q)
-		t.push(p)
+		t.push(pending{kind: pendQuery, q: q, effects: parseSQLEffects(text)})
 		t.batch = append(t.batch, q)
 	case 'F':
 		q, err := decodeFunctionCall(t, body)
@@ -440,7 +435,6 @@ func (sess *session) frontendMessage(t *tracker, typ byte, body []byte) error {
 		if pi != nil && pi.stmt != nil && !pi.stmt.plain {
 			p.effects = parseSQLEffects(unsafe.Slice(unsafe.StringData(pi.stmt.text), len(pi.stmt.text)))
 		}
-		p.span = sess.statementSpan(q)
 		t.push(p)
 		t.batch = append(t.batch, q)
 	case 'C':
