@@ -7,7 +7,6 @@ import (
 	"errors"
 	"strings"
 	"testing"
-
 )
 
 func msg(typ byte, body ...[]byte) []byte {

@@ -5,8 +5,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"strconv"
-	"strings"
 	"sync"
 	"time"
 
@@ -52,69 +50,19 @@ func (sess *session) run() {
 	clientMu.Lock()
 	clientGone = !ended
 	clientMu.Unlock()
-	parked := false
-	if clientErr == nil && sess.up.reuse != nil {
-		// The client left and its Terminate was withheld: stop the upstream
-		// pump without closing, and keep the connection if it is idle.
-		sess.parking.Store(true)
-		_ = sess.up.conn.SetReadDeadline(time.Unix(1, 0))
-		<-upDone
-		_ = sess.up.conn.SetReadDeadline(time.Time{})
-		reason, _, _ := sess.termination()
-		tr.mu.Lock()
-		quiet := tr.head == len(tr.queue)
-		tr.mu.Unlock()
-		if reason == "" && quiet && sess.upIdle && sess.clientIdle {
-			parked = sess.park()
-		}
-		if !parked {
-			sess.up.terminate()
-		}
-	} else if clientErr == nil {
-		// Client finished (Terminate or EOF): half-close, let the server end.
-		if cw, ok := sess.up.conn.(interface{ CloseWrite() error }); ok {
-			_ = cw.CloseWrite()
-		}
-		select {
-		case <-upDone:
-		case <-time.After(5 * time.Second):
-			sess.up.conn.Close()
-		}
-	} else {
-		sess.up.conn.Close()
-	}
-	<-upDone
-	if !parked {
-		sess.up.conn.Close()
-	}
+	sess.closeUpstream(tr, clientErr, upDone)
 
 	reason, _, _ := sess.termination()
 	if reason == "" {
 		if clientErr == nil {
-			reason = "client_closed"
+			reason = EndClientClosed
 		} else if errors.Is(clientErr, errUpstreamGone) {
-			reason = "upstream_closed"
+			reason = EndUpstreamClosed
 		} else {
-			reason = "error"
+			reason = EndError
 		}
 	}
-	// Statements that never completed.
-	tr.mu.Lock()
-	for _, p := range tr.queue[tr.head:] {
-		if p.q != nil {
-			if p.q.Code == "" {
-				p.q.Code, p.q.Error = CodeConnectionFailure, "session ended before the statement completed"
-			} else {
-				// The server said why (57P01 after pg_terminate_backend).
-				sess.endNote(p.q)
-			}
-			p.q.Success = false
-			p.q.Duration = time.Since(p.q.Start)
-			sess.obs.Result(sess.ctx, p.q)
-		}
-	}
-	tr.queue, tr.head = nil, 0
-	tr.mu.Unlock()
+	sess.unfinished(tr)
 	sess.info.EndReason = reason
 	sess.info.End = time.Now()
 	sess.info.Queries = tr.index
@@ -267,23 +215,6 @@ func (sess *session) pumpClient(tr *tracker, upDone <-chan struct{}) error {
 	}
 }
 
-// audit hands the statements of one read to the observer before they are
-// forwarded. The text of a simple Query points into the relay buffer, so it
-// is cleared once the observer has seen it.
-func (sess *session) audit(events []*QueryEvent) error {
-	for _, q := range events {
-		q.RoleChange = roleChange(q.Text)
-	}
-	sess.live.began(events)
-	err := sess.obs.Statements(sess.ctx, events)
-	for _, q := range events {
-		if !q.Extended {
-			q.Text = ""
-		}
-	}
-	return err
-}
-
 // pumpUpstream copies upstream → client and completes audited statements.
 // When it ends it tells the client why if it can, at a message boundary.
 func (sess *session) pumpUpstream(tr *tracker, clientGone func() bool) {
@@ -396,69 +327,4 @@ func (sess *session) pumpUpstream(tr *tracker, clientGone func() bool) {
 			return
 		}
 	}
-}
-
-// finish reports completed statements.
-func (sess *session) finish(tr *tracker, done []pending) {
-	now := time.Now()
-	for i, p := range done {
-		p.q.Duration = now.Sub(p.q.Start)
-		if !p.q.Success {
-			sess.endNote(p.q)
-		}
-		if i == len(done)-1 {
-			p.q.ServerRole = sess.takeRoleReport()
-		}
-		sess.obs.Result(sess.ctx, p.q)
-	}
-	tr.recycle(done)
-}
-
-// rowsOf is the row count of a command tag ("SELECT 5", "INSERT 0 5"), or -1.
-func rowsOf(tag string) int64 {
-	i := strings.LastIndexByte(tag, ' ')
-	if i < 0 {
-		return -1
-	}
-	n, err := strconv.ParseInt(tag[i+1:], 10, 64)
-	if err != nil {
-		return -1
-	}
-	return n
-}
-
-// fatalError reports whether an ErrorResponse body ends the session
-// (severity FATAL or PANIC), so the server has told the client why it closes.
-func fatalError(body []byte) bool {
-	for len(body) > 0 && body[0] != 0 {
-		t := body[0]
-		v, rest, ok := cbytes(body[1:])
-		if !ok {
-			return false
-		}
-		if t == 'V' || t == 'S' {
-			return string(v) == "FATAL" || string(v) == "PANIC"
-		}
-		body = rest
-	}
-	return false
-}
-
-// errorFields returns the SQLSTATE and message of an ErrorResponse body.
-func errorFields(body []byte) (code, msg string) {
-	for len(body) > 0 && body[0] != 0 {
-		t := body[0]
-		v, rest, ok := cstring(body[1:])
-		if !ok {
-			break
-		}
-		switch t {
-		case 'C':
-			code = v
-		case 'M':
-			msg = v
-		}
-		body = rest
-	}
-	return code, msg
 }

@@ -117,7 +117,9 @@ func (so stressSessionObserver) Statements(ctx context.Context, qs []*QueryEvent
 	return nil
 }
 
-func (so stressSessionObserver) Result(ctx context.Context, q *QueryEvent) { so.o.QueryDone(ctx, so.s, q) }
+func (so stressSessionObserver) Result(ctx context.Context, q *QueryEvent) {
+	so.o.QueryDone(ctx, so.s, q)
+}
 
 func (o *stressObserver) QueryDone(_ context.Context, s *SessionInfo, q *QueryEvent) {
 	if !q.Success {

@@ -129,20 +129,12 @@ type session struct {
 	clientApp string
 	upApp     string // the application_name pgward gave the upstream session
 
-	client net.Conn
-	up     *upstreamConn
-	ups    *upstream
-	key    cancelKey
-	lease  *secrets.Lease
-	// leaseParked: the upstream connection was parked for reuse and took
-	// this session's lease reference with it (see reuse.go).
-	leaseParked bool
-	reused      bool // the upstream connection came from the reuse pool
-	// Connection reuse at session end (relay.go, reuse.go).
-	parking    atomic.Bool // the upstream pump is being stopped to park the connection
-	upIdle     bool        // set by the upstream pump when it ends: last message ReadyForQuery 'I'
-	clientIdle bool        // set by the client pump: Terminate came after a complete request
-	connParked bool        // the upstream connection went to the reuse pool; under termMu
+	client       net.Conn
+	up           *upstreamConn
+	ups          *upstream
+	key          cancelKey
+	lease        *secrets.Lease
+	sessionReuse // connection reuse at session end (reuse.go)
 
 	// cred is the session's credential: pg_terminate_backend at a forced
 	// end authenticates with it (endsession.go).

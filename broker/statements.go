@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"fmt"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 	"unsafe"
@@ -900,4 +901,71 @@ func (t *tracker) waitAnswered(upDone <-chan struct{}) bool {
 			return false
 		}
 	}
+}
+
+// audit hands the statements of one read to the observer before they are
+// forwarded. The text of a simple Query points into the relay buffer, so it
+// is cleared once the observer has seen it.
+func (sess *session) audit(events []*QueryEvent) error {
+	for _, q := range events {
+		q.RoleChange = roleChange(q.Text)
+	}
+	sess.live.began(events)
+	err := sess.obs.Statements(sess.ctx, events)
+	for _, q := range events {
+		if !q.Extended {
+			q.Text = ""
+		}
+	}
+	return err
+}
+
+// unfinished reports the statements the session ended before the server
+// answered, as failed.
+func (sess *session) unfinished(tr *tracker) {
+	tr.mu.Lock()
+	defer tr.mu.Unlock()
+	for _, p := range tr.queue[tr.head:] {
+		if p.q != nil {
+			if p.q.Code == "" {
+				p.q.Code, p.q.Error = CodeConnectionFailure, "session ended before the statement completed"
+			} else {
+				// The server said why (57P01 after pg_terminate_backend).
+				sess.endNote(p.q)
+			}
+			p.q.Success = false
+			p.q.Duration = time.Since(p.q.Start)
+			sess.obs.Result(sess.ctx, p.q)
+		}
+	}
+	tr.queue, tr.head = nil, 0
+}
+
+// finish reports completed statements.
+func (sess *session) finish(tr *tracker, done []pending) {
+	now := time.Now()
+	for i, p := range done {
+		p.q.Duration = now.Sub(p.q.Start)
+		if !p.q.Success {
+			sess.endNote(p.q)
+		}
+		if i == len(done)-1 {
+			p.q.ServerRole = sess.takeRoleReport()
+		}
+		sess.obs.Result(sess.ctx, p.q)
+	}
+	tr.recycle(done)
+}
+
+// rowsOf is the row count of a command tag ("SELECT 5", "INSERT 0 5"), or -1.
+func rowsOf(tag string) int64 {
+	i := strings.LastIndexByte(tag, ' ')
+	if i < 0 {
+		return -1
+	}
+	n, err := strconv.ParseInt(tag[i+1:], 10, 64)
+	if err != nil {
+		return -1
+	}
+	return n
 }
