@@ -240,11 +240,11 @@ func (l *login) authenticateUpstream() bool {
 		return l.refuseUpstream(err)
 	}
 	rctx, rcancel := context.WithTimeout(l.ctx, l.ups.cfg.connectTimeout())
-	cerr := l.s.checkRoles(rctx, l.ups, l.role, l.cred, up, &l.info, l.log)
+	ce, cause, err := l.s.checkRoles(rctx, l.ups, l.role, l.cred, up, &l.info, l.log)
 	rcancel()
-	if cerr != nil {
+	if ce != nil {
 		up.conn.Close()
-		return l.refuse(cerr, "refused: the credential's role can become other roles (refuse_role_switching)", nil)
+		return l.refuse(ce, cause, err)
 	}
 	l.up, l.reused = up, reused
 	return true

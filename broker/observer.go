@@ -248,8 +248,10 @@ type Observer interface {
 	CredentialRoles(upstream, role string, m RoleMemberships)
 }
 
-// RequestObserver follows one authentication request. Exactly one of
-// Refused and Started ends it.
+// RequestObserver follows one authentication request. Refused or Started
+// ends it, exactly once — or neither, when the client vanished before
+// anything could be answered (a failed write of NegotiateProtocolVersion):
+// an implementation holds nothing that must be released.
 type RequestObserver interface {
 	// StageStart and StageEnd bracket a stage of the request (identity,
 	// credentials, upstream_auth); err is the stage's failure, if any (an

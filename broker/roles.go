@@ -156,18 +156,20 @@ func dataRow(b []byte) ([]*string, error) {
 
 // checkRoles learns (at first use) and applies what the session's
 // credential can become: it fills info, reports a first use, and returns a
-// refusal when the upstream refuses role switching and the role can switch.
-func (s *Server) checkRoles(ctx context.Context, ups *upstream, role string, cred secrets.Credential, up *upstreamConn, info *SessionInfo, log *slog.Logger) *ClientError {
+// refusal (with its cause and error, for the refusal's log line) when the
+// upstream refuses role switching and the role can switch or what it can
+// become could not be learned.
+func (s *Server) checkRoles(ctx context.Context, ups *upstream, role string, cred secrets.Credential, up *upstreamConn, info *SessionInfo, log *slog.Logger) (*ClientError, string, error) {
 	m, first, took, err := s.roleMemberships(ctx, ups, role, cred, up)
 	if err != nil {
 		if ups.cfg.RefuseRoleSwitching {
-			log.Warn("could not learn the credential's role memberships: refusing (refuse_role_switching)", "err", err)
 			return refuse(CodeCannotConnect, ReasonBackendError,
-				fmt.Sprintf("pgward could not check which roles role %q can become on upstream %q", role, ups.name),
-				"Try again; if it persists, check the upstream server (upstreams."+ups.name+".refuse_role_switching is on).")
+					fmt.Sprintf("pgward could not check which roles role %q can become on upstream %q", role, ups.name),
+					"Try again; if it persists, check the upstream server (upstreams."+ups.name+".refuse_role_switching is on)."),
+				"could not learn the credential's role memberships (refuse_role_switching)", err
 		}
 		log.Warn("could not learn the credential's role memberships; the session start event will not list them", "err", err)
-		return nil
+		return nil, "", nil
 	}
 	info.RoleMemberships = m
 	if first {
@@ -186,10 +188,11 @@ func (s *Server) checkRoles(ctx context.Context, ups *upstream, role string, cre
 			what = "is a member of " + strings.Join(m.Roles, ", ") + " and can become them with SET ROLE"
 		}
 		return refuse(CodeInsufficientPriv, ReasonUnauthorized,
-			fmt.Sprintf("pgward refuses the credential of role %q on upstream %q: the role %s", role, ups.name, what),
-			"Give pgward a login role that is a member of no other role (REVOKE the memberships, or NOSUPERUSER), or set upstreams."+ups.name+".refuse_role_switching to false.")
+				fmt.Sprintf("pgward refuses the credential of role %q on upstream %q: the role %s", role, ups.name, what),
+				"Give pgward a login role that is a member of no other role (REVOKE the memberships, or NOSUPERUSER), or set upstreams."+ups.name+".refuse_role_switching to false."),
+			"the credential's role can become other roles (refuse_role_switching)", nil
 	}
-	return nil
+	return nil, "", nil
 }
 
 // noteParam records a ParameterStatus the server sent during the session:
