@@ -16,8 +16,8 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/pgward/pgward/broker"
-	"github.com/pgward/pgward/exporter"
 	"github.com/pgward/pgward/broker/secrets"
+	"github.com/pgward/pgward/exporter"
 	"github.com/pgward/pgward/testenv"
 	"github.com/pgward/pgward/testenv/faultpg"
 )

@@ -101,16 +101,3 @@ func (s *Server) handleCancel(ctx context.Context, pkt *startupPacket, r identit
 		sess.log.Error("forwarding cancel request failed", "err", err, "caller_pid", r.id.PID)
 	}
 }
-
-// CancelKeyFor returns the cancel secret pgward handed to the client of the
-// session on upstream backend pid (for tests and diagnostics).
-func (s *Server) CancelKeyFor(pid uint32) (uint32, bool) {
-	s.cancels.mu.Lock()
-	defer s.cancels.mu.Unlock()
-	for k := range s.cancels.m {
-		if k.pid == pid {
-			return k.secret, true
-		}
-	}
-	return 0, false
-}
