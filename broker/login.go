@@ -75,6 +75,16 @@ func (s *Server) beginLogin(ctx context.Context, c net.Conn, st *serverState, pk
 	return l
 }
 
+// refuseStartup refuses a malformed startup packet: a request that never
+// named what it wants, so there is no session to audit.
+func (s *Server) refuseStartup(ctx context.Context, c net.Conn, accepted time.Time, err error) {
+	r := &Request{RequestID: newRequestID(), Start: accepted}
+	ctx, obs := s.obs.Begin(ctx, r)
+	obs.Refused(ctx, &AuthRequest{RequestID: r.RequestID, Failure: ReasonProtocol, Cause: "malformed startup packet", Err: err,
+		Durations: map[Stage]time.Duration{StageTotal: time.Since(accepted)}}, nil)
+	sendError(c, refuse(CodeProtocolViolation, ReasonProtocol, "invalid startup packet: "+strings.TrimPrefix(err.Error(), errProtocol.Error()+": "), ""))
+}
+
 // refuse ends the request without a session: the Observer is told (audit,
 // metrics, the one log line), then the client gets e.
 func (l *login) refuse(e *ClientError, cause string, err error) bool {

@@ -75,11 +75,7 @@ func (s *Server) handle(ctx context.Context, c net.Conn) {
 			return
 		}
 		if errors.Is(err, errProtocol) {
-			r := &Request{RequestID: newRequestID(), Start: accepted}
-			ctx, obs := s.obs.Begin(ctx, r)
-			obs.Refused(ctx, &AuthRequest{RequestID: r.RequestID, Failure: ReasonProtocol,
-				Cause: "malformed startup packet", Err: err, Durations: map[Stage]time.Duration{StageTotal: time.Since(accepted)}}, nil)
-			sendError(c, refuse(CodeProtocolViolation, ReasonProtocol, "invalid startup packet: "+strings.TrimPrefix(err.Error(), errProtocol.Error()+": "), ""))
+			s.refuseStartup(ctx, c, accepted, err)
 		} else if !errors.Is(err, io.EOF) {
 			s.log.Debug("client left during startup", "err", err)
 		}
