@@ -243,7 +243,8 @@ func (r *request) StageEnd(ctx context.Context, st broker.Stage, err error) {
 func (r *request) Refused(ctx context.Context, ar *broker.AuthRequest, s *broker.SessionInfo) {
 	o := r.o
 	if s != nil && o.audit != nil && (o.refusals == nil || o.refusals.full(time.Now(), sessionRefusal(s))) {
-		// Beyond the caller's allowance it is counted in a db.refusal.summary instead.
+		// Within the caller's allowance; beyond it the refusal is counted in
+		// a db.refusal.summary instead.
 		_ = o.audit.sessionStart(time.Now(), s, 1)
 	}
 	o.countAuth(ar)
