@@ -148,10 +148,10 @@ type Param struct {
 // those the server has, as its answers showed (see broker/statements.go).
 //
 // The broker recycles QueryEvents: an Observer must not keep one (or its
-// Text or Params) after the Query or QueryDone call returns.
+// Text or Params) after the Statements or Result call returns.
 type QueryEvent struct {
 	Index     int64  // 1-based index of this statement in the session
-	Text      string // statement text; only valid during the Observer.Query call
+	Text      string // statement text; only valid during the Statements call
 	Statement string // prepared statement name ("" = unnamed); extended protocol only
 	Portal    string
 	Extended  bool
@@ -160,7 +160,7 @@ type QueryEvent struct {
 	// FunctionOID is the function a FunctionCall runs (Params are its
 	// arguments); 0 otherwise.
 	FunctionOID uint32
-	Params      []Param // only valid during the Observer.Query call
+	Params      []Param // only valid during the Statements call
 
 	// RoleChange: the text changes the role statements run as (SET ROLE,
 	// SET SESSION AUTHORIZATION, set_config('role', …), RESET…, DISCARD
@@ -168,7 +168,7 @@ type QueryEvent struct {
 	RoleChange bool
 
 	Start time.Time
-	// Filled for QueryDone.
+	// Filled for Result.
 	Duration time.Duration
 	Rows     int64  // from CommandComplete, -1 when unknown
 	Tag      string // command tag, e.g. "SELECT 3"
