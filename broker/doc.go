@@ -56,7 +56,7 @@
 //	config.go      Config and its validation
 //
 // It deliberately does not import any package of pgward's, Prometheus,
-// OpenTelemetry or cilium/ebpf (TestNoOpenTelemetry guards the second): the
+// OpenTelemetry (TestNoOpenTelemetry) or cilium/ebpf: the
 // agent wires those in through the interfaces above. It never decodes and
 // re-encodes relayed messages: it reads frame headers and looks at the few
 // messages audit needs.
