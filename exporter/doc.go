@@ -28,10 +28,12 @@
 //	redact.go       the one redaction rule for statement text (audit and spans)
 //	aggregate.go    refusal pacing: db.refusal.summary for floods of refusals
 //	metrics.go      the Prometheus metrics and the audit event names
-//	events.go       the audit events' encoding
+//	sink.go         Audit (the encoder's front) and the Sink interface
+//	schema.go       the audit events' encoding
 //	json.go         the append-style JSON encoder of the audit trail
 //	params.go       bound parameters in the audit trail (audit.parameters)
-//	audit.go        the audit file: chain, durability, group commit, fail-closed
+//	audit.go        FileSink: the audit file, durability, group commit, rotation, fail-closed
+//	chain.go        the hash chain's sealing (seq, prev_hash)
 //	checkpoint.go   signed checkpoints of the chain head
 //	diskfree.go     the free-space floor (audit.min_free_bytes)
 //	auditcheck.go   what check-config checks of the audit path

@@ -320,7 +320,7 @@ func (e *encoder) sessionStart(now time.Time, s *broker.SessionInfo, ei int64) *
 func (e *encoder) sessionEnd(now time.Time, s *broker.SessionInfo, ei int64) *[]byte {
 	b := e.getBuf()
 	code := CodeSessionEnd
-	failed := s.EndReason == "error" || s.EndReason == "audit_unavailable"
+	failed := s.EndReason.Failed()
 	if failed {
 		code = CodeSessionEndError
 	}
