@@ -47,16 +47,18 @@
 //	cancel.go      CancelRequest: pgward's keys, the checks, forwarding
 //	slots.go       connection slots per uid and cgroup (53300 before any authentication)
 //	limits.go      throttling of authentication requests and sessions per principal
-//	pool.go        relay buffers and limits.buffer_memory
+//	relayreader.go the relay's reader: pooled buffers, growing for large messages
+//	budget.go      limits.buffer_memory, shared by every session's relay
 //	policy.go      principals and grants: Authorize
 //	identity.go    Identity and the IdentityResolver interface
 //	startup.go     startup packets: SSLRequest, GSSENCRequest, CancelRequest, StartupMessage
 //	appname.go     the upstream session's application_name format
 //	errors.go      SQLSTATEs, ClientError, the server's ErrorResponse fields
 //	config.go      Config and its validation
+//	configkeys.go  the table of broker config keys (defaults, choices, docs)
 //
 // It deliberately does not import any package of pgward's, Prometheus,
-// OpenTelemetry (TestNoOpenTelemetry) or cilium/ebpf: the
+// OpenTelemetry or cilium/ebpf (cmd/pgward's TestImportDirections): the
 // agent wires those in through the interfaces above. It never decodes and
 // re-encodes relayed messages: it reads frame headers and looks at the few
 // messages audit needs.
