@@ -27,6 +27,7 @@
 // # Layout
 //
 //	server.go      Server, Options, New, Serve, Shutdown, Close, Reload; the session registry
+//	sessions.go    the live sessions for operators: Sessions, EndSession (the admin socket's)
 //	session.go     one connection: handle (startup packet, cancel or login), startSession
 //	               (the data path over the steps of login.go), startup-parameter filtering, greet
 //	login.go       the steps of a login: beginLogin, verifyIdentity, authorize, admitSession,

@@ -83,6 +83,7 @@ const (
 	EndGrantRevoked     EndReason = "grant_revoked"     // a reload took the grant away
 	EndLeaseExpired     EndReason = "lease_expired"     // the credential's lease reached its end
 	EndLeaseRevoked     EndReason = "lease_revoked"     // the credential's lease was revoked
+	EndByOperator       EndReason = "ended_by_operator" // pgward sessions end (EndSession)
 	EndAuditUnavailable EndReason = "audit_unavailable" // a statement could not be audited
 	EndMessageTooLarge  EndReason = "message_too_large" // a message over limits.max_message_bytes
 	EndProtocolError    EndReason = "protocol_error"    // a malformed message
