@@ -132,7 +132,7 @@ func New(ctx context.Context, opts Options) (_ *Agent, err error) {
 		ship.Start()
 		log.Info("audit shipping on", "shipper", ship.String())
 	}
-	a.observer = exporter.NewObserver(log, a.metrics, a.audit)
+	a.observer = exporter.NewObserver(log, a.metrics, a.audit, exporter.WithTracerProvider(opts.TracerProvider))
 	a.closers = append(a.closers, a.observer.Close) // refusal summaries, before the audit closes
 
 	a.resolver = &Resolver{RequireEBPF: cfg.Identity.RequireEBPF}
@@ -148,12 +148,11 @@ func New(ctx context.Context, opts Options) (_ *Agent, err error) {
 		obs = opts.WrapObserver(obs)
 	}
 	a.broker, err = broker.New(broker.Options{
-		Config:         cfg.Config,
-		Resolver:       a.resolver,
-		Secrets:        a.source,
-		Observer:       obs,
-		Logger:         log,
-		TracerProvider: opts.TracerProvider,
+		Config:   cfg.Config,
+		Resolver: a.resolver,
+		Secrets:  a.source,
+		Observer: obs,
+		Logger:   log,
 	})
 	if err != nil {
 		return nil, err

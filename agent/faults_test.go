@@ -17,6 +17,7 @@ import (
 
 	"github.com/pgward/pgward/broker"
 	"github.com/pgward/pgward/broker/secrets"
+	"github.com/pgward/pgward/exporter"
 	"github.com/pgward/pgward/testenv"
 	"github.com/pgward/pgward/testenv/faultpg"
 )
@@ -208,7 +209,9 @@ func TestSecretsBackendStallBounded(t *testing.T) {
 		},
 	}
 	logs := &syncBuffer{}
-	srv, err := broker.New(broker.Options{Config: cfg, Resolver: &Resolver{}, Secrets: &stallSource{}, Logger: slogJSON(logs)})
+	// The refusal's log line is the Observer's (the broker logs no lifecycle event).
+	srv, err := broker.New(broker.Options{Config: cfg, Resolver: &Resolver{}, Secrets: &stallSource{}, Logger: slogJSON(logs),
+		Observer: exporter.NewObserver(slogJSON(logs), nil, nil)})
 	if err != nil {
 		t.Fatal(err)
 	}

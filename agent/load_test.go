@@ -100,7 +100,7 @@ func TestThrottleFloodFromOneUID(t *testing.T) {
 	if n := scrapeCounter(t, h, "pgward_auth_failures_total", `reason="throttled"`); n < float64(throttled.Load()) {
 		t.Fatalf(`auth_failures_total{reason="throttled"} = %v, want ≥ %d`, n, throttled.Load())
 	}
-	if !strings.Contains(h.logs.String(), `"caller":"uid `) {
+	if !strings.Contains(h.logs.String(), `"cause":"throttled: too many authentication requests from uid `) {
 		t.Fatal("no WARN naming the throttled caller")
 	}
 	// sessions_per_principal: the fourth concurrent session is refused.

@@ -52,7 +52,7 @@ const (
 // end ends the session from outside: see the comment at the top of this
 // file. It does not block: the drain runs on a goroutine of its own that
 // the session's run waits for.
-func (sess *session) end(reason, code, msg string) {
+func (sess *session) end(reason EndReason, code, msg string) {
 	sess.termOnce.Do(func() {
 		sess.termMu.Lock()
 		defer sess.termMu.Unlock()
@@ -170,7 +170,7 @@ func (sess *session) endNote(q *QueryEvent) {
 	}
 	sess.stopped.Store(true)
 	reason, _, _ := sess.termination()
-	q.Error = "pgward " + how + " this statement while ending the session (" + reason + "); server: " + q.Error
+	q.Error = "pgward " + how + " this statement while ending the session (" + string(reason) + "); server: " + q.Error
 }
 
 // tellOutcome adds to the message the client gets what became of the

@@ -80,3 +80,39 @@ func newServerError(body []byte) *serverError {
 	}
 	return &serverError{Code: m.Code, Message: m.Message, Detail: m.Detail, Hint: m.Hint, Fatal: sev == "FATAL" || sev == "PANIC"}
 }
+
+// fatalError reports whether an ErrorResponse body ends the session
+// (severity FATAL or PANIC), so the server has told the client why it closes.
+func fatalError(body []byte) bool {
+	for len(body) > 0 && body[0] != 0 {
+		t := body[0]
+		v, rest, ok := cbytes(body[1:])
+		if !ok {
+			return false
+		}
+		if t == 'V' || t == 'S' {
+			return string(v) == "FATAL" || string(v) == "PANIC"
+		}
+		body = rest
+	}
+	return false
+}
+
+// errorFields returns the SQLSTATE and message of an ErrorResponse body.
+func errorFields(body []byte) (code, msg string) {
+	for len(body) > 0 && body[0] != 0 {
+		t := body[0]
+		v, rest, ok := cstring(body[1:])
+		if !ok {
+			break
+		}
+		switch t {
+		case 'C':
+			code = v
+		case 'M':
+			msg = v
+		}
+		body = rest
+	}
+	return code, msg
+}

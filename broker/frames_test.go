@@ -7,9 +7,6 @@ import (
 	"errors"
 	"strings"
 	"testing"
-
-	"go.opentelemetry.io/otel/trace"
-	"go.opentelemetry.io/otel/trace/noop"
 )
 
 func msg(typ byte, body ...[]byte) []byte {
@@ -27,11 +24,8 @@ func u16(v uint16) []byte { return binary.BigEndian.AppendUint16(nil, v) }
 func u32(v uint32) []byte { return binary.BigEndian.AppendUint32(nil, v) }
 
 func testSession() *session {
-	_, sp := noop.NewTracerProvider().Tracer("").Start(context.Background(), "x")
-	return &session{srv: &Server{tracer: noop.NewTracerProvider().Tracer("")}, span: sp}
+	return &session{srv: &Server{}, obs: NopObserver{}, ctx: context.Background()}
 }
-
-var _ trace.Span
 
 // feed runs a stream through a scanner in chunks the way the relay does,
 // returning the forwarded bytes.

@@ -1,21 +1,14 @@
 package broker
 
 import (
-	"bytes"
-	"context"
 	"errors"
 	"fmt"
 	"io"
 	"net"
-	"strconv"
-	"strings"
 	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgproto3"
-	"go.opentelemetry.io/otel/attribute"
-	"go.opentelemetry.io/otel/codes"
-	"go.opentelemetry.io/otel/trace"
 )
 
 const relayBufSize = 32 << 10
@@ -37,12 +30,12 @@ func (sess *session) run() {
 		go func() {
 			select {
 			case <-sess.lease.Done:
-				reason := "lease_expired"
-				if sess.lease.Reason != nil {
-					reason = sess.lease.Reason()
+				reason := EndLeaseExpired
+				if sess.lease.Reason != nil && sess.lease.Reason() == string(EndLeaseRevoked) {
+					reason = EndLeaseRevoked
 				}
 				sess.log.Warn("credential lease ended: ending session", "reason", reason)
-				sess.end(reason, CodeAdminShutdown, "pgward ended this session: its database credential lease ended ("+reason+")")
+				sess.end(reason, CodeAdminShutdown, "pgward ended this session: its database credential lease ended ("+string(reason)+")")
 			case <-upDone:
 			}
 		}()
@@ -57,77 +50,23 @@ func (sess *session) run() {
 	clientMu.Lock()
 	clientGone = !ended
 	clientMu.Unlock()
-	parked := false
-	if clientErr == nil && sess.up.reuse != nil {
-		// The client left and its Terminate was withheld: stop the upstream
-		// pump without closing, and keep the connection if it is idle.
-		sess.parking.Store(true)
-		_ = sess.up.conn.SetReadDeadline(time.Unix(1, 0))
-		<-upDone
-		_ = sess.up.conn.SetReadDeadline(time.Time{})
-		reason, _, _ := sess.termination()
-		tr.mu.Lock()
-		quiet := tr.head == len(tr.queue)
-		tr.mu.Unlock()
-		if reason == "" && quiet && sess.upIdle && sess.clientIdle {
-			parked = sess.park()
-		}
-		if !parked {
-			sess.up.terminate()
-		}
-	} else if clientErr == nil {
-		// Client finished (Terminate or EOF): half-close, let the server end.
-		if cw, ok := sess.up.conn.(interface{ CloseWrite() error }); ok {
-			_ = cw.CloseWrite()
-		}
-		select {
-		case <-upDone:
-		case <-time.After(5 * time.Second):
-			sess.up.conn.Close()
-		}
-	} else {
-		sess.up.conn.Close()
-	}
-	<-upDone
-	if !parked {
-		sess.up.conn.Close()
-	}
+	sess.closeUpstream(tr, clientErr, upDone)
 
 	reason, _, _ := sess.termination()
 	if reason == "" {
 		if clientErr == nil {
-			reason = "client_closed"
+			reason = EndClientClosed
 		} else if errors.Is(clientErr, errUpstreamGone) {
-			reason = "upstream_closed"
+			reason = EndUpstreamClosed
 		} else {
-			reason = "error"
+			reason = EndError
 		}
 	}
-	// Statements that never completed.
-	tr.mu.Lock()
-	for _, p := range tr.queue[tr.head:] {
-		if p.q != nil {
-			if p.q.Code == "" {
-				p.q.Code, p.q.Error = CodeConnectionFailure, "session ended before the statement completed"
-			} else {
-				// The server said why (57P01 after pg_terminate_backend).
-				sess.endNote(p.q)
-			}
-			p.q.Success = false
-			p.q.Duration = time.Since(p.q.Start)
-			sess.srv.obs.QueryDone(sess.ctx, &sess.info, p.q)
-			if p.span != nil {
-				p.span.End()
-			}
-		}
-	}
-	tr.queue, tr.head = nil, 0
-	tr.mu.Unlock()
+	sess.unfinished(tr)
 	sess.info.EndReason = reason
 	sess.info.End = time.Now()
 	sess.info.Queries = tr.index
-	sess.srv.obs.SessionEnd(sess.ctx, &sess.info)
-	sess.log.Info("session ended", "reason", reason, "queries", tr.index, "bytes_in", sess.info.BytesIn, "bytes_out", sess.info.BytesOut)
+	sess.obs.End(sess.ctx)
 }
 
 var errUpstreamGone = errors.New("upstream connection closed")
@@ -184,7 +123,6 @@ func (sess *session) pumpClient(tr *tracker, upDone <-chan struct{}) error {
 		}
 		return nil
 	}
-	batch, _ := sess.srv.obs.(QueryBatcher)
 	for {
 		m, rerr := rd.read()
 		for m > 0 {
@@ -199,23 +137,22 @@ func (sess *session) pumpClient(tr *tracker, upDone <-chan struct{}) error {
 				// Read (and drop) what the client is still sending of it,
 				// for a while, so that it reads the 54000 below.
 				rd.drain(tl.Size-int64(len(rd.pending())-fwd), refusedDrainTime)
-				sess.terminate("message_too_large", CodeProgramLimitExceeded, fmt.Sprintf(
+				sess.terminate(EndMessageTooLarge, CodeProgramLimitExceeded, fmt.Sprintf(
 					"pgward refused a message of %d bytes: limits.max_message_bytes is %d; the session is closed. Send smaller statements or parameters (COPY streams any size), or have the operator raise limits.max_message_bytes",
 					tl.Size, tl.Limit))
 				return err
 			}
 			if err != nil {
 				sess.log.Warn("malformed message from client", "err", err)
-				sess.terminate("protocol_error", CodeProtocolViolation, "pgward received a malformed message and closed the session")
+				sess.terminate(EndProtocolError, CodeProtocolViolation, "pgward received a malformed message and closed the session")
 				return err
 			}
 			// Audit first: nothing reaches the database unaudited. The
 			// statements of one read are audited together, all durable
 			// before any of them is forwarded.
 			if len(tr.batch) > 0 {
-				if err := sess.audit(batch, tr.batch); err != nil {
-					sess.log.Error("audit log unavailable: stopping this session", "err", err)
-					sess.terminate("audit_unavailable", CodeIOError, "pgward's audit log is unavailable, so the statement was not sent; the session is closed")
+				if err := sess.audit(tr.batch); err != nil {
+					sess.terminate(EndAuditUnavailable, CodeIOError, "pgward's audit log is unavailable, so the statement was not sent; the session is closed")
 					return err
 				}
 			}
@@ -226,7 +163,7 @@ func (sess *session) pumpClient(tr *tracker, upDone <-chan struct{}) error {
 				}
 				sess.info.BytesIn += int64(fwd)
 				sess.live.bytesIn.Add(int64(fwd))
-				sess.srv.obs.RelayBytes(true, fwd)
+				sess.obs.Bytes(true, fwd)
 				rd.consume(fwd)
 			}
 			if len(tr.skipped) > 0 {
@@ -276,39 +213,6 @@ func (sess *session) pumpClient(tr *tracker, upDone <-chan struct{}) error {
 			return rerr
 		}
 	}
-}
-
-// QueryBatcher is an optional interface of an Observer: QueryBatch audits
-// the statements read from the client together, in order, as Query would
-// each of them. An error means none of them may be forwarded.
-type QueryBatcher interface {
-	QueryBatch(ctx context.Context, s *SessionInfo, qs []*QueryEvent) error
-}
-
-// audit hands the statements of one read to the observer before they are
-// forwarded. The text of a simple Query points into the relay buffer, so it
-// is cleared once the observer has seen it.
-func (sess *session) audit(batch QueryBatcher, events []*QueryEvent) error {
-	for _, q := range events {
-		q.RoleChange = roleChange(q.Text)
-	}
-	sess.live.began(events)
-	var err error
-	if batch != nil && len(events) > 1 {
-		err = batch.QueryBatch(sess.ctx, &sess.info, events)
-	} else {
-		for _, q := range events {
-			if err = sess.srv.obs.Query(sess.ctx, &sess.info, q); err != nil {
-				break
-			}
-		}
-	}
-	for _, q := range events {
-		if !q.Extended {
-			q.Text = ""
-		}
-	}
-	return err
 }
 
 // pumpUpstream copies upstream → client and completes audited statements.
@@ -374,12 +278,12 @@ func (sess *session) pumpUpstream(tr *tracker, clientGone func() bool) {
 			if tl := asTooLarge(err); tl != nil {
 				sess.srv.budget.tooLarge[1].Add(1)
 				sess.log.Error("upstream message over limits.max_message_bytes: ending the session", "type", string(tl.Type), "size", tl.Size, "limit", tl.Limit)
-				sess.terminate("message_too_large", CodeConnectionFailure, fmt.Sprintf(
+				sess.terminate(EndMessageTooLarge, CodeConnectionFailure, fmt.Sprintf(
 					"pgward ended the session: the server sent a message of %d bytes, over limits.max_message_bytes (%d)", tl.Size, tl.Limit))
 				rerr = err
 			} else if err != nil {
 				sess.log.Error("malformed message from upstream", "err", err)
-				sess.terminate("protocol_error", CodeConnectionFailure, "pgward received a malformed message from the upstream server and closed the session")
+				sess.terminate(EndProtocolError, CodeConnectionFailure, "pgward received a malformed message from the upstream server and closed the session")
 				rerr = err
 			}
 			if fwd > 0 {
@@ -389,7 +293,7 @@ func (sess *session) pumpUpstream(tr *tracker, clientGone func() bool) {
 				}
 				sess.info.BytesOut += int64(fwd)
 				sess.live.bytesOut.Add(int64(fwd))
-				sess.srv.obs.RelayBytes(false, fwd)
+				sess.obs.Bytes(false, fwd)
 				rd.consume(fwd)
 			}
 			sess.finish(tr, done)
@@ -423,115 +327,4 @@ func (sess *session) pumpUpstream(tr *tracker, clientGone func() bool) {
 			return
 		}
 	}
-}
-
-// finish reports completed statements.
-func (sess *session) finish(tr *tracker, done []pending) {
-	now := time.Now()
-	for i, p := range done {
-		p.q.Duration = now.Sub(p.q.Start)
-		if !p.q.Success {
-			sess.endNote(p.q)
-		}
-		if i == len(done)-1 {
-			p.q.ServerRole = sess.takeRoleReport()
-		}
-		sess.srv.obs.QueryDone(sess.ctx, &sess.info, p.q)
-		if p.span != nil {
-			if !p.q.Success {
-				p.span.SetStatus(codes.Error, p.q.Code)
-				p.span.SetAttributes(attribute.String("db.response.status_code", p.q.Code))
-			}
-			p.span.End()
-		}
-	}
-	tr.recycle(done)
-}
-
-// statementSpan starts a span for a statement when the session's trace is
-// sampled, following the OTel database conventions. Statement text that may
-// hold a password is not put on the span.
-func (sess *session) statementSpan(q *QueryEvent) trace.Span {
-	if !sess.span.IsRecording() {
-		return nil
-	}
-	// q.Text may point into the relay buffer: the span keeps a copy.
-	text := strings.Clone(q.Text)
-	op := operationName(text)
-	if containsFold(text, "password") {
-		text = "[REDACTED: statement mentions a password]"
-	}
-	_, sp := sess.srv.tracer.Start(sess.ctx, op, trace.WithSpanKind(trace.SpanKindClient),
-		trace.WithAttributes(
-			attribute.String("db.system.name", "postgresql"),
-			attribute.String("db.namespace", sess.info.Database),
-			attribute.String("db.query.text", text),
-			attribute.String("db.operation.name", op),
-			attribute.String("pgward.request_id", sess.info.RequestID),
-		))
-	return sp
-}
-
-func operationName(text string) string {
-	t := strings.TrimSpace(text)
-	if i := strings.IndexAny(t, " \t\n\r(;"); i >= 0 {
-		t = t[:i]
-	}
-	if t == "" {
-		return "statement"
-	}
-	return strings.ToUpper(t)
-}
-
-func containsFold(s, sub string) bool {
-	return bytes.Contains(bytes.ToLower([]byte(s)), []byte(sub))
-}
-
-// rowsOf is the row count of a command tag ("SELECT 5", "INSERT 0 5"), or -1.
-func rowsOf(tag string) int64 {
-	i := strings.LastIndexByte(tag, ' ')
-	if i < 0 {
-		return -1
-	}
-	n, err := strconv.ParseInt(tag[i+1:], 10, 64)
-	if err != nil {
-		return -1
-	}
-	return n
-}
-
-// fatalError reports whether an ErrorResponse body ends the session
-// (severity FATAL or PANIC), so the server has told the client why it closes.
-func fatalError(body []byte) bool {
-	for len(body) > 0 && body[0] != 0 {
-		t := body[0]
-		v, rest, ok := cbytes(body[1:])
-		if !ok {
-			return false
-		}
-		if t == 'V' || t == 'S' {
-			return string(v) == "FATAL" || string(v) == "PANIC"
-		}
-		body = rest
-	}
-	return false
-}
-
-// errorFields returns the SQLSTATE and message of an ErrorResponse body.
-func errorFields(body []byte) (code, msg string) {
-	for len(body) > 0 && body[0] != 0 {
-		t := body[0]
-		v, rest, ok := cstring(body[1:])
-		if !ok {
-			break
-		}
-		switch t {
-		case 'C':
-			code = v
-		case 'M':
-			msg = v
-		}
-		body = rest
-	}
-	return code, msg
 }

@@ -9,8 +9,6 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
-
-	"go.opentelemetry.io/otel/trace/noop"
 )
 
 // countingObserver audits nothing but touches every event, so the relay's
@@ -20,15 +18,17 @@ type countingObserver struct {
 	queries, done atomic.Int64
 }
 
-func (o *countingObserver) Query(_ context.Context, _ *SessionInfo, q *QueryEvent) error {
-	if len(q.Text) == 0 {
-		panic("query without text")
+func (o *countingObserver) Statements(_ context.Context, qs []*QueryEvent) error {
+	for _, q := range qs {
+		if len(q.Text) == 0 {
+			panic("query without text")
+		}
+		o.queries.Add(1)
 	}
-	o.queries.Add(1)
 	return nil
 }
 
-func (o *countingObserver) QueryDone(_ context.Context, _ *SessionInfo, q *QueryEvent) {
+func (o *countingObserver) Result(_ context.Context, q *QueryEvent) {
 	o.done.Add(1)
 }
 
@@ -67,10 +67,9 @@ func newRelayFixture(tb testing.TB) *relayFixture {
 	cl, clSrv := socketPair(tb)
 	upCli, upSrv := socketPair(tb)
 	obs := &countingObserver{}
-	srv := &Server{obs: obs, log: slog.New(slog.DiscardHandler), tracer: noop.NewTracerProvider().Tracer("")}
+	srv := &Server{obs: obs, log: slog.New(slog.DiscardHandler)}
 	srv.state.Store(&serverState{cfg: Config{}})
-	_, sp := srv.tracer.Start(context.Background(), "s")
-	sess := &session{srv: srv, log: srv.log, span: sp, ctx: context.Background(), client: clSrv, up: &upstreamConn{conn: upCli}}
+	sess := &session{srv: srv, log: srv.log, ctx: context.Background(), client: clSrv, up: &upstreamConn{conn: upCli}, obs: obs}
 	f := &relayFixture{client: cl, obs: obs, done: make(chan struct{})}
 	go fakeBackend(upSrv)
 	go func() { defer close(f.done); sess.run() }()

@@ -17,8 +17,6 @@ import (
 	"sync"
 	"testing"
 	"time"
-
-	"go.opentelemetry.io/otel/trace/noop"
 )
 
 // TestRelayStress runs many concurrent sessions of many short statements
@@ -105,11 +103,22 @@ func (o *stressObserver) Query(_ context.Context, s *SessionInfo, q *QueryEvent)
 	return nil
 }
 
-func (o *stressObserver) QueryBatch(ctx context.Context, s *SessionInfo, qs []*QueryEvent) error {
+// stressSessionObserver is one session's SessionObserver of a stressObserver.
+type stressSessionObserver struct {
+	NopObserver
+	o *stressObserver
+	s *SessionInfo
+}
+
+func (so stressSessionObserver) Statements(ctx context.Context, qs []*QueryEvent) error {
 	for _, q := range qs {
-		_ = o.Query(ctx, s, q)
+		_ = so.o.Query(ctx, so.s, q)
 	}
 	return nil
+}
+
+func (so stressSessionObserver) Result(ctx context.Context, q *QueryEvent) {
+	so.o.QueryDone(ctx, so.s, q)
 }
 
 func (o *stressObserver) QueryDone(_ context.Context, s *SessionInfo, q *QueryEvent) {
@@ -190,7 +199,7 @@ func echoBackend(c net.Conn) {
 
 func relayStress(t *testing.T, workers int, d time.Duration) {
 	obs := &stressObserver{next: map[string]int{}, done: map[string]int{}}
-	srv := &Server{obs: obs, log: slog.New(slog.DiscardHandler), tracer: noop.NewTracerProvider().Tracer("")}
+	srv := &Server{obs: obs, log: slog.New(slog.DiscardHandler)}
 	srv.state.Store(&serverState{cfg: Config{}})
 	deadline := time.Now().Add(d)
 	var wg sync.WaitGroup
@@ -242,9 +251,9 @@ func relayStress(t *testing.T, workers int, d time.Duration) {
 func stressSession(t *testing.T, srv *Server, sid string, rng *rand.Rand) error {
 	cl, clSrv := socketPair(t)
 	upCli, upSrv := socketPair(t)
-	_, sp := srv.tracer.Start(context.Background(), "s")
-	sess := &session{srv: srv, log: srv.log, span: sp, ctx: context.Background(), client: clSrv, up: &upstreamConn{conn: upCli}}
+	sess := &session{srv: srv, log: srv.log, ctx: context.Background(), client: clSrv, up: &upstreamConn{conn: upCli}}
 	sess.info.SessionID = sid
+	sess.obs = stressSessionObserver{o: srv.obs.(*stressObserver), s: &sess.info}
 	srv.obs.(*stressObserver).mu.Lock()
 	srv.obs.(*stressObserver).next[sid] = 0
 	srv.obs.(*stressObserver).mu.Unlock()

@@ -13,6 +13,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/pgward/pgward/broker/secrets"
@@ -435,6 +436,61 @@ func (uc *upstreamConn) query(ctx context.Context, q string, keep, withRows bool
 			}
 			return rows, nil
 		}
+	}
+}
+
+// sessionReuse is a session's part in connection reuse.
+type sessionReuse struct {
+	reused bool // the upstream connection came from the reuse pool
+	// leaseParked: the upstream connection was parked and took the
+	// session's lease reference with it (the login does not release it).
+	leaseParked bool
+	parking     atomic.Bool // the upstream pump is being stopped to park the connection
+	upIdle      bool        // set by the upstream pump when it ends: last message ReadyForQuery 'I'
+	clientIdle  bool        // set by the client pump: Terminate came after a complete request
+	connParked  bool        // the upstream connection went to the reuse pool; under termMu
+}
+
+// closeUpstream ends the upstream side once the client pump returned:
+// with reuse on, a client that left cleanly (its Terminate withheld) has
+// its upstream pump stopped without closing, and an idle connection is
+// parked for a later session; otherwise the server is told (half-close on
+// a clean end) and the connection closed. It returns when the upstream
+// pump has ended.
+func (sess *session) closeUpstream(tr *tracker, clientErr error, upDone <-chan struct{}) {
+	parked := false
+	switch {
+	case clientErr == nil && sess.up.reuse != nil:
+		sess.parking.Store(true)
+		_ = sess.up.conn.SetReadDeadline(time.Unix(1, 0))
+		<-upDone
+		_ = sess.up.conn.SetReadDeadline(time.Time{})
+		reason, _, _ := sess.termination()
+		tr.mu.Lock()
+		quiet := tr.head == len(tr.queue)
+		tr.mu.Unlock()
+		if reason == "" && quiet && sess.upIdle && sess.clientIdle {
+			parked = sess.park()
+		}
+		if !parked {
+			sess.up.terminate()
+		}
+	case clientErr == nil:
+		// Client finished (Terminate or EOF): half-close, let the server end.
+		if cw, ok := sess.up.conn.(interface{ CloseWrite() error }); ok {
+			_ = cw.CloseWrite()
+		}
+		select {
+		case <-upDone:
+		case <-time.After(5 * time.Second):
+			sess.up.conn.Close()
+		}
+	default:
+		sess.up.conn.Close()
+	}
+	<-upDone
+	if !parked {
+		sess.up.conn.Close()
 	}
 }
 

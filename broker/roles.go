@@ -38,13 +38,6 @@ type RoleMemberships struct {
 // Switchable reports whether the role can become another role.
 func (m *RoleMemberships) Switchable() bool { return m.Superuser || len(m.Roles) > 0 }
 
-// RoleReporter is an optional interface of an Observer: CredentialRoles is
-// called once per credential (upstream, role, credential version), when it
-// is first used, with what its role can become.
-type RoleReporter interface {
-	CredentialRoles(upstream, role string, m RoleMemberships)
-}
-
 // roleCache remembers the memberships learned per credential. A reload
 // empties it, so a changed grant on the server is learned again.
 type roleCache struct {
@@ -163,18 +156,20 @@ func dataRow(b []byte) ([]*string, error) {
 
 // checkRoles learns (at first use) and applies what the session's
 // credential can become: it fills info, reports a first use, and returns a
-// refusal when the upstream refuses role switching and the role can switch.
-func (s *Server) checkRoles(ctx context.Context, ups *upstream, role string, cred secrets.Credential, up *upstreamConn, info *SessionInfo, log *slog.Logger) *ClientError {
+// refusal (with its cause and error, for the refusal's log line) when the
+// upstream refuses role switching and the role can switch or what it can
+// become could not be learned.
+func (s *Server) checkRoles(ctx context.Context, ups *upstream, role string, cred secrets.Credential, up *upstreamConn, info *SessionInfo, log *slog.Logger) (*ClientError, string, error) {
 	m, first, took, err := s.roleMemberships(ctx, ups, role, cred, up)
 	if err != nil {
 		if ups.cfg.RefuseRoleSwitching {
-			log.Warn("could not learn the credential's role memberships: refusing (refuse_role_switching)", "err", err)
 			return refuse(CodeCannotConnect, ReasonBackendError,
-				fmt.Sprintf("pgward could not check which roles role %q can become on upstream %q", role, ups.name),
-				"Try again; if it persists, check the upstream server (upstreams."+ups.name+".refuse_role_switching is on).")
+					fmt.Sprintf("pgward could not check which roles role %q can become on upstream %q", role, ups.name),
+					"Try again; if it persists, check the upstream server (upstreams."+ups.name+".refuse_role_switching is on)."),
+				"could not learn the credential's role memberships (refuse_role_switching)", err
 		}
 		log.Warn("could not learn the credential's role memberships; the session start event will not list them", "err", err)
-		return nil
+		return nil, "", nil
 	}
 	info.RoleMemberships = m
 	if first {
@@ -185,9 +180,7 @@ func (s *Server) checkRoles(ctx context.Context, ups *upstream, role string, cre
 				"upstream", ups.name, "role", role, "superuser", m.Superuser, "can_become", m.Roles,
 				"refuse_role_switching", ups.cfg.RefuseRoleSwitching)
 		}
-		if rr, ok := s.obs.(RoleReporter); ok {
-			rr.CredentialRoles(ups.name, role, *m)
-		}
+		s.obs.CredentialRoles(ups.name, role, *m)
 	}
 	if ups.cfg.RefuseRoleSwitching && m.Switchable() {
 		what := "is a superuser and can become any role"
@@ -195,10 +188,11 @@ func (s *Server) checkRoles(ctx context.Context, ups *upstream, role string, cre
 			what = "is a member of " + strings.Join(m.Roles, ", ") + " and can become them with SET ROLE"
 		}
 		return refuse(CodeInsufficientPriv, ReasonUnauthorized,
-			fmt.Sprintf("pgward refuses the credential of role %q on upstream %q: the role %s", role, ups.name, what),
-			"Give pgward a login role that is a member of no other role (REVOKE the memberships, or NOSUPERUSER), or set upstreams."+ups.name+".refuse_role_switching to false.")
+				fmt.Sprintf("pgward refuses the credential of role %q on upstream %q: the role %s", role, ups.name, what),
+				"Give pgward a login role that is a member of no other role (REVOKE the memberships, or NOSUPERUSER), or set upstreams."+ups.name+".refuse_role_switching to false."),
+			"the credential's role can become other roles (refuse_role_switching)", nil
 	}
-	return nil
+	return nil, "", nil
 }
 
 // noteParam records a ParameterStatus the server sent during the session:

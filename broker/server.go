@@ -15,22 +15,20 @@ import (
 	"syscall"
 	"time"
 
-	"go.opentelemetry.io/otel/trace"
-	"go.opentelemetry.io/otel/trace/noop"
-
 	"github.com/pgward/pgward/broker/secrets"
 )
 
 // Options are what New needs. Config must be valid; the rest default to
-// doing nothing (NopObserver, a discarding logger, a no-op tracer) except
-// Resolver and Secrets, which are required.
+// doing nothing (NopObserver, a discarding logger) except Resolver and
+// Secrets, which are required. The Observer is where a session's telemetry
+// goes (audit, metrics, traces, lifecycle log lines); Logger gets only
+// operational lines (a malformed message, a lease that ended, a reload).
 type Options struct {
-	Config         Config
-	Resolver       IdentityResolver
-	Secrets        secrets.Source
-	Observer       Observer
-	Logger         *slog.Logger
-	TracerProvider trace.TracerProvider
+	Config   Config
+	Resolver IdentityResolver
+	Secrets  secrets.Source
+	Observer Observer
+	Logger   *slog.Logger
 }
 
 // Server accepts client connections and runs their sessions.
@@ -39,7 +37,6 @@ type Server struct {
 	secrets  secrets.Source
 	obs      Observer
 	log      *slog.Logger
-	tracer   trace.Tracer
 
 	state atomic.Pointer[serverState] // swapped by Reload
 
@@ -96,11 +93,6 @@ func New(opts Options) (*Server, error) {
 	if s.log == nil {
 		s.log = slog.New(slog.DiscardHandler)
 	}
-	tp := opts.TracerProvider
-	if tp == nil {
-		tp = noop.NewTracerProvider()
-	}
-	s.tracer = tp.Tracer("github.com/pgward/pgward/broker")
 	s.limiter = newLimiter(opts.Config.Limits)
 	s.budget.setLimits(&opts.Config)
 	for _, d := range opts.Config.Deprecations() {
@@ -174,7 +166,7 @@ func (s *Server) Reload(cfg Config) error {
 	s.mu.Unlock()
 	for _, sess := range revoked {
 		sess.log.Warn("grant revoked by reload: ending session")
-		sess.end("grant_revoked", CodeInvalidAuthorization, "pgward ended this session: the policy no longer grants this role to this process")
+		sess.end(EndGrantRevoked, CodeInvalidAuthorization, "pgward ended this session: the policy no longer grants this role to this process")
 	}
 	return nil
 }
@@ -308,7 +300,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		return nil
 	case <-ctx.Done():
 	}
-	s.terminateAll("shutdown")
+	s.terminateAll(EndShutdown)
 	<-done
 	s.reuse.closeAll()
 	return ctx.Err()
@@ -322,13 +314,13 @@ func (s *Server) Close() error {
 		ln.Close()
 	}
 	s.mu.Unlock()
-	s.terminateAll("shutdown")
+	s.terminateAll(EndShutdown)
 	s.wg.Wait()
 	s.reuse.closeAll()
 	return nil
 }
 
-func (s *Server) terminateAll(reason string) {
+func (s *Server) terminateAll(reason EndReason) {
 	s.mu.Lock()
 	all := make([]*session, 0, len(s.sessions))
 	for sess := range s.sessions {

@@ -2,7 +2,6 @@ package broker
 
 import (
 	"context"
-	"crypto/rand"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -18,9 +17,6 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5/pgproto3"
-	"go.opentelemetry.io/otel/attribute"
-	"go.opentelemetry.io/otel/codes"
-	"go.opentelemetry.io/otel/trace"
 
 	"github.com/pgward/pgward/broker/secrets"
 )
@@ -79,9 +75,7 @@ func (s *Server) handle(ctx context.Context, c net.Conn) {
 			return
 		}
 		if errors.Is(err, errProtocol) {
-			s.log.Warn("malformed startup packet", "err", err, "remote", remoteString(c))
-			sendError(c, refuse(CodeProtocolViolation, ReasonProtocol, "invalid startup packet: "+strings.TrimPrefix(err.Error(), errProtocol.Error()+": "), ""))
-			s.obs.Auth(ctx, &AuthRequest{Failure: ReasonProtocol})
+			s.refuseStartup(ctx, c, accepted, err)
 		} else if !errors.Is(err, io.EOF) {
 			s.log.Debug("client left during startup", "err", err)
 		}
@@ -122,29 +116,21 @@ type session struct {
 	srv   *Server
 	info  SessionInfo
 	claim string
-	log   *slog.Logger
-	span  trace.Span
+	log   *slog.Logger // operational lines, with request_id, pid, uid, principal, sid
 	ctx   context.Context
+	obs   SessionObserver
 
 	// clientApp is the client's own application_name, which its
 	// ParameterStatus shows (the upstream's carries pgward's format).
 	clientApp string
 	upApp     string // the application_name pgward gave the upstream session
 
-	client net.Conn
-	up     *upstreamConn
-	ups    *upstream
-	key    cancelKey
-	lease  *secrets.Lease
-	// leaseParked: the upstream connection was parked for reuse and took
-	// this session's lease reference with it (see reuse.go).
-	leaseParked bool
-	reused      bool // the upstream connection came from the reuse pool
-	// Connection reuse at session end (relay.go, reuse.go).
-	parking    atomic.Bool // the upstream pump is being stopped to park the connection
-	upIdle     bool        // set by the upstream pump when it ends: last message ReadyForQuery 'I'
-	clientIdle bool        // set by the client pump: Terminate came after a complete request
-	connParked bool        // the upstream connection went to the reuse pool; under termMu
+	client       net.Conn
+	up           *upstreamConn
+	ups          *upstream
+	key          cancelKey
+	lease        *secrets.Lease
+	sessionReuse // connection reuse at session end (reuse.go)
 
 	// cred is the session's credential: pg_terminate_backend at a forced
 	// end authenticates with it (endsession.go).
@@ -161,260 +147,41 @@ type session struct {
 	termMu   sync.Mutex
 	termCode string
 	termMsg  string
-	reason   string
+	reason   EndReason
 }
 
+// startSession runs one authentication request to its session and relays
+// it: the data path of DESIGN.md §1, one named step each (login.go). A
+// step that refuses has told the Observer and the client.
 func (s *Server) startSession(ctx context.Context, c net.Conn, st *serverState, pkt *startupPacket, idc chan identityResult, accepted time.Time) {
-	ctx, span := s.tracer.Start(ctx, "pgward.session", trace.WithSpanKind(trace.SpanKindServer))
-	defer span.End()
-	reqID := span.SpanContext().TraceID().String()
-	if !span.SpanContext().TraceID().IsValid() {
-		var b [16]byte
-		_, _ = rand.Read(b[:])
-		reqID = trace.TraceID(b).String()
-	}
-	span.SetAttributes(attribute.String("pgward.request_id", reqID))
-	log := s.log.With("request_id", reqID)
-
-	role := pkt.params["user"]
-	dbname := pkt.params["database"]
-	if dbname == "" {
-		dbname = role
-	}
-	// Database is the name asked for until the upstream is known (then
-	// the upstream's real database): a refusal is audited with it.
-	info := SessionInfo{
-		RequestID: reqID, SessionID: newUUID(), Protocol: "postgres",
-		Upstream: dbname, Database: dbname, User: role, Start: accepted,
-		ApplicationName: pkt.params["application_name"],
-	}
-	req := &AuthRequest{RequestID: reqID, Upstream: dbname, Role: role, Durations: map[Stage]time.Duration{}}
-	fail := func(e *ClientError, level slog.Level, logMsg string, attrs ...any) {
-		req.Failure = e.Reason
-		info.Refusal = e.Reason
-		req.Durations[StageTotal] = time.Since(accepted)
-		info.Success, info.Code, info.Error = false, e.Code, e.Message
-		log.Log(ctx, level, logMsg, append(attrs, "sqlstate", e.Code, "role", role, "upstream", dbname)...)
-		span.SetStatus(codes.Error, e.Code)
-		_ = s.obs.SessionStart(ctx, &info)
-		s.obs.Auth(ctx, req)
-		sendError(c, e)
-	}
-
-	authCtx, authSpan := s.tracer.Start(ctx, "pgward.auth")
-	defer authSpan.End()
-
-	// Identity.
-	_, idSpan := s.tracer.Start(authCtx, "identity.verify")
-	r := <-idc
-	idSpan.End()
-	req.Verification.Attempted = true
-	req.Durations[StageIdentity] = r.dur
-	if r.err != nil {
-		idSpan.SetStatus(codes.Error, "identity verification failed")
-		fail(refuse(CodeInvalidAuthorization, ReasonIdentity,
-			"pgward could not verify the identity of the connecting process",
-			"Connect from a process that stays alive during login, on this host's pgward socket."),
-			slog.LevelWarn, "identity verification failed", "err", r.err)
+	l := s.beginLogin(ctx, c, st, pkt, accepted)
+	if !l.verifyIdentity(idc) || !l.authorize() {
 		return
 	}
-	req.Verification.OK = true
-	id := r.id
-	info.Identity = id
-	req.Identity = id
-	log = log.With("pid", id.PID, "uid", id.UID)
-
-	// Protocol details and startup parameters.
-	if pkt.minor > 0 || len(pkt.unsupportedOptions) > 0 {
-		buf, _ := (&pgproto3.NegotiateProtocolVersion{NewestMinorProtocol: 0, UnrecognizedOptions: pkt.unsupportedOptions}).Encode(nil)
-		if _, err := c.Write(buf); err != nil {
-			return
-		}
-	}
-	params, claim, perr := filterParams(pkt.params)
-	req.ClaimedPrincipal, info.ClaimedPrincipal = claim, claim
-
-	// Throttling: every request takes a token before anything costly, from
-	// its principal's bucket when a grant allows it, else from its uid's —
-	// so a flood of refused requests from one uid is throttled too, and
-	// leaves other principals alone.
-	ups, upsOK := st.upstreams[dbname]
-	var d Decision
-	if upsOK && perr == nil {
-		d = st.policy.Authorize(id, dbname, role, claim)
-	}
-	lkey := uidKey(id.UID)
-	if d.Allowed {
-		lkey = principalKey(d.Principal)
-	}
-	if lerr := s.limiter.admit(lkey); lerr != nil {
-		fail(lerr, slog.LevelWarn, "throttled: too many authentication requests", "caller", lkey.String(), "identity", id.String())
-		return
-	}
-
-	if perr != nil {
-		fail(perr, slog.LevelWarn, "refused startup parameters", "err", perr.Message, "identity", id.String())
-		return
-	}
-
-	// Upstream and policy.
-	if !upsOK {
-		fail(refuse(CodeUnknownDatabase, ReasonUnauthorized,
-			fmt.Sprintf("pgward has no upstream named %q", dbname),
-			"Set dbname to the name of an upstream in the pgward configuration ("+strings.Join(sortedKeys(st.upstreams), ", ")+")."),
-			slog.LevelWarn, "unknown upstream requested", "identity", id.String())
-		return
-	}
-	info.Database = ups.cfg.database(dbname)
-	info.URI = ups.cfg.Address
-	if d.ClaimAttempted {
-		req.Matching = Check{Attempted: true, OK: !d.ClaimFailed}
-	}
-	if d.ClaimFailed {
-		fail(refuse(CodeInvalidAuthorization, ReasonIdentity,
-			fmt.Sprintf("the connecting process (%s) does not match claimed principal %q", id, claim),
-			"Remove pgward.principal from the options, or connect from a process that principal's selectors match."),
-			slog.LevelWarn, "claimed principal does not match the caller", "claim", claim, "matched", d.Matched, "identity", id.String())
-		return
-	}
-	if !d.Allowed {
-		req.Unauthorized = true
-		req.Retrieval.Attempted = true
-		hint := "Add a grant of this role on this upstream to one of the caller's principals"
-		if len(d.Matched) == 0 {
-			hint = "Define a principal whose selectors match this process, and grant it the role"
-		} else {
-			hint += " (" + strings.Join(d.Matched, ", ") + ")"
-		}
-		fail(refuse(CodeInvalidAuthorization, ReasonUnauthorized,
-			fmt.Sprintf("no grant lets %s use role %q on upstream %q", id, role, dbname),
-			hint+" in the pgward policy."),
-			slog.LevelWarn, "unauthorized request: no grant", "matched", d.Matched, "identity", id.String())
-		return
-	}
-	info.Principal = d.Principal
-	log = log.With("principal", d.Principal, "sid", info.SessionID)
-
-	// Concurrent sessions, per principal.
-	release, lerr := s.limiter.acquire(d.Principal)
-	if lerr != nil {
-		fail(lerr, slog.LevelWarn, "throttled: too many sessions", "caller", principalKey(d.Principal).String(), "identity", id.String())
+	release, ok := l.admitSession()
+	if !ok {
 		return
 	}
 	defer release()
-
-	// Credentials.
-	req.Retrieval.Attempted = true
-	fctx, fspan := s.tracer.Start(authCtx, "credentials.fetch")
-	// A backend that hangs must not hold the login past listen.login_timeout.
-	fctx, fcancel := context.WithDeadline(fctx, accepted.Add(st.cfg.Listen.loginTimeout()))
-	t := time.Now()
-	cred, err := fetchCredential(fctx, s.secrets, ups.cfg, dbname, role) // certauth.go
-	fcancel()
-	req.Durations[StageCredentials] = time.Since(t)
-	fspan.End()
-	if err != nil {
-		fspan.SetStatus(codes.Error, "credential fetch failed")
-		code := CodeCannotConnect
-		if errors.Is(err, secrets.ErrDenied) || errors.Is(err, secrets.ErrNotFound) {
-			code = CodeInvalidAuthorization
-		}
-		fail(refuse(code, ReasonBackendError,
-			fmt.Sprintf("pgward could not get the credential for role %q on upstream %q from its secrets backend: %s", role, dbname, backendProblem(err)),
-			"Check the secrets backend and that it holds this role's credential."),
-			slog.LevelError, "credential fetch failed", "err", err)
+	if !l.fetchCredential() {
 		return
 	}
-	req.Retrieval.OK = true
-	var sess *session
-	if cred.Lease != nil && cred.Lease.Release != nil {
-		defer func() {
-			if sess == nil || !sess.leaseParked {
-				cred.Lease.Release()
-			}
-		}()
-	}
-
-	// The upstream session's application_name carries the caller.
-	clientApp := setAppName(params, ups.cfg.applicationName(), d.Principal, reqID)
-
-	// Upstream authentication.
-	uctx, uspan := s.tracer.Start(authCtx, "upstream.auth")
-	uctx, cancel := context.WithTimeout(uctx, ups.cfg.connectTimeout())
-	t = time.Now()
-	up, reused, err := s.upstreamFor(uctx, ups, role, cred, params)
-	cancel()
-	req.Durations[StageUpstreamAuth] = time.Since(t)
-	uspan.End()
-	if err != nil {
-		uspan.SetStatus(codes.Error, "upstream authentication failed")
-		switch ce := clientErrorFor(err); {
-		case ce != nil:
-			fail(ce, slog.LevelInfo, "upstream refused the session the client asked for", "err", err)
-		case certClientError(err, dbname, role) != nil:
-			fail(certClientError(err, dbname, role), slog.LevelWarn, "upstream client-certificate authentication failed", "err", err)
-		case errors.Is(err, errUpstreamRejected):
-			fail(refuse(CodeInvalidPassword, ReasonUpstreamRejected,
-				fmt.Sprintf("upstream %q rejected the credential pgward holds for role %q", dbname, role),
-				"Check the secrets backend: the stored password may be wrong or expired."),
-				slog.LevelError, "upstream rejected the stored credential", "err", err)
-		case errors.Is(err, errAuthMethodRefused):
-			fail(refuse(CodeCannotConnect, ReasonUpstreamRejected,
-				fmt.Sprintf("upstream %q asked for an authentication method pgward does not allow for it", dbname),
-				authMethodHint(dbname)),
-				slog.LevelWarn, "upstream asked for a refused authentication method", "err", err)
-		default:
-			fail(refuse(CodeCannotConnect, ReasonBackendError,
-				fmt.Sprintf("pgward could not connect to upstream %q", dbname),
-				"Check that the upstream server is running and reachable from the pgward host."),
-				slog.LevelError, "upstream connection failed", "err", err)
-		}
+	defer l.releaseLease()
+	if !l.authenticateUpstream() || !l.openSession() {
 		return
 	}
-	// What the credential's role can become: learned at its first use,
-	// reported, and refused where the upstream says so (roles.go).
-	rctx, rcancel := context.WithTimeout(authCtx, ups.cfg.connectTimeout())
-	cerr := s.checkRoles(rctx, ups, role, cred, up, &info, log)
-	rcancel()
-	if cerr != nil {
-		up.conn.Close()
-		fail(cerr, slog.LevelWarn, "refused: the credential's role can become other roles (refuse_role_switching)", "identity", id.String())
-		return
-	}
-	authSpan.End()
-
-	sess = &session{
-		srv: s, info: info, claim: claim, log: log, span: span, ctx: ctx,
-		client: c, up: up, ups: ups, lease: cred.Lease, reused: reused, cred: cred,
-		clientApp: clientApp, upApp: params["application_name"],
-	}
-	if !s.addSession(sess) {
-		up.conn.Close()
-		fail(refuse(CodeAdminShutdown, "", "pgward is shutting down", "Reconnect in a moment."), slog.LevelInfo, "refused: shutting down")
-		return
-	}
+	sess := l.sess
 	defer s.removeSession(sess)
-
-	sess.info.Success = true
-	if err := s.obs.SessionStart(ctx, &sess.info); err != nil {
-		up.conn.Close()
-		req.Durations[StageTotal] = time.Since(accepted)
-		s.obs.Auth(ctx, req)
-		log.Error("audit log unavailable: refusing session", "err", err)
-		sendError(c, refuse(CodeIOError, "", "pgward's audit log is unavailable, so no session can start", "Ask the operator to check pgward's audit log destination."))
+	if !l.started() {
 		return
 	}
-	req.Durations[StageTotal] = time.Since(accepted)
-	s.obs.Auth(ctx, req)
-
-	sess.key = s.cancels.add(up.pid, sess)
+	sess.key = s.cancels.add(sess.up.pid, sess)
 	defer s.cancels.remove(sess.key)
-
 	if err := sess.greet(); err != nil {
-		up.conn.Close()
-		sess.info.EndReason = "client_closed"
+		sess.up.conn.Close()
+		sess.info.EndReason = EndClientClosed
 		sess.info.End = time.Now()
-		s.obs.SessionEnd(ctx, &sess.info)
+		sess.obs.End(sess.ctx)
 		return
 	}
 	_ = c.SetDeadline(time.Time{})
@@ -582,7 +349,7 @@ func (sess *session) greet() error {
 // terminate ends the session from outside (shutdown, revoked grant, expired
 // lease): the client gets an ErrorResponse at the next message boundary and
 // both connections close.
-func (sess *session) terminate(reason, code, msg string) {
+func (sess *session) terminate(reason EndReason, code, msg string) {
 	sess.termOnce.Do(func() {
 		sess.termMu.Lock()
 		sess.reason, sess.termCode, sess.termMsg = reason, code, msg
@@ -597,7 +364,7 @@ func (sess *session) terminate(reason, code, msg string) {
 	})
 }
 
-func (sess *session) termination() (reason, code, msg string) {
+func (sess *session) termination() (reason EndReason, code, msg string) {
 	sess.termMu.Lock()
 	defer sess.termMu.Unlock()
 	return sess.reason, sess.termCode, sess.termMsg

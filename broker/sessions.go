@@ -149,10 +149,6 @@ func (sess *session) status() SessionStatus {
 	return st
 }
 
-// EndReasonOperator is the db.session.end reason of a session an operator
-// ended (`pgward sessions end`).
-const EndReasonOperator = "ended_by_operator"
-
 // EndSession ends the session sid the way a revoked grant does: the
 // running statement is cancelled upstream first, then the client gets a
 // FATAL 57P01 saying an operator ended the session (with reason, when
@@ -178,7 +174,7 @@ func (s *Server) EndSession(sid, reason string) (SessionStatus, bool) {
 		msg += " (" + reason + ")"
 	}
 	found.log.Warn("an operator ended this session", "operator_reason", reason)
-	found.end(EndReasonOperator, CodeAdminShutdown, msg)
+	found.end(EndByOperator, CodeAdminShutdown, msg)
 	return st, true
 }
 

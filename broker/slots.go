@@ -51,12 +51,6 @@ type SlotRefusal struct {
 	PeerKnown bool
 }
 
-// SlotObserver is an optional interface of an Observer: it is told of every
-// connection refused for want of a slot (counted, and audited in summaries).
-type SlotObserver interface {
-	SlotRefused(ctx context.Context, r *SlotRefusal)
-}
-
 // peerKey is who holds a login slot.
 type peerKey struct {
 	known  bool
@@ -179,9 +173,7 @@ func (s *Server) admitConn(ctx context.Context, c net.Conn, n int64) (release fu
 	} else {
 		attrs = append(attrs, slog.String("remote", remoteString(c)))
 	}
-	if so, ok := s.obs.(SlotObserver); ok {
-		so.SlotRefused(ctx, r)
-	}
+	s.obs.SlotRefused(ctx, r)
 	s.slotLog.log(s.log, r.Reason, peer.UID, attrs)
 	return nil, refuse(CodeTooManyConnections, "", msg, hint)
 }

@@ -4,11 +4,10 @@ import (
 	"encoding/binary"
 	"fmt"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 	"unsafe"
-
-	"go.opentelemetry.io/otel/trace"
 )
 
 // The statement tracker follows, for audit, what the server will execute.
@@ -65,7 +64,6 @@ type pending struct {
 	copies int64  // CopyDone/CopyFail messages the client sent before it
 	name   string // the statement (Parse, Close/Describe 'S') or portal (Bind, Close/Describe 'P')
 	q      *QueryEvent
-	span   trace.Span
 	stmt   *stmtInfo   // Parse: the new statement; Describe 'S': the one described
 	portal *portalInfo // Bind: the new portal
 	// owner: a Bind whose event was merged into the Execute that followed it
@@ -361,9 +359,7 @@ func (sess *session) frontendMessage(t *tracker, typ byte, body []byte) error {
 		// The text is only needed until the observer has audited it, before
 		// the buffer is reused: no copy.
 		q.Index, q.Text, q.Start, q.Rows = t.index, unsafe.String(unsafe.SliceData(text), len(text)), time.Now(), -1
-		p := pending{kind: pendQuery, q: q, effects: parseSQLEffects(text)}
-		p.span = sess.statementSpan(q)
-		t.push(p)
+		t.push(pending{kind: pendQuery, q: q, effects: parseSQLEffects(text)})
 		t.batch = append(t.batch, q)
 	case 'F':
 		q, err := decodeFunctionCall(t, body)
@@ -440,7 +436,6 @@ func (sess *session) frontendMessage(t *tracker, typ byte, body []byte) error {
 		if pi != nil && pi.stmt != nil && !pi.stmt.plain {
 			p.effects = parseSQLEffects(unsafe.Slice(unsafe.StringData(pi.stmt.text), len(pi.stmt.text)))
 		}
-		p.span = sess.statementSpan(q)
 		t.push(p)
 		t.batch = append(t.batch, q)
 	case 'C':
@@ -906,4 +901,71 @@ func (t *tracker) waitAnswered(upDone <-chan struct{}) bool {
 			return false
 		}
 	}
+}
+
+// audit hands the statements of one read to the observer before they are
+// forwarded. The text of a simple Query points into the relay buffer, so it
+// is cleared once the observer has seen it.
+func (sess *session) audit(events []*QueryEvent) error {
+	for _, q := range events {
+		q.RoleChange = roleChange(q.Text)
+	}
+	sess.live.began(events)
+	err := sess.obs.Statements(sess.ctx, events)
+	for _, q := range events {
+		if !q.Extended {
+			q.Text = ""
+		}
+	}
+	return err
+}
+
+// unfinished reports the statements the session ended before the server
+// answered, as failed.
+func (sess *session) unfinished(tr *tracker) {
+	tr.mu.Lock()
+	defer tr.mu.Unlock()
+	for _, p := range tr.queue[tr.head:] {
+		if p.q != nil {
+			if p.q.Code == "" {
+				p.q.Code, p.q.Error = CodeConnectionFailure, "session ended before the statement completed"
+			} else {
+				// The server said why (57P01 after pg_terminate_backend).
+				sess.endNote(p.q)
+			}
+			p.q.Success = false
+			p.q.Duration = time.Since(p.q.Start)
+			sess.obs.Result(sess.ctx, p.q)
+		}
+	}
+	tr.queue, tr.head = nil, 0
+}
+
+// finish reports completed statements.
+func (sess *session) finish(tr *tracker, done []pending) {
+	now := time.Now()
+	for i, p := range done {
+		p.q.Duration = now.Sub(p.q.Start)
+		if !p.q.Success {
+			sess.endNote(p.q)
+		}
+		if i == len(done)-1 {
+			p.q.ServerRole = sess.takeRoleReport()
+		}
+		sess.obs.Result(sess.ctx, p.q)
+	}
+	tr.recycle(done)
+}
+
+// rowsOf is the row count of a command tag ("SELECT 5", "INSERT 0 5"), or -1.
+func rowsOf(tag string) int64 {
+	i := strings.LastIndexByte(tag, ' ')
+	if i < 0 {
+		return -1
+	}
+	n, err := strconv.ParseInt(tag[i+1:], 10, 64)
+	if err != nil {
+		return -1
+	}
+	return n
 }

@@ -227,8 +227,6 @@ func (o *Observer) Close() error {
 	return nil
 }
 
-var _ broker.SlotObserver = (*Observer)(nil)
-
 func sessionRefusal(s *broker.SessionInfo) refusal {
 	reason := string(s.Refusal)
 	if reason == "" {

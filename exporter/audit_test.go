@@ -124,7 +124,7 @@ func TestAuditSessionLifecycle(t *testing.T) {
 	fx.obs.QueryDone(ctx, s, q1)
 	q2.Rows, q2.Success, q2.Code, q2.Error = -1, false, "42501", "permission denied to alter role"
 	fx.obs.QueryDone(ctx, s, q2)
-	fx.obs.Cancel(ctx, &broker.CancelEvent{RequestID: "c1", Caller: s.Identity, Forwarded: true, Session: s})
+	fx.obs.SessionCancel(ctx, &broker.CancelEvent{RequestID: "c1", Caller: s.Identity, Forwarded: true, Session: s})
 	s.End, s.EndReason, s.BytesIn, s.BytesOut, s.Queries = s.Start.Add(time.Minute), "client_closed", 100, 2000, 2
 	fx.obs.SessionEnd(ctx, s)
 	if err := fx.obs.DirectConnect(ctx, exporter.DirectConnectEvent{Process: broker.Identity{PID: 99, UID: 0, Comm: "psql"},
@@ -232,7 +232,7 @@ func TestAuditDeniedSession(t *testing.T) {
 	if got := metricValue(t, fx.reg, "pgward_sessions_active"); got != 0 {
 		t.Errorf("sessions_active = %v after a denial", got)
 	}
-	if !strings.Contains(fx.logs.String(), `"level":"WARN","msg":"session refused"`) {
+	if !strings.Contains(fx.logs.String(), `"level":"WARN","msg":"authentication refused"`) {
 		t.Errorf("no WARN for the denial:\n%s", fx.logs)
 	}
 }
@@ -505,7 +505,7 @@ func exampleEvents(t testing.TB, fx *fixture) {
 	}
 	q2.Success, q2.Rows, q2.Code, q2.Error, q2.Duration = false, -1, "42501", "permission denied to alter role", 310*time.Microsecond
 	fx.obs.QueryDone(ctx, s, q2)
-	fx.obs.Cancel(ctx, &broker.CancelEvent{RequestID: "5b8aa5a2d2c872e8321cf37308d69df2", Caller: s.Identity, Forwarded: true, Session: s})
+	fx.obs.SessionCancel(ctx, &broker.CancelEvent{RequestID: "5b8aa5a2d2c872e8321cf37308d69df2", Caller: s.Identity, Forwarded: true, Session: s})
 	intruder := broker.Identity{PID: 6666, UID: 1002, GID: 1002, User: "mallory", Exe: "/usr/bin/python3", Comm: "python3",
 		Cgroup: "/user.slice/user-1002.slice/session-4.scope", Attested: true, CgroupID: 9120, StartTime: 99887766, NSPID: 6666}
 	fx.obs.Cancel(ctx, &broker.CancelEvent{RequestID: "9f3c1a7e0b2d4c5e8f6a7b8c9d0e1f2a", Caller: intruder, Reason: "unknown_key"})

@@ -1,11 +1,15 @@
-// Package exporter turns what the broker does into the three signals an
-// operator reads: the audit trail (JSON lines, hash-chained), Prometheus
-// metrics (served with health endpoints) and structured logs; it also builds
-// the OpenTelemetry tracer provider the broker creates its spans with.
+// Package exporter turns what the broker does into the signals an operator
+// reads: the audit trail (JSON lines, hash-chained), Prometheus metrics
+// (served with health endpoints), OpenTelemetry traces and structured logs.
 //
-// Observer implements broker.Observer and is the only type the broker sees.
-// It writes through an Audit sink, a Metrics set and a *slog.Logger, all
-// handed to NewObserver; nothing here registers globally.
+// Observer implements broker.Observer and is the only type the broker sees;
+// it is the only place that logs a session's lifecycle events (started,
+// refused, ended, cancel request: one line each), counts them, makes their
+// spans and audits them. Begin returns a request object (the request's
+// spans; Refused or Started), Started a session object (event numbering,
+// statements in flight, their spans; End). It writes through an Audit sink,
+// a Metrics set, a trace.TracerProvider and a *slog.Logger, all handed to
+// NewObserver; nothing here registers globally.
 //
 // It also reads the trail back (auditread.go, for `pgward audit show`):
 // rotated and compressed files in order, filtered, with the chain checked,
@@ -14,8 +18,27 @@
 // Lifecycle: NewMetrics registers on the registry it is given; OpenAudit
 // opens (or continues) the audit file and Close flushes and closes it;
 // NewTracerProvider returns a shutdown func that flushes spans. The Observer
-// itself holds no resources beyond per-session counters between SessionStart
-// and SessionEnd.
+// holds no resources beyond its sessions' objects between Started and End.
+//
+// # Layout
+//
+//	observer.go     Observer: requests, sessions, cancels, direct connects → metrics, audit, logs
+//	tracing.go      the tracer provider from OTEL_* and the session's spans (DESIGN.md §5)
+//	log.go          the logger from PGWARD_LOG_FORMAT and PGWARD_LOG_LEVEL
+//	redact.go       the one redaction rule for statement text (audit and spans)
+//	aggregate.go    refusal pacing: db.refusal.summary for floods of refusals
+//	metrics.go      the Prometheus metrics and the audit event names
+//	sink.go         Audit (the encoder's front) and the Sink interface
+//	schema.go       the audit events' encoding
+//	json.go         the append-style JSON encoder of the audit trail
+//	params.go       bound parameters in the audit trail (audit.parameters)
+//	audit.go        FileSink: the audit file, durability, group commit, rotation, fail-closed
+//	chain.go        the hash chain's sealing (seq, prev_hash)
+//	checkpoint.go   signed checkpoints of the chain head
+//	diskfree.go     the free-space floor (audit.min_free_bytes)
+//	auditcheck.go   what check-config checks of the audit path
+//	verify.go       audit verify: the chain
+//	verify_keyed.go audit verify --key: checkpoints
 //
 // It deliberately does not parse SQL beyond what redaction needs (lexing as
 // PostgreSQL does to find the literal after a PASSWORD keyword), does not ship audit events anywhere

@@ -8,35 +8,82 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"go.opentelemetry.io/otel/trace"
+	"go.opentelemetry.io/otel/trace/noop"
 
 	"github.com/pgward/pgward/broker"
 )
 
-// Observer implements broker.Observer: each call becomes metrics, an audit
-// event and, where an operator should see it, a log line carrying the
-// request_id (and sid, principal, pid, uid once known). Denials and
-// malicious-looking activity are logged at WARN with the evidence.
+// Observer implements broker.Observer: it is the one place a session's
+// telemetry goes. Each call becomes metrics, an audit event, spans and, for
+// a lifecycle event (session started, refused, ended; cancel request), one
+// log line carrying the request_id (and sid, principal, pid, uid once
+// known). Denials and malicious-looking activity are logged at WARN with
+// the evidence.
 //
-// Fail-closed: SessionStart (of a successful session) and Query return the
-// audit sink's error, so the broker refuses the session or stops forwarding.
+// Per request Begin returns a request (spans of the stages, the refusal or
+// the start); per session Started returns a session (its event counter,
+// statements in flight, spans), so no call looks a session up.
+//
+// Fail-closed: Started (of a session) and Statements return the audit
+// sink's error, so the broker refuses the session or stops forwarding.
 type Observer struct {
-	log   *slog.Logger
-	m     *Metrics
-	audit *Audit // nil: no audit trail
+	log    *slog.Logger
+	m      *Metrics
+	audit  *Audit // nil: no audit trail
+	tracer trace.Tracer
 	// refusals paces the audit events of refusals (aggregate.go).
 	refusals *refusals
-
-	mu       sync.Mutex
-	sessions map[string]*sessionState // by SessionInfo.SessionID
 }
 
-// sessionState numbers a session's events (ei) and remembers the ei of each
-// statement in flight, so db.session.query.result can point at its query.
-type sessionState struct {
+var _ broker.Observer = (*Observer)(nil)
+
+// An ObserverOption tunes NewObserver.
+type ObserverOption func(*Observer)
+
+// WithTracerProvider makes the session traces with tp (default: a no-op
+// provider, so the broker's own random ids are the request_ids).
+func WithTracerProvider(tp trace.TracerProvider) ObserverOption {
+	return func(o *Observer) {
+		if tp != nil {
+			o.tracer = tp.Tracer(tracerName)
+		}
+	}
+}
+
+// NewObserver returns an Observer writing to log, m and audit. m nil uses a
+// private throwaway registry; audit nil writes no audit trail (and so never
+// refuses anything).
+func NewObserver(log *slog.Logger, m *Metrics, audit *Audit, opts ...ObserverOption) *Observer {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if m == nil {
+		m = NewMetrics(prometheus.NewRegistry())
+	}
+	o := &Observer{log: log, m: m, audit: audit, tracer: noop.NewTracerProvider().Tracer(tracerName)}
+	for _, opt := range opts {
+		opt(o)
+	}
+	if audit != nil {
+		o.refusals = newRefusals(audit, m, log)
+	}
+	return o
+}
+
+// session is one session's observer: it numbers the session's events (ei)
+// and remembers each statement in flight, so db.session.query.result can
+// point at its query and its span be ended.
+type session struct {
+	o    *Observer
+	s    *broker.SessionInfo
+	span trace.Span // pgward.session
+	hdr  *sessionHeader
+
 	mu      sync.Mutex
 	ei      int64
 	pending []pendingQuery
-	hdr     *sessionHeader // set before the relay starts; read-only after
+	ended   bool
 }
 
 type pendingQuery struct {
@@ -44,55 +91,20 @@ type pendingQuery struct {
 	// password: the text mentions a password, so the server's error
 	// message, which may quote part of it, is not audited.
 	password bool
+	span     trace.Span // nil when the trace is not sampled
 }
 
-var _ broker.Observer = (*Observer)(nil)
+var _ broker.SessionObserver = (*session)(nil)
 
-// NewObserver returns an Observer writing to log, m and audit. m nil uses a
-// private throwaway registry; audit nil writes no audit trail (and so never
-// refuses anything).
-func NewObserver(log *slog.Logger, m *Metrics, audit *Audit) *Observer {
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
-	}
-	if m == nil {
-		m = NewMetrics(prometheus.NewRegistry())
-	}
-	o := &Observer{log: log, m: m, audit: audit, sessions: make(map[string]*sessionState)}
-	if audit != nil {
-		o.refusals = newRefusals(audit, m, log)
-	}
-	return o
-}
-
-// state returns the session's event counter, creating it when missing (a
-// session whose start this Observer did not see).
-func (o *Observer) state(sid string) *sessionState {
-	o.mu.Lock()
-	st := o.sessions[sid]
-	if st == nil {
-		st = &sessionState{}
-		o.sessions[sid] = st
-	}
-	o.mu.Unlock()
-	return st
-}
-
-// stateOf is the state of a session SessionStart accepted, kept on the
-// SessionInfo so that statements take no lock shared by all sessions.
-func (o *Observer) stateOf(s *broker.SessionInfo) *sessionState {
-	if st, ok := s.ObserverState.(*sessionState); ok {
-		return st
-	}
-	return o.state(s.SessionID)
-}
-
-func (st *sessionState) next() int64 {
+// next is the ei of the session's next event; 0 once it ended.
+func (st *session) next() int64 {
 	st.mu.Lock()
+	defer st.mu.Unlock()
+	if st.ended {
+		return 0
+	}
 	st.ei++
-	ei := st.ei
-	st.mu.Unlock()
-	return ei
+	return st.ei
 }
 
 func sessionAttrs(s *broker.SessionInfo) []any {
@@ -125,8 +137,8 @@ func identityAttr(id *broker.Identity) slog.Attr {
 	return slog.Group("process", attrs...)
 }
 
-// Auth counts an authentication request and its checks.
-func (o *Observer) Auth(ctx context.Context, r *broker.AuthRequest) {
+// countAuth counts an authentication request and its checks.
+func (o *Observer) countAuth(r *broker.AuthRequest) {
 	m := o.m
 	m.requests.Inc()
 	if r.Failure == "" {
@@ -161,33 +173,34 @@ func (o *Observer) Auth(ctx context.Context, r *broker.AuthRequest) {
 			h.Observe(d.Seconds())
 		}
 	}
-	if r.Failure == "" {
-		if o.log.Enabled(ctx, slog.LevelDebug) {
-			o.log.DebugContext(ctx, "authentication succeeded", "request_id", r.RequestID,
-				"duration", r.Durations[broker.StageTotal])
+}
+
+// refusalLevel is the level of a refusal's log line: WARN for what a
+// caller did (the design's malicious-looking activity), ERROR for what
+// needs the operator (a backend or the upstream failing, or rejecting the
+// credential pgward holds), INFO for the server's answer about the session
+// the client asked for and for a refusal that is no authentication failure
+// (shutting down).
+func refusalLevel(r *broker.AuthRequest, s *broker.SessionInfo) slog.Level {
+	switch r.Failure {
+	case "":
+		return slog.LevelInfo
+	case broker.ReasonBackendError:
+		return slog.LevelError
+	case broker.ReasonUpstreamRejected:
+		code := ""
+		if s != nil {
+			code = s.Code
 		}
-		return
+		switch code {
+		case broker.CodeInvalidPassword:
+			return slog.LevelError
+		case broker.CodeCannotConnect:
+			return slog.LevelWarn
+		}
+		return slog.LevelInfo
 	}
-	// Throttling and backend trouble are not the caller's fault; everything
-	// else is a refusal an operator may need to look at.
-	level := slog.LevelWarn
-	if r.Failure == broker.ReasonBackendError {
-		level = slog.LevelError
-	}
-	attrs := []any{"request_id", r.RequestID, "reason", string(r.Failure),
-		"verification", checkString(r.Verification), "matching", checkString(r.Matching),
-		"retrieval", checkString(r.Retrieval), "unauthorized", r.Unauthorized}
-	// The evidence: who asked for what.
-	if r.Upstream != "" || r.Role != "" {
-		attrs = append(attrs, "db_service", r.Upstream, "db_user", r.Role)
-	}
-	if r.ClaimedPrincipal != "" {
-		attrs = append(attrs, "claimed_principal", r.ClaimedPrincipal)
-	}
-	if r.Verification.OK {
-		attrs = append(attrs, identityAttr(&r.Identity))
-	}
-	o.log.Log(ctx, level, "authentication refused", attrs...)
+	return slog.LevelWarn
 }
 
 func checkString(c broker.Check) string {
@@ -200,114 +213,174 @@ func checkString(c broker.Check) string {
 	return "failed"
 }
 
-// SessionStart audits a session start or refusal; for a successful start an
-// audit failure is returned and the session must be refused.
-func (o *Observer) SessionStart(ctx context.Context, s *broker.SessionInfo) error {
-	var err error
-	if !s.Success && o.refusals != nil && !o.refusals.full(time.Now(), sessionRefusal(s)) {
-		// Beyond the caller's allowance: counted in a db.refusal.summary.
-		o.log.DebugContext(ctx, "session refused (audited in a summary)", append(sessionAttrs(s),
-			"sqlstate", s.Code, "error", s.Error)...)
-		return nil
+// Begin opens the request's trace: its pgward.session span, whose trace id
+// becomes the request_id, and the pgward.auth span its stages hang from.
+func (o *Observer) Begin(ctx context.Context, r *broker.Request) (context.Context, broker.RequestObserver) {
+	ctx, span, auth := startRequestSpans(ctx, o.tracer, r)
+	return ctx, &request{o: o, span: span, auth: auth}
+}
+
+// request is one authentication request's observer.
+type request struct {
+	o          *Observer
+	span, auth trace.Span // pgward.session, pgward.auth
+}
+
+var _ broker.RequestObserver = (*request)(nil)
+
+// StageStart opens the stage's span under pgward.auth.
+func (r *request) StageStart(ctx context.Context, st broker.Stage) context.Context {
+	return startStageSpan(ctx, r.o.tracer, r.auth, st)
+}
+
+// StageEnd ends the stage's span, marking a failure.
+func (r *request) StageEnd(ctx context.Context, st broker.Stage, err error) {
+	endStageSpan(ctx, st, err)
+}
+
+// Refused audits a refusal (paced per caller, aggregate.go), counts it and
+// logs it once, with the evidence.
+func (r *request) Refused(ctx context.Context, ar *broker.AuthRequest, s *broker.SessionInfo) {
+	o := r.o
+	if s != nil && o.audit != nil && (o.refusals == nil || o.refusals.full(time.Now(), sessionRefusal(s))) {
+		// Within the caller's allowance; beyond it the refusal is counted in
+		// a db.refusal.summary instead.
+		_ = o.audit.sessionStart(time.Now(), s, 1)
 	}
+	o.countAuth(ar)
+	msg := "authentication refused"
+	if ar.Failure == "" {
+		msg = "session refused"
+	}
+	attrs := []any{"request_id", ar.RequestID, "reason", string(ar.Failure), "cause", ar.Cause}
+	if ar.Err != nil {
+		attrs = append(attrs, "err", ar.Err.Error())
+	}
+	if s != nil {
+		attrs = append(attrs, "sqlstate", s.Code, "error", s.Error, "sid", s.SessionID)
+	}
+	attrs = append(attrs, "verification", checkString(ar.Verification), "matching", checkString(ar.Matching),
+		"retrieval", checkString(ar.Retrieval), "unauthorized", ar.Unauthorized)
+	// The evidence: who asked for what.
+	if ar.Upstream != "" || ar.Role != "" {
+		attrs = append(attrs, "db_service", ar.Upstream, "db_user", ar.Role)
+	}
+	if ar.ClaimedPrincipal != "" {
+		attrs = append(attrs, "claimed_principal", ar.ClaimedPrincipal)
+	}
+	if len(ar.Matched) > 0 {
+		attrs = append(attrs, "matched", ar.Matched)
+	}
+	if ar.Verification.OK {
+		attrs = append(attrs, identityAttr(&ar.Identity))
+	}
+	o.log.Log(ctx, refusalLevel(ar, s), msg, attrs...)
+	code := ""
+	if s != nil {
+		code = s.Code
+	}
+	endRequestSpans(r.span, r.auth, code)
+}
+
+// Started audits a session's start; an audit failure is returned and the
+// broker refuses the session (58030).
+func (r *request) Started(ctx context.Context, ar *broker.AuthRequest, s *broker.SessionInfo) (broker.SessionObserver, error) {
+	o := r.o
+	st := &session{o: o, s: s, span: r.span, ei: 1}
 	if o.audit != nil {
-		st := o.state(s.SessionID)
-		err = o.audit.sessionStart(time.Now(), s, st.next())
-		if !s.Success || err != nil {
-			o.forget(s.SessionID)
-		} else {
-			st.hdr = newSessionHeader(s)
-			s.ObserverState = st
+		if err := o.audit.sessionStart(time.Now(), s, 1); err != nil {
+			o.countAuth(ar)
+			o.log.ErrorContext(ctx, "session refused: audit trail unavailable", append(sessionAttrs(s), "error", err)...)
+			endRequestSpans(r.span, r.auth, broker.CodeIOError)
+			return nil, err
 		}
+		st.hdr = newSessionHeader(s)
 	}
-	if !s.Success {
-		o.log.WarnContext(ctx, "session refused", append(sessionAttrs(s),
-			"sqlstate", s.Code, "error", s.Error, "db_name", s.Database, identityAttr(&s.Identity))...)
-		return err
-	}
-	if err != nil {
-		o.log.ErrorContext(ctx, "session refused: audit trail unavailable", append(sessionAttrs(s), "error", err)...)
-		return err
-	}
+	o.countAuth(ar)
 	o.m.sessionsActive.Inc()
 	o.m.sessionsTotal.Inc()
 	o.log.InfoContext(ctx, "session started", append(sessionAttrs(s),
-		"db_name", s.Database, "application_name", s.ApplicationName, identityAttr(&s.Identity))...)
-	return nil
+		"db_name", s.Database, "application_name", s.ApplicationName,
+		"duration", ar.Durations[broker.StageTotal], identityAttr(&s.Identity))...)
+	r.auth.End()
+	return st, nil
 }
 
-// Query audits a statement before it is forwarded; an error stops forwarding.
-func (o *Observer) Query(ctx context.Context, s *broker.SessionInfo, q *broker.QueryEvent) error {
-	if o.audit != nil {
-		st := o.stateOf(s)
-		st.mu.Lock()
+// Statements audits the statements of one client read before they are
+// forwarded, with one write to the audit file: all are durable before any
+// is forwarded, and an error means none may be.
+func (st *session) Statements(ctx context.Context, qs []*broker.QueryEvent) error {
+	o, s := st.o, st.s
+	recording := st.span.IsRecording()
+	if len(qs) == 0 || (o.audit == nil && !recording) {
+		o.m.queries.Add(float64(len(qs)))
+		return nil
+	}
+	st.mu.Lock()
+	first := st.ei + 1
+	for _, q := range qs {
 		st.ei++
-		ei := st.ei
-		st.pending = append(st.pending, pendingQuery{q.Index, ei, mentionsPassword(q.Text)})
-		st.mu.Unlock()
-		if err := o.audit.query(time.Now(), st.hdr, s, q, ei); err != nil {
-			st.mu.Lock()
-			st.pending = st.pending[:len(st.pending)-1]
-			st.mu.Unlock()
-			o.log.ErrorContext(ctx, "statement not forwarded: audit trail unavailable",
-				append(sessionAttrs(s), "query_index", q.Index, "error", err)...)
-			return err
+		p := pendingQuery{index: q.Index, ei: st.ei, password: mentionsPassword(q.Text)}
+		if recording {
+			p.span = startStatementSpan(ctx, o.tracer, s, q)
 		}
+		st.pending = append(st.pending, p)
 	}
-	o.m.queries.Inc()
-	if o.log.Enabled(ctx, slog.LevelDebug) {
-		o.log.DebugContext(ctx, "statement", append(sessionAttrs(s), "query_index", q.Index, "extended", q.Extended)...)
-	}
-	return nil
-}
-
-// QueryBatch audits the statements of one client read, in order, with one
-// write to the audit file: all are durable before any is forwarded, and an
-// error means none may be.
-func (o *Observer) QueryBatch(ctx context.Context, s *broker.SessionInfo, qs []*broker.QueryEvent) error {
-	if o.audit != nil && len(qs) > 0 {
-		st := o.stateOf(s)
-		st.mu.Lock()
-		first := st.ei + 1
-		for _, q := range qs {
-			st.ei++
-			st.pending = append(st.pending, pendingQuery{q.Index, st.ei, mentionsPassword(q.Text)})
+	st.mu.Unlock()
+	if o.audit != nil {
+		var err error
+		if len(qs) == 1 {
+			err = o.audit.query(time.Now(), st.hdr, s, qs[0], first)
+		} else {
+			err = o.audit.queryBatch(time.Now(), st.hdr, s, qs, first)
 		}
-		st.mu.Unlock()
-		if err := o.audit.queryBatch(time.Now(), st.hdr, s, qs, first); err != nil {
+		if err != nil {
 			st.mu.Lock()
-			st.pending = st.pending[:max(0, len(st.pending)-len(qs))]
+			n := max(0, len(st.pending)-len(qs))
+			for _, p := range st.pending[n:] {
+				endStatementSpan(p.span, broker.CodeIOError)
+			}
+			st.pending = st.pending[:n]
 			st.mu.Unlock()
-			o.log.ErrorContext(ctx, "statements not forwarded: audit trail unavailable",
+			o.log.ErrorContext(ctx, "statement not forwarded: audit trail unavailable; ending the session",
 				append(sessionAttrs(s), "query_index", qs[0].Index, "statements", len(qs), "error", err)...)
 			return err
 		}
 	}
 	o.m.queries.Add(float64(len(qs)))
+	if o.log.Enabled(ctx, slog.LevelDebug) {
+		for _, q := range qs {
+			o.log.DebugContext(ctx, "statement", append(sessionAttrs(s), "query_index", q.Index, "extended", q.Extended)...)
+		}
+	}
 	return nil
 }
 
-var _ broker.QueryBatcher = (*Observer)(nil)
-
-// QueryDone audits a statement's outcome.
-func (o *Observer) QueryDone(ctx context.Context, s *broker.SessionInfo, q *broker.QueryEvent) {
-	if o.audit != nil {
-		st := o.stateOf(s)
-		st.mu.Lock()
-		st.ei++
-		ei := st.ei
-		var queryEI int64
-		var password bool
-		for i, p := range st.pending {
-			if p.index == q.Index {
-				queryEI, password = p.ei, p.password
-				st.pending = append(st.pending[:i], st.pending[i+1:]...)
-				break
-			}
+// Result audits a statement's outcome and ends its span.
+func (st *session) Result(ctx context.Context, q *broker.QueryEvent) {
+	o, s := st.o, st.s
+	st.mu.Lock()
+	st.ei++
+	ei := st.ei
+	var p pendingQuery
+	for i := range st.pending {
+		if st.pending[i].index == q.Index {
+			p = st.pending[i]
+			st.pending = append(st.pending[:i], st.pending[i+1:]...)
+			break
 		}
-		st.mu.Unlock()
+	}
+	st.mu.Unlock()
+	if o.audit != nil {
 		// The statement already ran; a failure here is counted and logged by the sink.
-		_ = o.audit.queryResult(time.Now(), st.hdr, s, q, ei, queryEI, password)
+		_ = o.audit.queryResult(time.Now(), st.hdr, s, q, ei, p.ei, p.password)
+	}
+	if p.span != nil {
+		code := ""
+		if !q.Success {
+			code = q.Code
+		}
+		endStatementSpan(p.span, code)
 	}
 	if o.log.Enabled(ctx, slog.LevelDebug) {
 		o.log.DebugContext(ctx, "statement done", append(sessionAttrs(s), "query_index", q.Index,
@@ -315,30 +388,43 @@ func (o *Observer) QueryDone(ctx context.Context, s *broker.SessionInfo, q *brok
 	}
 }
 
-// SessionEnd audits the end of a session SessionStart accepted.
-func (o *Observer) SessionEnd(ctx context.Context, s *broker.SessionInfo) {
+// Bytes counts relayed bytes.
+func (st *session) Bytes(toUpstream bool, n int) {
+	if toUpstream {
+		st.o.m.relayToUpstream.Add(float64(n))
+	} else {
+		st.o.m.relayToClient.Add(float64(n))
+	}
+}
+
+// Cancel is a CancelRequest whose key named this session.
+func (st *session) Cancel(ctx context.Context, c *broker.CancelEvent) {
+	st.o.cancel(ctx, c, st.next)
+}
+
+// End audits the end of the session, logs it once and ends its trace.
+func (st *session) End(ctx context.Context) {
+	o, s := st.o, st.s
 	o.m.sessionsActive.Dec()
+	st.mu.Lock()
+	st.ei++
+	ei := st.ei
+	st.ended = true
+	st.mu.Unlock()
 	if o.audit != nil {
-		st := o.stateOf(s)
-		_ = o.audit.sessionEnd(time.Now(), s, st.next())
-		o.forget(s.SessionID)
+		_ = o.audit.sessionEnd(time.Now(), s, ei)
 	}
 	level := slog.LevelInfo
-	if s.EndReason == "error" || s.EndReason == "audit_unavailable" {
+	if s.EndReason.Failed() {
 		level = slog.LevelWarn
 	}
 	end := s.End
 	if end.IsZero() {
 		end = time.Now()
 	}
-	o.log.Log(ctx, level, "session ended", append(sessionAttrs(s), "reason", s.EndReason, "error", s.Error,
+	o.log.Log(ctx, level, "session ended", append(sessionAttrs(s), "reason", string(s.EndReason), "error", s.Error,
 		"duration", end.Sub(s.Start), "queries", s.Queries, "bytes_in", s.BytesIn, "bytes_out", s.BytesOut)...)
-}
-
-func (o *Observer) forget(sid string) {
-	o.mu.Lock()
-	delete(o.sessions, sid)
-	o.mu.Unlock()
+	endSessionSpan(st.span, s.EndReason)
 }
 
 // CredentialRoles sets pgward_credential_switchable_roles for a credential
@@ -351,52 +437,48 @@ func (o *Observer) CredentialRoles(upstream, role string, m broker.RoleMembershi
 	o.m.switchableRoles.WithLabelValues(upstream, role).Set(v)
 }
 
-var _ broker.RoleReporter = (*Observer)(nil)
-
-// Cancel counts and audits a CancelRequest; one that was not forwarded
-// (forged or stale key, or a caller other than the session's) is logged at WARN.
+// Cancel is a CancelRequest whose key named no session.
 func (o *Observer) Cancel(ctx context.Context, c *broker.CancelEvent) {
+	o.cancel(ctx, c, nil)
+}
+
+// cancel counts, audits and logs a CancelRequest once; one that was not
+// forwarded (forged or stale key, a caller other than the session's) is
+// logged at WARN. ei numbers the event in its session (nil: none).
+func (o *Observer) cancel(ctx context.Context, c *broker.CancelEvent, ei func() int64) {
 	if c.Forwarded {
 		o.m.cancelForwarded.Inc()
 	} else {
 		o.m.cancelRejected.Inc()
 	}
+	audit := o.audit != nil
 	if !c.Forwarded && o.refusals != nil && !o.refusals.full(time.Now(), cancelRefusal(c)) {
-		o.log.DebugContext(ctx, "cancel request rejected (audited in a summary)", "reason", c.Reason,
-			"uid", c.Caller.UID, "pid", c.Caller.PID)
-		return
+		audit = false // beyond the caller's allowance: counted in a db.refusal.summary
 	}
-	if o.audit != nil {
-		var ei int64
-		if c.Session != nil {
-			o.mu.Lock()
-			st := o.sessions[c.Session.SessionID]
-			o.mu.Unlock()
-			if st != nil {
-				ei = st.next()
-			}
+	if audit {
+		var n int64
+		if ei != nil {
+			n = ei()
 		}
-		_ = o.audit.cancel(time.Now(), c, ei)
+		_ = o.audit.cancel(time.Now(), c, n)
 	}
 	attrs := []any{"request_id", c.RequestID, identityAttr(&c.Caller)}
 	if c.Session != nil {
 		attrs = append(attrs, "target_sid", c.Session.SessionID, "target_request_id", c.Session.RequestID,
 			"target_pid", c.Session.Identity.PID, "target_uid", c.Session.Identity.UID)
 	}
+	if c.BackendPID != 0 {
+		attrs = append(attrs, "backend_pid", c.BackendPID)
+	}
 	if c.Forwarded {
 		o.log.InfoContext(ctx, "cancel request forwarded", attrs...)
 		return
 	}
-	o.log.WarnContext(ctx, "cancel request rejected", append(attrs, "reason", c.Reason)...)
-}
-
-// RelayBytes counts relayed bytes.
-func (o *Observer) RelayBytes(toUpstream bool, n int) {
-	if toUpstream {
-		o.m.relayToUpstream.Add(float64(n))
-	} else {
-		o.m.relayToClient.Add(float64(n))
+	attrs = append(attrs, "reason", c.Reason, "cause", c.Cause)
+	if c.Err != nil {
+		attrs = append(attrs, "err", c.Err.Error())
 	}
+	o.log.WarnContext(ctx, "cancel request rejected", attrs...)
 }
 
 // DirectConnect records a connect that went around pgward (from the agent's

@@ -43,7 +43,14 @@ func TestObserverAuthMetrics(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			fx := newFixture(t, exporter.AuditConfig{})
 			tt.r.RequestID = "0af7651916cd43dd8448eb211c80319c"
-			fx.obs.Auth(context.Background(), &tt.r)
+			ctx, ro := fx.obs.Begin(context.Background(), &broker.Request{RequestID: tt.r.RequestID})
+			if tt.r.Failure == "" {
+				if _, err := ro.Started(ctx, &tt.r, testSession()); err != nil {
+					t.Fatal(err)
+				}
+			} else {
+				ro.Refused(ctx, &tt.r, nil)
+			}
 			for k, want := range tt.want {
 				name, label, _ := strings.Cut(k, "|")
 				var labels []string
@@ -81,7 +88,6 @@ func TestObserverLogsAndSessionMetrics(t *testing.T) {
 	fx := newFixture(t, exporter.AuditConfig{})
 	ctx := context.Background()
 	s := testSession()
-	fx.obs.Auth(ctx, &broker.AuthRequest{RequestID: s.RequestID, Verification: broker.Check{Attempted: true, OK: true}})
 	if err := fx.obs.SessionStart(ctx, s); err != nil {
 		t.Fatal(err)
 	}
@@ -157,18 +163,19 @@ func exerciseObserver(t testing.TB, fx *fixture) {
 	t.Helper()
 	ctx := context.Background()
 	s := testSession()
-	fx.obs.Auth(ctx, &broker.AuthRequest{RequestID: s.RequestID, Verification: broker.Check{Attempted: true, OK: true},
-		Durations: map[broker.Stage]time.Duration{broker.StageTotal: time.Millisecond}})
-	if err := fx.obs.SessionStart(ctx, s); err != nil {
+	ctx, ro := fx.obs.Begin(ctx, &broker.Request{RequestID: s.RequestID})
+	so, err := ro.Started(ctx, &broker.AuthRequest{RequestID: s.RequestID, Verification: broker.Check{Attempted: true, OK: true},
+		Durations: map[broker.Stage]time.Duration{broker.StageTotal: time.Millisecond}}, s)
+	if err != nil {
 		t.Fatal(err)
 	}
 	q := &broker.QueryEvent{Index: 1, Text: "SELECT 1", Rows: 1, Success: true}
-	if err := fx.obs.Query(ctx, s, q); err != nil {
+	if err := so.Statements(ctx, []*broker.QueryEvent{q}); err != nil {
 		t.Fatal(err)
 	}
-	fx.obs.QueryDone(ctx, s, q)
-	fx.obs.RelayBytes(true, 1)
-	fx.obs.Cancel(ctx, &broker.CancelEvent{RequestID: "x", Forwarded: true, Session: s})
-	fx.obs.SessionEnd(ctx, s)
+	so.Result(ctx, q)
+	so.Bytes(true, 1)
+	so.Cancel(ctx, &broker.CancelEvent{RequestID: "x", Forwarded: true, Session: s})
+	so.End(ctx)
 	_ = fx.obs.DirectConnect(ctx, exporter.DirectConnectEvent{Dest: "db:5432", Blocked: true})
 }

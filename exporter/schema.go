@@ -320,14 +320,14 @@ func (e *encoder) sessionStart(now time.Time, s *broker.SessionInfo, ei int64) *
 func (e *encoder) sessionEnd(now time.Time, s *broker.SessionInfo, ei int64) *[]byte {
 	b := e.getBuf()
 	code := CodeSessionEnd
-	failed := s.EndReason == "error" || s.EndReason == "audit_unavailable"
+	failed := s.EndReason.Failed()
 	if failed {
 		code = CodeSessionEndError
 	}
 	buf := header(*b, now, EventSessionEnd, code, s, ei, s.RequestID, &s.Identity)
 	buf = appendBoolField(buf, "success", !failed)
 	buf = appendStringFieldOmit(buf, "error", s.Error)
-	buf = appendStringField(buf, "reason", s.EndReason)
+	buf = appendStringField(buf, "reason", string(s.EndReason))
 	buf = appendTimeField(buf, "session_start", s.Start)
 	end := s.End
 	if end.IsZero() {

@@ -13,12 +13,15 @@ import (
 
 	"go.opentelemetry.io/otel"
 	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
 	"go.opentelemetry.io/otel/exporters/otlp/otlptrace/otlptracegrpc"
 	"go.opentelemetry.io/otel/exporters/otlp/otlptrace/otlptracehttp"
 	"go.opentelemetry.io/otel/exporters/stdout/stdouttrace"
 	"go.opentelemetry.io/otel/sdk/resource"
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 	"go.opentelemetry.io/otel/trace"
+
+	"github.com/pgward/pgward/broker"
 )
 
 // NewTracerProvider builds the OpenTelemetry SDK tracer provider from the
@@ -186,4 +189,116 @@ func samplerFromEnv(env func(string) string) (sdktrace.Sampler, error) {
 	}
 	return nil, errors.New("OTEL_TRACES_SAMPLER=" + strconv.Quote(name) +
 		": want one of always_on, always_off, traceidratio, parentbased_always_on, parentbased_always_off, parentbased_traceidratio")
+}
+
+// The session traces (DESIGN.md §5): pgward.session → pgward.auth with
+// children identity.verify, credentials.fetch, upstream.auth; then a span
+// per statement following the OTel database conventions. The Observer
+// makes them from the broker's calls; the broker makes none.
+
+const tracerName = "github.com/pgward/pgward"
+
+var stageSpanNames = map[broker.Stage]string{
+	broker.StageIdentity:     "identity.verify",
+	broker.StageCredentials:  "credentials.fetch",
+	broker.StageUpstreamAuth: "upstream.auth",
+}
+
+// startRequestSpans opens pgward.session and pgward.auth. The session's
+// trace id becomes the request_id when it is valid (the SDK mints one even
+// for a trace it does not sample), so one key finds the log lines, the
+// audit events and the trace.
+func startRequestSpans(ctx context.Context, tr trace.Tracer, r *broker.Request) (context.Context, trace.Span, trace.Span) {
+	ctx, span := tr.Start(ctx, "pgward.session", trace.WithSpanKind(trace.SpanKindServer), trace.WithTimestamp(r.Start))
+	if id := span.SpanContext().TraceID(); id.IsValid() {
+		r.RequestID = id.String()
+	}
+	span.SetAttributes(attribute.String("pgward.request_id", r.RequestID))
+	_, auth := tr.Start(ctx, "pgward.auth")
+	return ctx, span, auth
+}
+
+func startStageSpan(ctx context.Context, tr trace.Tracer, auth trace.Span, st broker.Stage) context.Context {
+	name, ok := stageSpanNames[st]
+	if !ok {
+		name = string(st)
+	}
+	ctx, _ = tr.Start(trace.ContextWithSpan(ctx, auth), name)
+	return ctx
+}
+
+// endStageSpan ends the stage's span. A failure is marked with a fixed
+// description: the error may come from a secrets backend.
+func endStageSpan(ctx context.Context, st broker.Stage, err error) {
+	sp := trace.SpanFromContext(ctx)
+	if err != nil {
+		sp.SetStatus(codes.Error, stageSpanNames[st]+" failed")
+	}
+	sp.End()
+}
+
+// endRequestSpans ends a request that got no session (code is the
+// SQLSTATE the client got).
+func endRequestSpans(span, auth trace.Span, code string) {
+	if code != "" {
+		auth.SetStatus(codes.Error, code)
+		span.SetStatus(codes.Error, code)
+	}
+	auth.End()
+	span.End()
+}
+
+func endSessionSpan(span trace.Span, reason broker.EndReason) {
+	span.SetAttributes(attribute.String("pgward.end_reason", string(reason)))
+	if reason.Failed() {
+		span.SetStatus(codes.Error, string(reason))
+	}
+	span.End()
+}
+
+// startStatementSpan starts a statement's span under the session's. Its
+// text is redacted by the audit's rule (redact.go): a password literal is
+// replaced, the rest kept.
+func startStatementSpan(ctx context.Context, tr trace.Tracer, s *broker.SessionInfo, q *broker.QueryEvent) trace.Span {
+	if q.BindOnly || q.FunctionOID != 0 {
+		return nil // as before the seam: spans for Query and Execute
+	}
+	// q.Text may point into the relay buffer: the span keeps a copy.
+	text, _ := redactSQL(q.Text)
+	text = strings.Clone(text)
+	op := operationName(text)
+	_, sp := tr.Start(ctx, op, trace.WithSpanKind(trace.SpanKindClient),
+		trace.WithAttributes(
+			attribute.String("db.system.name", "postgresql"),
+			attribute.String("db.namespace", s.Database),
+			attribute.String("db.query.text", text),
+			attribute.String("db.operation.name", op),
+			attribute.String("pgward.request_id", s.RequestID),
+		))
+	return sp
+}
+
+// endStatementSpan ends a statement's span; code is the SQLSTATE of a
+// failure.
+func endStatementSpan(sp trace.Span, code string) {
+	if sp == nil {
+		return
+	}
+	if code != "" {
+		sp.SetStatus(codes.Error, code)
+		sp.SetAttributes(attribute.String("db.response.status_code", code))
+	}
+	sp.End()
+}
+
+// operationName is the statement's first keyword, upper-cased.
+func operationName(text string) string {
+	t := strings.TrimSpace(text)
+	if i := strings.IndexAny(t, " \t\n\r(;"); i >= 0 {
+		t = t[:i]
+	}
+	if t == "" {
+		return "statement"
+	}
+	return strings.ToUpper(t)
 }

@@ -5,36 +5,42 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"log/slog"
 	"strings"
 	"testing"
 	"time"
 
-	"go.opentelemetry.io/otel/attribute"
+	"go.opentelemetry.io/otel/codes"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
+	"go.opentelemetry.io/otel/sdk/trace/tracetest"
 	"go.opentelemetry.io/otel/trace"
 
+	"github.com/pgward/pgward/broker"
 	"github.com/pgward/pgward/exporter"
 	"github.com/pgward/pgward/exporter/otlptest"
 )
 
-// sessionTrace creates the span tree of DESIGN §5 and returns the trace id.
+// sessionTrace drives an Observer through one session with tp: the span
+// tree of DESIGN §5, made from the broker's calls. It returns the trace id.
 func sessionTrace(ctx context.Context, tp trace.TracerProvider) string {
-	tr := tp.Tracer("github.com/pgward/pgward/broker")
-	ctx, session := tr.Start(ctx, "pgward.session", trace.WithSpanKind(trace.SpanKindServer))
-	requestID := session.SpanContext().TraceID().String()
-	session.SetAttributes(attribute.String("pgward.request_id", requestID))
-	actx, auth := tr.Start(ctx, "pgward.auth")
-	for _, name := range []string{"identity.verify", "credentials.fetch", "upstream.auth"} {
-		_, s := tr.Start(actx, name)
-		s.End()
+	obs := exporter.NewObserver(nil, nil, nil, exporter.WithTracerProvider(tp))
+	r := &broker.Request{RequestID: "minted-by-the-broker", Start: time.Now()}
+	ctx, req := obs.Begin(ctx, r)
+	for _, st := range []broker.Stage{broker.StageIdentity, broker.StageCredentials, broker.StageUpstreamAuth} {
+		req.StageEnd(req.StageStart(ctx, st), st, nil)
 	}
-	auth.End()
-	_, q := tr.Start(ctx, "SELECT orders", trace.WithSpanKind(trace.SpanKindClient), trace.WithAttributes(
-		attribute.String("db.system.name", "postgresql"), attribute.String("db.namespace", "orders"),
-		attribute.String("db.query.text", "SELECT 1"), attribute.String("db.operation.name", "SELECT")))
-	q.End()
-	session.End()
-	return requestID
+	s := &broker.SessionInfo{RequestID: r.RequestID, SessionID: "s1", Database: "orders", Success: true}
+	sess, err := req.Started(ctx, &broker.AuthRequest{RequestID: r.RequestID}, s)
+	if err != nil {
+		panic(err)
+	}
+	q := &broker.QueryEvent{Index: 1, Text: "SELECT 1", Success: true}
+	_ = sess.Statements(ctx, []*broker.QueryEvent{q})
+	sess.Result(ctx, q)
+	s.EndReason = broker.EndClientClosed
+	sess.End(ctx)
+	return r.RequestID
 }
 
 func TestTracerProviderExportsOverOTLP(t *testing.T) {
@@ -78,7 +84,7 @@ func TestTracerProviderExportsOverOTLP(t *testing.T) {
 			}
 			parent := map[string]string{
 				"pgward.session": "", "pgward.auth": "pgward.session", "identity.verify": "pgward.auth",
-				"credentials.fetch": "pgward.auth", "upstream.auth": "pgward.auth", "SELECT orders": "pgward.session",
+				"credentials.fetch": "pgward.auth", "upstream.auth": "pgward.auth", "SELECT": "pgward.session",
 			}
 			for name, p := range parent {
 				s, ok := byName[name]
@@ -98,8 +104,9 @@ func TestTracerProviderExportsOverOTLP(t *testing.T) {
 			if root.Attributes["pgward.request_id"] != requestID || root.Kind != "SPAN_KIND_SERVER" {
 				t.Errorf("root span attributes %v kind %s", root.Attributes, root.Kind)
 			}
-			if byName["SELECT orders"].Attributes["db.system.name"] != "postgresql" {
-				t.Errorf("statement span attributes %v", byName["SELECT orders"].Attributes)
+			if st := byName["SELECT"]; st.Attributes["db.system.name"] != "postgresql" || st.Attributes["db.namespace"] != "orders" ||
+				st.Attributes["db.query.text"] != "SELECT 1" || st.Attributes["pgward.request_id"] != requestID || st.Kind != "SPAN_KIND_CLIENT" {
+				t.Errorf("statement span attributes %v kind %s", st.Attributes, st.Kind)
 			}
 			wantService := "pgward"
 			if s := env["OTEL_SERVICE_NAME"]; s != "" {
@@ -204,5 +211,89 @@ func TestOTelErrorHandlerLogs(t *testing.T) {
 	var line map[string]any
 	if err := json.Unmarshal(buf.Bytes(), &line); err != nil || line["level"] != "WARN" || line["err"] != "traces export: connection refused" {
 		t.Fatalf("logged %q (%v)", buf.String(), err)
+	}
+}
+
+// Statement spans carry the text the audit would write: one redaction
+// rule (redact.go) for both. A password literal is replaced; a statement
+// that only mentions passwords keeps its text. The request_id is the
+// session trace's id, and every span of the session is in that trace.
+func TestObserverSpans(t *testing.T) {
+	rec := tracetest.NewSpanRecorder()
+	tp := sdktrace.NewTracerProvider(sdktrace.WithSpanProcessor(rec))
+	fx := newFixture(t, exporter.AuditConfig{Parameters: exporter.ParamsFull})
+	obs := exporter.NewObserver(nil, nil, fx.audit, exporter.WithTracerProvider(tp))
+	ctx := context.Background()
+	r := &broker.Request{RequestID: "0123456789abcdef0123456789abcdef", Start: time.Now()}
+	ctx, req := obs.Begin(ctx, r)
+	sctx := req.StageStart(ctx, broker.StageCredentials)
+	req.StageEnd(sctx, broker.StageCredentials, errors.New("vault: token s.SECRET denied"))
+	s := testSession()
+	s.RequestID = r.RequestID
+	sess, err := req.Started(ctx, &broker.AuthRequest{RequestID: r.RequestID}, s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	texts := []string{
+		"ALTER ROLE orders_rw PASSWORD 'hunter2'",
+		"SELECT password_changed_at FROM accounts",
+		"CREATE USER x WITH ENCRYPTED PASSWORD $$hunter2$$",
+	}
+	var qs []*broker.QueryEvent
+	for i, text := range texts {
+		qs = append(qs, &broker.QueryEvent{Index: int64(i + 1), Text: text})
+	}
+	if err := sess.Statements(ctx, qs); err != nil {
+		t.Fatal(err)
+	}
+	for _, q := range qs {
+		q.Success = q.Index != 1
+		q.Code = map[bool]string{false: "42501"}[q.Success]
+		sess.Result(ctx, q)
+	}
+	s.EndReason = broker.EndClientClosed
+	sess.End(ctx)
+
+	audited := map[float64]string{}
+	for _, l := range readLines(t, fx.path) {
+		if l["event"] == "db.session.query" {
+			audited[l["query_index"].(float64)] = l["db_query"].(string)
+		}
+	}
+	spans := rec.Ended()
+	var statements []sdktrace.ReadOnlySpan
+	for _, sp := range spans {
+		if sp.SpanContext().TraceID().String() != r.RequestID {
+			t.Errorf("span %s in trace %s, want the request_id %s", sp.Name(), sp.SpanContext().TraceID(), r.RequestID)
+		}
+		if sp.Name() == "credentials.fetch" && (sp.Status().Code != codes.Error || strings.Contains(sp.Status().Description, "SECRET")) {
+			t.Errorf("failed stage span status %v", sp.Status())
+		}
+		if sp.SpanKind() == trace.SpanKindClient {
+			statements = append(statements, sp)
+		}
+	}
+	if len(statements) != len(texts) {
+		t.Fatalf("%d statement spans, want %d", len(statements), len(texts))
+	}
+	for i, sp := range statements {
+		var text string
+		for _, a := range sp.Attributes() {
+			if a.Key == "db.query.text" {
+				text = a.Value.AsString()
+			}
+		}
+		if strings.Contains(text, "hunter2") {
+			t.Errorf("span %d carries the password: %q", i+1, text)
+		}
+		if text != audited[float64(i+1)] {
+			t.Errorf("span %d text %q, audit %q: want the same redaction", i+1, text, audited[float64(i+1)])
+		}
+	}
+	if got := statements[1]; !strings.Contains(fmt.Sprint(got.Attributes()), "password_changed_at") {
+		t.Errorf("a statement that only mentions passwords lost its text: %v", got.Attributes())
+	}
+	if statements[0].Status().Code != codes.Error {
+		t.Errorf("failed statement span status %v", statements[0].Status())
 	}
 }

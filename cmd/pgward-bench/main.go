@@ -359,10 +359,25 @@ func runAgent(path string) int {
 // configuration has no such mode.
 type noStatementAudit struct{ broker.Observer }
 
-func (noStatementAudit) Query(context.Context, *broker.SessionInfo, *broker.QueryEvent) error {
-	return nil
+func (o noStatementAudit) Begin(ctx context.Context, r *broker.Request) (context.Context, broker.RequestObserver) {
+	ctx, req := o.Observer.Begin(ctx, r)
+	return ctx, noStatementRequest{req}
 }
-func (noStatementAudit) QueryDone(context.Context, *broker.SessionInfo, *broker.QueryEvent) {}
+
+type noStatementRequest struct{ broker.RequestObserver }
+
+func (r noStatementRequest) Started(ctx context.Context, a *broker.AuthRequest, s *broker.SessionInfo) (broker.SessionObserver, error) {
+	sess, err := r.RequestObserver.Started(ctx, a, s)
+	if err != nil {
+		return nil, err
+	}
+	return noStatementSession{sess}, nil
+}
+
+type noStatementSession struct{ broker.SessionObserver }
+
+func (noStatementSession) Statements(context.Context, []*broker.QueryEvent) error { return nil }
+func (noStatementSession) Result(context.Context, *broker.QueryEvent)             {}
 
 // runRelay is the minimal relay child: every connection to listen is
 // copied byte for byte to and from a new connection to upstream, with a

@@ -44,8 +44,14 @@ func TestAuditKeygenAndVerify(t *testing.T) {
 	}
 	obs := exporter.NewObserver(log, nil, a)
 	s := &broker.SessionInfo{SessionID: "s1", RequestID: "r1", Upstream: "orders", User: "u", Success: true}
-	for i := 1; i <= 10; i++ {
-		if err := obs.Query(context.Background(), s, &broker.QueryEvent{Index: int64(i), Text: "SELECT 1"}); err != nil {
+	// Ten lines: the session's start and nine statements.
+	ctx, req := obs.Begin(context.Background(), &broker.Request{RequestID: s.RequestID})
+	sess, err := req.Started(ctx, &broker.AuthRequest{RequestID: s.RequestID}, s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := 1; i <= 9; i++ {
+		if err := sess.Statements(ctx, []*broker.QueryEvent{{Index: int64(i), Text: "SELECT 1"}}); err != nil {
 			t.Fatal(err)
 		}
 	}

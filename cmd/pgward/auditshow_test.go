@@ -22,6 +22,7 @@ type auditWriter struct {
 	audit *exporter.Audit
 	obs   *exporter.Observer
 	sess  map[string]*broker.SessionInfo
+	so    map[string]broker.SessionObserver
 	n     map[string]int64
 }
 
@@ -32,7 +33,7 @@ func newAuditWriter(t testing.TB, path string, maxSize int64) *auditWriter {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { a.Close() })
-	return &auditWriter{audit: a, obs: exporter.NewObserver(nil, nil, a), sess: map[string]*broker.SessionInfo{}, n: map[string]int64{}}
+	return &auditWriter{audit: a, obs: exporter.NewObserver(nil, nil, a), sess: map[string]*broker.SessionInfo{}, so: map[string]broker.SessionObserver{}, n: map[string]int64{}}
 }
 
 // statement writes one statement (query and result) of principal's session.
@@ -46,17 +47,20 @@ func (w *auditWriter) statement(t testing.TB, principal, sql string) {
 			Upstream: "orders", Database: "orders", User: principal + "_rw", Principal: principal, Success: true, Start: time.Now(),
 			Identity: broker.Identity{PID: int32(4000 + len(w.sess)), UID: uid, User: principal, Exe: "/usr/bin/" + principal, Comm: principal}}
 		w.sess[principal] = s
-		if err := w.obs.SessionStart(ctx, s); err != nil {
+		rctx, req := w.obs.Begin(ctx, &broker.Request{RequestID: s.RequestID, Start: s.Start})
+		so, err := req.Started(rctx, &broker.AuthRequest{RequestID: s.RequestID}, s)
+		if err != nil {
 			t.Fatal(err)
 		}
+		w.so[principal] = so
 	}
 	w.n[principal]++
 	q := &broker.QueryEvent{Index: w.n[principal], Text: sql, Start: time.Now(), Rows: -1}
-	if err := w.obs.Query(ctx, s, q); err != nil {
+	if err := w.so[principal].Statements(ctx, []*broker.QueryEvent{q}); err != nil {
 		t.Fatal(err)
 	}
 	q.Success, q.Tag, q.Rows, q.Duration = true, "SELECT 1", 1, time.Millisecond
-	w.obs.QueryDone(ctx, s, q)
+	w.so[principal].Result(ctx, q)
 }
 
 func (w *auditWriter) flush(t testing.TB) {
