@@ -287,8 +287,12 @@ var slowPacket = func() []byte {
 func TestSlowlorisClosedAtLoginTimeout(t *testing.T) {
 	const n = 10000
 	// Long enough for a legitimate login on 2 loaded cores under -race,
-	// short enough to keep the test bounded.
-	const timeout = 5 * time.Second
+	// short enough to keep the test bounded. Under -race on a quiet 2-core
+	// machine that login took 2.8–3.1 s before the Observer seam (issue 15)
+	// and 3.9–4.0 s after it, and a clean-clone CI run went over 5 s once:
+	// the bound is 8 s, and the slower login is an open question in the
+	// closing note, not settled here.
+	const timeout = 8 * time.Second
 	raiseNoFile(t, n+2048)
 	h := newHarness(t, func(_ *harness, c *Config) {
 		c.Listen.LoginTimeout = timeout
