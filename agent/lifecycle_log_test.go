@@ -67,6 +67,36 @@ func TestOneLogLinePerLifecycleEvent(t *testing.T) {
 		}
 	})
 
+	t.Run("forced end", func(t *testing.T) {
+		// pgward ends the session (what `pgward sessions end` does): the
+		// end's cause is in the one "session ended" line, at WARN, and the
+		// broker writes no line of its own about it.
+		c := h.connect(t, testenv.ScramUser, "orders")
+		defer c.Close(ctx)
+		rid := lastSessionStart(t, h)
+		var sid string
+		for _, ev := range h.auditEvents(t) {
+			if ev["event"] == "db.session.start" && ev["request_id"] == rid {
+				sid, _ = ev["sid"].(string)
+			}
+		}
+		if _, ok := h.agent.Broker().EndSession(sid, "log drill"); !ok {
+			t.Fatalf("no live session %q", sid)
+		}
+		eventually(t, "the forced end in the log", func() bool { return len(of(rid)) >= 2 })
+		time.Sleep(100 * time.Millisecond)
+		want := []string{"INFO session started", "WARN session ended"}
+		if got := of(rid); strings.Join(got, "|") != strings.Join(want, "|") {
+			t.Errorf("log lines of a session pgward ended: %q, want %q", got, want)
+		}
+		for _, l := range lines() {
+			if l["request_id"] == rid && l["msg"] == "session ended" &&
+				(l["reason"] != string(broker.EndByOperator) || l["cause"] != "an operator ended this session: log drill") {
+				t.Errorf("the end's line lacks its reason or cause: %v", l)
+			}
+		}
+	})
+
 	t.Run("refused login", func(t *testing.T) {
 		e := connectErr(t, h.dsn("postgres", "orders"))
 		if e.Code != broker.CodeInvalidAuthorization {

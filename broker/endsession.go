@@ -51,12 +51,13 @@ const (
 
 // end ends the session from outside: see the comment at the top of this
 // file. It does not block: the drain runs on a goroutine of its own that
-// the session's run waits for.
-func (sess *session) end(reason EndReason, code, msg string) {
+// the session's run waits for. cause is for the operator
+// (SessionInfo.EndCause).
+func (sess *session) end(reason EndReason, code, msg, cause string) {
 	sess.termOnce.Do(func() {
 		sess.termMu.Lock()
 		defer sess.termMu.Unlock()
-		sess.reason, sess.termCode, sess.termMsg = reason, code, msg
+		sess.reason, sess.termCode, sess.termMsg, sess.cause = reason, code, msg, cause
 		if sess.connParked {
 			return // the connection is in the reuse pool, no longer this session's
 		}

@@ -130,9 +130,14 @@ type SessionInfo struct {
 	// Set before SessionObserver.End.
 	End       time.Time
 	EndReason EndReason
-	BytesIn   int64 // client → upstream
-	BytesOut  int64 // upstream → client
-	Queries   int64
+	// EndCause says, for the operator, what made pgward end the session
+	// ("grant revoked by reload", an operator's reason, the malformed
+	// message's error); empty when the client or the server ended it. It
+	// goes in the one "session ended" log line, never to the client.
+	EndCause string
+	BytesIn  int64 // client → upstream
+	BytesOut int64 // upstream → client
+	Queries  int64
 }
 
 // Param is one bound parameter of an Execute, as sent by the client.

@@ -34,8 +34,8 @@ func (sess *session) run() {
 				if sess.lease.Reason != nil && sess.lease.Reason() == string(EndLeaseRevoked) {
 					reason = EndLeaseRevoked
 				}
-				sess.log.Warn("credential lease ended: ending session", "reason", reason)
-				sess.end(reason, CodeAdminShutdown, "pgward ended this session: its database credential lease ended ("+string(reason)+")")
+				sess.end(reason, CodeAdminShutdown, "pgward ended this session: its database credential lease ended ("+string(reason)+")",
+					"credential lease ended")
 			case <-upDone:
 			}
 		}()
@@ -64,6 +64,9 @@ func (sess *session) run() {
 	}
 	sess.unfinished(tr)
 	sess.info.EndReason = reason
+	sess.termMu.Lock()
+	sess.info.EndCause = sess.cause
+	sess.termMu.Unlock()
 	sess.info.End = time.Now()
 	sess.info.Queries = tr.index
 	sess.obs.End(sess.ctx)
@@ -133,18 +136,17 @@ func (sess *session) pumpClient(tr *tracker, upDone <-chan struct{}) error {
 			}
 			if tl := asTooLarge(err); tl != nil {
 				sess.srv.budget.tooLarge[0].Add(1)
-				sess.log.Warn("client message over limits.max_message_bytes: closing the session", "type", string(tl.Type), "size", tl.Size, "limit", tl.Limit)
 				// Read (and drop) what the client is still sending of it,
 				// for a while, so that it reads the 54000 below.
 				rd.drain(tl.Size-int64(len(rd.pending())-fwd), refusedDrainTime)
 				sess.terminate(EndMessageTooLarge, CodeProgramLimitExceeded, fmt.Sprintf(
 					"pgward refused a message of %d bytes: limits.max_message_bytes is %d; the session is closed. Send smaller statements or parameters (COPY streams any size), or have the operator raise limits.max_message_bytes",
-					tl.Size, tl.Limit))
+					tl.Size, tl.Limit), fmt.Sprintf("client message %q of %d bytes over limits.max_message_bytes (%d)", tl.Type, tl.Size, tl.Limit))
 				return err
 			}
 			if err != nil {
-				sess.log.Warn("malformed message from client", "err", err)
-				sess.terminate(EndProtocolError, CodeProtocolViolation, "pgward received a malformed message and closed the session")
+				sess.terminate(EndProtocolError, CodeProtocolViolation, "pgward received a malformed message and closed the session",
+					"malformed message from client: "+err.Error())
 				return err
 			}
 			// Audit first: nothing reaches the database unaudited. The
@@ -152,7 +154,7 @@ func (sess *session) pumpClient(tr *tracker, upDone <-chan struct{}) error {
 			// before any of them is forwarded.
 			if len(tr.batch) > 0 {
 				if err := sess.audit(tr.batch); err != nil {
-					sess.terminate(EndAuditUnavailable, CodeIOError, "pgward's audit log is unavailable, so the statement was not sent; the session is closed")
+					sess.terminate(EndAuditUnavailable, CodeIOError, "pgward's audit log is unavailable, so the statement was not sent; the session is closed", "")
 					return err
 				}
 			}
@@ -277,13 +279,13 @@ func (sess *session) pumpUpstream(tr *tracker, clientGone func() bool) {
 			fwd, need, err := fs.scan(rd.pending())
 			if tl := asTooLarge(err); tl != nil {
 				sess.srv.budget.tooLarge[1].Add(1)
-				sess.log.Error("upstream message over limits.max_message_bytes: ending the session", "type", string(tl.Type), "size", tl.Size, "limit", tl.Limit)
 				sess.terminate(EndMessageTooLarge, CodeConnectionFailure, fmt.Sprintf(
-					"pgward ended the session: the server sent a message of %d bytes, over limits.max_message_bytes (%d)", tl.Size, tl.Limit))
+					"pgward ended the session: the server sent a message of %d bytes, over limits.max_message_bytes (%d)", tl.Size, tl.Limit),
+					fmt.Sprintf("upstream message %q of %d bytes over limits.max_message_bytes (%d)", tl.Type, tl.Size, tl.Limit))
 				rerr = err
 			} else if err != nil {
-				sess.log.Error("malformed message from upstream", "err", err)
-				sess.terminate(EndProtocolError, CodeConnectionFailure, "pgward received a malformed message from the upstream server and closed the session")
+				sess.terminate(EndProtocolError, CodeConnectionFailure, "pgward received a malformed message from the upstream server and closed the session",
+					"malformed message from upstream: "+err.Error())
 				rerr = err
 			}
 			if fwd > 0 {

@@ -165,8 +165,8 @@ func (s *Server) Reload(cfg Config) error {
 	}
 	s.mu.Unlock()
 	for _, sess := range revoked {
-		sess.log.Warn("grant revoked by reload: ending session")
-		sess.end(EndGrantRevoked, CodeInvalidAuthorization, "pgward ended this session: the policy no longer grants this role to this process")
+		sess.end(EndGrantRevoked, CodeInvalidAuthorization, "pgward ended this session: the policy no longer grants this role to this process",
+			"grant revoked by reload")
 	}
 	return nil
 }
@@ -328,7 +328,7 @@ func (s *Server) terminateAll(reason EndReason) {
 	}
 	s.mu.Unlock()
 	for _, sess := range all {
-		sess.end(reason, CodeAdminShutdown, "pgward is shutting down; reconnect to continue")
+		sess.end(reason, CodeAdminShutdown, "pgward is shutting down; reconnect to continue", "")
 	}
 }
 

@@ -148,6 +148,7 @@ type session struct {
 	termCode string
 	termMsg  string
 	reason   EndReason
+	cause    string // SessionInfo.EndCause
 }
 
 // startSession runs one authentication request to its session and relays
@@ -348,11 +349,11 @@ func (sess *session) greet() error {
 
 // terminate ends the session from outside (shutdown, revoked grant, expired
 // lease): the client gets an ErrorResponse at the next message boundary and
-// both connections close.
-func (sess *session) terminate(reason EndReason, code, msg string) {
+// both connections close. cause is for the operator (SessionInfo.EndCause).
+func (sess *session) terminate(reason EndReason, code, msg, cause string) {
 	sess.termOnce.Do(func() {
 		sess.termMu.Lock()
-		sess.reason, sess.termCode, sess.termMsg = reason, code, msg
+		sess.reason, sess.termCode, sess.termMsg, sess.cause = reason, code, msg, cause
 		parked := sess.connParked
 		sess.termMu.Unlock()
 		if parked {

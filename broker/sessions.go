@@ -202,8 +202,11 @@ func (s *Server) EndSession(sid, reason string) (SessionStatus, bool) {
 	if reason != "" {
 		msg += " (" + reason + ")"
 	}
-	found.log.Warn("an operator ended this session", "operator_reason", reason)
-	found.end(EndByOperator, CodeAdminShutdown, msg)
+	cause := "an operator ended this session"
+	if reason != "" {
+		cause += ": " + reason
+	}
+	found.end(EndByOperator, CodeAdminShutdown, msg, cause)
 	return st, true
 }
 

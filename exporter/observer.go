@@ -414,15 +414,22 @@ func (st *session) End(ctx context.Context) {
 	if o.audit != nil {
 		_ = o.audit.sessionEnd(time.Now(), s, ei)
 	}
+	// WARN for an end an operator should look at, and for one pgward
+	// forced (revoked grant, lease, operator, malformed or oversized
+	// message): then cause says what it saw.
 	level := slog.LevelInfo
-	if s.EndReason.Failed() {
+	if s.EndReason.Failed() || s.EndCause != "" {
 		level = slog.LevelWarn
 	}
 	end := s.End
 	if end.IsZero() {
 		end = time.Now()
 	}
-	o.log.Log(ctx, level, "session ended", append(sessionAttrs(s), "reason", string(s.EndReason), "error", s.Error,
+	attrs := append(sessionAttrs(s), "reason", string(s.EndReason), "error", s.Error)
+	if s.EndCause != "" {
+		attrs = append(attrs, "cause", s.EndCause)
+	}
+	o.log.Log(ctx, level, "session ended", append(attrs,
 		"duration", end.Sub(s.Start), "queries", s.Queries, "bytes_in", s.BytesIn, "bytes_out", s.BytesOut)...)
 	endSessionSpan(st.span, s.EndReason)
 }
