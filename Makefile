@@ -123,8 +123,20 @@ demo: build
 
 # pgbench through pgward and directly, side by side.
 # make bench BENCH_FLAGS="-duration 5s -rounds 3 -workloads simple,connect"
+# make bench BASELINE=<git rev>: that commit's pgward (built from git archive
+# in a temporary directory) runs as the pgw-base row in the same rounds as
+# bin/pgward, and the bench prints this build's ratios to it.
+BASELINE ?=
 bench: deps build
-	$(GO) run ./cmd/pgward-bench $(BENCH_FLAGS)
+	@set -e; flags='$(BENCH_FLAGS)'; \
+	if [ -n '$(BASELINE)' ]; then \
+		tmp=$$(mktemp -d "$${TMPDIR:-/tmp}/pgward-baseline-XXXXXX"); trap 'rm -rf "$$tmp"' EXIT; \
+		echo "building the baseline $(BASELINE) in $$tmp"; \
+		git archive --format=tar '$(BASELINE)' | tar -x -C "$$tmp"; \
+		(cd "$$tmp" && $(GO) build -ldflags "-X main.version=$(BASELINE)" -o pgward ./cmd/pgward); \
+		flags="$$flags -pgward $(CURDIR)/bin/pgward -baseline $$tmp/pgward"; \
+	fi; \
+	$(GO) run ./cmd/pgward-bench $$flags
 
 # Rebuild the eBPF objects (committed, so `go build` needs no clang).
 generate:

@@ -33,11 +33,6 @@ type Options struct {
 	// KubeClient is used for pod identity instead of the one
 	// kubernetes.kubeconfig (or the in-cluster service account) gives; for tests.
 	KubeClient kubernetes.Interface
-	// WrapObserver, when set, wraps the observer (audit, metrics, logs)
-	// the broker reports to. It is for benchmarks that take a part of the
-	// observer out to measure its cost (cmd/pgward-bench); nothing in the
-	// configuration reaches it.
-	WrapObserver func(broker.Observer) broker.Observer
 }
 
 // Agent is the node agent: broker, identity, secrets, audit, metrics and
@@ -143,15 +138,11 @@ func New(ctx context.Context, opts Options) (_ *Agent, err error) {
 		return nil, err
 	}
 
-	var obs broker.Observer = a.observer
-	if opts.WrapObserver != nil {
-		obs = opts.WrapObserver(obs)
-	}
 	a.broker, err = broker.New(broker.Options{
 		Config:   cfg.Config,
 		Resolver: a.resolver,
 		Secrets:  a.source,
-		Observer: obs,
+		Observer: a.observer,
 		Logger:   log,
 	})
 	if err != nil {

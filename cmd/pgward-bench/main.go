@@ -7,6 +7,10 @@
 // re-executed), so each pays the same process boundary and the CPU and RSS
 // figures are theirs alone. pgward runs with audit durability "write" and
 // parameters "full".
+//
+// With -baseline, a pgward binary built from another commit (make bench
+// BASELINE=<rev>) runs as one more row, pgw-base, in the same interleaved
+// rounds, and the bench ends with the ratios of this build to it.
 package main
 
 import (
@@ -30,8 +34,12 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/pgward/pgward/agent"
 	"github.com/pgward/pgward/broker"
+	"github.com/pgward/pgward/broker/secrets"
+	"github.com/pgward/pgward/exporter"
 	"github.com/pgward/pgward/testenv"
 )
 
@@ -39,6 +47,8 @@ func main() {
 	switch os.Getenv("PGWARD_BENCH_ROLE") {
 	case "agent":
 		os.Exit(runAgent(os.Args[1]))
+	case "noaudit":
+		os.Exit(runNoAudit(os.Args[1]))
 	case "relay":
 		os.Exit(runRelay(os.Args[1], os.Args[2]))
 	}
@@ -50,6 +60,8 @@ func main() {
 	cpuprofile := flag.String("cpuprofile", "", "write a CPU profile of the pgward process to this file")
 	decompose := flag.Bool("decompose", true, "also run select-only through pgward with audit durability async (pgw-async) and without statement audit lines (pgw-noaudit), to show what the audit costs")
 	flag.BoolVar(&shipAudit, "ship", false, "also run select-only through a pgward that ships its audit (audit.otlp) to a real OpenTelemetry Collector (bin/otelcol), the pgw-ship row, and report events written vs shipped and the lag")
+	flag.StringVar(&pgwardBin, "pgward", "", "run the pgward and pgw+reuse rows with this pgward binary (`pgward agent --config`) instead of this program re-executed (make bench BASELINE=… passes bin/pgward, so both builds run the same way)")
+	flag.StringVar(&baselineBin, "baseline", "", "a pgward binary built from another commit: runs as the pgw-base (and base+reuse) rows in the same interleaved rounds, and the ratios of pgward to it are printed at the end (make bench BASELINE=<git rev>)")
 	flag.StringVar(&auditDir, "audit-dir", "", "directory for pgward's audit files (default: the bench's temporary directory, under $TMPDIR); put it on the file system production would use")
 	flag.Parse()
 	if err := run(*duration, *rounds, *clients, *scale, *only, *cpuprofile, *decompose); err != nil {
@@ -144,12 +156,20 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 	if err := writeAgentConfig(dir, cfgPath, pg, "write", "", ""); err != nil {
 		return err
 	}
-	var env []string
-	if cpuprofile != "" {
-		abs, _ := filepath.Abs(cpuprofile)
-		env = append(env, "PGWARD_BENCH_CPUPROFILE="+abs)
+	var pgw *exec.Cmd
+	if pgwardBin != "" {
+		if cpuprofile != "" {
+			fmt.Fprintln(os.Stderr, "-cpuprofile: no profile of the pgward row with -pgward (only of the relay)")
+		}
+		pgw, err = startBinary(pgwardBin, dir, cfgPath)
+	} else {
+		var env []string
+		if cpuprofile != "" {
+			abs, _ := filepath.Abs(cpuprofile)
+			env = append(env, "PGWARD_BENCH_CPUPROFILE="+abs)
+		}
+		pgw, err = startChild("agent", env, cfgPath)
 	}
-	pgw, err := startChild("agent", env, cfgPath)
 	if err != nil {
 		return err
 	}
@@ -160,14 +180,36 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 	targets = append(targets, target{name: "pgward", host: dir, db: "bench", port: 5432, pid: pgw.Process.Pid})
 	// The same pgward process, upstream connection reuse on (connect workload only).
 	targets = append(targets, target{name: "pgw+reuse", host: dir, db: "benchreuse", port: 5432, pid: pgw.Process.Pid, only: "connect"})
+	if baselineBin != "" {
+		// The other build, same configuration, its rows right after ours.
+		bdir := filepath.Join(dir, "pgw-base")
+		if err := os.Mkdir(bdir, 0o755); err != nil {
+			return err
+		}
+		bcfg := filepath.Join(bdir, "pgward.yaml")
+		if err := writeAgentConfig(bdir, bcfg, pg, "write", "", ""); err != nil {
+			return err
+		}
+		base, err := startBinary(baselineBin, bdir, bcfg)
+		if err != nil {
+			return err
+		}
+		defer stopChild(base)
+		if err := waitSocket(filepath.Join(bdir, ".s.PGSQL.5432")); err != nil {
+			return fmt.Errorf("the baseline %s did not start (see %s): %w", baselineBin, filepath.Join(bdir, "pgward.log"), err)
+		}
+		targets = append(targets,
+			target{name: "pgw-base", host: bdir, db: "bench", port: 5432, pid: base.Process.Pid},
+			target{name: "base+reuse", host: bdir, db: "benchreuse", port: 5432, pid: base.Process.Pid, only: "connect"})
+	}
 	if decompose {
 		// What the statement audit costs, select-only only: pgward with
 		// audit durability "async" (the same work, the write(2) off the
 		// statement's path), and pgward with no statement audit lines at
 		// all (sessions still audited; metrics and logs as usual).
-		for _, v := range []struct{ name, durability, env string }{
-			{"pgw-async", "async", ""},
-			{"pgw-noaudit", "write", "PGWARD_BENCH_NO_STATEMENT_AUDIT=1"},
+		for _, v := range []struct{ name, durability, role string }{
+			{"pgw-async", "async", "agent"},
+			{"pgw-noaudit", "write", "noaudit"},
 		} {
 			vdir := filepath.Join(dir, v.name)
 			if err := os.Mkdir(vdir, 0o755); err != nil {
@@ -177,11 +219,7 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 			if err := writeAgentConfig(vdir, vcfg, pg, v.durability, "", ""); err != nil {
 				return err
 			}
-			var venv []string
-			if v.env != "" {
-				venv = append(venv, v.env)
-			}
-			c, err := startChild("agent", venv, vcfg)
+			c, err := startChild(v.role, nil, vcfg)
 			if err != nil {
 				return err
 			}
@@ -248,7 +286,11 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 	}
 	fmt.Printf("\npgbench, %d clients, %s × %d interleaved rounds (median), scale %d, Unix sockets, %d CPUs, PostgreSQL %s\n",
 		clients, duration, rounds, scale, runtime.NumCPU(), pgVersion())
-	fmt.Printf("pgward: separate process, audit durability=write parameters=full (pgw-async: durability=async; pgw-noaudit: no statement audit lines); relay: separate process, 32 KiB copy loop; pgbouncer: pool_mode=session, auth_type=scram-sha-256\n\n")
+	fmt.Printf("pgward: separate process, audit durability=write parameters=full (pgw-async: durability=async; pgw-noaudit: no statement audit lines); relay: separate process, 32 KiB copy loop; pgbouncer: pool_mode=session, auth_type=scram-sha-256\n")
+	if baselineBin != "" {
+		fmt.Printf("pgw-base, base+reuse: the baseline build %s, same configuration, in its own process\n", baselineBin)
+	}
+	fmt.Println()
 	fmt.Printf("%-22s %-10s %10s %11s %9s %9s %16s %12s\n", "workload", "path", "tps", "latency ms", "vs direct", "vs relay", "CPU s/100k stmt", "cswch/stmt")
 	for _, w := range wls {
 		direct := median(results[w.name+"|direct"])
@@ -267,6 +309,9 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 			fmt.Printf("%-22s %-10s %10.0f %11.3f %8.2fx %8.2fx %16s %12s\n", w.name, t.name, med.tps, med.latencyMS, med.tps/direct.tps, med.tps/relayRes.tps, c, cs)
 		}
 	}
+	if baselineBin != "" {
+		compareBaseline(wls, results, cpu, stmts)
+	}
 	if ship != nil {
 		ship.report()
 	}
@@ -279,6 +324,9 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 	}
 	return nil
 }
+
+// pgwardBin and baselineBin are -pgward and -baseline.
+var pgwardBin, baselineBin string
 
 // auditDir is -audit-dir: where the audit files go (default: beside the config).
 var auditDir string
@@ -338,9 +386,6 @@ func runAgent(path string) int {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
 	defer stop()
 	opts := agent.Options{Config: cfg, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}
-	if os.Getenv("PGWARD_BENCH_NO_STATEMENT_AUDIT") != "" {
-		opts.WrapObserver = func(o broker.Observer) broker.Observer { return noStatementAudit{o} }
-	}
 	a, err := agent.New(ctx, opts)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "agent:", err)
@@ -349,6 +394,57 @@ func runAgent(path string) int {
 	if err := a.Run(ctx); err != nil {
 		fmt.Fprintln(os.Stderr, "agent:", err)
 		return 1
+	}
+	return 0
+}
+
+// runNoAudit is the pgw-noaudit child: the broker and exporter's observer
+// wired as the agent wires them (the config at path: file secrets, audit,
+// metrics, peer-credential identity; no eBPF, admin socket or metrics
+// listener, which the bench's agents do not use either), with the
+// observer wrapped in noStatementAudit through the ordinary
+// broker.Observer interface.
+func runNoAudit(path string) int {
+	fail := func(what string, err error) int {
+		fmt.Fprintf(os.Stderr, "pgw-noaudit: %s: %v\n", what, err)
+		return 1
+	}
+	cfg, err := agent.LoadConfig(path)
+	if err != nil {
+		return fail("config", err)
+	}
+	if cfg.Secrets.Backend != "file" {
+		return fail("config", fmt.Errorf("secrets backend %q: the bench's pgw-noaudit reads only the file backend", cfg.Secrets.Backend))
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
+	defer stop()
+	log := slog.New(slog.DiscardHandler)
+	m := exporter.NewMetrics(prometheus.NewRegistry())
+	src, err := secrets.NewFile(cfg.Secrets.File, log)
+	if err != nil {
+		return fail("secrets", err)
+	}
+	aud, err := exporter.OpenAudit(cfg.Audit, m, log)
+	if err != nil {
+		return fail("audit", err)
+	}
+	defer aud.Close()
+	obs := exporter.NewObserver(log, m, aud)
+	defer obs.Close()
+	srv, err := broker.New(broker.Options{Config: cfg.Config, Resolver: &agent.Resolver{}, Secrets: src, Observer: noStatementAudit{obs}, Logger: log})
+	if err != nil {
+		return fail("broker", err)
+	}
+	ln, err := broker.ListenUnix(cfg.Listen)
+	if err != nil {
+		return fail("listen", err)
+	}
+	serveErr := srv.Serve(ctx, ln) // until SIGTERM
+	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	_ = srv.Shutdown(sctx) // sessions end (and are audited) before the audit closes
+	if serveErr != nil && ctx.Err() == nil {
+		return fail("serve", serveErr)
 	}
 	return 0
 }
@@ -437,6 +533,45 @@ func copyBuf(dst, src net.Conn) {
 		}
 		if err != nil {
 			return
+		}
+	}
+}
+
+// startBinary runs a pgward binary, `bin agent --config cfg`, its log
+// (WARN and above) in dir/pgward.log.
+func startBinary(bin, dir, cfg string) (*exec.Cmd, error) {
+	logf, err := os.Create(filepath.Join(dir, "pgward.log"))
+	if err != nil {
+		return nil, err
+	}
+	defer logf.Close() // the child has its own descriptor
+	cmd := exec.Command(bin, "agent", "--config", cfg)
+	cmd.Env = append(os.Environ(), "PGWARD_LOG_LEVEL=warn")
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start %s: %w", bin, err)
+	}
+	return cmd, nil
+}
+
+// compareBaseline prints this build's rows against the baseline build's,
+// measured in the same rounds: tps, latency and CPU per statement ratios.
+func compareBaseline(wls []workload, results map[string][]result, cpu map[string]time.Duration, stmts map[string]float64) {
+	fmt.Printf("\nthis build vs the baseline %s (same run; tps > 1 and latency, CPU < 1 are better)\n\n", baselineBin)
+	fmt.Printf("%-22s %-22s %10s %14s %10s\n", "workload", "rows", "tps ratio", "latency ratio", "CPU ratio")
+	for _, w := range wls {
+		for _, p := range [][2]string{{"pgward", "pgw-base"}, {"pgw+reuse", "base+reuse"}} {
+			ours, base := results[w.name+"|"+p[0]], results[w.name+"|"+p[1]]
+			if len(ours) == 0 || len(base) == 0 {
+				continue
+			}
+			o, b := median(ours), median(base)
+			c := "-"
+			ok, bk := w.name+"|"+p[0], w.name+"|"+p[1]
+			if stmts[ok] > 0 && stmts[bk] > 0 && cpu[bk] > 0 {
+				c = fmt.Sprintf("%.3f", (cpu[ok].Seconds()/stmts[ok])/(cpu[bk].Seconds()/stmts[bk]))
+			}
+			fmt.Printf("%-22s %-22s %10.3f %14.3f %10s\n", w.name, p[0]+" / "+p[1], o.tps/b.tps, o.latencyMS/b.latencyMS, c)
 		}
 	}
 }
