@@ -176,7 +176,17 @@ type Probes struct {
 // state change of the host, is attached by the first Watch of a TCP endpoint.
 // What could not be attached is in Skipped. On error nothing stays loaded, and the error
 // wraps ErrUnsupported or ErrPermission when that is the cause.
-func Load(opts Options) (_ *Probes, err error) {
+func Load(opts Options) (*Probes, error) {
+	spec, err := loadConnect()
+	if err != nil {
+		return nil, err
+	}
+	return load(spec, opts)
+}
+
+// load is Load with the program set spec. A set without connect_unix
+// falls back to sys_enter_connect, as on a kernel that refuses it.
+func load(spec *ebpf.CollectionSpec, opts Options) (_ *Probes, err error) {
 	if err := opts.validate(); err != nil {
 		return nil, fmt.Errorf("bpf options: %w", err)
 	}
@@ -188,10 +198,6 @@ func Load(opts Options) (_ *Probes, err error) {
 		opts.CgroupPath = root
 	}
 
-	spec, err := loadConnect()
-	if err != nil {
-		return nil, err
-	}
 	if opts.RingBufferSize != 0 {
 		spec.Maps[connectMapEvents].MaxEntries = opts.RingBufferSize
 	}
@@ -239,12 +245,9 @@ func Load(opts Options) (_ *Probes, err error) {
 	return p, nil
 }
 
-// testForceUnixFallback makes Load use sys_enter_connect as on Linux < 6.7.
-var testForceUnixFallback bool
-
 func (p *Probes) attachUnix(spec *ebpf.CollectionSpec, path string) error {
-	if testForceUnixFallback {
-		return fmt.Errorf("%s: %w: disabled by test", ProgConnectUnix, ErrUnsupported)
+	if spec.Programs[connectProgConnectUnix] == nil {
+		return fmt.Errorf("%s: %w: not in the program set", ProgConnectUnix, ErrUnsupported)
 	}
 	return p.attachCgroup(spec, path, connectProgConnectUnix, ProgConnectUnix)
 }

@@ -395,9 +395,21 @@ func TestProbeConnect(t *testing.T) {
 func TestProbeUnixTracepointFallback(t *testing.T) {
 	requireRoot(t)
 	cg := testenv.NewCgroup(t, "")
-	testForceUnixFallback = true
-	defer func() { testForceUnixFallback = false }()
-	p := loadProbes(t, Options{CgroupPath: cg.Path, ExemptTGID: uint32(os.Getpid()), Enforce: true})
+	// The program set without connect_unix, as a kernel < 6.7 leaves it.
+	spec, err := loadConnect()
+	if err != nil {
+		t.Fatal(err)
+	}
+	delete(spec.Programs, connectProgConnectUnix)
+	p, err := load(spec, Options{CgroupPath: cg.Path, ExemptTGID: uint32(os.Getpid()), Enforce: true})
+	if err != nil {
+		t.Fatalf("load: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := p.Close(); err != nil {
+			t.Errorf("Close: %v", err)
+		}
+	})
 	if !slices.Contains(p.Attached(), ProgSysEnterConnect) || slices.Contains(p.Attached(), ProgConnectUnix) {
 		t.Fatalf("attached %v, skipped %v: want the tracepoint instead of connect_unix", p.Attached(), p.Skipped())
 	}
