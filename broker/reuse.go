@@ -218,9 +218,6 @@ func (uc *upstreamConn) terminate() {
 	uc.conn.Close()
 }
 
-// IdleUpstreamConns is the number of parked upstream connections.
-func (s *Server) IdleUpstreamConns() int { return s.reuse.idle() }
-
 // upstreamFor returns an authenticated upstream connection for the
 // session: a parked one when reuse is on and one fits, else a new one.
 // params are the client's startup parameters (filterParams) with pgward's

@@ -1,4 +1,4 @@
-package agent
+package broker
 
 import (
 	"context"
@@ -9,14 +9,13 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 
-	"github.com/pgward/pgward/broker"
 	"github.com/pgward/pgward/testenv"
 )
 
 func reuseHarness(t *testing.T) *harness {
 	return newHarness(t, func(h *harness, c *Config) {
 		u := c.Upstreams["orders"]
-		u.Reuse = &broker.ReuseConfig{MaxIdle: 2, IdleTimeout: time.Minute}
+		u.Reuse = &ReuseConfig{MaxIdle: 2, IdleTimeout: time.Minute}
 		c.Upstreams["orders"] = u
 	})
 }
@@ -25,9 +24,9 @@ func reuseHarness(t *testing.T) *harness {
 func waitIdle(t *testing.T, h *harness, n int) {
 	t.Helper()
 	deadline := time.Now().Add(5 * time.Second)
-	for h.agent.Broker().IdleUpstreamConns() != n {
+	for h.srv.reuse.idle() != n {
 		if time.Now().After(deadline) {
-			t.Fatalf("%d upstream connections parked, want %d", h.agent.Broker().IdleUpstreamConns(), n)
+			t.Fatalf("%d upstream connections parked, want %d", h.srv.reuse.idle(), n)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
@@ -102,15 +101,13 @@ func TestReuseResetsSession(t *testing.T) {
 			t.Errorf("%s = %q, want %q (left over from session A?)", q, got, want)
 		}
 	}
-	// Audit stays per client session.
+	// What the broker reports stays per client session.
 	var sids = map[string]bool{}
-	for _, ev := range h.auditEvents(t) {
-		if ev["event"] == "db.session.start" {
-			sids[ev["sid"].(string)] = true
-		}
+	for _, s := range h.obs.started() {
+		sids[s.start.SessionID] = true
 	}
 	if len(sids) != 2 {
-		t.Errorf("%d db.session.start sids, want 2", len(sids))
+		t.Errorf("%d started session ids, want 2", len(sids))
 	}
 }
 

@@ -1,4 +1,4 @@
-package agent
+package broker
 
 import (
 	"bytes"
@@ -18,7 +18,7 @@ import (
 
 // TestRelayStressRealPostgres churns many short sessions of short
 // statements (simple, pipelined batches, extended with parameters) through
-// the whole agent against the real server, at GOMAXPROCS 1 and 2. Every
+// a Server against the real server, at GOMAXPROCS 1 and 2. Every
 // statement has 10 s to answer; a statement that does not is a relay hang,
 // reported with pgward's goroutines. It is bounded to a few seconds.
 func TestRelayStressRealPostgres(t *testing.T) {

@@ -1,4 +1,4 @@
-package agent
+package broker
 
 import (
 	"context"
@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"os"
 	"path/filepath"
 	"strings"
 	"sync/atomic"
@@ -17,7 +16,6 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
 
-	"github.com/pgward/pgward/broker"
 	"github.com/pgward/pgward/testenv"
 	"github.com/pgward/pgward/testenv/faultpg"
 )
@@ -74,9 +72,9 @@ func loginBehind(behind []byte, closeOnNext bool, answer func(q string) []byte) 
 
 // onFake points upstream "trap" at fake, with cleartext password login
 // (any password passes) and reuse as given.
-func onFake(fake *faultpg.Server, reuse *broker.ReuseConfig) func(*harness, *Config) {
+func onFake(fake *faultpg.Server, reuse *ReuseConfig) func(*harness, *Config) {
 	return func(h *harness, c *Config) {
-		c.Upstreams["trap"] = broker.UpstreamConfig{Address: fake.Addr(), TLS: broker.TLSConfig{Mode: "disable"}, Auth: []string{"password"}, Reuse: reuse}
+		c.Upstreams["trap"] = UpstreamConfig{Address: fake.Addr(), TLS: TLSConfig{Mode: "disable"}, Auth: []string{"password"}, Reuse: reuse}
 	}
 }
 
@@ -128,12 +126,12 @@ func TestUpstreamMessagesBehindLoginReachClient(t *testing.T) {
 	)
 	for _, tc := range []struct {
 		name  string
-		reuse *broker.ReuseConfig
+		reuse *ReuseConfig
 		extra []string
 	}{
 		{"fresh", nil, nil},
-		{"reuse", &broker.ReuseConfig{}, nil},
-		{"reuse with startup parameters", &broker.ReuseConfig{}, []string{"timezone=UTC"}},
+		{"reuse", &ReuseConfig{}, nil},
+		{"reuse with startup parameters", &ReuseConfig{}, []string{"timezone=UTC"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			fake := faultpg.Start(t, loginBehind(behind, false, nil))
@@ -185,7 +183,7 @@ func TestReuseHandOverKeepsBytesBehindOwnStatement(t *testing.T) {
 		b := append(faultpg.Message('C', []byte("SELECT 1\x00")), faultpg.Message('Z', []byte{'I'})...)
 		return append(b, notice...)
 	}))
-	h := newHarness(t, onFake(fake, &broker.ReuseConfig{}))
+	h := newHarness(t, onFake(fake, &ReuseConfig{}))
 	ctx := context.Background()
 	dsn := h.dsn(testenv.ScramUser, "trap", "application_name=handover")
 
@@ -195,7 +193,7 @@ func TestReuseHandOverKeepsBytesBehindOwnStatement(t *testing.T) {
 	}
 	first.Close(ctx)
 	deadline := time.Now().Add(5 * time.Second)
-	for h.agent.Broker().IdleUpstreamConns() != 1 {
+	for h.srv.reuse.idle() != 1 {
 		if time.Now().After(deadline) {
 			t.Fatal("the first session's upstream connection was not parked")
 		}
@@ -298,11 +296,7 @@ func TestSlowLoginWriteLeavesNoReaderBehind(t *testing.T) {
 	})
 	h := newHarness(t, func(h *harness, c *Config) {
 		onFake(fake, nil)(h, c)
-		path := filepath.Join(h.dir, "slow-secrets.yaml")
-		if err := os.WriteFile(path, []byte("trap:\n  "+testenv.ScramUser+": { password: "+password+" }\n"), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		c.Secrets.File.Path = path
+		h.secrets["trap"] = map[string]string{testenv.ScramUser: password}
 	})
 	c, _ := connectListening(t, h.dsn(testenv.ScramUser, "trap"))
 	for i := range 3 {
