@@ -342,3 +342,20 @@ func waitNoSessions(t *testing.T, h *harness) {
 	t.Helper()
 	eventually(t, "no active session", func() bool { return h.srv.ActiveSessions() == 0 })
 }
+
+// connectErr connects with dsn and returns the refusal's ErrorResponse.
+func connectErr(t *testing.T, dsn string) *pgconn.PgError {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	c, err := pgx.Connect(ctx, dsn)
+	if err == nil {
+		c.Close(ctx)
+		t.Fatalf("connect %q succeeded; want a refusal", dsn)
+	}
+	var pgErr *pgconn.PgError
+	if !errors.As(err, &pgErr) {
+		t.Fatalf("connect %q: %v; want an ErrorResponse", dsn, err)
+	}
+	return pgErr
+}

@@ -1,4 +1,4 @@
-package agent
+package broker
 
 import (
 	"context"
@@ -13,13 +13,12 @@ import (
 
 	"github.com/jackc/pgx/v5/pgproto3"
 
-	"github.com/pgward/pgward/broker"
 	"github.com/pgward/pgward/testenv"
 )
 
 func rawDial(t *testing.T, h *harness) net.Conn {
 	t.Helper()
-	c, err := net.Dial("unix", h.agent.SocketPath())
+	c, err := net.Dial("unix", h.socketPath())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -97,7 +96,7 @@ func TestMalformedStartupGetsErrorResponse(t *testing.T) {
 				t.Fatal(err)
 			}
 			e, ok := m.(*pgproto3.ErrorResponse)
-			if !ok || e.Code != broker.CodeProtocolViolation {
+			if !ok || e.Code != CodeProtocolViolation {
 				t.Fatalf("got %#v", m)
 			}
 			if _, err := fe.Receive(); err == nil {
@@ -105,8 +104,18 @@ func TestMalformedStartupGetsErrorResponse(t *testing.T) {
 			}
 		})
 	}
-	if !strings.Contains(h.logs.String(), "malformed startup packet") {
-		t.Fatal("no WARN for malformed startup")
+	// Each is reported as a refusal for protocol reasons (the exporter
+	// logs it at WARN).
+	h.obs.mu.Lock()
+	defer h.obs.mu.Unlock()
+	n := 0
+	for _, r := range h.obs.refused {
+		if r.Failure == ReasonProtocol && r.Cause == "malformed startup packet" {
+			n++
+		}
+	}
+	if n != 3 {
+		t.Fatalf("%d malformed startups reported as refused, want 3: %+v", n, h.obs.refused)
 	}
 }
 
@@ -115,7 +124,7 @@ func TestMaxConnections(t *testing.T) {
 	h.connect(t, testenv.ScramUser, "orders")
 	h.connect(t, testenv.ScramUser, "orders")
 	e := connectErr(t, h.dsn(testenv.ScramUser, "orders"))
-	if e.Code != broker.CodeTooManyConnections || !strings.Contains(e.Message, "max_connections") {
+	if e.Code != CodeTooManyConnections || !strings.Contains(e.Message, "max_connections") {
 		t.Fatalf("got %s %q", e.Code, e.Message)
 	}
 }
@@ -140,8 +149,8 @@ func TestLoginTimeout(t *testing.T) {
 
 func TestSocketLiveAndStale(t *testing.T) {
 	h := newHarness(t, nil)
-	// A second agent on the same socket refuses to start.
-	if _, err := broker.ListenUnix(broker.ListenConfig{UnixDir: h.dir, Port: 5432}); err == nil || !strings.Contains(err.Error(), "in use") {
+	// A second listener on the same socket refuses to start.
+	if _, err := ListenUnix(ListenConfig{UnixDir: h.dir, Port: 5432}); err == nil || !strings.Contains(err.Error(), "in use") {
 		t.Fatalf("second listener: %v", err)
 	}
 	// A stale socket file is replaced.
@@ -153,7 +162,7 @@ func TestSocketLiveAndStale(t *testing.T) {
 	}
 	l.(*net.UnixListener).SetUnlinkOnClose(false)
 	l.Close()
-	ln, err := broker.ListenUnix(broker.ListenConfig{UnixDir: dir, Port: 5432, Mode: "0600"})
+	ln, err := ListenUnix(ListenConfig{UnixDir: dir, Port: 5432, Mode: "0600"})
 	if err != nil {
 		t.Fatalf("stale socket: %v", err)
 	}
@@ -164,7 +173,7 @@ func TestSocketLiveAndStale(t *testing.T) {
 	}
 	// A regular file is not removed.
 	os.WriteFile(filepath.Join(dir, ".s.PGSQL.5433"), []byte("x"), 0o644)
-	if _, err := broker.ListenUnix(broker.ListenConfig{UnixDir: dir, Port: 5433}); err == nil || !strings.Contains(err.Error(), "not a socket") {
+	if _, err := ListenUnix(ListenConfig{UnixDir: dir, Port: 5433}); err == nil || !strings.Contains(err.Error(), "not a socket") {
 		t.Fatalf("regular file: %v", err)
 	}
 	_ = context.Background

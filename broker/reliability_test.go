@@ -1,4 +1,4 @@
-package agent
+package broker
 
 import (
 	"bufio"
@@ -6,14 +6,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
 	"strconv"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -21,38 +18,8 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgproto3"
 
-	"github.com/pgward/pgward/broker"
-	"github.com/pgward/pgward/exporter"
 	"github.com/pgward/pgward/testenv"
 )
-
-// FuzzStatStartTime: /proc/<pid>/stat as the kernel writes it, with any
-// comm (spaces, parentheses, newlines) and any other fields, gives back the
-// start time; arbitrary bytes never panic.
-func FuzzStatStartTime(f *testing.F) {
-	f.Add([]byte("psql"), uint64(123456), []byte("1234 (psql) S 1 1234 1234 0 -1 4194560 100 0 0 0 0 0 0 0 20 0 1 0 98765 0 0\n"))
-	f.Add([]byte("a) b (c"), uint64(1), []byte("1 (x) R"))
-	f.Add([]byte(") 9 9 9 9 9 9 9 9 9 9 9 9 9 9 9 9 9 9 9 9 9"), uint64(1<<63), []byte(")"))
-	f.Add([]byte("tab\there\nnl"), uint64(0), []byte("9 (a) S 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 18446744073709551616"))
-	f.Fuzz(func(t *testing.T, comm []byte, start uint64, raw []byte) {
-		_, _ = StatStartTime(raw)
-		if len(comm) > 64 || strings.ContainsRune(string(comm), 0) {
-			return
-		}
-		// Fields 3..21, then starttime (22), then more.
-		fields := []string{"S", "1", "2", "3", "0", "-1", "4194560", "100", "0", "0", "0", "0", "0", "0", "0", "20", "0", "1", "0"}
-		line := fmt.Sprintf("4242 (%s) %s %d 12345 67890\n", comm, strings.Join(fields, " "), start)
-		got, ok := StatStartTime([]byte(line))
-		if !ok || got != start {
-			t.Fatalf("comm %q start %d: got %d %v from %q", comm, start, got, ok, line)
-		}
-		// A truncated line (fields cut before starttime) is refused.
-		cut := fmt.Sprintf("4242 (%s) %s", comm, strings.Join(fields[:18], " "))
-		if v, ok := StatStartTime([]byte(cut)); ok {
-			t.Fatalf("truncated stat %q parsed as %d", cut, v)
-		}
-	})
-}
 
 // rawSession logs in over a raw connection and returns it at ReadyForQuery.
 func rawSession(t *testing.T, h *harness, params map[string]string) (net.Conn, *pgproto3.Frontend) {
@@ -81,43 +48,6 @@ func rawSession(t *testing.T, h *harness, params map[string]string) (net.Conn, *
 	}
 }
 
-// waitUpstreamGone waits until no upstream backend has application_name app
-// (with pgward's part after it: upstreams.<name>.application_name).
-func waitUpstreamGone(t *testing.T, pg *testenv.Postgres, app string) {
-	t.Helper()
-	ctx := context.Background()
-	admin, err := pg.Admin(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer admin.Close(ctx)
-	deadline := time.Now().Add(10 * time.Second)
-	for {
-		var n int
-		if err := admin.QueryRow(ctx, "select count(*) from pg_stat_activity where application_name = $1 or starts_with(application_name, $1 || ' pgward:')", app).Scan(&n); err != nil {
-			t.Fatal(err)
-		}
-		if n == 0 {
-			return
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("%d upstream sessions %q left", n, app)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
-
-func waitNoSessions(t *testing.T, h *harness) {
-	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for h.agent.Broker().ActiveSessions() != 0 {
-		if time.Now().After(deadline) {
-			t.Fatalf("%d sessions still active", h.agent.Broker().ActiveSessions())
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-}
-
 // A value holding a form feed (which the server's option splitter treats as
 // whitespace) cannot smuggle a role change past pgward: found by
 // FuzzParseOptions.
@@ -138,7 +68,7 @@ func TestOptionsFormFeedCannotSmuggleRole(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if e, ok := m.(*pgproto3.ErrorResponse); !ok || e.Code != broker.CodeInsufficientPriv {
+		if e, ok := m.(*pgproto3.ErrorResponse); !ok || e.Code != CodeInsufficientPriv {
 			t.Fatalf("options %q: got %#v, want 42501", opts, m)
 		}
 	}
@@ -171,12 +101,19 @@ func TestClientStopsMidMessage(t *testing.T) {
 			if _, err := io.Copy(io.Discard, c); err != nil {
 				t.Fatalf("client side not closed cleanly: %v", err)
 			}
-			waitUpstreamGone(t, h.pg, app)
+			h.pg.WaitBackendsGone(t, app)
 			waitNoSessions(t, h)
 		})
 	}
+	for _, rs := range h.obs.started() {
+		for _, q := range rs.stmts {
+			if strings.Contains(q.Text, "never_ran") {
+				t.Fatalf("a partial statement was reported: %q", q.Text)
+			}
+		}
+	}
 	if strings.Contains(h.logs.String(), "never_ran") {
-		t.Fatal("a partial statement was audited")
+		t.Fatal("a partial statement was logged")
 	}
 	if n := strings.Count(h.logs.String(), `"level":"WARN","msg":"client closed the connection in the middle of a message"`); n != 3 {
 		t.Fatalf("%d WARN lines for 3 clients that stopped mid-message", n)
@@ -303,7 +240,7 @@ func TestSlowlorisClosedAtLoginTimeout(t *testing.T) {
 		c.Limits.ConnectionsPerUID = n + 100
 	})
 	cmd := exec.Command(os.Args[0], "-test.run=^TestSlowlorisClientProcess$", "-test.v")
-	cmd.Env = append(os.Environ(), fmt.Sprintf("PGWARD_SLOWLORIS=%s %d %s", h.agent.SocketPath(), n, timeout+30*time.Second))
+	cmd.Env = append(os.Environ(), fmt.Sprintf("PGWARD_SLOWLORIS=%s %d %s", h.socketPath(), n, timeout+30*time.Second))
 	out, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -355,53 +292,3 @@ func TestSlowlorisClosedAtLoginTimeout(t *testing.T) {
 	}
 }
 
-// 100k forged cancel keys (the right backend pid, random secrets) cancel
-// nothing: the running query completes; wrong keys are logged at WARN and,
-// past the per-uid budget, dropped unread.
-func TestForgedCancelKeysCancelNothing(t *testing.T) {
-	const n = 100000
-	h := newHarness(t, func(_ *harness, c *Config) {
-		c.Audit.Durability = exporter.DurabilityAsync // the test is about cancels, not the audit disk
-	})
-	c := h.connect(t, testenv.ScramUser, "orders")
-	res := make(chan error, 1)
-	go func() {
-		_, err := c.Exec(context.Background(), "select pg_sleep(4)")
-		res <- err
-	}()
-	time.Sleep(200 * time.Millisecond)
-	pid := c.PgConn().PID()
-	var wg sync.WaitGroup
-	var sent atomic.Int64
-	start := time.Now()
-	for w := range 16 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			rng := rand.New(rand.NewPCG(uint64(w), 42))
-			for i := w; i < n; i += 16 {
-				if err := testenv.SendCancel("unix", h.agent.SocketPath(), pid, rng.Uint32()); err != nil {
-					t.Error(err)
-					return
-				}
-				sent.Add(1)
-			}
-		}()
-	}
-	wg.Wait()
-	t.Logf("%d forged cancel requests in %v", sent.Load(), time.Since(start))
-	if err := <-res; err != nil {
-		t.Fatalf("the query was cancelled by a forged key: %v", err)
-	}
-	logs := h.logs.String()
-	if !strings.Contains(logs, "cancel request with an unknown key") || !strings.Contains(logs, "too many wrong cancel keys") {
-		t.Fatal("forged cancels not logged at WARN")
-	}
-	deadline := time.Now().Add(10 * time.Second)
-	for scrapeCounter(t, h, "pgward_cancel_requests_total", `outcome="rejected"`) < n {
-		if time.Now().After(deadline) {
-			t.Fatalf("rejected cancels counted: %v, want %d", scrapeCounter(t, h, "pgward_cancel_requests_total", `outcome="rejected"`), n)
-		}
-		time.Sleep(100 * time.Millisecond)
-	}
-}
