@@ -291,4 +291,3 @@ func TestSlowlorisClosedAtLoginTimeout(t *testing.T) {
 		t.Fatal("no WARN line for the timed-out logins")
 	}
 }
-
