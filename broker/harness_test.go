@@ -295,8 +295,12 @@ func (s *recSession) Result(_ context.Context, q *QueryEvent) {
 	defer s.rec.mu.Unlock()
 	s.results = append(s.results, copyQuery(q))
 }
-func (s *recSession) Bytes(bool, int)                      {}
-func (s *recSession) Cancel(context.Context, *CancelEvent) {}
+func (s *recSession) Bytes(bool, int) {}
+func (s *recSession) Cancel(_ context.Context, c *CancelEvent) {
+	s.rec.mu.Lock()
+	defer s.rec.mu.Unlock()
+	s.rec.cancels = append(s.rec.cancels, *c)
+}
 func (s *recSession) End(context.Context) {
 	s.rec.mu.Lock()
 	defer s.rec.mu.Unlock()

@@ -1,4 +1,4 @@
-package agent
+package broker
 
 import (
 	"context"
@@ -10,7 +10,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/pgward/pgward/broker"
 	"github.com/pgward/pgward/testenv"
 )
 
@@ -54,28 +53,28 @@ func TestCancelFromAnotherUID(t *testing.T) {
 	}()
 	time.Sleep(200 * time.Millisecond)
 	cmd := testenv.RunAs(uid, uid, bin, "-test.run=^TestCancelClientProcess$")
-	cmd.Env = append(cmd.Env, fmt.Sprintf("PGWARD_CANCEL_CLIENT=%s %d %d", h.agent.SocketPath(), c.PgConn().PID(), key))
+	cmd.Env = append(cmd.Env, fmt.Sprintf("PGWARD_CANCEL_CLIENT=%s %d %d", h.socketPath(), c.PgConn().PID(), key))
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("cancel client: %v %s", err, out)
 	}
 	if err := <-res; err != nil {
 		t.Fatalf("a cancel from uid %d with the right key cancelled root's query: %v", uid, err)
 	}
-	if !strings.Contains(h.logs.String(), "cancel request from another uid dropped") {
-		t.Fatal("foreign cancel not logged")
+	h.obs.mu.Lock()
+	defer h.obs.mu.Unlock()
+	if len(h.obs.cancels) != 1 || h.obs.cancels[0].Forwarded || h.obs.cancels[0].Reason != "uid_mismatch" || h.obs.cancels[0].Caller.UID != uid {
+		t.Fatalf("cancels reported: %+v, want one not forwarded for uid_mismatch from uid %d", h.obs.cancels, uid)
 	}
 }
 
 func TestUpstreamUnreachable(t *testing.T) {
 	h := newHarness(t, func(h *harness, c *Config) {
-		c.Upstreams["down"] = broker.UpstreamConfig{Address: h.dir + "/nothing-listens-here.sock"}
-		c.Grants = append(c.Grants, broker.Grant{Principal: "me", Upstream: "down", Roles: []string{testenv.ScramUser}})
-		f := c.Secrets.File.Path
-		b, _ := os.ReadFile(f)
-		os.WriteFile(f, append(b, []byte("down:\n  "+testenv.ScramUser+": { password: x }\n")...), 0o600)
+		c.Upstreams["down"] = UpstreamConfig{Address: h.dir + "/nothing-listens-here.sock"}
+		c.Grants = append(c.Grants, Grant{Principal: "me", Upstream: "down", Roles: []string{testenv.ScramUser}})
+		h.secrets["down"] = map[string]string{testenv.ScramUser: "x"}
 	})
 	e := connectErr(t, h.dsn(testenv.ScramUser, "down"))
-	if e.Code != broker.CodeCannotConnect || !strings.Contains(e.Message, `could not connect to upstream "down"`) {
+	if e.Code != CodeCannotConnect || !strings.Contains(e.Message, `could not connect to upstream "down"`) {
 		t.Fatalf("got %s %q", e.Code, e.Message)
 	}
 }
