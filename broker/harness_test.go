@@ -16,6 +16,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
+	"go.uber.org/goleak"
 
 	"github.com/pgward/pgward/broker/secrets"
 	"github.com/pgward/pgward/testenv"
@@ -33,6 +34,13 @@ func TestMain(m *testing.M) {
 	code := m.Run()
 	if sharedPG != nil {
 		_ = sharedPG.Stop()
+	}
+	if code == 0 {
+		// Sessions must leave nothing running behind them.
+		if err := goleak.Find(goleak.IgnoreCurrent()); err != nil {
+			fmt.Fprintf(os.Stderr, "goroutines left after the tests:\n%v\n", err)
+			code = 1
+		}
 	}
 	os.Exit(code)
 }
