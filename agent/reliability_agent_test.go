@@ -4,11 +4,9 @@ import (
 	"context"
 	"fmt"
 	"math/rand/v2"
-	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
@@ -67,25 +65,8 @@ func waitNoSessions(t *testing.T, h *harness) {
 }
 
 func raiseNoFile(t testing.TB, n uint64) {
-	var lim syscall.Rlimit
-	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
-		t.Fatal(err)
-	}
-	if lim.Cur >= n {
-		return
-	}
-	old := lim
-	if lim.Max < n && os.Geteuid() == 0 {
-		lim.Max = n // root may raise the hard limit (up to fs.nr_open)
-	}
-	lim.Cur = min(n, lim.Max)
-	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
-		t.Fatalf("raise RLIMIT_NOFILE to %d: %v", lim.Cur, err)
-	}
-	if lim.Cur < n {
-		testenv.SkipUnlessCI(t, "RLIMIT_NOFILE hard limit %d < %d", lim.Max, n)
-	}
-	t.Cleanup(func() { _ = syscall.Setrlimit(syscall.RLIMIT_NOFILE, &old) })
+	t.Helper()
+	testenv.RaiseNoFile(t, n)
 }
 
 // 100k forged cancel keys (the right backend pid, random secrets) cancel

@@ -17,19 +17,11 @@ import (
 )
 
 // privatePG starts a Postgres of the test's own, for faults that would
-// disturb the shared one.
+// disturb the shared one. (It used to call testenv.Require, which starts
+// a server, and then start a second one.)
 func privatePG(t *testing.T, opts testenv.Options) *testenv.Postgres {
 	t.Helper()
-	testenv.Require(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	opts.Logf = t.Logf
-	pg, err := testenv.StartPostgres(ctx, opts)
-	if err != nil {
-		t.Fatalf("start postgres: %v", err)
-	}
-	t.Cleanup(func() { _ = pg.Stop() })
-	return pg
+	return testenv.Require(t, opts)
 }
 
 // onPrivatePG points upstream "orders" at pg.

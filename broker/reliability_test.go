@@ -121,25 +121,8 @@ func TestClientStopsMidMessage(t *testing.T) {
 }
 
 func raiseNoFile(t testing.TB, n uint64) {
-	var lim syscall.Rlimit
-	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
-		t.Fatal(err)
-	}
-	if lim.Cur >= n {
-		return
-	}
-	old := lim
-	if lim.Max < n && os.Geteuid() == 0 {
-		lim.Max = n // root may raise the hard limit (up to fs.nr_open)
-	}
-	lim.Cur = min(n, lim.Max)
-	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
-		t.Fatalf("raise RLIMIT_NOFILE to %d: %v", lim.Cur, err)
-	}
-	if lim.Cur < n {
-		testenv.SkipUnlessCI(t, "RLIMIT_NOFILE hard limit %d < %d", lim.Max, n)
-	}
-	t.Cleanup(func() { _ = syscall.Setrlimit(syscall.RLIMIT_NOFILE, &old) })
+	t.Helper()
+	testenv.RaiseNoFile(t, n)
 }
 
 // TestSlowlorisClientProcess is the client side of

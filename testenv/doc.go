@@ -12,12 +12,14 @@
 //     full_page_writes, synchronous_commit): with synchronous_commit=off,
 //     transactions committed in the last few hundred milliseconds before
 //     Kill may be lost, so fault tests should not count on them.
+//     WaitBackendsGone waits for a client's backends to leave.
 //   - CA: throwaway certificate authorities and the server and client
 //     certificates they issue.
 //   - RunAs, RequireRoot and UnprivilegedIDs: running commands as other
 //     uids, and skipping, with the reason, tests that need root.
 //   - SkipUnlessCI: a skip for what the machine lacks (root, cgroup2, a
-//     tool) that fails instead under CI=true, where every test must run.
+//     tool) that fails instead under CI=true, where every test must run;
+//     RaiseNoFile, for tests that hold many descriptors.
 //   - NewCgroup: a temporary cgroup v2 directory to start processes in
 //     (Cgroup.Start) or move the test into (Cgroup.Enter).
 //   - TestBinary, StartChild and Report: a client in a process of its own,
