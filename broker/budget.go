@@ -2,6 +2,7 @@ package broker
 
 import (
 	"errors"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -30,6 +31,10 @@ type bufferBudget struct {
 	holder  *relayReader  // the reader holding the reserve, or nil
 	held    int64         // bytes the holder holds in the reserve
 	wake    chan struct{} // closed (and replaced) when bytes are given back
+
+	// growers holds a token per buffer growth in progress (see growSlots).
+	growOnce sync.Once
+	growers  chan struct{}
 
 	inUse    atomic.Int64  // used + held, for the gauge
 	waits    atomic.Uint64 // times a reader had to wait
@@ -135,6 +140,23 @@ func (b *bufferBudget) wakeAll() {
 		b.wake = nil
 	}
 	b.mu.Unlock()
+}
+
+// growSlots is a semaphore around the allocation and copy of a grown
+// buffer, with GOMAXPROCS−1 tokens (at least 1). Growing copies and zeroes
+// up to limits.max_message_bytes in runtime routines that cannot be
+// preempted, and drives the garbage collector (assists, mark workers):
+// when dozens of sessions assemble large messages at once, those copies
+// held every P for tens of milliseconds at a time, and a login on the same
+// agent waited for a P at each step — 2–4 s for a login with a query that
+// took 0.2–0.4 s straight to PostgreSQL (TestHostileMemoryBounded). With
+// the semaphore a P stays free for everything else; a session waiting
+// for a token is parked, holding no P, and holds no budget it has not
+// already been given (the token is taken after the budget, never while
+// waiting for it, so it cannot deadlock with the reserve).
+func (b *bufferBudget) growSlots() chan struct{} {
+	b.growOnce.Do(func() { b.growers = make(chan struct{}, max(1, runtime.GOMAXPROCS(0)-1)) })
+	return b.growers
 }
 
 // BufferStats is what the relay's buffers hold, for metrics.

@@ -167,8 +167,11 @@ func (r *relayReader) room(need int, gone func() bool) error {
 	if err := r.budget.take(r, int64(size), gone); err != nil {
 		return err
 	}
+	g := r.budget.growSlots() // one P stays free for logins and small messages
+	g <- struct{}{}
 	nb := make([]byte, size)
 	copy(nb, b[:r.n])
+	<-g
 	if r.buf != nil {
 		relayBufPool.Put(r.buf)
 		r.buf = nil
