@@ -176,7 +176,10 @@ func TestHostileSoak(t *testing.T) {
 	t.Logf("baseline: %d sessions, %d statements in %v, p99 %v, audit %.0f B/s", sessions, baseN, phase, p99(baseLat), baseAudit)
 	t.Logf("hostile:  %d statements, p99 %v, audit %.0f B/s (%.0f B/s over baseline); %d refused logins, %d forged cancels, %d idle sockets",
 		hostN, p99(hostLat), hostAudit, hostAudit-baseAudit, refusedLogins.Load(), cancels.Load(), idle)
-	t.Logf("peak RSS of the test process (agent, clients, Go runtime): %d MiB", peak/1024)
+	p99Limit := max(2*p99(baseLat), 20*time.Millisecond)
+	t.Logf("legitimate logins refused: %d (bound 0); p99 under the hostile mix %v = %.2f× baseline (bound %v: 2× baseline, or 20 ms)",
+		legitRefused.Load(), p99(hostLat), p99(hostLat).Seconds()/max(p99(baseLat).Seconds(), 1e-9), p99Limit)
+	t.Logf("peak RSS of the test process (agent, clients, Go runtime; not pgward's alone, and not bounded here): %d MiB", peak/1024)
 	t.Logf("slot refusals: per_uid %v, max_connections %v; summarised refusals %v",
 		scrapeCounter(t, h, "pgward_connections_refused_total", `reason="per_uid"`),
 		scrapeCounter(t, h, "pgward_connections_refused_total", `reason="max_connections"`),
@@ -185,8 +188,8 @@ func TestHostileSoak(t *testing.T) {
 	if n := legitRefused.Load(); n != 0 {
 		t.Errorf("%d legitimate logins refused", n)
 	}
-	if lim := max(2*p99(baseLat), 20*time.Millisecond); p99(hostLat) > lim {
-		t.Errorf("p99 under the hostile mix %v; want at most %v (2× baseline %v, or 20 ms)", p99(hostLat), lim, p99(baseLat))
+	if p99(hostLat) > p99Limit {
+		t.Errorf("p99 under the hostile mix %v; want at most %v (2× baseline %v, or 20 ms)", p99(hostLat), p99Limit, p99(baseLat))
 	}
 	// The same, from the lines themselves: every refusal event (full or
 	// summary) written, including the summaries written at stop.

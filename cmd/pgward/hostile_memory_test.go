@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -33,14 +34,9 @@ const (
 	hostileBudget    = 64 << 20 // limits.buffer_memory in the test
 	hostileStreamLen = 32 << 20 // bytes of result per streaming session
 	hostileRSSMiB    = 256      // pgward's VmRSS must stay under this, sampled throughout
-	// The issue's goal for a granted login with a query during the attack
-	// is 1 s; on the shared 2-core development machines the first one
-	// through pgward took 1.8–4.9 s (0.35–0.83 s straight to PostgreSQL at
-	// the same moment; pgward's own authentication stages 0.13–0.36 s), so
-	// the test asserts hostileLoginMax — no lockout, no hang — and logs
-	// whether the goal was met. See docs/security-model.md#memory.
-	hostileLoginGoal = time.Second
-	hostileLoginMax  = 5 * time.Second
+	// A granted client, already running, logs in afresh and runs a query
+	// in under this, each time, throughout the attack (see loginBound).
+	hostileLoginMax = time.Second
 )
 
 // TestHostileMemoryBounded runs pgward as its own process (`pgward agent`,
@@ -60,11 +56,13 @@ const (
 //     10 of 32 rows of 1 MiB) and read them slowly.
 //
 // Meanwhile pgward's VmRSS, sampled every 20 ms, must stay under 256 MiB,
-// and a granted client (psql, when installed), logging in afresh every
-// 200 ms, must log in and run a query each time — under 5 s asserted, the
-// 1 s goal logged (see hostileLoginGoal) with the same done straight to
-// PostgreSQL beside it for comparison. Every streamed result must be
-// complete. Afterwards pgward_buffer_bytes is 0 and the RSS returns near its
+// and a granted client — a process of its own, started before the attack,
+// as an application is — must log in afresh and run a query in under 1 s,
+// every 200 ms throughout, the first at the attack's start; a second client
+// does the same straight to PostgreSQL at the same moment, and its time is
+// logged beside each one (what the machine allowed then; when that alone
+// took over 0.5 s, the bound is twice it, see loginBound). Every streamed result must be complete;
+// their throughput is logged. Afterwards pgward_buffer_bytes is 0 and the RSS returns near its
 // baseline without any help (no debug.FreeOSMemory from the test).
 //
 // On the code before issue 13 each of the 40 full-size Queries made pgward
@@ -104,6 +102,14 @@ func TestHostileMemoryBounded(t *testing.T) {
 	baseRSS := procStatusKiB(t, pid, "VmRSS")
 	t.Logf("pgward baseline VmRSS %d KiB", baseRSS)
 
+	// The granted clients that log in during the attack, through pgward
+	// and straight to PostgreSQL: processes of their own, started now.
+	viaClient := startLoginClient(t, fmt.Sprintf("host=%s port=5432 user=%s dbname=real sslmode=disable connect_timeout=30", dir, testenv.ScramUser))
+	directClient := startLoginClient(t, fmt.Sprintf("host=%s port=%s user=%s password=%s dbname=%s sslmode=disable connect_timeout=30",
+		filepath.Dir(pg.SocketPath()), strings.TrimPrefix(filepath.Base(pg.SocketPath()), ".s.PGSQL."), testenv.ScramUser, testenv.ScramPassword, testenv.Database))
+	via, straight := sameMoment(t, viaClient, directClient)
+	t.Logf("before the attack, a granted login with a query: %v through pgward, %v straight to PostgreSQL", via.Round(time.Millisecond), straight.Round(time.Millisecond))
+
 	// RSS sampler.
 	var peakRSS atomic.Int64
 	stopSampling := make(chan struct{})
@@ -139,6 +145,12 @@ func TestHostileMemoryBounded(t *testing.T) {
 			c.Close()
 		}
 	})
+	// The stages of the logins during the attack are the differences of
+	// pgward_request_duration_seconds_sum between scrapes.
+	before, err := scrapeMetrics(metricsURL, stageMetrics...)
+	if err != nil {
+		t.Fatal(err)
+	}
 	attack := time.Now()
 	errs := make(chan error, len(raw))
 	var wg sync.WaitGroup
@@ -180,16 +192,12 @@ func TestHostileMemoryBounded(t *testing.T) {
 	}
 
 	// A granted client logs in and queries, every 200 ms, while the
-	// streams run (and for at least 3 s).
-	// The same, straight to PostgreSQL: what the machine allows.
-	directCfg, err := pgconn.ParseConfig(fmt.Sprintf("host=%s port=%s user=%s password=%s dbname=%s sslmode=disable connect_timeout=30",
-		filepath.Dir(pg.SocketPath()), strings.TrimPrefix(filepath.Base(pg.SocketPath()), ".s.PGSQL."), testenv.ScramUser, testenv.ScramPassword, testenv.Database))
-	if err != nil {
-		t.Fatal(err)
-	}
+	// streams run (and for at least 3 s); another does the same straight
+	// to PostgreSQL at the same moment: what the machine allows.
 	var logins, direct, at []time.Duration
+	var lastStream atomic.Int64 // ns after attack when the last stream ended
 	streamsDone := make(chan struct{})
-	go func() { streams.Wait(); close(streamsDone) }()
+	go func() { streams.Wait(); lastStream.Store(int64(time.Since(attack))); close(streamsDone) }()
 	minEnd := time.Now().Add(3 * time.Second)
 	var bufPeak, waits float64
 	for done := false; !done || time.Now().Before(minEnd); {
@@ -198,20 +206,28 @@ func TestHostileMemoryBounded(t *testing.T) {
 			done = true
 		case <-time.After(200 * time.Millisecond):
 		}
-		before := loginStages(metricsURL)
 		at = append(at, time.Since(attack))
-		logins = append(logins, timedLogin(t, cfg))
-		if d := logins[len(logins)-1]; d > hostileLoginGoal/2 {
-			after := loginStages(metricsURL)
+		via, straight := sameMoment(t, viaClient, directClient)
+		logins, direct = append(logins, via), append(direct, straight)
+		// The stages' sums since the last scrape are this login's: the
+		// scrape comes after it, so the first login is at the start of
+		// the attack, its most hostile moment.
+		after, err := scrapeMetrics(metricsURL, append(stageMetrics, "pgward_buffer_bytes")...)
+		if err == nil {
+			bufPeak = max(bufPeak, after[len(stageMetrics)])
+		}
+		if via > hostileLoginMax/2 && before != nil && err == nil {
 			var parts []string
 			for i, st := range stageNames {
 				parts = append(parts, fmt.Sprintf("%s %.3fs", st, after[i]-before[i]))
 			}
-			t.Logf("pgward's stages of that login: %s", strings.Join(parts, ", "))
+			t.Logf("a slow granted login: %v through pgward (%v straight to PostgreSQL at the same moment); pgward's stages of it: %s",
+				via.Round(time.Millisecond), straight.Round(time.Millisecond), strings.Join(parts, ", "))
 		}
-		direct = append(direct, timedLogin(t, directCfg))
-		if v, err := scrapeMetric(metricsURL, "pgward_buffer_bytes"); err == nil {
-			bufPeak = max(bufPeak, v)
+		if err == nil {
+			before = after
+		} else {
+			before = nil
 		}
 		if time.Since(attack) > 3*time.Minute {
 			t.Fatal("the streaming sessions did not finish in 3 minutes")
@@ -231,26 +247,29 @@ func TestHostileMemoryBounded(t *testing.T) {
 
 	var worst, worstDirect time.Duration
 	var all []string
+	var over []string
 	for i, d := range logins {
 		worst, worstDirect = max(worst, d), max(worstDirect, direct[i])
+		if d > loginBound(direct[i]) {
+			over = append(over, fmt.Sprintf("@%v %v (%v straight to PostgreSQL)", at[i].Round(100*time.Millisecond), d.Round(time.Millisecond), direct[i].Round(time.Millisecond)))
+		}
 		all = append(all, fmt.Sprintf("@%v %v (%v)", at[i].Round(100*time.Millisecond), d.Round(time.Millisecond), direct[i].Round(time.Millisecond)))
 	}
-	t.Logf("attack ran %v: %d sessions refused (54000), %d MiB pushed into full-size Queries, %d MiB of results streamed to slow readers",
-		attackTime.Round(time.Millisecond), refused.Load(), pushed.Load()>>20, streamed.Load()>>20)
+	streamTime := time.Duration(lastStream.Load())
+	t.Logf("attack ran %v: %d sessions refused (54000), %d MiB pushed into full-size Queries, %d MiB of results streamed to slow readers in %v (%.0f MiB/s)",
+		attackTime.Round(time.Millisecond), refused.Load(), pushed.Load()>>20, streamed.Load()>>20, streamTime.Round(time.Millisecond),
+		float64(streamed.Load())/(1<<20)/streamTime.Seconds())
 	t.Logf("pgward VmRSS: baseline %d KiB, peak %d KiB (bound %d MiB); pgward_buffer_bytes peak %.0f (budget %d); pgward_buffer_waits_total %.0f",
 		baseRSS, peakRSS.Load(), hostileRSSMiB, bufPeak, hostileBudget, waits)
-	goal := "met"
-	if worst > hostileLoginGoal {
-		goal = "NOT met"
+	t.Logf("granted logins (with a query) during the attack: %d; slowest %v (bound %v, or twice the direct login at the same moment when that took over %v); straight to PostgreSQL at the same moments, slowest %v; ratio of the slowest %.2f; each, at its time into the attack, through pgward (direct): %s",
+		len(logins), worst.Round(time.Millisecond), hostileLoginMax, hostileLoginMax/2, worstDirect.Round(time.Millisecond),
+		worst.Seconds()/worstDirect.Seconds(), strings.Join(all, " "))
+	if len(over) > 0 {
+		t.Errorf("%d of %d granted logins with a query took over %v (or, when the same login straight to PostgreSQL at the same moment took over %v, over twice that) during the attack: %s",
+			len(over), len(logins), hostileLoginMax, hostileLoginMax/2, strings.Join(over, ", "))
 	}
-	t.Logf("granted logins (with a query) during the attack: %d; slowest %v (goal %v: %s; bound %v); straight to PostgreSQL, slowest %v; each, at its time into the attack, through pgward (direct): %s",
-		len(logins), worst.Round(time.Millisecond), hostileLoginGoal, goal, hostileLoginMax,
-		worstDirect.Round(time.Millisecond), strings.Join(all, " "))
 	if peakRSS.Load() > hostileRSSMiB<<10 {
 		t.Errorf("pgward's VmRSS reached %d KiB, over the %d MiB bound", peakRSS.Load(), hostileRSSMiB)
-	}
-	if worst > hostileLoginMax {
-		t.Errorf("a granted login with a query took %v during the attack, want < %v", worst, hostileLoginMax)
 	}
 	if bufPeak > hostileBudget {
 		t.Errorf("pgward_buffer_bytes reached %.0f, over limits.buffer_memory %d", bufPeak, hostileBudget)
@@ -405,60 +424,151 @@ func (s *slowReader) Read(p []byte) (int, error) {
 	return s.c.Read(p[:min(len(p), 256<<10)])
 }
 
-// timedLogin logs in afresh, runs a query and returns how long that took
-// (the test fails on an error). With psql installed the client is psql, a
-// process of its own, so the attack's goroutines in this test process do
-// not delay the client side; otherwise pgconn.
-func timedLogin(t *testing.T, cfg *pgconn.Config) time.Duration {
-	t.Helper()
-	if psql, err := exec.LookPath("psql"); err == nil {
-		conninfo := fmt.Sprintf("host=%s port=%d user=%s dbname=%s sslmode=disable connect_timeout=10", cfg.Host, cfg.Port, cfg.User, cfg.Database)
-		// The shell takes the time around psql, so this busy test
-		// process's own scheduling is not counted.
-		cmd := exec.Command("sh", "-c", `s=$(date +%s%N); "$0" -X -A -t -c 'select count(*) from pg_stat_activity' "$1" >/dev/null || exit 1; e=$(date +%s%N); echo $((e-s))`, psql, conninfo)
-		cmd.Env = append(os.Environ(), "PGPASSWORD="+cfg.Password)
-		out, err := cmd.CombinedOutput()
-		if err != nil {
-			t.Fatalf("psql login during the attack: %v: %s", err, out)
-		}
-		ns, err := strconv.ParseInt(strings.TrimSpace(string(out)), 10, 64)
-		if err != nil {
-			t.Fatalf("psql timing: %q", out)
-		}
-		took := time.Duration(ns)
-		if took > hostileLoginGoal/2 {
-			t.Logf("a slow granted login: psql took %v", took.Round(time.Millisecond))
-		}
-		return took
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	began := time.Now()
-	c, err := pgconn.ConnectConfig(ctx, cfg)
+// loginBound is what a granted login with a query through pgward may take
+// during the attack, given the same done straight to PostgreSQL at the same
+// moment: hostileLoginMax, unless the machine itself was slower than half
+// of it then (other work on shared cores), when it is twice the direct one:
+// pgward's own part is what is tested, not the machine's load.
+func loginBound(direct time.Duration) time.Duration {
+	return max(hostileLoginMax, 2*direct)
+}
+
+// envLoginClient makes this test binary a login client (TestMain): for
+// each line on stdin it logs in afresh to the connection string the
+// variable holds, runs a query, closes, and prints how long the login and
+// the whole took, in nanoseconds ("error: …" on failure).
+const envLoginClient = "PGWARD_CMD_LOGIN_CLIENT"
+
+const loginClientQuery = "select count(*) from pg_stat_activity"
+
+func serveLoginClient(dsn string) int {
+	cfg, err := pgconn.ParseConfig(dsn)
 	if err != nil {
-		t.Fatalf("granted login during the attack: %v", err)
+		fmt.Fprintln(os.Stderr, err)
+		return 2
 	}
-	defer c.Close(ctx)
-	login := time.Since(began)
-	if _, err := c.Exec(ctx, "select count(*) from pg_stat_activity").ReadAll(); err != nil {
-		t.Fatalf("query on a granted session during the attack: %v", err)
+	in := bufio.NewScanner(os.Stdin)
+	for in.Scan() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		began := time.Now()
+		c, err := pgconn.ConnectConfig(ctx, cfg)
+		if err == nil {
+			login := time.Since(began)
+			_, err = c.Exec(ctx, loginClientQuery).ReadAll()
+			took := time.Since(began)
+			c.Close(ctx)
+			if err == nil {
+				fmt.Printf("%d %d\n", login, took)
+			}
+		}
+		cancel()
+		if err != nil {
+			fmt.Printf("error: %s\n", strings.ReplaceAll(err.Error(), "\n", " "))
+		}
 	}
-	took := time.Since(began)
-	if took > hostileLoginGoal/2 {
-		t.Logf("a slow granted login: %v to log in, %v with the query", login.Round(time.Millisecond), took.Round(time.Millisecond))
+	return 0
+}
+
+// A loginClient is a running login client (serveLoginClient): an
+// application's process, already started, that opens a new connection.
+// Its times are taken inside it, so neither starting a process nor this
+// busy test process's scheduling is counted.
+type loginClient struct {
+	in  io.Writer
+	out *bufio.Reader
+}
+
+func startLoginClient(t *testing.T, dsn string) *loginClient {
+	t.Helper()
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
 	}
-	return took
+	cmd := exec.Command(self)
+	cmd.Env = append(os.Environ(), envLoginClient+"="+dsn)
+	cmd.Stderr = os.Stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	in, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { in.Close(); _ = cmd.Wait() })
+	return &loginClient{in: in, out: bufio.NewReader(out)}
+}
+
+// sameMoment has both clients log in and run the query at once and returns
+// how long each took (login and query).
+func sameMoment(t *testing.T, a, b *loginClient) (time.Duration, time.Duration) {
+	t.Helper()
+	for _, c := range []*loginClient{a, b} {
+		if _, err := io.WriteString(c.in, "go\n"); err != nil {
+			t.Fatalf("login client: %v", err)
+		}
+	}
+	return a.result(t), b.result(t)
+}
+
+func (c *loginClient) result(t *testing.T) time.Duration {
+	t.Helper()
+	line, err := c.out.ReadString('\n')
+	if err != nil {
+		t.Fatalf("login client: %v", err)
+	}
+	var login, took int64
+	if _, err := fmt.Sscan(line, &login, &took); err != nil {
+		t.Fatalf("granted login with a query during the attack: %s", strings.TrimSpace(line))
+	}
+	return time.Duration(took)
 }
 
 var stageNames = []string{"total", "identity", "credentials", "upstream_auth"}
 
-// loginStages reads pgward_request_duration_seconds_sum per stage.
-func loginStages(url string) []float64 {
-	out := make([]float64, len(stageNames))
-	for i, st := range stageNames {
-		out[i], _ = scrapeMetric(url, `pgward_request_duration_seconds_sum{stage="`+st+`"}`)
+// stageMetrics are pgward_request_duration_seconds_sum per stage.
+var stageMetrics = func() []string {
+	var out []string
+	for _, st := range stageNames {
+		out = append(out, `pgward_request_duration_seconds_sum{stage="`+st+`"}`)
 	}
 	return out
+}()
+
+// scrapeMetrics reads several unlabelled or fully labelled samples from
+// one scrape.
+func scrapeMetrics(url string, names ...string) ([]float64, error) {
+	c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	resp, err := c.Get(url)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	out := make([]float64, len(names))
+	found := 0
+	sc := bufio.NewScanner(resp.Body)
+	sc.Buffer(nil, 1<<20)
+	for sc.Scan() {
+		for i, n := range names {
+			if v, ok := strings.CutPrefix(sc.Text(), n+" "); ok {
+				if out[i], err = strconv.ParseFloat(v, 64); err != nil {
+					return nil, err
+				}
+				found++
+			}
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return nil, fmt.Errorf("scrape %s: %w", url, err)
+	}
+	if found != len(names) {
+		return nil, fmt.Errorf("scrape %s: %d of %d samples", url, found, len(names))
+	}
+	return out, nil
 }
 
 // readVmRSS is procStatusKiB without a *testing.T, for the sampler.

@@ -17,10 +17,14 @@ import (
 )
 
 // TestMain lets a test run this binary's CLI as another process (and uid),
-// or the fake upstream of TestIdleSessionsScale.
+// the fake upstream of TestIdleSessionsScale, or the login client of
+// TestHostileMemoryBounded.
 func TestMain(m *testing.M) {
 	if path := os.Getenv(envIdleUpstream); path != "" {
 		os.Exit(serveIdleUpstream(path))
+	}
+	if dsn := os.Getenv(envLoginClient); dsn != "" {
+		os.Exit(serveLoginClient(dsn))
 	}
 	if args := os.Getenv("PGWARD_CMD_CHILD"); args != "" {
 		if ack := os.Getenv(envGCAck); ack != "" {
