@@ -539,8 +539,8 @@ var stageMetrics = func() []string {
 	return out
 }()
 
-// scrapeMetrics reads several unlabelled or fully labelled samples from
-// one scrape.
+// scrapeMetrics reads several samples (a name, with its labels if it has
+// any, exactly as exposed) from one scrape.
 func scrapeMetrics(url string, names ...string) ([]float64, error) {
 	c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
 	resp, err := c.Get(url)
@@ -566,7 +566,7 @@ func scrapeMetrics(url string, names ...string) ([]float64, error) {
 		return nil, fmt.Errorf("scrape %s: %w", url, err)
 	}
 	if found != len(names) {
-		return nil, fmt.Errorf("scrape %s: %d of %d samples", url, found, len(names))
+		return nil, fmt.Errorf("scrape %s: %d of the samples %s", url, found, strings.Join(names, ", "))
 	}
 	return out, nil
 }

@@ -461,23 +461,11 @@ func metricValue(t *testing.T, url, name string) float64 {
 }
 
 func scrapeMetric(url, name string) (float64, error) {
-	c := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
-	resp, err := c.Get(url)
+	v, err := scrapeMetrics(url, name)
 	if err != nil {
 		return 0, err
 	}
-	defer resp.Body.Close()
-	sc := bufio.NewScanner(resp.Body)
-	sc.Buffer(nil, 1<<20)
-	for sc.Scan() {
-		if v, ok := strings.CutPrefix(sc.Text(), name+" "); ok {
-			return strconv.ParseFloat(v, 64)
-		}
-	}
-	if err := sc.Err(); err != nil {
-		return 0, fmt.Errorf("scrape %s: %w", url, err)
-	}
-	return 0, fmt.Errorf("no %s in %s", name, url)
+	return v[0], nil
 }
 
 // startTestChild runs this test binary as a child with env added; it is
