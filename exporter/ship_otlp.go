@@ -247,11 +247,11 @@ func shipTLS(c ShipConfig) (*tls.Config, error) {
 	if c.CAFile != "" {
 		pem, err := os.ReadFile(c.CAFile)
 		if err != nil {
-			return nil, fmt.Errorf("audit.otlp.ca_file: %w", err)
+			return nil, err
 		}
 		pool := x509.NewCertPool()
 		if !pool.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("audit.otlp.ca_file %s: no PEM certificate in it", c.CAFile)
+			return nil, fmt.Errorf("%s: no PEM certificate in it", c.CAFile)
 		}
 		t.RootCAs = pool
 	}
@@ -263,7 +263,7 @@ func newShipSender(c ShipConfig, opts ...grpc.DialOption) (shipSender, error) {
 	if !c.insecure() {
 		var err error
 		if tc, err = shipTLS(c); err != nil {
-			return nil, err
+			return nil, fieldError("audit.otlp.ca_file", "%w", err)
 		}
 	}
 	if c.Protocol == ShipHTTP {
