@@ -10,17 +10,17 @@ import (
 	"sync"
 	"time"
 
-	collogspb "go.opentelemetry.io/proto/otlp/collector/logs/v1"
-	logspb "go.opentelemetry.io/proto/otlp/logs/v1"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
 )
 
 // Shipper tuning. A batch is at most shipBatchLines lines and about
-// shipBatchBytes of them (a single longer line goes alone): well under the
-// 4 MiB a collector's gRPC receiver accepts by default.
+// shipBatchBytes of them (a single longer line goes alone): encoded with
+// their attributes (which repeat the statement text) well under the 4 MiB a
+// collector's gRPC receiver accepts by default. Bigger batches cost less
+// per event (BenchmarkShip: 2048 against 512 lines, about 10% less CPU).
 const (
-	shipBatchLines = 512
+	shipBatchLines = 2048
 	shipBatchBytes = 1 << 20
 	shipPoll       = 100 * time.Millisecond // how often the spool is looked at when caught up (the lag this adds)
 	shipBackoffMin = 100 * time.Millisecond
@@ -55,6 +55,7 @@ type Shipper struct {
 	log      *slog.Logger
 	m        *shipMetrics
 	sender   shipSender
+	batch    *shipBatch // the request being built (run's goroutine only)
 
 	mu        sync.Mutex
 	cur       shipCursor // delivered so far (what StatePath holds)
@@ -95,7 +96,7 @@ func NewShipper(a AuditConfig, m *Metrics, log *slog.Logger) (*Shipper, error) {
 	if node == "" {
 		node = "unknown"
 	}
-	s := &Shipper{cfg: c, path: a.Path, maxFiles: a.MaxFiles, node: node, done: make(chan struct{}),
+	s := &Shipper{cfg: c, path: a.Path, maxFiles: a.MaxFiles, node: node, done: make(chan struct{}), batch: newShipBatch(node, a.Path),
 		log: log.With("component", "audit-ship", "endpoint", c.Endpoint, "protocol", c.Protocol)}
 	if m != nil {
 		s.m = m.ship
@@ -200,6 +201,7 @@ func (s *Shipper) run() {
 			lagAt = time.Now()
 		}
 		lines, err := r.next(maxLines, shipBatchBytes)
+		capped := r.capped
 		if err != nil {
 			s.log.Error("audit shipping: read audit file", "error", err)
 			s.mu.Lock()
@@ -231,8 +233,8 @@ func (s *Shipper) run() {
 			continue
 		}
 		first, _ := lineTime(lines[0].line)
-		req := s.request(r.cur.Start, lines)
-		delivered, ok := s.deliver(req, len(lines), first)
+		req, n := s.request(r.cur.Start, lines)
+		delivered, ok := s.deliver(req, n, first)
 		if !ok {
 			if delivered < 0 && maxLines > 1 { // refused as too large: smaller batches
 				maxLines = max(1, len(lines)/2)
@@ -248,7 +250,7 @@ func (s *Shipper) run() {
 			s.saveLocked()
 		}
 		s.mu.Unlock()
-		if len(lines) < maxLines {
+		if !capped {
 			// Caught up: let lines gather rather than send a handful per
 			// export (each costs a round trip and the collector's work).
 			s.sleep(shipPoll)
@@ -261,9 +263,12 @@ func (s *Shipper) run() {
 // or too large and it should be split. A single record refused that way is
 // given up on (lost) and counts as delivered, so one bad line cannot stop
 // the trail.
-func (s *Shipper) deliver(req *collogspb.ExportLogsServiceRequest, n int, first time.Time) (delivered int, ok bool) {
+func (s *Shipper) deliver(req []byte, n int, first time.Time) (delivered int, ok bool) {
 	wait := shipBackoffMin
 	for {
+		if n == 0 {
+			return 0, true // every line of the batch was given up on
+		}
 		ctx, cancel := context.WithTimeout(s.ctx, s.cfg.Timeout)
 		rejected, err := s.sender.send(ctx, req)
 		cancel()
@@ -311,16 +316,23 @@ func (s *Shipper) addLost(n int64, why string) {
 	s.log.Error("audit shipping: audit events lost to the collector", "events", n, "reason", why)
 }
 
-func (s *Shipper) request(fileStart string, lines []spoolLine) *collogspb.ExportLogsServiceRequest {
+// request encodes the lines as one export request (valid until the next
+// call) and says how many records it holds: a line that is not valid UTF-8
+// cannot be a protobuf string and is given up on (counted lost).
+func (s *Shipper) request(fileStart string, lines []spoolLine) ([]byte, int) {
 	now := time.Now()
-	recs := make([]*logspb.LogRecord, len(lines))
-	for i, l := range lines {
-		recs[i] = shipRecord(l.line, fileStart, now)
+	b := s.batch
+	b.reset()
+	var bad int64
+	for _, l := range lines {
+		if !b.add(l.line, fileStart, now) {
+			bad++
+		}
 	}
-	return &collogspb.ExportLogsServiceRequest{ResourceLogs: []*logspb.ResourceLogs{{
-		Resource:  shipResource(s.node, s.path),
-		ScopeLogs: []*logspb.ScopeLogs{{Scope: shipScopeProto, LogRecords: recs}},
-	}}}
+	if bad > 0 {
+		s.addLost(bad, "audit lines that are not valid UTF-8 cannot be shipped")
+	}
+	return b.request(), b.n
 }
 
 // locateLocked opens the file of the delivery cursor. Without a cursor (or

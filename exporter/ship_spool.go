@@ -205,10 +205,14 @@ func lastSeqOf(name string) int64 {
 type spoolReader struct {
 	f     *os.File
 	inode uint64
-	cur   shipCursor // position after the lines handed out
-	buf   []byte     // unread bytes from cur.Offset (may end in a partial line), in store
-	store []byte     // the read buffer, reused
-	eof   bool       // the last read found nothing new
+	cur   shipCursor  // position after the lines handed out
+	buf   []byte      // unread bytes from cur.Offset (may end in a partial line), in store
+	store []byte      // the read buffer, reused
+	eof   bool        // the last read found nothing new
+	lines []spoolLine // next's result, reused
+	// capped: the last next stopped at maxLines or maxBytes, not at the
+	// end of what is written (there is more to read at once).
+	capped bool
 }
 
 // errSpoolMoved: the name no longer holds the file listed (a rotation).
@@ -260,12 +264,14 @@ func (r *spoolReader) next(maxLines, maxBytes int) ([]spoolLine, error) {
 	if err := r.fill(maxBytes); err != nil {
 		return nil, err
 	}
-	var out []spoolLine
+	out := r.lines[:0]
 	c := r.cur
 	used, total := 0, 0
+	r.capped = true
 	for len(out) < maxLines {
 		i := bytes.IndexByte(r.buf[used:], '\n')
 		if i < 0 {
+			r.capped = false
 			break
 		}
 		line := r.buf[used : used+i]
@@ -286,6 +292,7 @@ func (r *spoolReader) next(maxLines, maxBytes int) ([]spoolLine, error) {
 		// Only the last line's cursor is ever kept: hash that one.
 		out[n-1].after.Last = hashHex(out[n-1].line)
 	}
+	r.lines = out
 	return out, nil
 }
 

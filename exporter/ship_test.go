@@ -394,7 +394,7 @@ func TestShipDiskCap(t *testing.T) {
 	if delivered+lost < int64(len(all)) {
 		t.Errorf("%d events written, %d delivered, %d counted lost: %d unaccounted for", len(all), delivered, lost, int64(len(all))-delivered-lost)
 	}
-	if delivered+lost > int64(len(all))+512 {
+	if delivered+lost > int64(len(all))+2048 { // a batch (shipBatchLines) in flight
 		t.Errorf("%d delivered + %d lost for %d written: lost overcounts by more than a batch", delivered, lost, len(all))
 	}
 }
