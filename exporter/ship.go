@@ -279,6 +279,9 @@ func (s *Shipper) deliver(req []byte, n int, first time.Time) (delivered int, ok
 			}
 			return n, true
 		}
+		// A failed or cancelled send may leave req queued in the transport
+		// for a moment: the next request gets a buffer of its own.
+		s.batch.out = nil
 		if s.ctx.Err() != nil {
 			return 0, false
 		}

@@ -103,6 +103,16 @@ func TestShipRecordAttributes(t *testing.T) {
 		len(rec.TraceId) != 16 || rec.TimeUnixNano == 0 {
 		t.Errorf("record %v", rec)
 	}
+	var head struct{ Time time.Time }
+	if err := json.Unmarshal(lines[0], &head); err != nil || rec.TimeUnixNano != uint64(head.Time.UnixNano()) {
+		t.Errorf("time_unix_nano %d, the line's time %v (%v)", rec.TimeUnixNano, head.Time, err)
+	}
+	for _, tc := range []string{"2026-12-07T05:06:10.004309079Z", "2026-12-07T05:06:10Z", "2026-12-07T05:06:10.5Z", "2026-12-07T05:06:10.123+01:00"} {
+		want, _ := time.Parse(time.RFC3339Nano, tc)
+		if ns, ok := parseLineTime([]byte(tc)); !ok || ns != want.UnixNano() {
+			t.Errorf("parseLineTime(%s) = %d, %v; want %d", tc, ns, ok, want.UnixNano())
+		}
+	}
 	res := attrs(shipRecord(t, lines[1], "start", time.Now()).Attributes)
 	if res["db.response.status_code"] != "42P01" || res["error.type"] != "42P01" || res["pgward.success"] != false {
 		t.Errorf("result attributes %v", res)
