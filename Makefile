@@ -27,7 +27,8 @@ FUZZ_TARGETS := \
 	./exporter:FuzzRedactSQL:20000x \
 	./exporter:FuzzRedactPasswordLiteral:30000x \
 	./exporter:FuzzAuditRead:40000x \
-	./exporter:FuzzReadShipped:45000x
+	./exporter:FuzzReadShipped:45000x \
+	./exporter:FuzzShipRecord:100000x
 
 .PHONY: all build otelcol test unit fuzz-short fuzz soak demo bench lint lint-report generate deps clean
 

@@ -348,6 +348,11 @@ func readLastLine(path string) (last []byte, size, torn int64, err error) {
 		return nil, 0, 0, err
 	}
 	defer f.Close()
+	return lastLineOf(f)
+}
+
+// lastLineOf is readLastLine of an open file.
+func lastLineOf(f *os.File) (last []byte, size, torn int64, err error) {
 	st, err := f.Stat()
 	if err != nil {
 		return nil, 0, 0, err

@@ -96,6 +96,14 @@ type pendingQuery struct {
 
 var _ broker.SessionObserver = (*session)(nil)
 
+// spanID is the id of a statement's span; zero without one.
+func spanID(sp trace.Span) trace.SpanID {
+	if sp == nil {
+		return trace.SpanID{}
+	}
+	return sp.SpanContext().SpanID()
+}
+
 // next is the ei of the session's next event; 0 once it ended.
 func (st *session) next() int64 {
 	st.mu.Lock()
@@ -316,6 +324,12 @@ func (st *session) Statements(ctx context.Context, qs []*broker.QueryEvent) erro
 		o.m.queries.Add(float64(len(qs)))
 		return nil
 	}
+	// The span id of each statement goes into its audit event (span_id).
+	var small [8]trace.SpanID
+	var spans []trace.SpanID
+	if recording {
+		spans = small[:0]
+	}
 	st.mu.Lock()
 	first := st.ei + 1
 	for _, q := range qs {
@@ -323,6 +337,7 @@ func (st *session) Statements(ctx context.Context, qs []*broker.QueryEvent) erro
 		p := pendingQuery{index: q.Index, ei: st.ei, password: mentionsPassword(q.Text)}
 		if recording {
 			p.span = startStatementSpan(ctx, o.tracer, s, q)
+			spans = append(spans, spanID(p.span))
 		}
 		st.pending = append(st.pending, p)
 	}
@@ -330,9 +345,13 @@ func (st *session) Statements(ctx context.Context, qs []*broker.QueryEvent) erro
 	if o.audit != nil {
 		var err error
 		if len(qs) == 1 {
-			err = o.audit.query(time.Now(), st.hdr, s, qs[0], first)
+			var span trace.SpanID
+			if len(spans) > 0 {
+				span = spans[0]
+			}
+			err = o.audit.query(time.Now(), st.hdr, s, qs[0], first, span)
 		} else {
-			err = o.audit.queryBatch(time.Now(), st.hdr, s, qs, first)
+			err = o.audit.queryBatch(time.Now(), st.hdr, s, qs, first, spans)
 		}
 		if err != nil {
 			st.mu.Lock()
@@ -373,7 +392,7 @@ func (st *session) Result(ctx context.Context, q *broker.QueryEvent) {
 	st.mu.Unlock()
 	if o.audit != nil {
 		// The statement already ran; a failure here is counted and logged by the sink.
-		_ = o.audit.queryResult(time.Now(), st.hdr, s, q, ei, p.ei, p.password)
+		_ = o.audit.queryResult(time.Now(), st.hdr, s, q, ei, p.ei, spanID(p.span), p.password)
 	}
 	if p.span != nil {
 		code := ""

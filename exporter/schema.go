@@ -7,6 +7,8 @@ import (
 	"strings"
 	"time"
 
+	"go.opentelemetry.io/otel/trace"
+
 	"github.com/pgward/pgward/broker"
 )
 
@@ -341,8 +343,23 @@ func (e *encoder) sessionEnd(now time.Time, s *broker.SessionInfo, ei int64) *[]
 	return b
 }
 
-// query builds a db.session.query event.
-func (e *encoder) query(now time.Time, h *sessionHeader, s *broker.SessionInfo, q *broker.QueryEvent, ei int64) *[]byte {
+// appendSpanID appends "span_id", the hex id of the statement's span, when
+// the statement has one (its trace is sampled).
+func appendSpanID(buf []byte, id trace.SpanID) []byte {
+	if !id.IsValid() {
+		return buf
+	}
+	buf = appendKey(buf, "span_id")
+	buf = append(buf, '"')
+	for _, c := range id {
+		buf = append(buf, hexDigits[c>>4], hexDigits[c&0xf])
+	}
+	return append(buf, '"')
+}
+
+// query builds a db.session.query event; span is the statement's span id
+// (zero: none).
+func (e *encoder) query(now time.Time, h *sessionHeader, s *broker.SessionInfo, q *broker.QueryEvent, ei int64, span trace.SpanID) *[]byte {
 	b := e.getBuf()
 	buf := h.header(*b, now, EventQuery, CodeQuery, s, ei)
 	buf = appendBoolField(buf, "success", true)
@@ -360,6 +377,7 @@ func (e *encoder) query(now time.Time, h *sessionHeader, s *broker.SessionInfo, 
 		buf = append(buf, ']')
 	}
 	buf = appendIntField(buf, "query_index", q.Index)
+	buf = appendSpanID(buf, span)
 	buf = appendBoolField(buf, "extended", q.Extended)
 	if q.RoleChange {
 		buf = appendBoolField(buf, "role_change", true)
@@ -385,7 +403,7 @@ func (e *encoder) query(now time.Time, h *sessionHeader, s *broker.SessionInfo, 
 // ('a' 'b' on one line), and a message in another lc_messages language
 // cannot be picked apart reliably. Other messages (permission denied, role
 // does not exist) name objects, not values, and are kept.
-func (e *encoder) queryResult(now time.Time, h *sessionHeader, s *broker.SessionInfo, q *broker.QueryEvent, ei, queryEI int64, password bool) *[]byte {
+func (e *encoder) queryResult(now time.Time, h *sessionHeader, s *broker.SessionInfo, q *broker.QueryEvent, ei, queryEI int64, span trace.SpanID, password bool) *[]byte {
 	b := e.getBuf()
 	code := CodeQueryResult
 	if !q.Success {
@@ -401,6 +419,7 @@ func (e *encoder) queryResult(now time.Time, h *sessionHeader, s *broker.Session
 	buf = appendStringFieldOmit(buf, "sqlstate", q.Code)
 	buf = appendIntField(buf, "query_index", q.Index)
 	buf = appendIntField(buf, "query_ei", queryEI)
+	buf = appendSpanID(buf, span)
 	if q.Rows >= 0 {
 		buf = appendIntField(buf, "rows", q.Rows)
 	}

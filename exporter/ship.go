@@ -10,17 +10,17 @@ import (
 	"sync"
 	"time"
 
-	collogspb "go.opentelemetry.io/proto/otlp/collector/logs/v1"
-	logspb "go.opentelemetry.io/proto/otlp/logs/v1"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
 )
 
 // Shipper tuning. A batch is at most shipBatchLines lines and about
-// shipBatchBytes of them (a single longer line goes alone): well under the
-// 4 MiB a collector's gRPC receiver accepts by default.
+// shipBatchBytes of them (a single longer line goes alone): encoded with
+// their attributes (which repeat the statement text) well under the 4 MiB a
+// collector's gRPC receiver accepts by default. Bigger batches cost less
+// per event (BenchmarkShip: 2048 against 512 lines, about 10% less CPU).
 const (
-	shipBatchLines = 512
+	shipBatchLines = 2048
 	shipBatchBytes = 1 << 20
 	shipPoll       = 100 * time.Millisecond // how often the spool is looked at when caught up (the lag this adds)
 	shipBackoffMin = 100 * time.Millisecond
@@ -55,6 +55,7 @@ type Shipper struct {
 	log      *slog.Logger
 	m        *shipMetrics
 	sender   shipSender
+	batch    *shipBatch // the request being built (run's goroutine only)
 
 	mu        sync.Mutex
 	cur       shipCursor // delivered so far (what StatePath holds)
@@ -62,6 +63,8 @@ type Shipper struct {
 	gen       int        // bumped when rotateKeep moves cur past a deleted file
 	readInode uint64     // the file being read
 	lost      int64
+	files     map[string]spoolSpan // rotated files from the cursor's on, by start (saved with cur)
+	gapRounds int                  // rounds the file after the one read was seen gone
 
 	ctx     context.Context
 	cancel  context.CancelFunc
@@ -93,7 +96,7 @@ func NewShipper(a AuditConfig, m *Metrics, log *slog.Logger) (*Shipper, error) {
 	if node == "" {
 		node = "unknown"
 	}
-	s := &Shipper{cfg: c, path: a.Path, maxFiles: a.MaxFiles, node: node, done: make(chan struct{}),
+	s := &Shipper{cfg: c, path: a.Path, maxFiles: a.MaxFiles, node: node, done: make(chan struct{}), batch: newShipBatch(node, a.Path),
 		log: log.With("component", "audit-ship", "endpoint", c.Endpoint, "protocol", c.Protocol)}
 	if m != nil {
 		s.m = m.ship
@@ -106,11 +109,14 @@ func NewShipper(a AuditConfig, m *Metrics, log *slog.Logger) (*Shipper, error) {
 	if err != nil {
 		return nil, err
 	}
-	cur, ok, err := loadCursor(c.StatePath)
+	st, ok, err := loadCursor(c.StatePath)
 	if err != nil {
 		s.log.Warn("audit shipping: " + err.Error())
 	}
-	s.cur, s.haveCur = cur, ok
+	s.cur, s.haveCur, s.files = st.shipCursor, ok, st.Files
+	if s.files == nil {
+		s.files = map[string]spoolSpan{}
+	}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	return s, nil
 }
@@ -195,6 +201,7 @@ func (s *Shipper) run() {
 			lagAt = time.Now()
 		}
 		lines, err := r.next(maxLines, shipBatchBytes)
+		capped := r.capped
 		if err != nil {
 			s.log.Error("audit shipping: read audit file", "error", err)
 			s.mu.Lock()
@@ -226,8 +233,8 @@ func (s *Shipper) run() {
 			continue
 		}
 		first, _ := lineTime(lines[0].line)
-		req := s.request(r.cur.Start, lines)
-		delivered, ok := s.deliver(req, len(lines), first)
+		req, n := s.request(r.cur.Start, lines)
+		delivered, ok := s.deliver(req, n, first)
 		if !ok {
 			if delivered < 0 && maxLines > 1 { // refused as too large: smaller batches
 				maxLines = max(1, len(lines)/2)
@@ -240,12 +247,10 @@ func (s *Shipper) run() {
 		if rgen == s.gen {
 			r.advance(last)
 			s.cur, s.haveCur = last, true
-			if err := saveCursor(s.cfg.StatePath, last); err != nil {
-				s.log.Warn("audit shipping: save delivery cursor", "path", s.cfg.StatePath, "error", err)
-			}
+			s.saveLocked()
 		}
 		s.mu.Unlock()
-		if len(lines) < maxLines {
+		if !capped {
 			// Caught up: let lines gather rather than send a handful per
 			// export (each costs a round trip and the collector's work).
 			s.sleep(shipPoll)
@@ -258,9 +263,12 @@ func (s *Shipper) run() {
 // or too large and it should be split. A single record refused that way is
 // given up on (lost) and counts as delivered, so one bad line cannot stop
 // the trail.
-func (s *Shipper) deliver(req *collogspb.ExportLogsServiceRequest, n int, first time.Time) (delivered int, ok bool) {
+func (s *Shipper) deliver(req []byte, n int, first time.Time) (delivered int, ok bool) {
 	wait := shipBackoffMin
 	for {
+		if n == 0 {
+			return 0, true // every line of the batch was given up on
+		}
 		ctx, cancel := context.WithTimeout(s.ctx, s.cfg.Timeout)
 		rejected, err := s.sender.send(ctx, req)
 		cancel()
@@ -271,6 +279,9 @@ func (s *Shipper) deliver(req *collogspb.ExportLogsServiceRequest, n int, first 
 			}
 			return n, true
 		}
+		// A failed or cancelled send may leave req queued in the transport
+		// for a moment: the next request gets a buffer of its own.
+		s.batch.out = nil
 		if s.ctx.Err() != nil {
 			return 0, false
 		}
@@ -308,16 +319,23 @@ func (s *Shipper) addLost(n int64, why string) {
 	s.log.Error("audit shipping: audit events lost to the collector", "events", n, "reason", why)
 }
 
-func (s *Shipper) request(fileStart string, lines []spoolLine) *collogspb.ExportLogsServiceRequest {
+// request encodes the lines as one export request (valid until the next
+// call) and says how many records it holds: a line that is not valid UTF-8
+// cannot be a protobuf string and is given up on (counted lost).
+func (s *Shipper) request(fileStart string, lines []spoolLine) ([]byte, int) {
 	now := time.Now()
-	recs := make([]*logspb.LogRecord, len(lines))
-	for i, l := range lines {
-		recs[i] = shipRecord(l.line, fileStart, now)
+	b := s.batch
+	b.reset()
+	var bad int64
+	for _, l := range lines {
+		if !b.add(l.line, fileStart, now) {
+			bad++
+		}
 	}
-	return &collogspb.ExportLogsServiceRequest{ResourceLogs: []*logspb.ResourceLogs{{
-		Resource:  shipResource(s.node, s.path),
-		ScopeLogs: []*logspb.ScopeLogs{{Scope: shipScopeProto, LogRecords: recs}},
-	}}}
+	if bad > 0 {
+		s.addLost(bad, "audit lines that are not valid UTF-8 cannot be shipped")
+	}
+	return b.request(), b.n
 }
 
 // locateLocked opens the file of the delivery cursor. Without a cursor (or
@@ -356,9 +374,18 @@ func (s *Shipper) locateLocked() *spoolReader {
 				return open(f, shipCursor{Start: f.start, Last: f.start})
 			}
 		}
-		s.log.Error("audit shipping: the audit file the delivery cursor points into is gone; shipping from the oldest file kept (events in between were not shipped)",
+		// Deleted by someone else: its undelivered lines, and those of
+		// files after it that are gone too, are lost.
+		if sp, ok := s.files[s.cur.Start]; ok {
+			if f, lost, ok := s.skipGoneLocked(sp.End, files); ok {
+				s.lostGoneLocked(lost+max(0, sp.Lines-s.cur.Seq), f.name)
+				return open(f, shipCursor{Start: f.start, Last: f.start})
+			}
+		}
+		s.log.Error("audit shipping: the audit file the delivery cursor points into is gone; shipping from the oldest file kept (events in between were not shipped, and their number is unknown)",
 			"cursor_seq", s.cur.Seq)
 	}
+	s.learnLocked(files)
 	oldest := files[len(files)-1]
 	if oldest.start == "" {
 		return nil // no complete line yet
@@ -378,24 +405,122 @@ func (s *Shipper) atEndOfRotated(r *spoolReader) bool {
 	return err == nil && len(lines) == 0
 }
 
-// nextFileLocked opens the file that continues r's chain. s.mu is held.
+// nextFileLocked opens the file that continues r's chain, or, when that
+// file was rotated and is gone (deleted by someone else), the first one
+// after it still there, counting the lines skipped as lost. s.mu is held.
 func (s *Shipper) nextFileLocked(r *spoolReader) *spoolReader {
-	for _, f := range listSpool(s.path) {
+	files := listSpool(s.path)
+	next, lost, found := spoolFile{}, int64(0), false
+	for _, f := range files {
 		if f.start == r.cur.Last && f.inode != r.inode {
-			c := shipCursor{Start: f.start, Last: f.start}
-			nr, err := openSpool(f, c)
-			if err != nil {
-				return nil // listed again on the next round
-			}
-			s.readInode = nr.inode
-			s.cur, s.haveCur = nr.cur, true
-			if err := saveCursor(s.cfg.StatePath, nr.cur); err != nil {
-				s.log.Warn("audit shipping: save delivery cursor", "path", s.cfg.StatePath, "error", err)
-			}
-			return nr
+			next, found = f, true
 		}
 	}
-	return nil
+	if !found {
+		// The next file is known rotated (rotateKeep saw it) but not
+		// listed. A rotation renaming files while they are listed can hide
+		// one for a moment: only a gap seen on gapConfirm rounds in a row
+		// is taken for a deletion.
+		f, n, ok := s.skipGoneLocked(r.cur.Last, files)
+		if !ok || f.inode == r.inode {
+			s.gapRounds = 0
+			return nil
+		}
+		if s.gapRounds++; s.gapRounds < gapConfirm {
+			return nil
+		}
+		next, lost = f, n
+	}
+	s.gapRounds = 0
+	nr, err := openSpool(next, shipCursor{Start: next.start, Last: next.start})
+	if err != nil {
+		return nil // listed again on the next round
+	}
+	if lost > 0 {
+		s.lostGoneLocked(lost, next.name)
+	}
+	s.readInode = nr.inode
+	s.cur, s.haveCur = nr.cur, true
+	s.pruneLocked()
+	s.saveLocked()
+	return nr
+}
+
+// gapConfirm is how many rounds (shipPoll/10 apart) a rotated file must be
+// missing before the shipper counts it deleted.
+const gapConfirm = 3
+
+// skipGoneLocked follows the chain from start through the rotated files
+// recorded in s.files to the first file listed. ok false: the chain leaves
+// what is recorded before reaching one (nothing is known gone). lost is the
+// lines of the files stepped over. s.mu is held.
+func (s *Shipper) skipGoneLocked(start string, files []spoolFile) (next spoolFile, lost int64, ok bool) {
+	for range len(s.files) + 1 {
+		for _, f := range files {
+			if f.start == start {
+				return f, lost, true
+			}
+		}
+		sp, known := s.files[start]
+		if !known {
+			return spoolFile{}, 0, false
+		}
+		lost += sp.Lines
+		start = sp.End
+	}
+	return spoolFile{}, 0, false
+}
+
+// lostGoneLocked counts events of audit files someone else deleted before
+// they were delivered. s.mu is held.
+func (s *Shipper) lostGoneLocked(n int64, resumeAt string) {
+	s.lost += n
+	s.m.lost.Add(float64(n))
+	s.log.Error("audit shipping: audit files were deleted before they were delivered (not by pgward's rotation); their events are lost to the collector",
+		"events", n, "resuming_at", resumeAt)
+}
+
+// learnLocked records the span of each rotated file listed that s.files
+// lacks (files rotated before this shipper ran), then keeps only those from
+// the cursor's file on. s.mu is held.
+func (s *Shipper) learnLocked(files []spoolFile) {
+	for _, f := range files {
+		if _, ok := s.files[f.start]; f.index == 0 || f.start == "" || ok {
+			continue
+		}
+		if start, sp, ok := spanOf(f.name, f.inode); ok {
+			s.files[start] = sp
+		}
+	}
+	if s.haveCur {
+		s.pruneLocked()
+	}
+}
+
+// pruneLocked drops the spans of files before the cursor's (delivered, or
+// given up on). s.mu is held.
+func (s *Shipper) pruneLocked() {
+	keep := make(map[string]bool, len(s.files))
+	for h := s.cur.Start; !keep[h]; {
+		sp, ok := s.files[h]
+		if !ok {
+			break
+		}
+		keep[h] = true
+		h = sp.End
+	}
+	for h := range s.files {
+		if !keep[h] {
+			delete(s.files, h)
+		}
+	}
+}
+
+// saveLocked saves the delivery cursor. s.mu is held.
+func (s *Shipper) saveLocked() {
+	if err := saveCursor(s.cfg.StatePath, s.cur, s.files); err != nil {
+		s.log.Warn("audit shipping: save delivery cursor", "path", s.cfg.StatePath, "error", err)
+	}
 }
 
 // updateLag sets the lag gauges: lines written and not acknowledged, and
@@ -443,6 +568,17 @@ func (s *Shipper) updateLag(r *spoolReader) {
 func (s *Shipper) rotateKeep(path string, maxFiles int) int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	// The active file is complete (the audit's lock is held): record it
+	// before it becomes path.1, so its lines can be counted if someone
+	// deletes it undelivered.
+	if fi, err := os.Stat(path); err == nil {
+		if start, sp, ok := spanOf(path, inodeOf(fi)); ok {
+			s.files[start] = sp
+			if s.haveCur {
+				s.saveLocked()
+			}
+		}
+	}
 	if !s.haveCur || s.readInode == 0 {
 		return maxFiles
 	}
@@ -503,9 +639,8 @@ func (s *Shipper) rotateKeep(path string, maxFiles int) int {
 			s.cur = shipCursor{Start: start, Inode: next.inode, Last: start}
 			s.readInode = next.inode
 			s.gen++
-			if err := saveCursor(s.cfg.StatePath, s.cur); err != nil {
-				s.log.Warn("audit shipping: save delivery cursor", "path", s.cfg.StatePath, "error", err)
-			}
+			s.pruneLocked()
+			s.saveLocked()
 		}
 		keep = max(maxFiles, c+1)
 	}

@@ -3,9 +3,11 @@ package exporter
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"net/url"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -80,12 +82,23 @@ func ShipEnabled(c *ShipConfig, getenv func(string) string) bool {
 }
 
 // resolve fills empty fields from the environment and defaults and reports
-// every problem, naming the key or variable.
+// every problem, naming the key (a *broker.FieldError, to which the agent
+// adds the file and line) or the environment variable.
 func (c ShipConfig) resolve(getenv func(string) string) (ShipConfig, error) {
 	if getenv == nil {
 		getenv = os.Getenv
 	}
 	var errs []error
+	// key names a problem of the value at audit.otlp.<k>, or, when the
+	// value came from the environment, the variable's.
+	key := func(k, env string, fromEnv bool, format string, args ...any) {
+		if fromEnv {
+			errs = append(errs, fmt.Errorf("%s (for audit.otlp.%s): %s", env, k, fmt.Sprintf(format, args...)))
+			return
+		}
+		errs = append(errs, fieldError("audit.otlp."+k, format, args...))
+	}
+	protoEnv := c.Protocol == ""
 	if c.Protocol == "" {
 		c.Protocol = shipEnv(getenv, "PROTOCOL")
 	}
@@ -95,9 +108,10 @@ func (c ShipConfig) resolve(getenv func(string) string) (ShipConfig, error) {
 	switch c.Protocol {
 	case ShipGRPC, ShipHTTP:
 	default:
-		errs = append(errs, fmt.Errorf("audit.otlp.protocol: %q is not one of grpc, http/protobuf", c.Protocol))
+		key("protocol", "OTEL_EXPORTER_OTLP_PROTOCOL", protoEnv, "%q is not one of grpc, http/protobuf", c.Protocol)
 	}
 	c.urlPath = "/v1/logs"
+	endpointEnv := c.Endpoint == ""
 	if c.Endpoint == "" {
 		name := "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT"
 		raw := getenv(name)
@@ -125,9 +139,9 @@ func (c ShipConfig) resolve(getenv func(string) string) (ShipConfig, error) {
 		}
 	}
 	if c.Endpoint == "" {
-		errs = append(errs, errors.New("audit.otlp.endpoint: required (host:port of the collector's OTLP receiver), or set OTEL_EXPORTER_OTLP_LOGS_ENDPOINT"))
+		key("endpoint", "", false, "required (host:port of the collector's OTLP receiver), or set OTEL_EXPORTER_OTLP_LOGS_ENDPOINT")
 	} else if _, port, err := net.SplitHostPort(c.Endpoint); err != nil || port == "" || strings.Contains(c.Endpoint, "/") {
-		errs = append(errs, fmt.Errorf("audit.otlp.endpoint: %q is not host:port", c.Endpoint))
+		key("endpoint", "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT", endpointEnv, "%q is not host:port", c.Endpoint)
 	}
 	if c.Insecure == nil {
 		if v := shipEnv(getenv, "INSECURE"); v != "" {
@@ -138,6 +152,7 @@ func (c ShipConfig) resolve(getenv func(string) string) (ShipConfig, error) {
 			c.Insecure = &b
 		}
 	}
+	headersEnv := c.Headers == nil
 	if c.Headers == nil {
 		if v := shipEnv(getenv, "HEADERS"); v != "" {
 			h, err := parseOTLPHeaders(v)
@@ -147,6 +162,7 @@ func (c ShipConfig) resolve(getenv func(string) string) (ShipConfig, error) {
 			c.Headers = h
 		}
 	}
+	caEnv := c.CAFile == ""
 	if c.CAFile == "" {
 		c.CAFile = shipEnv(getenv, "CERTIFICATE")
 	}
@@ -163,22 +179,22 @@ func (c ShipConfig) resolve(getenv func(string) string) (ShipConfig, error) {
 		c.Timeout = DefaultShipTimeout
 	}
 	if c.Timeout < 0 {
-		errs = append(errs, fmt.Errorf("audit.otlp.timeout: %v must be positive", c.Timeout))
+		key("timeout", "", false, "%v must be positive", c.Timeout)
 	}
 	if c.MaxUndeliveredBytes == 0 {
 		c.MaxUndeliveredBytes = DefaultShipMaxUndelivered
 	}
 	if c.MaxUndeliveredBytes < 0 {
-		errs = append(errs, fmt.Errorf("audit.otlp.max_undelivered_bytes: %d must not be negative", c.MaxUndeliveredBytes))
+		key("max_undelivered_bytes", "", false, "%d must not be negative", c.MaxUndeliveredBytes)
 	}
 	if c.CAFile != "" {
-		if _, err := os.Stat(c.CAFile); err != nil {
-			errs = append(errs, fmt.Errorf("audit.otlp.ca_file: %w", err))
+		if _, err := shipTLS(c); err != nil {
+			key("ca_file", "OTEL_EXPORTER_OTLP_CERTIFICATE", caEnv, "%s", err.Error())
 		}
 	}
-	for k := range c.Headers {
+	for _, k := range slices.Sorted(maps.Keys(c.Headers)) {
 		if k == "" || strings.ContainsAny(k, " \t\r\n:") {
-			errs = append(errs, fmt.Errorf("audit.otlp.headers: %q is not a header name", k))
+			key("headers", "OTEL_EXPORTER_OTLP_HEADERS", headersEnv, "%q is not a header name", k)
 		}
 	}
 	return c, errors.Join(errs...)

@@ -17,7 +17,7 @@ func newShipMetrics(reg *prometheus.Registry) *shipMetrics {
 		failures: prometheus.NewCounter(prometheus.CounterOpts{Namespace: namespace, Subsystem: sub, Name: "failures_total",
 			Help: "Export attempts of audit events that failed (each is retried with backoff)."}),
 		lost: prometheus.NewCounter(prometheus.CounterOpts{Namespace: namespace, Subsystem: sub, Name: "lost_events_total",
-			Help: "Audit events given up on: deleted undelivered past audit.otlp.max_undelivered_bytes, or refused by the collector for good."}),
+			Help: "Audit events given up on: deleted undelivered past audit.otlp.max_undelivered_bytes or by someone else, or refused by the collector for good."}),
 		lagEvents: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Subsystem: sub, Name: "lag_events",
 			Help: "Audit events written to the file and not yet acknowledged by the collector."}),
 		lagSeconds: prometheus.NewGauge(prometheus.GaugeOpts{Namespace: namespace, Subsystem: sub, Name: "lag_seconds",

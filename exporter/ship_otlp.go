@@ -5,8 +5,6 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -16,13 +14,12 @@ import (
 	"time"
 
 	collogspb "go.opentelemetry.io/proto/otlp/collector/logs/v1"
-	commonpb "go.opentelemetry.io/proto/otlp/common/v1"
-	logspb "go.opentelemetry.io/proto/otlp/logs/v1"
-	resourcepb "go.opentelemetry.io/proto/otlp/resource/v1"
+
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/mem"
 	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
@@ -31,203 +28,10 @@ import (
 // shipScope is the instrumentation scope of the shipped log records.
 const shipScope = "github.com/pgward/pgward/exporter/audit"
 
-var shipScopeProto = &commonpb.InstrumentationScope{Name: shipScope}
-
-// lineField returns the value of the first "key": in an audit line: a
-// string (unquoted), or the raw token of a number, bool or null. Keys cannot
-// match inside string values, where every quote is escaped. The writer puts
-// the top-level fields the shipper reads before the process object, whose
-// own fields (pid, exe, …) have names of their own, so the first match is
-// the right one.
-func lineField(line []byte, key string) (string, bool) {
-	var pat [64]byte
-	p := append(pat[:0], '"')
-	p = append(p, key...)
-	p = append(p, '"', ':')
-	i := bytes.Index(line, p)
-	if i < 0 {
-		return "", false
-	}
-	v := line[i+len(p):]
-	if len(v) == 0 {
-		return "", false
-	}
-	if v[0] != '"' {
-		j := bytes.IndexAny(v, ",}]")
-		if j < 0 {
-			return "", false
-		}
-		return string(v[:j]), true
-	}
-	// A string: up to the first unescaped quote.
-	esc := false
-	for j := 1; j < len(v); j++ {
-		switch {
-		case esc:
-			esc = false
-		case v[j] == '\\':
-			esc = true
-		case v[j] == '"':
-			raw := v[:j+1]
-			if bytes.IndexByte(raw, '\\') < 0 {
-				return string(raw[1:j]), true
-			}
-			var out string
-			if json.Unmarshal(raw, &out) != nil {
-				return "", false
-			}
-			return out, true
-		}
-	}
-	return "", false
-}
-
-// splitProcess cuts an audit line around its "process":{…} object (nil
-// when there is none, e.g. "process":null).
-func splitProcess(line []byte) (before, proc, after []byte) {
-	const key = `"process":{`
-	i := bytes.Index(line, []byte(key))
-	if i < 0 {
-		return line, nil, nil
-	}
-	depth, inStr, esc := 0, false, false
-	for j := i + len(key) - 1; j < len(line); j++ {
-		c := line[j]
-		switch {
-		case esc:
-			esc = false
-		case inStr && c == '\\':
-			esc = true
-		case c == '"':
-			inStr = !inStr
-		case inStr:
-		case c == '{':
-			depth++
-		case c == '}':
-			depth--
-			if depth == 0 {
-				return line[:i], line[i : j+1], line[j+1:]
-			}
-		}
-	}
-	return line[:i], line[i:], nil
-}
-
-func strAttr(k, v string) *commonpb.KeyValue {
-	return &commonpb.KeyValue{Key: k, Value: &commonpb.AnyValue{Value: &commonpb.AnyValue_StringValue{StringValue: v}}}
-}
-
-func intAttr(k string, v int64) *commonpb.KeyValue {
-	return &commonpb.KeyValue{Key: k, Value: &commonpb.AnyValue{Value: &commonpb.AnyValue_IntValue{IntValue: v}}}
-}
-
-func boolAttr(k string, v bool) *commonpb.KeyValue {
-	return &commonpb.KeyValue{Key: k, Value: &commonpb.AnyValue{Value: &commonpb.AnyValue_BoolValue{BoolValue: v}}}
-}
-
-// shipRecord makes the log record of one audit line: the line exactly as
-// written is the body (so the chain verifies from what arrived), the rest is
-// for searching, named by the OpenTelemetry semantic conventions where they
-// have a name (database, process, Kubernetes) and pgward.* otherwise.
-func shipRecord(line []byte, fileStart string, observed time.Time) *logspb.LogRecord {
-	rec := &logspb.LogRecord{
-		ObservedTimeUnixNano: uint64(observed.UnixNano()),
-		SeverityNumber:       logspb.SeverityNumber_SEVERITY_NUMBER_INFO,
-		SeverityText:         "INFO",
-		Body:                 &commonpb.AnyValue{Value: &commonpb.AnyValue_StringValue{StringValue: string(line)}},
-	}
-	// Top-level fields are looked up outside the process object (its pod
-	// labels are free-form keys), process fields inside it.
-	before, proc, after := splitProcess(line)
-	top := func(k string) (string, bool) {
-		if v, ok := lineField(before, k); ok {
-			return v, true
-		}
-		return lineField(after, k)
-	}
-	get := func(k string) string { v, _ := top(k); return v }
-	pget := func(k string) string { v, _ := lineField(proc, k); return v }
-	event := get("event")
-	rec.EventName = event
-	if t, err := time.Parse(time.RFC3339Nano, get("time")); err == nil {
-		rec.TimeUnixNano = uint64(t.UnixNano())
-	}
-	reqID := get("request_id")
-	if id, err := hex.DecodeString(reqID); err == nil && len(id) == 16 {
-		rec.TraceId = id
-	}
-	if id, err := hex.DecodeString(get("span_id")); err == nil && len(id) == 8 {
-		rec.SpanId = id
-	}
-	seq, _ := spoolSeq(line)
-	a := make([]*commonpb.KeyValue, 0, 24)
-	a = append(a, strAttr("event.name", event), intAttr("pgward.audit.seq", seq),
-		strAttr("pgward.audit.file_start", fileStart))
-	dbName, dbService, sqlstate := get("db_name"), get("db_service"), get("sqlstate")
-	if dbService != "" || dbName != "" {
-		a = append(a, strAttr("db.system.name", "postgresql"))
-	}
-	for _, kv := range [...][2]string{
-		{"log.record.uid", get("uid")}, {"db.namespace", dbName}, {"db.query.text", get("db_query")},
-		{"db.response.status_code", sqlstate}, {"session.id", get("sid")}, {"pgward.request_id", reqID},
-		{"pgward.principal", get("principal")}, {"pgward.db_user", get("db_user")}, {"pgward.db_service", dbService},
-		{"process.executable.path", pget("exe")}, {"process.executable.name", pget("comm")}, {"process.owner", pget("user")},
-		{"container.id", pget("container_id")}, {"pgward.systemd_unit", pget("systemd_unit")},
-	} {
-		if kv[1] != "" {
-			a = append(a, strAttr(kv[0], kv[1]))
-		}
-	}
-	if v, ok := top("success"); ok && (v == "true" || v == "false") {
-		a = append(a, boolAttr("pgward.success", v == "true"))
-		if v == "false" {
-			rec.SeverityNumber, rec.SeverityText = logspb.SeverityNumber_SEVERITY_NUMBER_WARN, "WARN"
-			if sqlstate != "" {
-				a = append(a, strAttr("error.type", sqlstate))
-			}
-		}
-	}
-	if v, ok := top("rows"); ok {
-		if n, err := strconv.ParseInt(v, 10, 64); err == nil {
-			a = append(a, intAttr("db.response.returned_rows", n))
-		}
-	}
-	if v, ok := lineField(proc, "pid"); ok {
-		if n, err := strconv.ParseInt(v, 10, 64); err == nil && n != 0 {
-			a = append(a, intAttr("process.pid", n))
-		}
-	}
-	if v, ok := lineField(proc, "uid"); ok {
-		if n, err := strconv.ParseInt(v, 10, 64); err == nil {
-			a = append(a, intAttr("process.user.id", n))
-		}
-	}
-	if j := bytes.Index(proc, []byte(`"pod":{`)); j >= 0 {
-		pod := proc[j:]
-		ns, _ := lineField(pod, "namespace")
-		name, _ := lineField(pod, "name")
-		a = append(a, strAttr("k8s.pod.name", name), strAttr("k8s.namespace.name", ns))
-		if sa, _ := lineField(pod, "service_account"); sa != "" {
-			a = append(a, strAttr("k8s.serviceaccount.name", sa))
-		}
-	}
-	rec.Attributes = a
-	return rec
-}
-
-// shipResource names the node: host.name and pgward.node (the node name
-// checkpoints carry), and the audit file the records come from.
-func shipResource(node, path string) *resourcepb.Resource {
-	return &resourcepb.Resource{Attributes: []*commonpb.KeyValue{
-		strAttr("service.name", "pgward"), strAttr("host.name", node), strAttr("pgward.node", node),
-		strAttr("log.file.path", path),
-	}}
-}
-
-// shipSender sends one export request; it reports how many records the
-// collector rejected for good (partial success).
+// shipSender sends one export request, encoded (shipBatch); it reports how
+// many records the collector rejected for good (partial success).
 type shipSender interface {
-	send(ctx context.Context, req *collogspb.ExportLogsServiceRequest) (rejected int64, err error)
+	send(ctx context.Context, req []byte) (rejected int64, err error)
 	close() error
 }
 
@@ -247,11 +51,11 @@ func shipTLS(c ShipConfig) (*tls.Config, error) {
 	if c.CAFile != "" {
 		pem, err := os.ReadFile(c.CAFile)
 		if err != nil {
-			return nil, fmt.Errorf("audit.otlp.ca_file: %w", err)
+			return nil, err
 		}
 		pool := x509.NewCertPool()
 		if !pool.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("audit.otlp.ca_file %s: no PEM certificate in it", c.CAFile)
+			return nil, fmt.Errorf("%s: no PEM certificate in it", c.CAFile)
 		}
 		t.RootCAs = pool
 	}
@@ -263,7 +67,7 @@ func newShipSender(c ShipConfig, opts ...grpc.DialOption) (shipSender, error) {
 	if !c.insecure() {
 		var err error
 		if tc, err = shipTLS(c); err != nil {
-			return nil, err
+			return nil, fieldError("audit.otlp.ca_file", "%w", err)
 		}
 	}
 	if c.Protocol == ShipHTTP {
@@ -289,20 +93,48 @@ func newShipSender(c ShipConfig, opts ...grpc.DialOption) (shipSender, error) {
 	if len(c.Headers) > 0 {
 		md = metadata.New(c.Headers)
 	}
-	return &grpcSender{conn: conn, client: collogspb.NewLogsServiceClient(conn), md: md}, nil
+	return &grpcSender{conn: conn, md: md}, nil
 }
 
 type grpcSender struct {
-	conn   *grpc.ClientConn
-	client collogspb.LogsServiceClient
-	md     metadata.MD
+	conn *grpc.ClientConn
+	md   metadata.MD
 }
 
-func (s *grpcSender) send(ctx context.Context, req *collogspb.ExportLogsServiceRequest) (int64, error) {
+// shipExportMethod is LogsService.Export (collector/logs/v1).
+const shipExportMethod = "/opentelemetry.proto.collector.logs.v1.LogsService/Export"
+
+// rawCodec sends a request already encoded (shipBatch) as it is and decodes
+// the answer with the generated types. Its name is proto's: the content type
+// stays application/grpc+proto.
+type rawCodec struct{}
+
+type rawRequest []byte
+
+func (rawCodec) Marshal(v any) (mem.BufferSlice, error) {
+	r, ok := v.(rawRequest)
+	if !ok {
+		return nil, fmt.Errorf("rawCodec: cannot marshal %T", v)
+	}
+	return mem.BufferSlice{mem.SliceBuffer(r)}, nil
+}
+
+func (rawCodec) Unmarshal(data mem.BufferSlice, v any) error {
+	m, ok := v.(proto.Message)
+	if !ok {
+		return fmt.Errorf("rawCodec: cannot unmarshal into %T", v)
+	}
+	return proto.Unmarshal(data.Materialize(), m)
+}
+
+func (rawCodec) Name() string { return "proto" }
+
+func (s *grpcSender) send(ctx context.Context, req []byte) (int64, error) {
 	if s.md != nil {
 		ctx = metadata.NewOutgoingContext(ctx, s.md)
 	}
-	resp, err := s.client.Export(ctx, req)
+	resp := new(collogspb.ExportLogsServiceResponse)
+	err := s.conn.Invoke(ctx, shipExportMethod, rawRequest(req), resp, grpc.ForceCodecV2(rawCodec{}))
 	if err != nil {
 		st := status.Convert(err)
 		e := &shipError{err: fmt.Errorf("export audit over gRPC: %s: %s", st.Code(), st.Message())}
@@ -327,12 +159,8 @@ type httpSender struct {
 	client  *http.Client
 }
 
-func (s *httpSender) send(ctx context.Context, req *collogspb.ExportLogsServiceRequest) (int64, error) {
-	body, err := proto.Marshal(req)
-	if err != nil {
-		return 0, &shipError{err: err, permanent: true}
-	}
-	hr, err := http.NewRequestWithContext(ctx, http.MethodPost, s.url, bytes.NewReader(body))
+func (s *httpSender) send(ctx context.Context, req []byte) (int64, error) {
+	hr, err := http.NewRequestWithContext(ctx, http.MethodPost, s.url, bytes.NewReader(req))
 	if err != nil {
 		return 0, &shipError{err: err}
 	}

@@ -3,16 +3,42 @@ package exporter
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"github.com/prometheus/client_golang/prometheus"
+	collogspb "go.opentelemetry.io/proto/otlp/collector/logs/v1"
 	commonpb "go.opentelemetry.io/proto/otlp/common/v1"
+	logspb "go.opentelemetry.io/proto/otlp/logs/v1"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/pgward/pgward/broker"
 )
+
+// shipRecord encodes one line as the shipper does and decodes it with the
+// generated types: the hand encoding must be what they read.
+func shipRecord(t *testing.T, line []byte, fileStart string, now time.Time) *logspb.LogRecord {
+	t.Helper()
+	b := newShipBatch("node-a", "/var/log/pgward/audit.jsonl")
+	if !b.add(line, fileStart, now) {
+		t.Fatalf("line not encoded: %s", line)
+	}
+	var req collogspb.ExportLogsServiceRequest
+	if err := proto.Unmarshal(b.request(), &req); err != nil {
+		t.Fatalf("the request does not decode: %v", err)
+	}
+	rl := req.ResourceLogs
+	if len(rl) != 1 || len(rl[0].ScopeLogs) != 1 || len(rl[0].ScopeLogs[0].LogRecords) != 1 ||
+		rl[0].ScopeLogs[0].Scope.GetName() != shipScope || len(rl[0].Resource.GetAttributes()) != 4 {
+		t.Fatalf("request shape %v", &req)
+	}
+	return rl[0].ScopeLogs[0].LogRecords[0]
+}
 
 // The attributes come from the line's own fields even when free-form
 // values (pod labels, statement text, parameters) spell other fields' keys.
@@ -60,7 +86,7 @@ func TestShipRecordAttributes(t *testing.T) {
 		}
 		return m
 	}
-	rec := shipRecord(lines[0], "start", time.Now())
+	rec := shipRecord(t, lines[0], "start", time.Now())
 	got := attrs(rec.Attributes)
 	for k, want := range map[string]any{
 		"db.system.name": "postgresql", "db.namespace": "orders", "db.query.text": `select '"db_name":"evil"', $1`,
@@ -77,8 +103,77 @@ func TestShipRecordAttributes(t *testing.T) {
 		len(rec.TraceId) != 16 || rec.TimeUnixNano == 0 {
 		t.Errorf("record %v", rec)
 	}
-	res := attrs(shipRecord(lines[1], "start", time.Now()).Attributes)
+	var head struct{ Time time.Time }
+	if err := json.Unmarshal(lines[0], &head); err != nil || rec.TimeUnixNano != uint64(head.Time.UnixNano()) {
+		t.Errorf("time_unix_nano %d, the line's time %v (%v)", rec.TimeUnixNano, head.Time, err)
+	}
+	for _, tc := range []string{"2026-12-07T05:06:10.004309079Z", "2026-12-07T05:06:10Z", "2026-12-07T05:06:10.5Z", "2026-12-07T05:06:10.123+01:00"} {
+		want, _ := time.Parse(time.RFC3339Nano, tc)
+		if ns, ok := parseLineTime([]byte(tc)); !ok || ns != want.UnixNano() {
+			t.Errorf("parseLineTime(%s) = %d, %v; want %d", tc, ns, ok, want.UnixNano())
+		}
+	}
+	res := attrs(shipRecord(t, lines[1], "start", time.Now()).Attributes)
 	if res["db.response.status_code"] != "42P01" || res["error.type"] != "42P01" || res["pgward.success"] != false {
 		t.Errorf("result attributes %v", res)
 	}
+}
+
+// FuzzShipRecord: any line a file may hold is encoded without a panic into
+// a request the generated protobuf types read, with the line as the body
+// and, for a valid audit line, the string fields as encoding/json reads them.
+func FuzzShipRecord(f *testing.F) {
+	data, err := os.ReadFile(filepath.Join("testdata", "audit-golden.jsonl"))
+	if err != nil {
+		f.Fatal(err)
+	}
+	for _, l := range bytes.Split(bytes.TrimSpace(data), []byte("\n")) {
+		f.Add(l)
+	}
+	f.Add([]byte(`{"event":"a\u00e9\ud83d\ude00\"","db_query":"x\\\"y\n","process":{"pid":1,"pod":{"name":"p\"","labels":{"name":"no"}}},"rows":-3}`))
+	f.Add([]byte(`{"db_query":"\ud800 lone","request_id":"zz"`))
+	f.Fuzz(func(t *testing.T, line []byte) {
+		b := newShipBatch("n", "p")
+		if !b.add(line, zeroHash, time.Unix(0, 1)) {
+			if utf8.Valid(line) {
+				t.Fatalf("valid UTF-8 line refused: %q", line)
+			}
+			return
+		}
+		var req collogspb.ExportLogsServiceRequest
+		if err := proto.Unmarshal(b.request(), &req); err != nil {
+			t.Fatalf("request does not decode: %v (line %q)", err, line)
+		}
+		rec := req.ResourceLogs[0].ScopeLogs[0].LogRecords[0]
+		if rec.Body.GetStringValue() != string(line) {
+			t.Fatalf("body %q, line %q", rec.Body.GetStringValue(), line)
+		}
+		var m map[string]any
+		if json.Unmarshal(line, &m) != nil {
+			return
+		}
+		attrs := map[string]string{}
+		for _, kv := range rec.Attributes {
+			if _, dup := attrs[kv.Key]; !dup {
+				attrs[kv.Key] = kv.Value.GetStringValue()
+			}
+		}
+		for field, attr := range map[string]string{"db_query": "db.query.text", "principal": "pgward.principal", "sid": "session.id"} {
+			want, isStr := m[field].(string)
+			if !isStr || want == "" {
+				continue
+			}
+			// encoding/json keeps the first of a repeated key's values
+			// only when it is the last too; the shipper keeps the first.
+			if bytes.Count(line, []byte(`"`+field+`"`)) > 1 {
+				continue
+			}
+			if !utf8.ValidString(want) || strings.ContainsRune(want, utf8.RuneError) {
+				continue // both replace bad sequences, maybe differently
+			}
+			if attrs[attr] != want {
+				t.Fatalf("%s = %q, encoding/json reads %s = %q (line %q)", attr, attrs[attr], field, want, line)
+			}
+		}
+	})
 }

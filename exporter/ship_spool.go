@@ -31,8 +31,26 @@ type shipCursor struct {
 
 var zeroHash = hex.EncodeToString(make([]byte, sha256.Size))
 
-func loadCursor(path string) (shipCursor, bool, error) {
-	var c shipCursor
+// spoolSpan is what the shipper knows of a rotated audit file, keyed by its
+// start: how many lines it holds (its last seq) and the hash of its last
+// line, which is the start of the file after it. Recorded when the file is
+// rotated (or first seen rotated: rotated files do not change), it lets the
+// shipper count the events of a file deleted by someone else before it was
+// delivered, and step over it to the next file.
+type spoolSpan struct {
+	Lines int64  `json:"lines"`
+	End   string `json:"end"`
+}
+
+// shipState is the state file: the cursor and the spans of the rotated files
+// from the cursor's file on.
+type shipState struct {
+	shipCursor
+	Files map[string]spoolSpan `json:"files,omitempty"`
+}
+
+func loadCursor(path string) (shipState, bool, error) {
+	var c shipState
 	b, err := os.ReadFile(path)
 	if errors.Is(err, os.ErrNotExist) {
 		return c, false, nil
@@ -41,7 +59,7 @@ func loadCursor(path string) (shipCursor, bool, error) {
 		return c, false, err
 	}
 	if err := json.Unmarshal(b, &c); err != nil || len(c.Start) != 64 || len(c.Last) != 64 || c.Offset < 0 {
-		return c, false, fmt.Errorf("delivery cursor %s is damaged; shipping from the oldest audit file", path)
+		return shipState{}, false, fmt.Errorf("delivery cursor %s is damaged; shipping from the oldest audit file", path)
 	}
 	return c, true, nil
 }
@@ -49,13 +67,37 @@ func loadCursor(path string) (shipCursor, bool, error) {
 // saveCursor replaces the state file atomically. It does not fsync: after a
 // crash of pgward the page cache has it, and after a crash of the host an
 // older cursor only means events are shipped twice, never skipped.
-func saveCursor(path string, c shipCursor) error {
-	b, _ := json.Marshal(c)
+func saveCursor(path string, c shipCursor, files map[string]spoolSpan) error {
+	b, _ := json.Marshal(shipState{shipCursor: c, Files: files})
 	tmp := path + ".tmp"
 	if err := os.WriteFile(tmp, append(b, '\n'), 0o600); err != nil {
 		return err
 	}
 	return os.Rename(tmp, path)
+}
+
+// spanOf reads the start and span of the audit file name, if it still is
+// the file with inode (a rotation may have put another under the name).
+func spanOf(name string, inode uint64) (start string, sp spoolSpan, ok bool) {
+	f, err := os.Open(name)
+	if err != nil {
+		return "", sp, false
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil || inodeOf(fi) != inode {
+		return "", sp, false
+	}
+	start = firstPrevHash(f)
+	last, _, _, err := lastLineOf(f)
+	if start == "" || err != nil || last == nil {
+		return "", sp, false
+	}
+	seq, _, err := chainFields(last)
+	if err != nil {
+		return "", sp, false
+	}
+	return start, spoolSpan{Lines: seq, End: hashHex(last)}, true
 }
 
 // spoolFile is one audit file as the shipper sees it.
@@ -163,10 +205,14 @@ func lastSeqOf(name string) int64 {
 type spoolReader struct {
 	f     *os.File
 	inode uint64
-	cur   shipCursor // position after the lines handed out
-	buf   []byte     // unread bytes from cur.Offset (may end in a partial line), in store
-	store []byte     // the read buffer, reused
-	eof   bool       // the last read found nothing new
+	cur   shipCursor  // position after the lines handed out
+	buf   []byte      // unread bytes from cur.Offset (may end in a partial line), in store
+	store []byte      // the read buffer, reused
+	eof   bool        // the last read found nothing new
+	lines []spoolLine // next's result, reused
+	// capped: the last next stopped at maxLines or maxBytes, not at the
+	// end of what is written (there is more to read at once).
+	capped bool
 }
 
 // errSpoolMoved: the name no longer holds the file listed (a rotation).
@@ -218,12 +264,14 @@ func (r *spoolReader) next(maxLines, maxBytes int) ([]spoolLine, error) {
 	if err := r.fill(maxBytes); err != nil {
 		return nil, err
 	}
-	var out []spoolLine
+	out := r.lines[:0]
 	c := r.cur
 	used, total := 0, 0
+	r.capped = true
 	for len(out) < maxLines {
 		i := bytes.IndexByte(r.buf[used:], '\n')
 		if i < 0 {
+			r.capped = false
 			break
 		}
 		line := r.buf[used : used+i]
@@ -244,6 +292,7 @@ func (r *spoolReader) next(maxLines, maxBytes int) ([]spoolLine, error) {
 		// Only the last line's cursor is ever kept: hash that one.
 		out[n-1].after.Last = hashHex(out[n-1].line)
 	}
+	r.lines = out
 	return out, nil
 }
 

@@ -195,6 +195,26 @@ func TestShipDeliversEveryLine(t *testing.T) {
 	}
 }
 
+// countArrived returns how many of lines the collector has received.
+func countArrived(t *testing.T, col *testenv.Collector, lines []string) int64 {
+	t.Helper()
+	recs, err := col.Logs()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make(map[string]bool, len(recs))
+	for _, r := range recs {
+		got[r.Body] = true
+	}
+	var n int64
+	for _, l := range lines {
+		if got[l] {
+			n++
+		}
+	}
+	return n
+}
+
 // verifyArrived checks what the collector wrote with `audit verify --otlp`'s
 // code: one node, the chain intact across every file, n lines at least.
 func verifyArrived(t *testing.T, col *testenv.Collector, n int) {
@@ -377,24 +397,11 @@ func TestShipDiskCap(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitDelivered(t, col, spoolLines(t, fx.cfg.Path), 30*time.Second)
-	recs, err := col.Logs()
-	if err != nil {
-		t.Fatal(err)
-	}
-	got := map[string]bool{}
-	for _, r := range recs {
-		got[r.Body] = true
-	}
-	var delivered int64
-	for _, l := range all {
-		if got[l] {
-			delivered++
-		}
-	}
+	delivered := countArrived(t, col, all)
 	if delivered+lost < int64(len(all)) {
 		t.Errorf("%d events written, %d delivered, %d counted lost: %d unaccounted for", len(all), delivered, lost, int64(len(all))-delivered-lost)
 	}
-	if delivered+lost > int64(len(all))+512 {
+	if delivered+lost > int64(len(all))+2048 { // a batch (shipBatchLines) in flight
 		t.Errorf("%d delivered + %d lost for %d written: lost overcounts by more than a batch", delivered, lost, len(all))
 	}
 }

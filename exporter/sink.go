@@ -7,6 +7,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"go.opentelemetry.io/otel/trace"
+
 	"github.com/pgward/pgward/broker"
 )
 
@@ -191,18 +193,23 @@ func (a *Audit) sessionEnd(now time.Time, s *broker.SessionInfo, ei int64) error
 	return a.append(kindSessionEnd, a.enc.sessionEnd(now, s, ei))
 }
 
-func (a *Audit) query(now time.Time, h *sessionHeader, s *broker.SessionInfo, q *broker.QueryEvent, ei int64) error {
-	return a.append(kindQuery, a.enc.query(now, h, s, q, ei))
+func (a *Audit) query(now time.Time, h *sessionHeader, s *broker.SessionInfo, q *broker.QueryEvent, ei int64, span trace.SpanID) error {
+	return a.append(kindQuery, a.enc.query(now, h, s, q, ei, span))
 }
 
-// queryBatch audits the statements of one client read, stored together.
-func (a *Audit) queryBatch(now time.Time, h *sessionHeader, s *broker.SessionInfo, qs []*broker.QueryEvent, ei int64) error {
+// queryBatch audits the statements of one client read, stored together;
+// spans[i] (when spans is not nil) is the span id of qs[i].
+func (a *Audit) queryBatch(now time.Time, h *sessionHeader, s *broker.SessionInfo, qs []*broker.QueryEvent, ei int64, spans []trace.SpanID) error {
 	bp := a.batch.Get().(*[]Event)
 	es := (*bp)[:0]
 	var small [8]*[]byte
 	bufs := small[:0]
 	for i, q := range qs {
-		b := a.enc.query(now, h, s, q, ei+int64(i))
+		var span trace.SpanID
+		if i < len(spans) {
+			span = spans[i]
+		}
+		b := a.enc.query(now, h, s, q, ei+int64(i), span)
 		bufs = append(bufs, b)
 		es = append(es, Event{Kind: kindQuery, Body: *b})
 	}
@@ -222,8 +229,8 @@ func (a *Audit) queryBatch(now time.Time, h *sessionHeader, s *broker.SessionInf
 	return err
 }
 
-func (a *Audit) queryResult(now time.Time, h *sessionHeader, s *broker.SessionInfo, q *broker.QueryEvent, ei, queryEI int64, password bool) error {
-	return a.append(kindQueryResult, a.enc.queryResult(now, h, s, q, ei, queryEI, password))
+func (a *Audit) queryResult(now time.Time, h *sessionHeader, s *broker.SessionInfo, q *broker.QueryEvent, ei, queryEI int64, span trace.SpanID, password bool) error {
+	return a.append(kindQueryResult, a.enc.queryResult(now, h, s, q, ei, queryEI, span, password))
 }
 
 func (a *Audit) cancel(now time.Time, c *broker.CancelEvent, ei int64) error {

@@ -1,6 +1,9 @@
 // Command otelcol is the smallest OpenTelemetry Collector pgward's tests
 // need: the OTLP receiver (gRPC and HTTP) and the file exporter, built from
-// the collector's own releases (core and contrib at one version, v0.161.0).
+// the collector's own releases (core and contrib at one version, v0.161.0);
+// and what deploy/otelcol's example configurations use, so a test can
+// validate them with this binary: the otlphttp exporter, the batch,
+// memory_limiter and resource processors and the file_storage extension.
 // It lives in its own Go module so pgward's go.mod does not carry the
 // collector's dependency tree; `make otelcol` builds it into bin/otelcol and
 // testenv.StartCollector runs it.
@@ -10,11 +13,19 @@ import (
 	"log"
 
 	"github.com/open-telemetry/opentelemetry-collector-contrib/exporter/fileexporter"
+	"github.com/open-telemetry/opentelemetry-collector-contrib/extension/storage/filestorage"
+	"github.com/open-telemetry/opentelemetry-collector-contrib/processor/resourceprocessor"
 	"go.opentelemetry.io/collector/component"
 	"go.opentelemetry.io/collector/confmap"
+	"go.opentelemetry.io/collector/confmap/provider/envprovider"
 	"go.opentelemetry.io/collector/confmap/provider/fileprovider"
 	"go.opentelemetry.io/collector/exporter"
+	"go.opentelemetry.io/collector/exporter/otlphttpexporter"
+	"go.opentelemetry.io/collector/extension"
 	"go.opentelemetry.io/collector/otelcol"
+	"go.opentelemetry.io/collector/processor"
+	"go.opentelemetry.io/collector/processor/batchprocessor"
+	"go.opentelemetry.io/collector/processor/memorylimiterprocessor"
 	"go.opentelemetry.io/collector/receiver"
 	"go.opentelemetry.io/collector/receiver/otlpreceiver"
 	"go.opentelemetry.io/collector/service/telemetry/otelconftelemetry"
@@ -22,12 +33,23 @@ import (
 
 func factories() (otelcol.Factories, error) {
 	recv := otlpreceiver.NewFactory()
-	exp := fileexporter.NewFactory()
-	return otelcol.Factories{
-		Receivers: map[component.Type]receiver.Factory{recv.Type(): recv},
-		Exporters: map[component.Type]exporter.Factory{exp.Type(): exp},
-		Telemetry: otelconftelemetry.NewFactory(),
-	}, nil
+	f := otelcol.Factories{
+		Receivers:  map[component.Type]receiver.Factory{recv.Type(): recv},
+		Exporters:  map[component.Type]exporter.Factory{},
+		Processors: map[component.Type]processor.Factory{},
+		Extensions: map[component.Type]extension.Factory{},
+		Telemetry:  otelconftelemetry.NewFactory(),
+	}
+	for _, e := range []exporter.Factory{fileexporter.NewFactory(), otlphttpexporter.NewFactory()} {
+		f.Exporters[e.Type()] = e
+	}
+	for _, p := range []processor.Factory{batchprocessor.NewFactory(), memorylimiterprocessor.NewFactory(), resourceprocessor.NewFactory()} {
+		f.Processors[p.Type()] = p
+	}
+	for _, e := range []extension.Factory{filestorage.NewFactory()} {
+		f.Extensions[e.Type()] = e
+	}
+	return f, nil
 }
 
 func main() {
@@ -36,7 +58,8 @@ func main() {
 		Factories: factories,
 		ConfigProviderSettings: otelcol.ConfigProviderSettings{
 			ResolverSettings: confmap.ResolverSettings{
-				ProviderFactories: []confmap.ProviderFactory{fileprovider.NewFactory()},
+				// env: the examples read secrets as ${env:…}.
+				ProviderFactories: []confmap.ProviderFactory{fileprovider.NewFactory(), envprovider.NewFactory()},
 				DefaultScheme:     "file",
 			},
 		},
