@@ -106,8 +106,7 @@ func New(ctx context.Context, opts Options) (_ *Agent, err error) {
 		}
 		auditOpts = append(auditOpts, exporter.WithCheckpointKey(key))
 	} else {
-		log.Warn("audit checkpoints are off (no audit.checkpoint.key): the audit trail is unkeyed, so a file cut at a line boundary, extended or re-chained still verifies",
-			"path", cfg.Audit.Path)
+		log.Warn("audit checkpoints are off (no audit.checkpoint.key): "+uncheckpointedWarning, "path", cfg.Audit.Path)
 	}
 	var ship *exporter.Shipper
 	if exporter.ShipEnabled(cfg.Audit.OTLP, nil) {
