@@ -335,6 +335,27 @@ func TestCertAuthVaultPKI(t *testing.T) {
 	if err != nil || strings.TrimSpace(string(out)) != s1 {
 		t.Fatalf("psql: %v %q, want serial %s (the cached certificate)", err, out, s1)
 	}
+	// The metrics: the certificate's expiry, and renewals by result (both
+	// series there from the start, at 0).
+	renewals := func(result string) float64 {
+		t.Helper()
+		v, ok := scrapeAll(t, h)[`pgward_client_cert_renewals_total{result="`+result+`",upstream="vcert"}`]
+		if !ok {
+			t.Fatalf("no pgward_client_cert_renewals_total series for vcert, result %s", result)
+		}
+		return v
+	}
+	expiry := func() time.Time {
+		t.Helper()
+		v := scrapeAll(t, h)[`pgward_client_cert_expiry_timestamp_seconds{role="`+certUser+`",upstream="vcert"}`]
+		return time.UnixMilli(int64(v * 1000))
+	}
+	if ok, failed := renewals("success"), renewals("failure"); ok != 0 || failed != 0 {
+		t.Errorf("renewals before any: success %v failure %v", ok, failed)
+	}
+	if e := expiry(); e.Sub(issued[0].NotAfter).Abs() > time.Second {
+		t.Errorf("pgward_client_cert_expiry_timestamp_seconds = %v, want the certificate's %v", e, issued[0].NotAfter)
+	}
 
 	// Renewed before it expires: at two thirds of its life.
 	deadline := time.Now().Add(3 * ttl)
@@ -351,6 +372,12 @@ func TestCertAuthVaultPKI(t *testing.T) {
 	second := h.connect(t, certUser, "vcert")
 	if s2 := serialOf(second); s2 != issued[1].Serial || s2 == s1 {
 		t.Fatalf("second session used serial %s; issued %+v", s2, issued)
+	}
+	if n := renewals("success"); n < 1 {
+		t.Errorf("pgward_client_cert_renewals_total{result=success} = %v after a renewal", n)
+	}
+	if e := expiry(); e.Sub(issued[len(issued)-1].NotAfter).Abs() > time.Second && e.Sub(issued[1].NotAfter).Abs() > time.Second {
+		t.Errorf("pgward_client_cert_expiry_timestamp_seconds = %v after the renewal, want the renewed certificate's", e)
 	}
 
 	// Vault stops issuing: once the current certificate expired, new
@@ -373,6 +400,12 @@ func TestCertAuthVaultPKI(t *testing.T) {
 		if time.Now().After(end) {
 			t.Fatal("no ERROR line when the certificate expired unrenewed")
 		}
+	}
+	if n := renewals("failure"); n < 1 {
+		t.Errorf("pgward_client_cert_renewals_total{result=failure} = %v after renewals failed until expiry", n)
+	}
+	if e := expiry(); time.Now().Before(e) {
+		t.Errorf("pgward_client_cert_expiry_timestamp_seconds = %v, in the future, after the certificate expired unrenewed", e)
 	}
 
 	// Vault back: the next session gets a new certificate.
