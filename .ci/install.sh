@@ -12,6 +12,12 @@ command -v pgbench >/dev/null 2>&1 || need+=(postgresql-contrib)
 command -v promtool >/dev/null 2>&1 || need+=(prometheus)
 command -v pgbouncer >/dev/null 2>&1 || need+=(pgbouncer)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)  # verifies deploy/systemd/pgward.service
+# Real drivers other than pgx and psql (agent/drivers_test.go): psycopg 3 for
+# Debian's python3, PgJDBC with a JDK to compile the probe (about 115 MB to
+# download, 270 MB installed, under a minute).
+/usr/bin/python3 -c 'import psycopg' >/dev/null 2>&1 || need+=(python3-psycopg)
+command -v javac >/dev/null 2>&1 || need+=(default-jdk-headless)
+test -f /usr/share/java/postgresql.jar || need+=(libpostgresql-jdbc-java)
 
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" -ne 0 ]; then

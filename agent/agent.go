@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"slices"
 	"sync"
 	"time"
 
@@ -17,6 +18,7 @@ import (
 
 	"github.com/pgward/pgward/broker"
 	"github.com/pgward/pgward/broker/secrets"
+	"github.com/pgward/pgward/broker/secrets/vault"
 	"github.com/pgward/pgward/exporter"
 )
 
@@ -91,7 +93,7 @@ func New(ctx context.Context, opts Options) (_ *Agent, err error) {
 	a.metrics = exporter.NewMetrics(reg)
 
 	// The secrets backends first: the audit's checkpoint key lives there.
-	a.source, err = newSource(cfg, log)
+	a.source, err = newSource(cfg, log, a.metrics)
 	if err != nil {
 		return nil, err
 	}
@@ -106,8 +108,7 @@ func New(ctx context.Context, opts Options) (_ *Agent, err error) {
 		}
 		auditOpts = append(auditOpts, exporter.WithCheckpointKey(key))
 	} else {
-		log.Warn("audit checkpoints are off (no audit.checkpoint.key): the audit trail is unkeyed, so a file cut at a line boundary, extended or re-chained still verifies",
-			"path", cfg.Audit.Path)
+		log.Warn("audit checkpoints are off (no audit.checkpoint.key): "+uncheckpointedWarning, "path", cfg.Audit.Path)
 	}
 	var ship *exporter.Shipper
 	if exporter.ShipEnabled(cfg.Audit.OTLP, nil) {
@@ -183,13 +184,21 @@ func New(ctx context.Context, opts Options) (_ *Agent, err error) {
 // (secrets.backend, and upstreams.<name>.secrets where set) and routes each
 // upstream to its own, so that one backend's outage leaves the others'
 // upstreams working.
-func newSource(cfg *Config, log *slog.Logger) (secrets.Source, error) {
+//
+// The client certificates of Vault's PKI engine are counted in m.
+func newSource(cfg *Config, log *slog.Logger, m *exporter.Metrics) (secrets.Source, error) {
 	backends := map[string]secrets.Source{}
 	route := map[string]secrets.Source{}
+	certObs := vault.WithCertObserver(func(ev vault.CertEvent) {
+		m.ClientCert(ev.Upstream, ev.Role, ev.Renewal, ev.Err != nil, ev.NotAfter)
+	})
 	for name, u := range cfg.Upstreams {
 		b := u.Secrets // defaults applied: secrets.backend when unset
+		if b == "vault" && slices.Contains(u.Auth, broker.AuthCert) {
+			m.ClientCertUpstreams(name)
+		}
 		if backends[b] == nil {
-			src, err := openBackend(b, cfg, log)
+			src, err := openBackend(b, cfg, log, certObs)
 			if err != nil {
 				for _, s := range backends {
 					if c, ok := s.(interface{ Close() error }); ok {
@@ -205,7 +214,8 @@ func newSource(cfg *Config, log *slog.Logger) (secrets.Source, error) {
 	return &router{route: route, backends: backends}, nil
 }
 
-func openBackend(name string, cfg *Config, log *slog.Logger) (secrets.Source, error) {
+// openBackend opens the secrets backend name; vaultOpts are for Vault's.
+func openBackend(name string, cfg *Config, log *slog.Logger, vaultOpts ...vault.Option) (secrets.Source, error) {
 	switch name {
 	case "file":
 		f, err := secrets.NewFile(cfg.Secrets.File, log)
@@ -219,7 +229,7 @@ func openBackend(name string, cfg *Config, log *slog.Logger) (secrets.Source, er
 		if cfg.Secrets.Vault == nil {
 			return nil, errors.New("secrets backend vault: secrets.vault is not configured")
 		}
-		return newVaultSource(cfg, log)
+		return newVaultSource(cfg, log, vaultOpts...)
 	}
 	return nil, broker.CheckChoice("secrets.backend", name, secrets.Backends)
 }

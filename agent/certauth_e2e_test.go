@@ -335,6 +335,34 @@ func TestCertAuthVaultPKI(t *testing.T) {
 	if err != nil || strings.TrimSpace(string(out)) != s1 {
 		t.Fatalf("psql: %v %q, want serial %s (the cached certificate)", err, out, s1)
 	}
+	// The metrics: the certificate's expiry, and renewals by result (both
+	// series there from the start, at 0).
+	renewals := func(result string) float64 {
+		t.Helper()
+		v, ok := scrapeAll(t, h)[`pgward_client_cert_renewals_total{result="`+result+`",upstream="vcert"}`]
+		if !ok {
+			t.Fatalf("no pgward_client_cert_renewals_total series for vcert, result %s", result)
+		}
+		return v
+	}
+	// expiry is the gauge, which must be the not_after of a certificate
+	// Vault issued (under load a renewal may already have come).
+	expiry := func() time.Time {
+		t.Helper()
+		v := scrapeAll(t, h)[`pgward_client_cert_expiry_timestamp_seconds{role="`+certUser+`",upstream="vcert"}`]
+		e := time.UnixMilli(int64(v * 1000))
+		for _, c := range sim.Issued() {
+			if c.NotAfter.Sub(e).Abs() < 10*time.Millisecond {
+				return e
+			}
+		}
+		t.Errorf("pgward_client_cert_expiry_timestamp_seconds = %v, the not_after of no certificate issued: %+v", e, sim.Issued())
+		return e
+	}
+	if ok, failed := renewals("success"), renewals("failure"); ok != 0 || failed != 0 {
+		t.Errorf("renewals before any: success %v failure %v", ok, failed)
+	}
+	expiry()
 
 	// Renewed before it expires: at two thirds of its life.
 	deadline := time.Now().Add(3 * ttl)
@@ -351,6 +379,12 @@ func TestCertAuthVaultPKI(t *testing.T) {
 	second := h.connect(t, certUser, "vcert")
 	if s2 := serialOf(second); s2 != issued[1].Serial || s2 == s1 {
 		t.Fatalf("second session used serial %s; issued %+v", s2, issued)
+	}
+	if n := renewals("success"); n < 1 {
+		t.Errorf("pgward_client_cert_renewals_total{result=success} = %v after a renewal", n)
+	}
+	if e := expiry(); !e.After(issued[0].NotAfter) {
+		t.Errorf("pgward_client_cert_expiry_timestamp_seconds = %v after the renewal, want a later one than the first certificate's %v", e, issued[0].NotAfter)
 	}
 
 	// Vault stops issuing: once the current certificate expired, new
@@ -373,6 +407,12 @@ func TestCertAuthVaultPKI(t *testing.T) {
 		if time.Now().After(end) {
 			t.Fatal("no ERROR line when the certificate expired unrenewed")
 		}
+	}
+	if n := renewals("failure"); n < 1 {
+		t.Errorf("pgward_client_cert_renewals_total{result=failure} = %v after renewals failed until expiry", n)
+	}
+	if e := expiry(); time.Now().Before(e) {
+		t.Errorf("pgward_client_cert_expiry_timestamp_seconds = %v, in the future, after the certificate expired unrenewed", e)
 	}
 
 	// Vault back: the next session gets a new certificate.

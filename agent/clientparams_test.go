@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"regexp"
 	"strings"
@@ -11,6 +12,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 
+	"github.com/pgward/pgward/broker"
 	"github.com/pgward/pgward/testenv"
 )
 
@@ -375,5 +377,65 @@ func TestMembershipCheckIgnoresClientSearchPath(t *testing.T) {
 	e := connectErr(t, h.dsn(testenv.ScramUser, "orders", "search_path=evil,pg_catalog"))
 	if e.Code != "42501" || !strings.Contains(e.Message, "pgw_target") {
 		t.Fatalf("refused with %s %q, want 42501 naming the membership", e.Code, e.Message)
+	}
+}
+
+// TestMembershipCheckIgnoresClientTimeouts: pgward's own membership query
+// runs in the client's session, so before it was made immune it ran under
+// the client's statement_timeout and lock_timeout (startup parameters):
+// a client asking for 1ms could make the check fail, refusing its own
+// login where refuse_role_switching is on (or, where off, losing the
+// memberships from the audit). A lock on pg_auth_members, which the query
+// reads and the login does not, holds it past 1ms.
+func TestMembershipCheckIgnoresClientTimeouts(t *testing.T) {
+	pg := privatePG(t, testenv.Options{})
+	ctx := context.Background()
+	for _, reuse := range []bool{false, true} {
+		for _, param := range []string{"statement_timeout=1ms", "lock_timeout=1ms"} {
+			t.Run(fmt.Sprintf("%s reuse=%v", param, reuse), func(t *testing.T) {
+				h := newHarness(t, func(h *harness, c *Config) {
+					onPrivatePG(pg)(h, c)
+					u := c.Upstreams["orders"]
+					u.RefuseRoleSwitching = true
+					if reuse {
+						u.Reuse = &broker.ReuseConfig{MaxIdle: 2, IdleTimeout: time.Minute}
+					}
+					c.Upstreams["orders"] = u
+				})
+				admin, err := pg.Admin(ctx)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer admin.Close(ctx)
+				tx, err := admin.Begin(ctx)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if _, err := tx.Exec(ctx, "lock table pg_catalog.pg_auth_members in access exclusive mode"); err != nil {
+					t.Fatal(err)
+				}
+				released := make(chan error, 1)
+				time.AfterFunc(300*time.Millisecond, func() { released <- tx.Commit(ctx) })
+				cfg, err := pgx.ParseConfig(h.dsn(testenv.ScramUser, "orders", param))
+				if err != nil {
+					t.Fatal(err)
+				}
+				cfg.OnNotice = func(_ *pgconn.PgConn, n *pgconn.Notice) {
+					t.Errorf("notice after pgward's check: %s %s", n.Code, n.Message)
+				}
+				c, err := pgx.ConnectConfig(ctx, cfg)
+				if rerr := <-released; rerr != nil {
+					t.Fatal(rerr)
+				}
+				if err != nil {
+					t.Fatalf("connect with %s while the membership query waits for a lock: %v", param, err)
+				}
+				defer c.Close(ctx)
+				name, _, _ := strings.Cut(param, "=")
+				if v := show(t, c, name); v != "1ms" {
+					t.Errorf("%s = %q in the client's session, want 1ms", name, v)
+				}
+			})
+		}
 	}
 }

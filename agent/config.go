@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
 	"reflect"
@@ -110,20 +111,30 @@ func ParseConfig(data []byte, name string) (*Config, error) {
 // finds, and then what Preflight finds on every value that could be read —
 // all at once, each with its line. It changes nothing on the machine.
 func CheckConfig(path string) (*Config, error) {
+	cfg, _, err := CheckConfigWarnings(path)
+	return cfg, err
+}
+
+// CheckConfigWarnings is CheckConfig that also returns, for a file the
+// agent would start with, what the agent would log at WARN about it when
+// it starts (configwarn.go), each as "file:line: key: what". They do not
+// keep the agent from starting.
+func CheckConfigWarnings(path string) (*Config, []string, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
-		return nil, fmt.Errorf("read config: %w", err)
+		return nil, nil, fmt.Errorf("read config: %w", err)
 	}
 	cfg, problems := parseConfig(data, path)
+	var root yaml.Node
+	warns := newWarnRecorder()
 	if cfg != nil {
-		var root yaml.Node
 		_ = yaml.Unmarshal(data, &root)
-		problems = append(problems, toProblems(Preflight(cfg), &root, path, problems)...)
+		problems = append(problems, toProblems(preflight(cfg, slog.New(warns)), &root, path, problems)...)
 	}
 	if len(problems) > 0 {
-		return nil, joinProblems(problems)
+		return nil, nil, joinProblems(problems)
 	}
-	return cfg, nil
+	return cfg, warns.problems(cfg, &root, path), nil
 }
 
 // parseConfig decodes what it can and returns every problem: syntax, unknown
@@ -231,7 +242,11 @@ func cloneNode(n *yaml.Node) *yaml.Node {
 // and file, the metrics address. It calls the same functions New does, so
 // `pgward check-config` and the agent cannot disagree; it changes nothing.
 // Every problem is a *broker.FieldError naming its key.
-func Preflight(cfg *Config) error {
+func Preflight(cfg *Config) error { return preflight(cfg, nil) }
+
+// preflight is Preflight, with log for what opening the secrets backends
+// says at WARN (as at start).
+func preflight(cfg *Config, log *slog.Logger) error {
 	cfg = cfg.WithDefaults()
 	var errs []error
 	errs = append(errs, broker.CheckUpstreams(cfg.Config))
@@ -246,7 +261,11 @@ func Preflight(cfg *Config) error {
 		default:
 			continue
 		}
-		src, err := openBackend(b, cfg, nil)
+		blog := log
+		if blog != nil {
+			blog = log.With(backendAttr, b)
+		}
+		src, err := openBackend(b, cfg, blog)
 		if err != nil {
 			path := "secrets." + b
 			if b == "file" {

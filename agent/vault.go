@@ -17,8 +17,8 @@ func (v vaultSource) Close() error {
 	return nil
 }
 
-func newVaultSource(cfg *Config, log *slog.Logger) (secrets.Source, error) {
-	src, err := vault.New(*cfg.Secrets.Vault, log)
+func newVaultSource(cfg *Config, log *slog.Logger, opts ...vault.Option) (secrets.Source, error) {
+	src, err := vault.New(*cfg.Secrets.Vault, log, opts...)
 	if err != nil {
 		return nil, fmt.Errorf("secrets backend vault: %w", err)
 	}

@@ -48,13 +48,16 @@ func checkAuth(p string, u UpstreamConfig, add func(error)) {
 	}
 }
 
+// trustWarning is what is said, at every start and reload and by `pgward
+// check-config`, about an upstream whose auth list has trust.
+const trustWarning = "lists trust: pgward accepts this server without any authentication, so whoever answers at its address gets the sessions (and their statements) for every role granted on it"
+
 // warnTrust logs, at every start and reload, each upstream that accepts a
 // server asking for no authentication.
 func warnTrust(log *slog.Logger, cfg Config) {
 	for _, name := range sortedKeys(cfg.Upstreams) {
 		if slices.Contains(cfg.Upstreams[name].Auth, AuthTrust) {
-			log.Warn("upstream auth lists trust: pgward accepts this server without any authentication, so whoever answers at its address gets the sessions (and their statements) for every role granted on it",
-				"upstream", name, "address", cfg.Upstreams[name].Address)
+			log.Warn("upstream auth "+trustWarning, "upstream", name, "address", cfg.Upstreams[name].Address)
 		}
 	}
 }

@@ -376,8 +376,33 @@ func (c LimitsConfig) bufferMemory() int64 {
 // what to use instead, for the agent to log (they are not errors).
 func (c *Config) Deprecations() []string {
 	var out []string
+	for _, w := range c.deprecations() {
+		out = append(out, w.Path+" "+w.Err.Error())
+	}
+	return out
+}
+
+func (c *Config) deprecations() []*FieldError {
+	var out []*FieldError
 	if c.Listen.MaxMessageSize > 0 {
-		out = append(out, "listen.max_message_size is deprecated: it is read as limits.max_message_bytes, which caps only the messages pgward inspects (COPY data and result rows stream through whatever their size); use limits.max_message_bytes")
+		out = append(out, &FieldError{Path: "listen.max_message_size", Err: errors.New("is deprecated: it is read as limits.max_message_bytes, which caps only the messages pgward inspects (COPY data and result rows stream through whatever their size); use limits.max_message_bytes")})
+	}
+	return out
+}
+
+// Warnings are what the server logs at WARN about c when it starts and at
+// each reload — the deprecations, and each upstream whose auth list has
+// trust — each as a *FieldError naming its key. `pgward check-config`
+// prints them; they do not make c invalid.
+func (c *Config) Warnings() []error {
+	var out []error
+	for _, w := range c.deprecations() {
+		out = append(out, w)
+	}
+	for _, name := range sortedKeys(c.Upstreams) {
+		if slices.Contains(c.Upstreams[name].Auth, AuthTrust) {
+			out = append(out, &FieldError{Path: "upstreams." + name + ".auth", Err: errors.New(trustWarning)})
+		}
 	}
 	return out
 }

@@ -80,8 +80,17 @@ func (c *roleCache) clear() {
 // startup parameter): every function and operator is qualified with
 // pg_catalog, so one of the client's schema cannot stand in for it and
 // hide a membership (an unqualified <> resolves to evil.<> when
-// search_path is "evil, pg_catalog").
-const membershipQuery = `SELECT r.rolsuper, b.rolname FROM pg_catalog.pg_roles r ` +
+// search_path is "evil, pg_catalog"). It runs under the client's timeouts
+// too (statement_timeout, lock_timeout, startup parameters like any other):
+// the two SET LOCALs lift them for pgward's statement alone (the statements
+// of one Query message share an implicit transaction, and PostgreSQL arms
+// statement_timeout afresh for each one), so a client asking for 1ms cannot
+// make the check fail. Only the first SET runs under the client's
+// timeouts: when one of them catches it (the backend was descheduled
+// longer than the client's 1ms), the query is sent again, up to
+// membershipAttempts times (see clientTimeout).
+const membershipQuery = `SET LOCAL statement_timeout = 0; SET LOCAL lock_timeout = 0; ` +
+	`SELECT r.rolsuper, b.rolname FROM pg_catalog.pg_roles r ` +
 	`LEFT JOIN pg_catalog.pg_roles b ON b.oid OPERATOR(pg_catalog.<>) r.oid AND NOT r.rolsuper ` +
 	`AND pg_catalog.pg_has_role(r.oid, b.oid, 'MEMBER') ` +
 	`WHERE r.rolname OPERATOR(pg_catalog.=) pg_catalog.session_user() ORDER BY b.rolname`
@@ -102,6 +111,9 @@ func (s *Server) roleMemberships(ctx context.Context, u *upstream, role string, 
 	}
 	t := time.Now()
 	rows, err := up.query(ctx, membershipQuery, true, true)
+	for try := 1; try < membershipAttempts && clientTimeout(err); try++ {
+		rows, err = up.query(ctx, membershipQuery, true, true)
+	}
 	took = time.Since(t)
 	if err != nil {
 		return nil, false, took, fmt.Errorf("query role memberships: %w", err)
@@ -124,6 +136,21 @@ func (s *Server) roleMemberships(ctx context.Context, u *upstream, role string, 
 	slices.Sort(m.Roles)
 	m, first = s.roles.add(k, m)
 	return m, first, took, nil
+}
+
+// membershipAttempts bounds how often membershipQuery is sent when the
+// client's timeouts catch its first statement.
+const membershipAttempts = 5
+
+// clientTimeout reports whether err is the server cancelling a statement of
+// membershipQuery for a timeout (57014 query_canceled, 55P03
+// lock_not_available): with its SET LOCALs in effect that can only be the
+// client's statement_timeout or lock_timeout firing during the first SET,
+// and the statement changed nothing (its implicit transaction is rolled
+// back), so it is sent again.
+func clientTimeout(err error) bool {
+	var se *serverError
+	return errors.As(err, &se) && !se.Fatal && (se.Code == "57014" || se.Code == "55P03")
 }
 
 // dataRow decodes a DataRow body into text values.

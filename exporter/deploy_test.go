@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"gopkg.in/yaml.v3"
@@ -22,7 +23,8 @@ var metricRef = regexp.MustCompile(`\bpgward_[a-z0-9_]+`)
 func registeredMetrics(t *testing.T) map[string]bool {
 	t.Helper()
 	reg := prometheus.NewRegistry()
-	exporter.NewMetrics(reg)
+	// Labelled metrics are gathered once they have a series.
+	exporter.NewMetrics(reg).ClientCert("orders", "orders_rw", true, false, time.Now())
 	mfs, err := reg.Gather()
 	if err != nil {
 		t.Fatal(err)

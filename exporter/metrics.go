@@ -59,12 +59,13 @@ type Metrics struct {
 	bufBytesDesc, bufLimitDesc, bufWaitsDesc           *prometheus.Desc
 	tooLargeDesc                                       *prometheus.Desc
 	hostile                                            *hostileMetrics // below
+	certs                                              *certMetrics    // certmetrics.go
 }
 
 // NewMetrics creates every pgward_ metric on reg, with the Go and process
 // collectors. It panics if reg already holds them (a wiring bug).
 func NewMetrics(reg *prometheus.Registry) *Metrics {
-	m := &Metrics{reg: reg, ship: newShipMetrics(reg)}
+	m := &Metrics{reg: reg, ship: newShipMetrics(reg), certs: newCertMetrics(reg)}
 	counter := func(name, help string) prometheus.Counter {
 		c := prometheus.NewCounter(prometheus.CounterOpts{Namespace: namespace, Name: name, Help: help})
 		reg.MustRegister(c)

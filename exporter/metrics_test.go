@@ -9,6 +9,7 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -25,6 +26,8 @@ func TestMetricsDocumented(t *testing.T) {
 	// A labelled metric without a series yet is not gathered: give the
 	// per-credential gauge one.
 	exporter.NewObserver(nil, m, nil).CredentialRoles("orders", "orders_rw", broker.RoleMemberships{})
+	// and the client certificate's metrics.
+	m.ClientCert("orders", "orders_rw", true, false, time.Now())
 	mfs, err := reg.Gather()
 	if err != nil {
 		t.Fatal(err)

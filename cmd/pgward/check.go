@@ -10,19 +10,23 @@ import (
 )
 
 // cmdCheckConfig is the systemd unit's ExecStartPre: it exits 0 only when
-// the agent would start with the file (and explains what it does), 1 with
-// every problem, each as "file:line: key.path: what is expected", and 2 on
-// a usage error.
+// the agent would start with the file (and explains what it does, and
+// prints on stderr, as "warning: file:line: key.path: what", whatever the
+// agent would log at WARN about it when it starts), 1 with every problem,
+// each as "file:line: key.path: what is expected", and 2 on a usage error.
 func cmdCheckConfig(args []string, stdout, stderr io.Writer) int {
 	v := newVerb("check-config", "FILE", `Check a configuration file as the agent does when it starts — keys, values,
 policy, the files it names (secrets, CA, audit directory), the metrics
-address — and report every problem at once, each with its line. Exit 0: the
-agent would start; 1: it would not; 2: usage.`, 1, 1)
+address — and report every problem at once, each with its line. What the
+agent would warn about at start (auth [trust], deprecated keys, no audit
+checkpoint key, a client certificate about to expire) is printed as a
+warning and does not change the exit code. Exit 0: the agent would start;
+1: it would not; 2: usage.`, 1, 1)
 	pos, code, ok := v.parse(args, stdout, stderr)
 	if !ok {
 		return code
 	}
-	cfg, err := agent.CheckConfig(pos[0])
+	cfg, warnings, err := agent.CheckConfigWarnings(pos[0])
 	if err != nil {
 		n := 1
 		if j, ok := err.(interface{ Unwrap() []error }); ok {
@@ -30,6 +34,9 @@ agent would start; 1: it would not; 2: usage.`, 1, 1)
 		}
 		fmt.Fprintf(stderr, "%s: %d problem(s); the agent would not start:\n%v\n", pos[0], n, err)
 		return exitFailure
+	}
+	for _, w := range warnings {
+		fmt.Fprintf(stderr, "warning: %s\n", w)
 	}
 	explain(stdout, cfg)
 	return exitOK

@@ -72,6 +72,36 @@ const (
 	renewRetryMax = 30 * time.Second
 )
 
+// CertEvent is what a Source reports (WithCertObserver) about the client
+// certificates Vault's PKI engine issues it: one issued at a fetch, and
+// each scheduled renewal, whether it worked or not.
+type CertEvent struct {
+	Upstream, Role string
+	// Renewal is set for a renewal before expiry (the first attempt or a
+	// retry); unset for a certificate issued because a session needed one
+	// and none was current.
+	Renewal bool
+	// Err is why a renewal failed; nil when a certificate was issued.
+	Err error
+	// NotAfter is when the certificate current after the event expires.
+	NotAfter time.Time
+}
+
+// Option configures New.
+type Option func(*Source)
+
+// WithCertObserver has f called (from the goroutine that issued or renewed,
+// never with Source's lock held) with each CertEvent.
+func WithCertObserver(f func(CertEvent)) Option {
+	return func(s *Source) { s.certObs = f }
+}
+
+func (s *Source) certEvent(ev CertEvent) {
+	if s.certObs != nil {
+		s.certObs(ev)
+	}
+}
+
 // certEntry is the current client certificate of one (upstream, role).
 type certEntry struct {
 	cert     *secrets.ClientCert
@@ -114,6 +144,7 @@ func (s *Source) fetchPKI(ctx context.Context, k key, pc PKIConfig) (secrets.Cre
 	s.mu.Lock()
 	e.used = true
 	s.mu.Unlock()
+	s.certEvent(CertEvent{Upstream: k.upstream, Role: k.role, NotAfter: e.cert.NotAfter})
 	return secrets.Credential{User: k.role, Cert: e.cert}, nil
 }
 
@@ -214,12 +245,17 @@ func (s *Source) renewCert(k key, pc PKIConfig, e *certEntry) {
 		return
 	}
 	path := pc.mount() + "/issue/" + pc.role(k.role)
-	_, err := s.flights.do(s.bg, "pki\x00"+k.upstream+"\x00"+k.role, func() (any, error) {
+	v, err := s.flights.do(s.bg, "pki\x00"+k.upstream+"\x00"+k.role, func() (any, error) {
 		return s.issueCert(k, pc, path)
 	})
-	if err == nil || errors.Is(err, context.Canceled) {
+	if errors.Is(err, context.Canceled) {
 		return
 	}
+	if err == nil {
+		s.certEvent(CertEvent{Upstream: k.upstream, Role: k.role, Renewal: true, NotAfter: v.(*certEntry).cert.NotAfter})
+		return
+	}
+	s.certEvent(CertEvent{Upstream: k.upstream, Role: k.role, Renewal: true, Err: err, NotAfter: e.cert.NotAfter})
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closed || s.certs[k] != e {

@@ -40,6 +40,8 @@ type Source struct {
 	leases map[key]*leaseEntry      // the current lease per key
 	live   map[*leaseEntry]struct{} // every lease not yet ended, superseded ones too
 	certs  map[key]*certEntry       // PKI client certificates (pki.go)
+
+	certObs func(CertEvent) // WithCertObserver; set by New only
 }
 
 type key struct{ upstream, role string }
@@ -58,7 +60,7 @@ var _ secrets.Source = (*Source)(nil)
 // A refused login (ErrDenied) or a missing or unreadable credential file is
 // an error.
 // log may be nil.
-func New(cfg Config, log *slog.Logger) (*Source, error) {
+func New(cfg Config, log *slog.Logger, opts ...Option) (*Source, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("vault config: %w", err)
 	}
@@ -83,6 +85,9 @@ func New(cfg Config, log *slog.Logger) (*Source, error) {
 		leases:  map[key]*leaseEntry{},
 		live:    map[*leaseEntry]struct{}{},
 		certs:   map[key]*certEntry{},
+	}
+	for _, o := range opts {
+		o(s)
 	}
 	s.bg, s.stopBg = context.WithCancel(context.Background())
 	s.flights.track, s.flights.done = s.track, s.wg.Done
