@@ -24,7 +24,8 @@ import (
 // server's own account: random sequences of extended-protocol messages and
 // simple queries — failing ones included (duplicate and unknown names, type
 // and syntax errors, errors mid-pipeline, row limits, SQL-level PREPARE,
-// DEALLOCATE, DISCARD ALL, DECLARE) — go through pgward to a PostgreSQL that
+// DEALLOCATE, DISCARD ALL, DECLARE, and functions and DO blocks that swap or
+// deallocate named statements from inside the server) — go through pgward to a PostgreSQL that
 // logs every statement it executes (log_statement = all). For every
 // statement the server executed, in order, the audit must have an event
 // with the same text; every audit event the server did not execute must be
@@ -51,6 +52,10 @@ func TestAuditMatchesServer(t *testing.T) {
 	if err := pg.Exec(ctx, "CREATE TABLE IF NOT EXISTS difft (n int); GRANT ALL ON difft TO "+testenv.ScramUser); err != nil {
 		t.Fatal(err)
 	}
+	// Code inside the server that changes the session's prepared statements
+	// with no message pgward sees: DEALLOCATE name (if it exists), then
+	// PREPARE name AS body (unless body is empty).
+	swapFunctions(t, pg, "difft")
 	for i := range sessions {
 		s := seed + uint64(i)
 		t.Run(fmt.Sprintf("seed=%d", s), func(t *testing.T) {
@@ -76,7 +81,7 @@ func diffProgram(r *rand.Rand, marker int) []diffStep {
 	portals := []string{"", "p1"}
 	parseText := func() (string, []uint32) {
 		k := next()
-		switch r.IntN(9) {
+		switch r.IntN(10) {
 		case 0:
 			return fmt.Sprintf("SELECT %d::int AS m", k), nil
 		case 1:
@@ -93,13 +98,15 @@ func diffProgram(r *rand.Rand, marker int) []diffStep {
 			return fmt.Sprintf("PREPARE s2 AS SELECT %d", k), nil
 		case 7:
 			return fmt.Sprintf("DEALLOCATE s1 -- %d", k), nil
+		case 8:
+			return swapCall(r, k), nil
 		default:
 			return fmt.Sprintf("SELECT $1::text || '%d'", k), []uint32{25}
 		}
 	}
 	simple := func() string {
 		k := next()
-		switch r.IntN(12) {
+		switch r.IntN(15) {
 		case 0:
 			return "BEGIN"
 		case 1:
@@ -122,6 +129,10 @@ func diffProgram(r *rand.Rand, marker int) []diffStep {
 			return fmt.Sprintf("DECLARE p1 CURSOR FOR SELECT generate_series(1, 3) + %d", k)
 		case 10:
 			return fmt.Sprintf("PREPARE s1 AS INSERT INTO difft VALUES (%d); SELECT %d", k, k)
+		case 11, 12:
+			return swapCall(r, k)
+		case 13:
+			return fmt.Sprintf("DO $$BEGIN EXECUTE 'DEALLOCATE ALL'; EXECUTE 'PREPARE s1 AS SELECT %d AS do_block'; END$$", k)
 		default:
 			return fmt.Sprintf("INSERT INTO difft VALUES (%d)", k)
 		}
@@ -172,6 +183,22 @@ func diffProgram(r *rand.Rand, marker int) []diffStep {
 		}
 	}
 	return steps
+}
+
+// swapCall is a statement that swaps or deallocates a named statement from
+// inside the server (swapFunctions).
+func swapCall(r *rand.Rand, k int) string {
+	name := fmt.Sprintf("s%d", 1+r.IntN(2))
+	switch r.IntN(4) {
+	case 0:
+		return fmt.Sprintf("SELECT difft_plpgsql('%s', '') AS dealloc%d", name, k)
+	case 1:
+		return fmt.Sprintf("SELECT difft_plpgsql('%s', 'SELECT %d AS swapped')", name, k)
+	case 2:
+		return fmt.Sprintf("SELECT difft_sql(), %d AS sqlfn", k)
+	default:
+		return fmt.Sprintf("SELECT difft_plpgsql('%s', 'INSERT INTO difft VALUES (%d)')", name, k)
+	}
 }
 
 func diffSession(t *testing.T, h *harness, pg *testenv.Postgres, seed uint64) {
