@@ -405,3 +405,80 @@ func TestReservedStatementNameRefused(t *testing.T) {
 		t.Fatalf("session after refusals: %v", codes)
 	}
 }
+
+// A function can close a portal and open a cursor under its name (PL/pgSQL
+// OPEN of a refcursor holding that name). pgward cannot re-create a portal
+// without running it again, so it says so: an Execute of a portal after
+// other statements ran since its Bind carries portal_unverified; one that
+// follows its Bind directly does not.
+func TestAuditPortalReplacedInServerIsFlagged(t *testing.T) {
+	h := newHarness(t, nil)
+	if err := h.pg.Exec(context.Background(), `CREATE OR REPLACE FUNCTION truth_portal_swap(p text) RETURNS int LANGUAGE plpgsql AS $f$
+DECLARE c refcursor := p;
+BEGIN
+  EXECUTE format('CLOSE %I', p);
+  OPEN c FOR SELECT 666 AS replaced;
+  RETURN 1;
+END $f$`); err != nil {
+		t.Fatal(err)
+	}
+	r := newProtoSession(t, h)
+	marker := "SELECT 'truth-portal-marker'"
+	r.send(1, &pgproto3.Query{String: marker})
+	bound := "SELECT 4242 AS bound"
+	if codes := r.send(1, &pgproto3.Query{String: "BEGIN"}); len(codes) != 0 {
+		t.Fatal(codes)
+	}
+	if codes := r.send(1, &pgproto3.Parse{Name: "ps", Query: bound}, &pgproto3.Bind{DestinationPortal: "p1", PreparedStatement: "ps"},
+		&pgproto3.Execute{Portal: "p1", MaxRows: 1}, &pgproto3.Sync{}); len(codes) != 0 {
+		t.Fatal(codes)
+	}
+	// Recreate the portal to fetch from it again after the swap.
+	if codes := r.send(1, &pgproto3.Close{ObjectType: 'P', Name: "p1"}, &pgproto3.Bind{DestinationPortal: "p1", PreparedStatement: "ps"}, &pgproto3.Sync{}); len(codes) != 0 {
+		t.Fatal(codes)
+	}
+	if codes := r.send(1, &pgproto3.Query{String: "SELECT truth_portal_swap('p1')"}); len(codes) != 0 {
+		t.Fatal(codes)
+	}
+	r.fe.Send(&pgproto3.Execute{Portal: "p1"})
+	r.fe.Send(&pgproto3.Sync{})
+	if err := r.fe.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for {
+		m, err := r.fe.Receive()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if d, ok := m.(*pgproto3.DataRow); ok {
+			got = append(got, string(d.Values[0]))
+		}
+		if e, ok := m.(*pgproto3.ErrorResponse); ok {
+			got = append(got, "error "+e.Code)
+		}
+		if _, ok := m.(*pgproto3.ReadyForQuery); ok {
+			break
+		}
+	}
+	// What PostgreSQL 15 does: the Execute runs the function's cursor.
+	t.Logf("Execute p1 after the swap returned %q", got)
+	r.send(1, &pgproto3.Query{String: "COMMIT"})
+	r.pc.Close(context.Background())
+	queries, _ := sessionQueries(t, h, marker)
+	var execs []map[string]any
+	for _, q := range queries {
+		if q["portal_name"] == "p1" && q["bind_only"] != true {
+			execs = append(execs, q)
+		}
+	}
+	if len(execs) != 2 {
+		t.Fatalf("Executes of p1 audited: %v", execs)
+	}
+	if execs[0]["portal_unverified"] != nil {
+		t.Errorf("Execute right after its Bind flagged: %v", execs[0])
+	}
+	if execs[1]["portal_unverified"] != true || execs[1]["db_query"] != bound {
+		t.Errorf("Execute after the function ran: %v; want portal_unverified with the bound text", execs[1])
+	}
+}

@@ -107,6 +107,9 @@ type portalInfo struct {
 	// pinned: an Execute of the read being audited points at params; the
 	// portal is not reused before that read was audited.
 	pinned bool
+	// runs: tracker.runs after its Bind or its last Execute; a later value
+	// at an Execute means other statements ran in between.
+	runs int64
 }
 
 // maxInFlight bounds the client messages awaiting an answer. Past it the
@@ -147,6 +150,7 @@ type tracker struct {
 	pinned  []*portalInfo     // portals an unaudited Execute points into
 	spare   []*portalInfo     // portals to reuse
 	waitID  int64             // a barrier: wait until this message was answered
+	runs    int64             // Query, FunctionCall, Bind and Execute messages read
 	verify  bool              // verified Binds of named statements (verify.go)
 	rewrite []byte            // errRewrite: what is sent in place of the message read
 	skipped []pending         // discarded by the server: reported once audited
@@ -382,6 +386,7 @@ func (sess *session) frontendMessage(t *tracker, typ byte, body []byte) error {
 		// The text is only needed until the observer has audited it, before
 		// the buffer is reused: no copy.
 		q.Index, q.Text, q.Start, q.Rows = t.index, unsafe.String(unsafe.SliceData(text), len(text)), time.Now(), -1
+		t.runs++
 		t.push(pending{kind: pendQuery, q: q, effects: parseSQLEffects(text)})
 		t.batch = append(t.batch, q)
 	case 'F':
@@ -389,6 +394,7 @@ func (sess *session) frontendMessage(t *tracker, typ byte, body []byte) error {
 		if err != nil {
 			return bad("FunctionCall")
 		}
+		t.runs++
 		t.push(pending{kind: pendFunc, q: q})
 		t.batch = append(t.batch, q)
 	case 'P':
@@ -458,6 +464,13 @@ func (sess *session) frontendMessage(t *tracker, typ byte, body []byte) error {
 		}
 		q.Index, q.Extended, q.BindOnly, q.Start, q.Rows = t.index, true, false, time.Now(), -1
 		q.Portal = t.name(portal)
+		t.runs++
+		if pi != nil {
+			// Other statements ran since this portal's Bind (or its last
+			// Execute): code inside the server may have replaced it.
+			q.PortalUnverified = pi.runs != t.runs-1
+			pi.runs = t.runs
+		}
 		if pi != nil && !pi.pinned {
 			pi.pinned = true
 			t.pinned = append(t.pinned, pi)
@@ -555,6 +568,8 @@ func (sess *session) bind(t *tracker, body []byte) error {
 		pi.stmtName = string(stmtName)
 	}
 	pi.stmt = si
+	t.runs++
+	pi.runs = t.runs
 	pi.params = pi.params[:0]
 	pi.buf = pi.buf[:0]
 	type span struct{ off, n int }
