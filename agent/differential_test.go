@@ -56,17 +56,26 @@ func TestAuditMatchesServer(t *testing.T) {
 	// with no message pgward sees: DEALLOCATE name (if it exists), then
 	// PREPARE name AS body (unless body is empty).
 	swapFunctions(t, pg, "difft")
+	var total diffCounts
 	for i := range sessions {
 		s := seed + uint64(i)
 		t.Run(fmt.Sprintf("seed=%d", s), func(t *testing.T) {
-			diffSession(t, h, pg, s)
+			c := diffSession(t, h, pg, s)
+			total.messages += c.messages
+			total.executed += c.executed
+			total.events += c.events
 		})
 		if t.Failed() {
 			t.Logf("reproduce with PGWARD_DIFF_SEED=%d PGWARD_DIFF_SESSIONS=1", s)
 			return
 		}
 	}
+	t.Logf("%d programs from seed %d: %d messages sent, %d statements the server executed matched against %d audit events",
+		sessions, seed, total.messages, total.executed, total.events)
 }
+
+// diffCounts is what one program checked.
+type diffCounts struct{ messages, executed, events int }
 
 // diffStep is one message of a random program.
 type diffStep struct {
@@ -201,7 +210,7 @@ func swapCall(r *rand.Rand, k int) string {
 	}
 }
 
-func diffSession(t *testing.T, h *harness, pg *testenv.Postgres, seed uint64) {
+func diffSession(t *testing.T, h *harness, pg *testenv.Postgres, seed uint64) diffCounts {
 	r := rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
@@ -288,6 +297,7 @@ func diffSession(t *testing.T, h *harness, pg *testenv.Postgres, seed uint64) {
 		}
 		t.Fatal(b.String())
 	}
+	return diffCounts{messages: len(program), executed: len(server), events: len(audit)}
 }
 
 type auditedStmt struct {
