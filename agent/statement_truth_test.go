@@ -482,3 +482,32 @@ END $f$`); err != nil {
 		t.Errorf("Execute after the function ran: %v; want portal_unverified with the bound text", execs[1])
 	}
 }
+
+// upstreams.<name>.trust_named_statements turns verified execution off: a
+// Bind goes to the server's statement by name (so a swap inside the server
+// takes effect, as docs/security-model.md says), and pgward_ names are the
+// client's to use.
+func TestTrustNamedStatementsBindsByName(t *testing.T) {
+	h := newHarness(t, func(h *harness, c *Config) {
+		u := c.Upstreams["orders"]
+		u.TrustNamedStatements = true
+		c.Upstreams["orders"] = u
+	})
+	swapFunctions(t, h.pg, "truth_trust")
+	before := countRows(t, h, "truth_trust")
+	r := newProtoSession(t, h)
+	r.send(1, &pgproto3.Parse{Name: "s1", Query: "SELECT 1"}, &pgproto3.Sync{})
+	if codes := r.send(1, &pgproto3.Query{String: "SELECT truth_trust_plpgsql('s1', 'INSERT INTO truth_trust VALUES (1)')"}); len(codes) != 0 {
+		t.Fatal(codes)
+	}
+	if codes := r.send(1, &pgproto3.Bind{PreparedStatement: "s1"}, &pgproto3.Execute{}, &pgproto3.Sync{}); len(codes) != 0 {
+		t.Fatal(codes)
+	}
+	if codes := r.send(1, &pgproto3.Parse{Name: "pgward_mine", Query: "SELECT 2"}, &pgproto3.Bind{PreparedStatement: "pgward_mine"}, &pgproto3.Execute{}, &pgproto3.Sync{}); len(codes) != 0 {
+		t.Fatalf("pgward_ name with trust_named_statements: %v", codes)
+	}
+	r.pc.Close(context.Background())
+	if n := countRows(t, h, "truth_trust"); n != before+1 {
+		t.Fatalf("rows %d, want %d: the Bind should have run the server's s1", n, before+1)
+	}
+}
