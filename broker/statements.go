@@ -411,12 +411,12 @@ func (sess *session) frontendMessage(t *tracker, typ byte, body []byte) error {
 		if len(rest) < 4*np {
 			return bad("Parse")
 		}
-		// Drivers re-Parse the same text (the unnamed statement, every
-		// time): keep what is known of it rather than allocate again.
 		if t.verify && reserved(name) {
 			t.refuseMessage(pending{kind: pendParse, name: t.name(name)}, reservedRefusal)
 			return errRewrite
 		}
+		// Drivers re-Parse the same text (the unnamed statement, every
+		// time): keep what is known of it rather than allocate again.
 		si, _ := t.lookupStmt(name)
 		if si == nil || si.text != string(text) || !sameDeclared(si, rest[:4*np]) || si.fromSQL {
 			// One allocation for the types known and those declared.
