@@ -32,7 +32,9 @@ import (
 // recorded as failed.
 //
 // PGWARD_DIFF_SESSIONS sets the number of random sessions (make test runs
-// a bounded number; make fuzz many), PGWARD_DIFF_SEED the first seed.
+// a bounded number; make fuzz many), PGWARD_DIFF_SEED the first seed,
+// PGWARD_DIFF_DURATION (a Go duration) stops starting sessions after that
+// long, whichever comes first.
 func TestAuditMatchesServer(t *testing.T) {
 	sessions := 12
 	if v, err := strconv.Atoi(os.Getenv("PGWARD_DIFF_SESSIONS")); err == nil && v > 0 {
@@ -56,8 +58,16 @@ func TestAuditMatchesServer(t *testing.T) {
 	// with no message pgward sees: DEALLOCATE name (if it exists), then
 	// PREPARE name AS body (unless body is empty).
 	swapFunctions(t, pg, "difft")
+	var stop time.Time
+	if d, err := time.ParseDuration(os.Getenv("PGWARD_DIFF_DURATION")); err == nil && d > 0 {
+		stop = time.Now().Add(d)
+	}
 	var total diffCounts
 	for i := range sessions {
+		if !stop.IsZero() && time.Now().After(stop) {
+			sessions = i
+			break
+		}
 		s := seed + uint64(i)
 		t.Run(fmt.Sprintf("seed=%d", s), func(t *testing.T) {
 			c := diffSession(t, h, pg, s)
