@@ -24,14 +24,17 @@ import (
 // server's own account: random sequences of extended-protocol messages and
 // simple queries — failing ones included (duplicate and unknown names, type
 // and syntax errors, errors mid-pipeline, row limits, SQL-level PREPARE,
-// DEALLOCATE, DISCARD ALL, DECLARE) — go through pgward to a PostgreSQL that
+// DEALLOCATE, DISCARD ALL, DECLARE, and functions and DO blocks that swap or
+// deallocate named statements from inside the server) — go through pgward to a PostgreSQL that
 // logs every statement it executes (log_statement = all). For every
 // statement the server executed, in order, the audit must have an event
 // with the same text; every audit event the server did not execute must be
 // recorded as failed.
 //
 // PGWARD_DIFF_SESSIONS sets the number of random sessions (make test runs
-// a bounded number; make fuzz many), PGWARD_DIFF_SEED the first seed.
+// a bounded number; make fuzz many), PGWARD_DIFF_SEED the first seed,
+// PGWARD_DIFF_DURATION (a Go duration) stops starting sessions after that
+// long, whichever comes first.
 func TestAuditMatchesServer(t *testing.T) {
 	sessions := 12
 	if v, err := strconv.Atoi(os.Getenv("PGWARD_DIFF_SESSIONS")); err == nil && v > 0 {
@@ -51,17 +54,38 @@ func TestAuditMatchesServer(t *testing.T) {
 	if err := pg.Exec(ctx, "CREATE TABLE IF NOT EXISTS difft (n int); GRANT ALL ON difft TO "+testenv.ScramUser); err != nil {
 		t.Fatal(err)
 	}
+	// Code inside the server that changes the session's prepared statements
+	// with no message pgward sees: DEALLOCATE name (if it exists), then
+	// PREPARE name AS body (unless body is empty).
+	swapFunctions(t, pg, "difft")
+	var stop time.Time
+	if d, err := time.ParseDuration(os.Getenv("PGWARD_DIFF_DURATION")); err == nil && d > 0 {
+		stop = time.Now().Add(d)
+	}
+	var total diffCounts
 	for i := range sessions {
+		if !stop.IsZero() && time.Now().After(stop) {
+			sessions = i
+			break
+		}
 		s := seed + uint64(i)
 		t.Run(fmt.Sprintf("seed=%d", s), func(t *testing.T) {
-			diffSession(t, h, pg, s)
+			c := diffSession(t, h, pg, s)
+			total.messages += c.messages
+			total.executed += c.executed
+			total.events += c.events
 		})
 		if t.Failed() {
 			t.Logf("reproduce with PGWARD_DIFF_SEED=%d PGWARD_DIFF_SESSIONS=1", s)
 			return
 		}
 	}
+	t.Logf("%d programs from seed %d: %d messages sent, %d statements the server executed matched against %d audit events",
+		sessions, seed, total.messages, total.executed, total.events)
 }
+
+// diffCounts is what one program checked.
+type diffCounts struct{ messages, executed, events int }
 
 // diffStep is one message of a random program.
 type diffStep struct {
@@ -76,7 +100,7 @@ func diffProgram(r *rand.Rand, marker int) []diffStep {
 	portals := []string{"", "p1"}
 	parseText := func() (string, []uint32) {
 		k := next()
-		switch r.IntN(9) {
+		switch r.IntN(10) {
 		case 0:
 			return fmt.Sprintf("SELECT %d::int AS m", k), nil
 		case 1:
@@ -93,13 +117,15 @@ func diffProgram(r *rand.Rand, marker int) []diffStep {
 			return fmt.Sprintf("PREPARE s2 AS SELECT %d", k), nil
 		case 7:
 			return fmt.Sprintf("DEALLOCATE s1 -- %d", k), nil
+		case 8:
+			return swapCall(r, k), nil
 		default:
 			return fmt.Sprintf("SELECT $1::text || '%d'", k), []uint32{25}
 		}
 	}
 	simple := func() string {
 		k := next()
-		switch r.IntN(12) {
+		switch r.IntN(15) {
 		case 0:
 			return "BEGIN"
 		case 1:
@@ -122,6 +148,10 @@ func diffProgram(r *rand.Rand, marker int) []diffStep {
 			return fmt.Sprintf("DECLARE p1 CURSOR FOR SELECT generate_series(1, 3) + %d", k)
 		case 10:
 			return fmt.Sprintf("PREPARE s1 AS INSERT INTO difft VALUES (%d); SELECT %d", k, k)
+		case 11, 12:
+			return swapCall(r, k)
+		case 13:
+			return fmt.Sprintf("DO $$BEGIN EXECUTE 'DEALLOCATE ALL'; EXECUTE 'PREPARE s1 AS SELECT %d AS do_block'; END$$", k)
 		default:
 			return fmt.Sprintf("INSERT INTO difft VALUES (%d)", k)
 		}
@@ -174,7 +204,23 @@ func diffProgram(r *rand.Rand, marker int) []diffStep {
 	return steps
 }
 
-func diffSession(t *testing.T, h *harness, pg *testenv.Postgres, seed uint64) {
+// swapCall is a statement that swaps or deallocates a named statement from
+// inside the server (swapFunctions).
+func swapCall(r *rand.Rand, k int) string {
+	name := fmt.Sprintf("s%d", 1+r.IntN(2))
+	switch r.IntN(4) {
+	case 0:
+		return fmt.Sprintf("SELECT difft_plpgsql('%s', '') AS dealloc%d", name, k)
+	case 1:
+		return fmt.Sprintf("SELECT difft_plpgsql('%s', 'SELECT %d AS swapped')", name, k)
+	case 2:
+		return fmt.Sprintf("SELECT difft_sql(), %d AS sqlfn", k)
+	default:
+		return fmt.Sprintf("SELECT difft_plpgsql('%s', 'INSERT INTO difft VALUES (%d)')", name, k)
+	}
+}
+
+func diffSession(t *testing.T, h *harness, pg *testenv.Postgres, seed uint64) diffCounts {
 	r := rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15))
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
@@ -261,6 +307,7 @@ func diffSession(t *testing.T, h *harness, pg *testenv.Postgres, seed uint64) {
 		}
 		t.Fatal(b.String())
 	}
+	return diffCounts{messages: len(program), executed: len(server), events: len(audit)}
 }
 
 type auditedStmt struct {

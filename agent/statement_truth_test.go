@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/binary"
 	"fmt"
+	"strings"
 	"testing"
 	"time"
 
@@ -255,5 +256,258 @@ func TestAuditFunctionCallArguments(t *testing.T) {
 		if p := params[i].(map[string]any); p["format"] != "binary" || p["base64"] != want {
 			t.Errorf("argument %d: %v; want base64 %s", i, p, want)
 		}
+	}
+}
+
+// swapFunctions creates, once per server, functions that change the
+// session's prepared statements from inside the server: dynamic SQL in
+// PL/pgSQL and a SQL function whose body is PREPARE/DEALLOCATE. pgward sees
+// only the call.
+func swapFunctions(t *testing.T, pg *testenv.Postgres, table string) {
+	t.Helper()
+	sql := fmt.Sprintf(`CREATE TABLE IF NOT EXISTS %[1]s (n int);
+GRANT ALL ON %[1]s TO %[2]s;
+CREATE OR REPLACE FUNCTION %[1]s_plpgsql(name text, body text) RETURNS int LANGUAGE plpgsql AS $f$
+BEGIN
+  IF EXISTS (SELECT 1 FROM pg_prepared_statements WHERE pg_prepared_statements.name = $1) THEN
+    EXECUTE format('DEALLOCATE %%I', $1);
+  END IF;
+  IF $2 <> '' THEN
+    EXECUTE format('PREPARE %%I AS %%s', $1, $2);
+  END IF;
+  RETURN 1;
+END $f$;
+CREATE OR REPLACE FUNCTION %[1]s_sql() RETURNS void LANGUAGE sql AS $f$
+  DEALLOCATE s1; PREPARE s1 AS INSERT INTO %[1]s VALUES (666);
+$f$;`, table, testenv.ScramUser)
+	if err := pg.Exec(context.Background(), sql); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Code running inside the server (a PL/pgSQL function with dynamic SQL, a
+// SQL function whose body is DEALLOCATE + PREPARE) swaps a named statement
+// behind pgward's back. The protocol Bind/Execute of that name must run the
+// text pgward audited, never the one the function put there.
+func TestAuditServerSideStatementSwap(t *testing.T) {
+	h := newHarness(t, nil)
+	swapFunctions(t, h.pg, "truth_swap")
+	for _, tc := range []struct{ name, call string }{
+		{"plpgsql", "SELECT truth_swap_plpgsql('s1', 'INSERT INTO truth_swap VALUES (666)')"},
+		{"sql-function", "SELECT truth_swap_sql()"},
+		{"do-block", "DO $$BEGIN EXECUTE 'DEALLOCATE s1'; EXECUTE 'PREPARE s1 AS INSERT INTO truth_swap VALUES (666)'; END$$"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			before := countRows(t, h, "truth_swap")
+			r := newProtoSession(t, h)
+			marker := "SELECT 'truth-swap-" + tc.name + "'"
+			r.send(1, &pgproto3.Query{String: marker})
+			text := "SELECT 4242 AS audited"
+			if codes := r.send(1, &pgproto3.Parse{Name: "s1", Query: text}, &pgproto3.Sync{}); len(codes) != 0 {
+				t.Fatalf("parse: %v", codes)
+			}
+			if codes := r.send(1, &pgproto3.Query{String: tc.call}); len(codes) != 0 {
+				t.Fatalf("swap: %v", codes)
+			}
+			// Bind/Execute of s1 in one segment, then again in a pipeline
+			// whose first segment swaps it once more.
+			if codes := r.send(1, &pgproto3.Bind{PreparedStatement: "s1"}, &pgproto3.Execute{}, &pgproto3.Sync{}); len(codes) != 0 {
+				t.Fatalf("execute: %v", codes)
+			}
+			if codes := r.send(2, &pgproto3.Query{String: tc.call},
+				&pgproto3.Bind{DestinationPortal: "p1", PreparedStatement: "s1"}, &pgproto3.Execute{Portal: "p1"}, &pgproto3.Sync{}); len(codes) != 0 {
+				t.Fatalf("execute: %v", codes)
+			}
+			// SQL EXECUTE is audited with its own text, whatever s1 holds.
+			r.send(1, &pgproto3.Query{String: "EXECUTE s1"})
+			r.pc.Close(context.Background())
+			queries, results := sessionQueries(t, h, marker)
+			got := executed(queries, results)
+			want := []string{marker, tc.call, text, tc.call, text, "EXECUTE s1"}
+			if fmt.Sprint(got) != fmt.Sprint(want) {
+				t.Fatalf("audit says these ran:\n%q\nwant\n%q", got, want)
+			}
+			// The server's s1 held the INSERT when the client ran the SQL
+			// EXECUTE; the two protocol executions ran the audited SELECT.
+			if n := countRows(t, h, "truth_swap"); n != before+1 {
+				t.Fatalf("rows %d, want %d: only the SQL EXECUTE (audited as such) may have run the INSERT", n, before+1)
+			}
+		})
+	}
+}
+
+// A statement that only code inside the server prepared (pgward never saw
+// it prepared) is refused at Bind: nothing runs that the audit cannot name.
+func TestAuditServerSidePreparedStatementRefused(t *testing.T) {
+	h := newHarness(t, nil)
+	swapFunctions(t, h.pg, "truth_swap")
+	before := countRows(t, h, "truth_swap")
+	r := newProtoSession(t, h)
+	marker := "SELECT 'truth-hidden-marker'"
+	r.send(1, &pgproto3.Query{String: marker})
+	if codes := r.send(1, &pgproto3.Query{String: "SELECT truth_swap_plpgsql('hidden', 'INSERT INTO truth_swap VALUES (777)')"}); len(codes) != 0 {
+		t.Fatalf("prepare in function: %v", codes)
+	}
+	codes := r.send(1, &pgproto3.Bind{PreparedStatement: "hidden"}, &pgproto3.Execute{}, &pgproto3.Sync{})
+	if len(codes) != 1 || codes[0] != "26000" {
+		t.Fatalf("errors %v; want 26000 (pgward does not know the statement)", codes)
+	}
+	r.pc.Close(context.Background())
+	if n := countRows(t, h, "truth_swap"); n != before {
+		t.Fatalf("rows %d, want %d: the hidden INSERT ran", n, before)
+	}
+	queries, results := sessionQueries(t, h, marker)
+	for _, q := range queries {
+		if q["statement_name"] == "hidden" {
+			if res := results[num(q["ei"])]; res == nil || res["success"] == true || res["sqlstate"] != "26000" {
+				t.Fatalf("Bind of the hidden statement audited as %v", res)
+			}
+		}
+	}
+}
+
+// Statement names with pgward's reserved prefix are refused in every
+// message that names a statement; the rest of the session goes on.
+func TestReservedStatementNameRefused(t *testing.T) {
+	h := newHarness(t, nil)
+	r := newProtoSession(t, h)
+	for _, m := range []pgproto3.FrontendMessage{
+		&pgproto3.Parse{Name: "pgward_v1", Query: "SELECT 1"},
+		&pgproto3.Bind{PreparedStatement: "pgward_v1"},
+		&pgproto3.Describe{ObjectType: 'S', Name: "pgward_v1"},
+		&pgproto3.Close{ObjectType: 'S', Name: "pgward_v1"},
+	} {
+		r.fe.Send(m)
+		r.fe.Send(&pgproto3.Sync{})
+		if err := r.fe.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		var got *pgproto3.ErrorResponse
+		_ = r.pc.Conn().SetReadDeadline(time.Now().Add(15 * time.Second))
+		for {
+			msg, err := r.fe.Receive()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if e, ok := msg.(*pgproto3.ErrorResponse); ok {
+				c := *e
+				got = &c
+			}
+			if _, ok := msg.(*pgproto3.ReadyForQuery); ok {
+				break
+			}
+		}
+		if got == nil || got.Code != "42939" || !strings.Contains(got.Message, "pgward_") {
+			t.Fatalf("%T: error %+v; want 42939 naming the reserved prefix", m, got)
+		}
+	}
+	if codes := r.send(1, &pgproto3.Parse{Name: "ok1", Query: "SELECT 1"}, &pgproto3.Bind{PreparedStatement: "ok1"}, &pgproto3.Execute{}, &pgproto3.Sync{}); len(codes) != 0 {
+		t.Fatalf("session after refusals: %v", codes)
+	}
+}
+
+// A function can close a portal and open a cursor under its name (PL/pgSQL
+// OPEN of a refcursor holding that name). pgward cannot re-create a portal
+// without running it again, so it says so: an Execute of a portal after
+// other statements ran since its Bind carries portal_unverified; one that
+// follows its Bind directly does not.
+func TestAuditPortalReplacedInServerIsFlagged(t *testing.T) {
+	h := newHarness(t, nil)
+	if err := h.pg.Exec(context.Background(), `CREATE OR REPLACE FUNCTION truth_portal_swap(p text) RETURNS int LANGUAGE plpgsql AS $f$
+DECLARE c refcursor := p;
+BEGIN
+  EXECUTE format('CLOSE %I', p);
+  OPEN c FOR SELECT 666 AS replaced;
+  RETURN 1;
+END $f$`); err != nil {
+		t.Fatal(err)
+	}
+	r := newProtoSession(t, h)
+	marker := "SELECT 'truth-portal-marker'"
+	r.send(1, &pgproto3.Query{String: marker})
+	bound := "SELECT 4242 AS bound"
+	if codes := r.send(1, &pgproto3.Query{String: "BEGIN"}); len(codes) != 0 {
+		t.Fatal(codes)
+	}
+	if codes := r.send(1, &pgproto3.Parse{Name: "ps", Query: bound}, &pgproto3.Bind{DestinationPortal: "p1", PreparedStatement: "ps"},
+		&pgproto3.Execute{Portal: "p1", MaxRows: 1}, &pgproto3.Sync{}); len(codes) != 0 {
+		t.Fatal(codes)
+	}
+	// Recreate the portal to fetch from it again after the swap.
+	if codes := r.send(1, &pgproto3.Close{ObjectType: 'P', Name: "p1"}, &pgproto3.Bind{DestinationPortal: "p1", PreparedStatement: "ps"}, &pgproto3.Sync{}); len(codes) != 0 {
+		t.Fatal(codes)
+	}
+	if codes := r.send(1, &pgproto3.Query{String: "SELECT truth_portal_swap('p1')"}); len(codes) != 0 {
+		t.Fatal(codes)
+	}
+	r.fe.Send(&pgproto3.Execute{Portal: "p1"})
+	r.fe.Send(&pgproto3.Sync{})
+	if err := r.fe.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for {
+		m, err := r.fe.Receive()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if d, ok := m.(*pgproto3.DataRow); ok {
+			got = append(got, string(d.Values[0]))
+		}
+		if e, ok := m.(*pgproto3.ErrorResponse); ok {
+			got = append(got, "error "+e.Code)
+		}
+		if _, ok := m.(*pgproto3.ReadyForQuery); ok {
+			break
+		}
+	}
+	// What PostgreSQL 15 does: the Execute runs the function's cursor.
+	t.Logf("Execute p1 after the swap returned %q", got)
+	r.send(1, &pgproto3.Query{String: "COMMIT"})
+	r.pc.Close(context.Background())
+	queries, _ := sessionQueries(t, h, marker)
+	var execs []map[string]any
+	for _, q := range queries {
+		if q["portal_name"] == "p1" && q["bind_only"] != true {
+			execs = append(execs, q)
+		}
+	}
+	if len(execs) != 2 {
+		t.Fatalf("Executes of p1 audited: %v", execs)
+	}
+	if execs[0]["portal_unverified"] != nil {
+		t.Errorf("Execute right after its Bind flagged: %v", execs[0])
+	}
+	if execs[1]["portal_unverified"] != true || execs[1]["db_query"] != bound {
+		t.Errorf("Execute after the function ran: %v; want portal_unverified with the bound text", execs[1])
+	}
+}
+
+// upstreams.<name>.trust_named_statements turns verified execution off: a
+// Bind goes to the server's statement by name (so a swap inside the server
+// takes effect, as docs/security-model.md says), and pgward_ names are the
+// client's to use.
+func TestTrustNamedStatementsBindsByName(t *testing.T) {
+	h := newHarness(t, func(h *harness, c *Config) {
+		u := c.Upstreams["orders"]
+		u.TrustNamedStatements = true
+		c.Upstreams["orders"] = u
+	})
+	swapFunctions(t, h.pg, "truth_trust")
+	before := countRows(t, h, "truth_trust")
+	r := newProtoSession(t, h)
+	r.send(1, &pgproto3.Parse{Name: "s1", Query: "SELECT 1"}, &pgproto3.Sync{})
+	if codes := r.send(1, &pgproto3.Query{String: "SELECT truth_trust_plpgsql('s1', 'INSERT INTO truth_trust VALUES (1)')"}); len(codes) != 0 {
+		t.Fatal(codes)
+	}
+	if codes := r.send(1, &pgproto3.Bind{PreparedStatement: "s1"}, &pgproto3.Execute{}, &pgproto3.Sync{}); len(codes) != 0 {
+		t.Fatal(codes)
+	}
+	if codes := r.send(1, &pgproto3.Parse{Name: "pgward_mine", Query: "SELECT 2"}, &pgproto3.Bind{PreparedStatement: "pgward_mine"}, &pgproto3.Execute{}, &pgproto3.Sync{}); len(codes) != 0 {
+		t.Fatalf("pgward_ name with trust_named_statements: %v", codes)
+	}
+	r.pc.Close(context.Background())
+	if n := countRows(t, h, "truth_trust"); n != before+1 {
+		t.Fatalf("rows %d, want %d: the Bind should have run the server's s1", n, before+1)
 	}
 }

@@ -80,6 +80,13 @@ type UpstreamConfig struct {
 	// (roles.go). Off by default: such credentials are reported (audit,
 	// metric, WARN) and allowed.
 	RefuseRoleSwitching bool `yaml:"refuse_role_switching"`
+	// TrustNamedStatements forwards a Bind of a named statement to the
+	// server's statement of that name, as the client sent it. Off by
+	// default: pgward re-prepares the text it audited under a reserved name
+	// and binds that (verify.go), because code running inside the server
+	// can swap a named statement unseen. On, the audit can name a text the
+	// server did not run (docs/security-model.md).
+	TrustNamedStatements bool `yaml:"trust_named_statements"`
 	// ApplicationName is the application_name pgward gives the upstream
 	// session, a format with {app} (the client's own application_name),
 	// {principal} and {request_id}; empty means

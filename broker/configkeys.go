@@ -58,6 +58,7 @@ var Keys = []Key{
 	{Path: "upstreams.<name>.connect_timeout", Default: DefaultConnectTimeout, Doc: "dial and authenticate"},
 	{Path: "upstreams.<name>.secrets", DefaultDoc: "`secrets.backend`", OneOf: secrets.Backends, Doc: "the backend holding this upstream's credentials"},
 	{Path: "upstreams.<name>.refuse_role_switching", Default: false, Doc: "refuse credentials whose role can become another role"},
+	{Path: "upstreams.<name>.trust_named_statements", Default: false, Doc: "bind named statements by name instead of re-preparing the audited text (faster; the audit can then miss a statement swapped by code in the server)"},
 	{Path: "upstreams.<name>.application_name", Default: DefaultApplicationName, Doc: "the upstream session's application_name, a format"},
 	{Path: "upstreams.<name>.reuse.max_idle", Default: DefaultReuseMaxIdle, Doc: "idle upstream connections parked per (upstream, role, credential)"},
 	{Path: "upstreams.<name>.reuse.idle_timeout", Default: DefaultReuseIdleTimeout, Doc: "a parked connection is closed after this long"},

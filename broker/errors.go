@@ -116,3 +116,9 @@ func errorFields(body []byte) (code, msg string) {
 	}
 	return code, msg
 }
+
+// SQLSTATEs of verified execution (verify.go).
+const (
+	CodeInvalidSQLStatementName = "26000"
+	CodeReservedName            = "42939"
+)

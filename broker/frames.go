@@ -107,6 +107,12 @@ func (f *frameScanner) scan(buf []byte) (fwd int, need int, err error) {
 	return i, 0, nil
 }
 
+// frameSize is the size on the wire of the whole message that starts buf
+// (the scanner has checked its header and that it is all there).
+func frameSize(buf []byte) int {
+	return 1 + int(binary.BigEndian.Uint32(buf[1:]))
+}
+
 // atBoundary reports whether everything forwarded so far ends on a message
 // boundary, so that a message of our own may be sent.
 func (f *frameScanner) atBoundary() bool { return f.skip == 0 }

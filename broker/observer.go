@@ -163,6 +163,11 @@ type QueryEvent struct {
 	Extended  bool
 	// BindOnly: a Bind audited on its own, with no Execute read with it.
 	BindOnly bool
+	// PortalUnverified: an Execute of a portal after other statements ran
+	// since its Bind. Code they ran inside the server may have closed the
+	// portal and opened a cursor of the same name (PL/pgSQL OPEN of a
+	// refcursor), so Text is what was bound, not proven to be what ran.
+	PortalUnverified bool
 	// FunctionOID is the function a FunctionCall runs (Params are its
 	// arguments); 0 otherwise.
 	FunctionOID uint32

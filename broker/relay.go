@@ -17,6 +17,7 @@ const relayBufSize = 32 << 10
 // connections from here on and closes them.
 func (sess *session) run() {
 	tr := newTracker()
+	tr.verify = sess.ups == nil || !sess.ups.cfg.TrustNamedStatements
 	upDone := make(chan struct{})
 	clientDone := sess.startRelay(tr, upDone)
 	var clientGone bool
@@ -126,12 +127,56 @@ func (sess *session) pumpClient(tr *tracker, upDone <-chan struct{}) error {
 		}
 		return nil
 	}
+	// A message rewritten (verify.go) is not forwarded as it is: out holds
+	// what goes upstream in place of the first base pending bytes, so that
+	// a read still goes in one write, audited as a whole.
+	var out []byte
+	base := 0
+	auditBatch := func() error {
+		// Audit first: nothing reaches the database unaudited. The
+		// statements of one read are audited together, all durable
+		// before any of them is forwarded.
+		if len(tr.batch) > 0 {
+			if err := sess.audit(tr.batch); err != nil {
+				sess.terminate(EndAuditUnavailable, CodeIOError, "pgward's audit log is unavailable, so the statement was not sent; the session is closed", "")
+				return err
+			}
+		}
+		tr.unpin()
+		return nil
+	}
+	// forward sends the first n pending bytes (as out for the first base).
+	forward := func(n int) error {
+		var err error
+		if base > 0 {
+			out = append(out, rd.pending()[base:n]...)
+			_, err = sess.up.conn.Write(out)
+			if cap(out) > 4*relayBufSize {
+				out = nil
+			}
+			out, base = out[:0], 0
+		} else if n > 0 {
+			_, err = sess.up.conn.Write(rd.pending()[:n])
+		}
+		if err != nil {
+			return errUpstreamGone
+		}
+		if n > 0 {
+			sess.info.BytesIn += int64(n)
+			sess.live.bytesIn.Add(int64(n))
+			sess.obs.Bytes(true, n)
+			rd.consume(n)
+		}
+		return nil
+	}
 	for {
 		m, rerr := rd.read()
 		for m > 0 {
-			fwd, need, err := fs.scan(rd.pending())
+			fwd, need, err := fs.scan(rd.pending()[base:])
+			fwd += base
 			barrier := err == errBarrier
-			if err == errWithheld || barrier {
+			rewrite := err == errRewrite
+			if err == errWithheld || barrier || rewrite {
 				err = nil
 			}
 			if tl := asTooLarge(err); tl != nil {
@@ -149,24 +194,29 @@ func (sess *session) pumpClient(tr *tracker, upDone <-chan struct{}) error {
 					"malformed message from client: "+err.Error())
 				return err
 			}
-			// Audit first: nothing reaches the database unaudited. The
-			// statements of one read are audited together, all durable
-			// before any of them is forwarded.
-			if len(tr.batch) > 0 {
-				if err := sess.audit(tr.batch); err != nil {
-					sess.terminate(EndAuditUnavailable, CodeIOError, "pgward's audit log is unavailable, so the statement was not sent; the session is closed", "")
-					return err
+			if rewrite {
+				// The message at fwd goes upstream as tr.rewrite; scanning
+				// goes on after it, and the read is audited as a whole
+				// (a Bind and its Execute share one event).
+				out = append(out, rd.pending()[base:fwd]...)
+				out = append(out, tr.rewrite...)
+				base = fwd + frameSize(rd.pending()[fwd:])
+				if len(out) > relayBufSize {
+					// Bounded: audit what was read so far and send it.
+					if err := auditBatch(); err != nil {
+						return err
+					}
+					if err := forward(base); err != nil {
+						return err
+					}
 				}
+				continue
 			}
-			tr.unpin()
-			if fwd > 0 {
-				if _, err := sess.up.conn.Write(rd.pending()[:fwd]); err != nil {
-					return errUpstreamGone
-				}
-				sess.info.BytesIn += int64(fwd)
-				sess.live.bytesIn.Add(int64(fwd))
-				sess.obs.Bytes(true, fwd)
-				rd.consume(fwd)
+			if err := auditBatch(); err != nil {
+				return err
+			}
+			if err := forward(fwd); err != nil {
+				return err
 			}
 			if len(tr.skipped) > 0 {
 				// Sent while the server discards messages until Sync.
@@ -231,10 +281,12 @@ func (sess *session) pumpUpstream(tr *tracker, clientGone func() bool) {
 	rd.seed(sess.up.pre)
 	sess.up.pre = nil
 	fs := &frameScanner{maxMsg: sess.srv.state.Load().cfg.maxMessageBytes()}
-	for _, t := range []byte{'C', 'E', 'I', 's', 'Z', 't'} {
+	// ParseComplete, BindComplete, CloseComplete are whole (5 bytes) when
+	// inspected: an answer to pgward's own message is taken out (verify.go).
+	for _, t := range []byte{'C', 'E', 'I', 's', 'Z', 't', '1', '2', '3'} {
 		fs.want[t] = true
 	}
-	for _, t := range []byte{'1', '2', '3', 'n', 'T', 'G', 'W'} {
+	for _, t := range []byte{'n', 'T', 'G', 'W'} {
 		fs.peek[t] = true
 	}
 	reusable := sess.up.reuse != nil
@@ -263,8 +315,14 @@ func (sess *session) pumpUpstream(tr *tracker, clientGone func() bool) {
 		}
 		saidWhy = typ == 'E' && fatalError(body)
 		done = sess.backendMessage(tr, typ, body, done)
+		if tr.cut != 0 {
+			return errCut
+		}
 		return nil
 	}
+	// out gathers what is forwarded of a read from which an answer was
+	// taken out or replaced, so that it still goes in one write.
+	var out []byte
 	if reusable {
 		defer func() {
 			// Nothing relayed yet: still idle after the startup's ReadyForQuery.
@@ -277,6 +335,35 @@ func (sess *session) pumpUpstream(tr *tracker, clientGone func() bool) {
 		if m > 0 {
 			done = done[:0]
 			fwd, need, err := fs.scan(rd.pending())
+			for err == errCut {
+				out = append(out, rd.pending()[:fwd]...)
+				if tr.cut == cutReplace {
+					out = append(out, tr.replacement...)
+				}
+				tr.cut = 0
+				n := fwd + frameSize(rd.pending()[fwd:])
+				sess.info.BytesOut += int64(n)
+				sess.live.bytesOut.Add(int64(n))
+				sess.obs.Bytes(false, n)
+				rd.consume(n)
+				fwd, need, err = fs.scan(rd.pending())
+			}
+			if len(out) > 0 {
+				out = append(out, rd.pending()[:fwd]...)
+				sess.info.BytesOut += int64(fwd)
+				sess.live.bytesOut.Add(int64(fwd))
+				sess.obs.Bytes(false, fwd)
+				rd.consume(fwd)
+				fwd = 0
+				if _, werr := sess.client.Write(out); werr != nil {
+					sess.finish(tr, done)
+					return
+				}
+				if cap(out) > 4*relayBufSize {
+					out = nil
+				}
+				out = out[:0]
+			}
 			if tl := asTooLarge(err); tl != nil {
 				sess.srv.budget.tooLarge[1].Add(1)
 				sess.terminate(EndMessageTooLarge, CodeConnectionFailure, fmt.Sprintf(

@@ -62,14 +62,17 @@ type relayFixture struct {
 	done   chan struct{}
 }
 
-func newRelayFixture(tb testing.TB) *relayFixture {
+func newRelayFixture(tb testing.TB) *relayFixture { return newRelayFixtureFor(tb, UpstreamConfig{}) }
+
+func newRelayFixtureFor(tb testing.TB, ucfg UpstreamConfig) *relayFixture {
 	tb.Helper()
 	cl, clSrv := socketPair(tb)
 	upCli, upSrv := socketPair(tb)
 	obs := &countingObserver{}
 	srv := &Server{obs: obs, log: slog.New(slog.DiscardHandler)}
 	srv.state.Store(&serverState{cfg: Config{}})
-	sess := &session{srv: srv, log: srv.log, ctx: context.Background(), client: clSrv, up: &upstreamConn{conn: upCli}, obs: obs}
+	sess := &session{srv: srv, log: srv.log, ctx: context.Background(), client: clSrv, up: &upstreamConn{conn: upCli}, obs: obs,
+		ups: &upstream{cfg: ucfg}}
 	f := &relayFixture{client: cl, obs: obs, done: make(chan struct{})}
 	go fakeBackend(upSrv)
 	go func() { defer close(f.done); sess.run() }()
@@ -77,16 +80,16 @@ func newRelayFixture(tb testing.TB) *relayFixture {
 	return f
 }
 
-// fakeBackend answers Query and Sync with a result set and ReadyForQuery.
+// fakeBackend answers as PostgreSQL does, message by message (a one-row
+// result set for Query and Execute), with one write per read.
 func fakeBackend(c net.Conn) {
 	defer c.Close()
-	var reply []byte
-	reply = append(reply, beMsg('T', rowDesc())...)
-	reply = append(reply, beMsg('D', []byte{0, 1, 0, 0, 0, 4, '4', '2', '4', '2'})...)
-	reply = append(reply, beMsg('C', []byte("SELECT 1\x00"))...)
-	reply = append(reply, beMsg('Z', []byte{'I'})...)
-	extReply := append(append(beMsg('1', nil), beMsg('2', nil)...), reply...)
+	row := append(beMsg('D', []byte{0, 1, 0, 0, 0, 4, '4', '2', '4', '2'}), beMsg('C', []byte("SELECT 1\x00"))...)
+	ready := beMsg('Z', []byte{'I'})
+	desc := beMsg('T', rowDesc())
+	query := append(append(append([]byte(nil), desc...), row...), ready...)
 	buf := make([]byte, 64<<10)
+	var out []byte
 	n := 0
 	for {
 		m, err := c.Read(buf[n:])
@@ -95,6 +98,7 @@ func fakeBackend(c net.Conn) {
 		}
 		n += m
 		i := 0
+		out = out[:0]
 		for n-i >= 5 {
 			l := int(binary.BigEndian.Uint32(buf[i+1:]))
 			if n-i < 1+l {
@@ -102,17 +106,28 @@ func fakeBackend(c net.Conn) {
 			}
 			switch buf[i] {
 			case 'Q':
-				if _, err := c.Write(reply); err != nil {
-					return
-				}
+				out = append(out, query...)
+			case 'P':
+				out = append(out, '1', 0, 0, 0, 4)
+			case 'B':
+				out = append(out, '2', 0, 0, 0, 4)
+			case 'C':
+				out = append(out, '3', 0, 0, 0, 4)
+			case 'D':
+				out = append(out, desc...)
+			case 'E':
+				out = append(out, row...)
 			case 'S':
-				if _, err := c.Write(extReply); err != nil {
-					return
-				}
+				out = append(out, ready...)
 			case 'X':
 				return
 			}
 			i += 1 + l
+		}
+		if len(out) > 0 {
+			if _, err := c.Write(out); err != nil {
+				return
+			}
 		}
 		copy(buf, buf[i:n])
 		n -= i
@@ -165,13 +180,29 @@ func BenchmarkRelay(b *testing.B) {
 	ext = append(ext, beMsg('D', []byte("P\x00"))...)
 	ext = append(ext, beMsg('E', []byte("\x00\x00\x00\x00\x00"))...)
 	ext = append(ext, beMsg('S', nil)...)
+	// prepared: a named statement prepared once, then Bind/Execute/Sync
+	// (pgbench -M prepared). "verified" is the default (verify.go: pgward
+	// sends Close+Parse of its own statement with the audited text before
+	// the Bind, and takes their answers out); "trusted" is
+	// trust_named_statements.
+	prepare := append(beMsg('P', []byte("s1\x00SELECT abalance FROM pgbench_accounts WHERE aid = $1;\x00\x00\x01\x00\x00\x00\x17")), beMsg('S', nil)...)
+	var prep []byte
+	prep = append(prep, beMsg('B', []byte("\x00s1\x00\x00\x00\x00\x01\x00\x00\x00\x044242\x00\x00"))...)
+	prep = append(prep, beMsg('E', []byte("\x00\x00\x00\x00\x00"))...)
+	prep = append(prep, beMsg('S', nil)...)
 	for _, bc := range []struct {
-		name string
-		req  []byte
-	}{{"simple", simple}, {"extended", ext}} {
+		name  string
+		setup []byte
+		req   []byte
+		trust bool
+	}{{"simple", nil, simple, false}, {"extended", nil, ext, false},
+		{"prepared-verified", prepare, prep, false}, {"prepared-trusted", prepare, prep, true}} {
 		b.Run(bc.name, func(b *testing.B) {
-			f := newRelayFixture(b)
+			f := newRelayFixtureFor(b, UpstreamConfig{TrustNamedStatements: bc.trust})
 			buf := make([]byte, 4096)
+			if bc.setup != nil {
+				roundTrip(b, f.client, bc.setup, buf)
+			}
 			for range 100 { // warm up: pools, maps, interned tags
 				roundTrip(b, f.client, bc.req, buf)
 			}

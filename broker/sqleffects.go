@@ -104,7 +104,7 @@ func (t *tracker) apply(e *sqlEffects, tag string) {
 	switch k {
 	case effPrepare:
 		if f.kind == k {
-			t.stmts[f.name] = &stmtInfo{text: e.src}
+			t.stmts[f.name] = &stmtInfo{text: e.src, fromSQL: true}
 		}
 	case effDeallocate:
 		if f.kind == k {

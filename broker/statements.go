@@ -34,9 +34,15 @@ import (
 // them before it audits and forwards the rest (a barrier): pipelines of
 // self-contained segments keep flowing, and the audit never guesses.
 //
-// Limit: statements prepared or deallocated by code running inside the
-// server (dynamic SQL in a function or DO block) are not seen; see
-// docs/security-model.md.
+// Code running inside the server (dynamic SQL in a function or DO block, a
+// SQL function whose body is PREPARE) can swap a named statement with no
+// message pgward sees. So, unless upstreams.<name>.trust_named_statements
+// is set, a Bind of a named statement is not forwarded as it is: pgward
+// sends in its place Close + Parse of a reserved statement (verifyStmt)
+// with the text it audited, then the client's Bind of that one
+// (verify.go). Nothing runs between the Parse and the Bind, so what the
+// server plans and executes is the audited text; the answers to pgward's
+// own messages are taken out of the stream the client reads.
 
 type pendingKind uint8
 
@@ -70,6 +76,11 @@ type pending struct {
 	// in the same read; the Bind's error is reported on that event.
 	owner   *QueryEvent
 	effects *sqlEffects // Query, Execute: SQL-level changes to statements and portals
+	// inj: a message pgward sent in the client's stream (verify.go):
+	// injOwn's answer is taken out of the stream; injRefuse's answer is an
+	// error replaced by refuse.
+	inj    uint8
+	refuse *refusal
 }
 
 // stmtInfo is a prepared statement as the server has it.
@@ -79,6 +90,11 @@ type stmtInfo struct {
 	// plain: the text has no PREPARE, DEALLOCATE, DISCARD, DECLARE or
 	// CLOSE (known once, not looked for at every Execute).
 	plain bool
+	// decl: the parameter types the Parse declared (0: the server's
+	// choice), which a verified Bind declares again.
+	decl []uint32
+	// fromSQL: prepared by SQL PREPARE (text is the whole query string).
+	fromSQL bool
 }
 
 // portalInfo is a portal: the statement it was bound to and the values.
@@ -91,6 +107,9 @@ type portalInfo struct {
 	// pinned: an Execute of the read being audited points at params; the
 	// portal is not reused before that read was audited.
 	pinned bool
+	// runs: tracker.runs after its Bind or its last Execute; a later value
+	// at an Execute means other statements ran in between.
+	runs int64
 }
 
 // maxInFlight bounds the client messages awaiting an answer. Past it the
@@ -131,8 +150,16 @@ type tracker struct {
 	pinned  []*portalInfo     // portals an unaudited Execute points into
 	spare   []*portalInfo     // portals to reuse
 	waitID  int64             // a barrier: wait until this message was answered
+	runs    int64             // Query, FunctionCall, Bind and Execute messages read
+	verify  bool              // verified Binds of named statements (verify.go)
+	rewrite []byte            // errRewrite: what is sent in place of the message read
 	skipped []pending         // discarded by the server: reported once audited
 	tags    map[string]string // interned command tags; upstream pump only
+
+	// Upstream pump only: the answer just inspected is taken out of the
+	// stream (cutDrop) or replaced by replacement (cutReplace).
+	cut         uint8
+	replacement []byte
 }
 
 func newTracker() *tracker {
@@ -359,6 +386,7 @@ func (sess *session) frontendMessage(t *tracker, typ byte, body []byte) error {
 		// The text is only needed until the observer has audited it, before
 		// the buffer is reused: no copy.
 		q.Index, q.Text, q.Start, q.Rows = t.index, unsafe.String(unsafe.SliceData(text), len(text)), time.Now(), -1
+		t.runs++
 		t.push(pending{kind: pendQuery, q: q, effects: parseSQLEffects(text)})
 		t.batch = append(t.batch, q)
 	case 'F':
@@ -366,6 +394,7 @@ func (sess *session) frontendMessage(t *tracker, typ byte, body []byte) error {
 		if err != nil {
 			return bad("FunctionCall")
 		}
+		t.runs++
 		t.push(pending{kind: pendFunc, q: q})
 		t.batch = append(t.batch, q)
 	case 'P':
@@ -382,13 +411,20 @@ func (sess *session) frontendMessage(t *tracker, typ byte, body []byte) error {
 		if len(rest) < 4*np {
 			return bad("Parse")
 		}
+		if t.verify && reserved(name) {
+			t.refuseMessage(pending{kind: pendParse, name: t.name(name)}, reservedRefusal)
+			return errRewrite
+		}
 		// Drivers re-Parse the same text (the unnamed statement, every
 		// time): keep what is known of it rather than allocate again.
 		si, _ := t.lookupStmt(name)
-		if si == nil || si.text != string(text) || !sameDeclared(si, rest[:4*np]) {
-			si = &stmtInfo{text: string(text), oids: make([]uint32, np), plain: !mayHaveEffects(text)}
+		if si == nil || si.text != string(text) || !sameDeclared(si, rest[:4*np]) || si.fromSQL {
+			// One allocation for the types known and those declared.
+			types := make([]uint32, 2*np)
+			si = &stmtInfo{text: string(text), oids: types[:np:np], decl: types[np:], plain: !mayHaveEffects(text)}
 			for i := range np {
 				si.oids[i] = binary.BigEndian.Uint32(rest[4*i:])
+				si.decl[i] = si.oids[i]
 			}
 		}
 		t.push(pending{kind: pendParse, name: t.name(name), stmt: si})
@@ -428,6 +464,13 @@ func (sess *session) frontendMessage(t *tracker, typ byte, body []byte) error {
 		}
 		q.Index, q.Extended, q.BindOnly, q.Start, q.Rows = t.index, true, false, time.Now(), -1
 		q.Portal = t.name(portal)
+		t.runs++
+		if pi != nil {
+			// Other statements ran since this portal's Bind (or its last
+			// Execute): code inside the server may have replaced it.
+			q.PortalUnverified = pi.runs != t.runs-1
+			pi.runs = t.runs
+		}
 		if pi != nil && !pi.pinned {
 			pi.pinned = true
 			t.pinned = append(t.pinned, pi)
@@ -446,6 +489,10 @@ func (sess *session) frontendMessage(t *tracker, typ byte, body []byte) error {
 		if !ok {
 			return bad("Close")
 		}
+		if t.verify && body[0] == 'S' && reserved(name) {
+			t.refuseMessage(pending{kind: pendClose, target: 'S', name: t.name(name)}, reservedRefusal)
+			return errRewrite
+		}
 		t.push(pending{kind: pendClose, target: body[0], name: t.name(name)})
 	case 'D':
 		if len(body) < 2 || (body[0] != 'S' && body[0] != 'P') {
@@ -456,6 +503,10 @@ func (sess *session) frontendMessage(t *tracker, typ byte, body []byte) error {
 			return bad("Describe")
 		}
 		p := pending{kind: pendDescribe, target: body[0]}
+		if t.verify && body[0] == 'S' && reserved(name) {
+			t.refuseMessage(p, reservedRefusal)
+			return errRewrite
+		}
 		if body[0] == 'S' {
 			p.stmt, _ = t.lookupStmt(name)
 		}
@@ -481,6 +532,7 @@ func (sess *session) bind(t *tracker, body []byte) error {
 	if !ok {
 		return bad()
 	}
+	portalRaw := body[:len(body)-len(rest)] // with its NUL
 	stmtName, rest, ok := cbytes(rest)
 	if !ok || len(rest) < 2 {
 		return bad()
@@ -490,6 +542,7 @@ func (sess *session) bind(t *tracker, body []byte) error {
 		t.waitID = wait
 		return errBarrier
 	}
+	rest0 := rest // formats, values, result formats: a verified Bind keeps them
 	nf := int(binary.BigEndian.Uint16(rest))
 	rest = rest[2:]
 	if len(rest) < 2*nf+2 {
@@ -515,6 +568,8 @@ func (sess *session) bind(t *tracker, body []byte) error {
 		pi.stmtName = string(stmtName)
 	}
 	pi.stmt = si
+	t.runs++
+	pi.runs = t.runs
 	pi.params = pi.params[:0]
 	pi.buf = pi.buf[:0]
 	type span struct{ off, n int }
@@ -555,9 +610,27 @@ func (sess *session) bind(t *tracker, body []byte) error {
 	q.Text, q.Statement, q.Portal, q.Params = pi.stmtText(), pi.stmtName, pi.name, pi.params
 	pi.pinned = true
 	t.pinned = append(t.pinned, pi)
-	t.push(pending{kind: pendBind, name: pi.name, portal: pi, q: q})
 	t.batch = append(t.batch, q)
-	return nil
+	p := pending{kind: pendBind, name: pi.name, portal: pi, q: q}
+	if !t.verify || len(stmtName) == 0 {
+		t.push(p)
+		return nil
+	}
+	// A named statement: run the text audited (verify.go).
+	switch {
+	case reserved(stmtName):
+		pi.stmt = nil
+		t.refuseMessage(p, reservedRefusal)
+	case si == nil:
+		t.refuseMessage(p, &refusal{code: CodeInvalidSQLStatementName,
+			msg:    `prepared statement "` + pi.stmtName + `" does not exist`,
+			detail: "pgward binds only statements it saw prepared in this session; code running inside the server may have prepared this one."})
+	case si.fromSQL:
+		t.refuseMessage(p, sqlPreparedRefusal)
+	default:
+		t.verifiedBind(p, portalRaw, rest0)
+	}
+	return errRewrite
 }
 
 func (pi *portalInfo) stmtText() string {
@@ -714,6 +787,10 @@ func (sess *session) backendMessage(t *tracker, typ byte, body []byte, done []pe
 	case '1': // ParseComplete
 		if h != nil && h.kind == pendParse {
 			p := t.pop()
+			if p.inj != 0 {
+				t.cut = cutDrop
+				break
+			}
 			t.stmts[p.name] = p.stmt
 		}
 	case '2': // BindComplete
@@ -729,6 +806,10 @@ func (sess *session) backendMessage(t *tracker, typ byte, body []byte, done []pe
 	case '3': // CloseComplete
 		if h != nil && h.kind == pendClose {
 			p := t.pop()
+			if p.inj != 0 {
+				t.cut = cutDrop
+				break
+			}
 			if p.target == 'S' {
 				delete(t.stmts, p.name)
 			} else {
@@ -800,6 +881,21 @@ func (sess *session) backendMessage(t *tracker, typ byte, body []byte, done []pe
 			// An extended-protocol message failed: the server skips every
 			// message up to the next Sync.
 			p := t.pop()
+			if p.inj == injRefuse {
+				// pgward's stand-in failed as it must: the client reads
+				// pgward's refusal in its place.
+				code, msg = p.refuse.code, p.refuse.msg
+				t.cut, t.replacement = cutReplace, p.refuse.encode(t.replacement[:0])
+			}
+			for p.inj == injOwn {
+				// pgward's own Close or Parse failed (the audited text no
+				// longer parses, say): the error stands in the place of the
+				// client's message it preceded.
+				if h := t.headp(); h == nil || h.kind == pendSync {
+					break
+				}
+				p = t.pop()
+			}
 			switch {
 			case p.q != nil:
 				p.q.Code, p.q.Error = code, msg

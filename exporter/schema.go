@@ -388,6 +388,9 @@ func (e *encoder) query(now time.Time, h *sessionHeader, s *broker.SessionInfo, 
 		if q.BindOnly {
 			buf = appendBoolField(buf, "bind_only", true)
 		}
+		if q.PortalUnverified {
+			buf = appendBoolField(buf, "portal_unverified", true)
+		}
 	}
 	if q.FunctionOID != 0 {
 		buf = appendIntField(buf, "function_oid", int64(q.FunctionOID))
