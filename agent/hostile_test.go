@@ -5,12 +5,9 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"io"
 	"log/slog"
-	"net"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -18,7 +15,6 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgproto3"
 
 	"github.com/pgward/pgward/bpf"
 	"github.com/pgward/pgward/exporter"
@@ -26,25 +22,9 @@ import (
 )
 
 // refusedStartup sends one StartupMessage for a role the caller holds no
-// grant for and reads the answer to its end. It reports whether the answer
-// was an ErrorResponse.
+// grant for (testenv.RefusedStartup).
 func refusedStartup(socket string) (bool, error) {
-	c, err := net.DialTimeout("unix", socket, 5*time.Second)
-	if err != nil {
-		return false, err
-	}
-	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
-	buf, _ := (&pgproto3.StartupMessage{ProtocolVersion: pgproto3.ProtocolVersionNumber,
-		Parameters: map[string]string{"user": "no_grant_role", "database": "orders"}}).Encode(nil)
-	if _, err := c.Write(buf); err != nil {
-		return false, err
-	}
-	b, err := io.ReadAll(c)
-	if err != nil {
-		return false, err
-	}
-	return len(b) > 0 && b[0] == 'E', nil
+	return testenv.RefusedStartup(socket, "no_grant_role", "orders")
 }
 
 // A caller without a grant looping on refused startups: the audit trail
@@ -153,22 +133,11 @@ func fileSize(t *testing.T, path string) int64 {
 // uid: it opens PGWARD_SLOT_FLOOD="<socket> <n>" connections, sends nothing
 // on them and holds them until the parent lets it go.
 func TestSlotFloodProcess(t *testing.T) {
-	spec := os.Getenv("PGWARD_SLOT_FLOOD")
+	spec := os.Getenv(testenv.EnvSlotFlood)
 	if spec == "" {
 		return // not a test: the flooding process of TestLoginSlotsPerUID, run by it with its variable set (a skip would fail make test under CI=true)
 	}
-	f := strings.Fields(spec)
-	n, _ := strconv.Atoi(f[1])
-	var conns []net.Conn
-	for range n {
-		c, err := net.DialTimeout("unix", f[0], 5*time.Second)
-		if err != nil {
-			fmt.Fprintln(os.Stderr, "flood dial:", err)
-			break
-		}
-		conns = append(conns, c)
-	}
-	testenv.Report(map[string]int{"opened": len(conns), "pid": os.Getpid()})
+	testenv.SlotFlood(spec)
 }
 
 // One uid holding idle sockets before authentication must not lock out the

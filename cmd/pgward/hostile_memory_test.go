@@ -611,12 +611,27 @@ func errFields(body []byte) (code, msg string) {
 
 func writeHostileConfig(t *testing.T, dir string, pg *testenv.Postgres, port int) string {
 	t.Helper()
+	return writeAgentConfig(t, dir, pg, port, "", "")
+}
+
+// writeAgentConfig writes the configuration of the hostile tests: the
+// caller's uid granted testenv.ScramUser on upstream "real", limits.
+// max_message_bytes 16 MiB and limits.buffer_memory 64 MiB; more, when not
+// empty, adds keys to listen and to limits ("k: v, k: v").
+func writeAgentConfig(t *testing.T, dir string, pg *testenv.Postgres, port int, moreListen, moreLimits string) string {
+	t.Helper()
+	if moreListen != "" {
+		moreListen = ", " + moreListen
+	}
+	if moreLimits != "" {
+		moreLimits = ", " + moreLimits
+	}
 	secretsPath := filepath.Join(dir, "secrets.yaml")
 	secrets := fmt.Sprintf("real:\n  %s: { password: %q }\n", testenv.ScramUser, testenv.ScramPassword)
 	if err := os.WriteFile(secretsPath, []byte(secrets), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	cfg := fmt.Sprintf(`listen: { unix_dir: %q, port: 5432 }
+	cfg := fmt.Sprintf(`listen: { unix_dir: %q, port: 5432%s }
 upstreams:
   real: { address: %q, database: %q, connect_timeout: 30s }
 secrets: { backend: file, file: { path: %q } }
@@ -624,12 +639,12 @@ principals:
   me: { match: { uid: [%d] } }
 grants:
   - { principal: me, upstream: real, roles: [%s] }
-limits: { max_message_bytes: %d, buffer_memory: %d }
+limits: { max_message_bytes: %d, buffer_memory: %d%s }
 audit: { path: %q, durability: write }
 metrics: { listen: "127.0.0.1:%d" }
 ebpf: { enabled: "false" }
-`, dir, pg.SocketPath(), testenv.Database, secretsPath, os.Getuid(), testenv.ScramUser,
-		hostileMaxMsg, hostileBudget, filepath.Join(dir, "audit.jsonl"), port)
+`, dir, moreListen, pg.SocketPath(), testenv.Database, secretsPath, os.Getuid(), testenv.ScramUser,
+		hostileMaxMsg, hostileBudget, moreLimits, filepath.Join(dir, "audit.jsonl"), port)
 	path := filepath.Join(dir, "pgward.yaml")
 	if err := os.WriteFile(path, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)

@@ -18,10 +18,13 @@ import (
 
 // TestMain lets a test run this binary's CLI as another process (and uid),
 // the fake upstream of TestIdleSessionsScale, or the login client of
-// TestHostileMemoryBounded.
+// TestHostileMemoryBounded, or the slot flooder of TestHostileSoak.
 func TestMain(m *testing.M) {
 	if path := os.Getenv(envIdleUpstream); path != "" {
 		os.Exit(serveIdleUpstream(path))
+	}
+	if spec := os.Getenv(testenv.EnvSlotFlood); spec != "" {
+		testenv.SlotFlood(spec) // the other uid's flooder of TestHostileSoak
 	}
 	if dsn := os.Getenv(envLoginClient); dsn != "" {
 		os.Exit(serveLoginClient(dsn))
