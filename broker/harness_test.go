@@ -278,7 +278,8 @@ func (q recRequest) Started(_ context.Context, _ *AuthRequest, s *SessionInfo) (
 	return rs, nil
 }
 
-// copyQuery keeps a QueryEvent past the call (Text and Params included).
+// copyQuery keeps a QueryEvent past the Result call (Text and Params
+// included).
 func copyQuery(q *QueryEvent) QueryEvent {
 	c := *q
 	c.Text = strings.Clone(q.Text)
@@ -294,7 +295,14 @@ func (s *recSession) Statements(_ context.Context, qs []*QueryEvent) error {
 	s.rec.mu.Lock()
 	defer s.rec.mu.Unlock()
 	for _, q := range qs {
-		s.stmts = append(s.stmts, copyQuery(q))
+		// Only the statement's own fields: the result fields are the
+		// upstream pump's to fill, and may be written while this runs
+		// (an ErrorResponse the server sends behind the login lands on
+		// the first statement queued).
+		c := QueryEvent{Index: q.Index, Statement: q.Statement, Portal: q.Portal,
+			Extended: q.Extended, BindOnly: q.BindOnly, PortalUnverified: q.PortalUnverified,
+			FunctionOID: q.FunctionOID, RoleChange: q.RoleChange, Start: q.Start, Text: q.Text, Params: q.Params}
+		s.stmts = append(s.stmts, copyQuery(&c))
 	}
 	return nil
 }

@@ -179,7 +179,9 @@ type QueryEvent struct {
 	RoleChange bool
 
 	Start time.Time
-	// Filled for Result.
+	// Filled for Result, by the goroutine reading the server's answers: a
+	// Statements call must not read them (they may be written while it
+	// runs, e.g. by an ErrorResponse the server sends unasked).
 	Duration time.Duration
 	Rows     int64  // from CommandComplete, -1 when unknown
 	Tag      string // command tag, e.g. "SELECT 3"
