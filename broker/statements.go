@@ -257,11 +257,11 @@ func (t *tracker) unpin() {
 		t.pinned[i] = nil
 	}
 	t.pinned = t.pinned[:0]
+	t.mu.Lock() // recycle reads t.batch from the upstream pump
 	for i := range t.batch {
 		t.batch[i] = nil
 	}
 	t.batch = t.batch[:0]
-	t.mu.Lock()
 	for i, pi := range t.dropped {
 		if !pi.pinned && len(t.spare) < 16 {
 			t.spare = append(t.spare, pi)
@@ -276,7 +276,10 @@ func (t *tracker) unpin() {
 func (t *tracker) recycle(done []pending) {
 	t.mu.Lock()
 	for _, p := range done {
-		if p.q != nil && len(t.free) < 64 {
+		// An event still being audited (an error answered earlier in the
+		// pipeline made the server skip it before it was even forwarded)
+		// is left to the garbage collector, not reused under the audit.
+		if p.q != nil && len(t.free) < 64 && !t.unaudited(p.q) {
 			p.q.Params = nil
 			t.free = append(t.free, p.q)
 		}
