@@ -57,11 +57,10 @@ const (
 //
 // Meanwhile pgward's VmRSS, sampled every 20 ms, must stay under 256 MiB,
 // and a granted client — a process of its own, started before the attack,
-// as an application is — must log in afresh and run a query in under 1 s,
-// every 200 ms throughout, the first at the attack's start; a second client
-// does the same straight to PostgreSQL at the same moment, and its time is
-// logged beside each one (what the machine allowed then; when that alone
-// took over 0.5 s, the bound is twice it, see loginBound). Every streamed result must be complete;
+// as an application is — must log in afresh and run a query every 200 ms
+// throughout, the first at the attack's start; a second client does the
+// same straight to PostgreSQL at the same moment, and pgward may add under
+// 1 s to that direct login's time (see loginBound). Every streamed result must be complete;
 // their throughput is logged. Afterwards pgward_buffer_bytes is 0 and the RSS returns near its
 // baseline without any help (no debug.FreeOSMemory from the test).
 //
@@ -261,12 +260,12 @@ func TestHostileMemoryBounded(t *testing.T) {
 		float64(streamed.Load())/(1<<20)/streamTime.Seconds())
 	t.Logf("pgward VmRSS: baseline %d KiB, peak %d KiB (bound %d MiB); pgward_buffer_bytes peak %.0f (budget %d); pgward_buffer_waits_total %.0f",
 		baseRSS, peakRSS.Load(), hostileRSSMiB, bufPeak, hostileBudget, waits)
-	t.Logf("granted logins (with a query) during the attack: %d; slowest %v (bound %v, or twice the direct login at the same moment when that took over %v); straight to PostgreSQL at the same moments, slowest %v; ratio of the slowest %.2f; each, at its time into the attack, through pgward (direct): %s",
-		len(logins), worst.Round(time.Millisecond), hostileLoginMax, hostileLoginMax/2, worstDirect.Round(time.Millisecond),
+	t.Logf("granted logins (with a query) during the attack: %d; slowest %v (bound: the direct login at the same moment + %v, or twice it when it took longer); straight to PostgreSQL at the same moments, slowest %v; ratio of the slowest %.2f; each, at its time into the attack, through pgward (direct): %s",
+		len(logins), worst.Round(time.Millisecond), hostileLoginMax, worstDirect.Round(time.Millisecond),
 		worst.Seconds()/worstDirect.Seconds(), strings.Join(all, " "))
 	if len(over) > 0 {
-		t.Errorf("%d of %d granted logins with a query took over %v (or, when the same login straight to PostgreSQL at the same moment took over %v, over twice that) during the attack: %s",
-			len(over), len(logins), hostileLoginMax, hostileLoginMax/2, strings.Join(over, ", "))
+		t.Errorf("%d of %d granted logins with a query took %v or more longer than the same login straight to PostgreSQL at the same moment (or over twice it, when that took longer than %v) during the attack: %s",
+			len(over), len(logins), hostileLoginMax, hostileLoginMax, strings.Join(over, ", "))
 	}
 	if peakRSS.Load() > hostileRSSMiB<<10 {
 		t.Errorf("pgward's VmRSS reached %d KiB, over the %d MiB bound", peakRSS.Load(), hostileRSSMiB)
@@ -426,11 +425,17 @@ func (s *slowReader) Read(p []byte) (int, error) {
 
 // loginBound is what a granted login with a query through pgward may take
 // during the attack, given the same done straight to PostgreSQL at the same
-// moment: hostileLoginMax, unless the machine itself was slower than half
-// of it then (other work on shared cores), when it is twice the direct one:
-// pgward's own part is what is tested, not the machine's load.
+// moment: pgward may add under hostileLoginMax to it (or, when the direct
+// login alone took longer than that, at most double it). The bound is
+// relative because the attack saturates the machine's cores (the attackers
+// are this test's process and PostgreSQL's backends, on the same cores as
+// pgward): straight-to-PostgreSQL logins alone took up to 1.18 s at the
+// attack's peak on a quiet 2-core machine, and a clean-clone CI run failed
+// an absolute 1 s bound at 1.012 s through pgward with 0.886 s of it in
+// upstream_auth, PostgreSQL's own login. What is tested is pgward's part:
+// the code before issue 13 (and before growSlots) added 2–4 s.
 func loginBound(direct time.Duration) time.Duration {
-	return max(hostileLoginMax, 2*direct)
+	return direct + max(hostileLoginMax, direct)
 }
 
 // envLoginClient makes this test binary a login client (TestMain): for
