@@ -51,6 +51,8 @@ func main() {
 		os.Exit(runNoAudit(os.Args[1]))
 	case "relay":
 		os.Exit(runRelay(os.Args[1], os.Args[2]))
+	case "relay-loop":
+		os.Exit(runLoopRelay(os.Args[1], os.Args[2]))
 	}
 	duration := flag.Duration("duration", 7*time.Second, "length of each pgbench run")
 	rounds := flag.Int("rounds", 3, "interleaved rounds per configuration (the median is reported)")
@@ -62,6 +64,9 @@ func main() {
 	flag.BoolVar(&shipAudit, "ship", false, "also run select-only through a pgward that ships its audit (audit.otlp) to a real OpenTelemetry Collector (bin/otelcol), the pgw-ship row, and report events written vs shipped and the lag")
 	flag.StringVar(&pgwardBin, "pgward", "", "run the pgward and pgw+reuse rows with this pgward binary (`pgward agent --config`) instead of this program re-executed (make bench BASELINE=… passes bin/pgward, so both builds run the same way)")
 	flag.StringVar(&baselineBin, "baseline", "", "a pgward binary built from another commit: runs as the pgw-base (and base+reuse) rows in the same interleaved rounds, and the ratios of pgward to it are printed at the end (make bench BASELINE=<git rev>)")
+	flag.BoolVar(&loopRelayRow, "relay-loop", true, "also run the relay-loop row: the minimal relay driven by one epoll event loop on one thread, as PgBouncer is (the ceiling of an event-loop relay in Go on this machine)")
+	flag.StringVar(&sweepClients, "sweep", "1,64", "client counts to run besides -clients, for the -sweep-workloads (comma-separated; empty for none)")
+	flag.StringVar(&sweepWorkloads, "sweep-workloads", "simple", "workloads run at the -sweep client counts")
 	flag.StringVar(&auditDir, "audit-dir", "", "directory for pgward's audit files (default: the bench's temporary directory, under $TMPDIR); put it on the file system production would use")
 	flag.Parse()
 	if err := run(*duration, *rounds, *clients, *scale, *only, *cpuprofile, *decompose); err != nil {
@@ -150,6 +155,16 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 	}
 	defer stopChild(relay)
 	targets = append(targets, target{name: "relay", host: relayDir, db: testenv.Database, port: 5432, env: pw, pid: relay.Process.Pid})
+	if loopRelayRow {
+		loopDir := filepath.Join(dir, "relay-loop")
+		_ = os.Mkdir(loopDir, 0o755)
+		loop, err := startChild("relay-loop", nil, filepath.Join(loopDir, ".s.PGSQL.5432"), pg.SocketPath())
+		if err != nil {
+			return err
+		}
+		defer stopChild(loop)
+		targets = append(targets, target{name: "relay-loop", host: loopDir, db: testenv.Database, port: 5432, env: pw, pid: loop.Process.Pid})
+	}
 
 	// pgward in its own process.
 	cfgPath := filepath.Join(dir, "pgward.yaml")
@@ -254,60 +269,75 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 			wls = append(wls, w)
 		}
 	}
+	cases, err := benchCases(wls, clients)
+	if err != nil {
+		return err
+	}
 	results := map[string][]result{}
 	cpu := map[string]time.Duration{}
 	switches := map[string]int64{}
 	stmts := map[string]float64{}
 	for r := 0; r < rounds; r++ {
-		for _, w := range wls {
+		for _, w := range cases {
 			for _, t := range targets {
-				if !t.runs(w) {
+				if !t.runs(w.workload) || (w.clients != clients && !sweepTarget(t.name)) {
 					continue
 				}
 				before, beforeCS := procCPU(t.pid), procSwitches(t.pid)
 				if ship != nil && t.name == ship.target.name {
 					ship.before()
 				}
-				res, err := pgbench(t, w, clients, duration)
+				res, err := pgbench(t, w.workload, w.clients, duration)
 				if err != nil {
-					return fmt.Errorf("%s %s: %w", w.name, t.name, err)
+					return fmt.Errorf("%s %s: %w", w.label, t.name, err)
 				}
 				if ship != nil && t.name == ship.target.name {
 					ship.after(w.name, duration)
 				}
-				key := w.name + "|" + t.name
+				key := w.label + "|" + t.name
 				cpu[key] += procCPU(t.pid) - before
 				switches[key] += procSwitches(t.pid) - beforeCS
 				stmts[key] += res.tps * duration.Seconds() * w.stmts
 				results[key] = append(results[key], res)
-				fmt.Fprintf(os.Stderr, "round %d/%d %-22s %-9s %9.0f tps\n", r+1, rounds, w.name, t.name, res.tps)
+				fmt.Fprintf(os.Stderr, "round %d/%d %-26s %-10s %9.0f tps\n", r+1, rounds, w.label, t.name, res.tps)
 			}
 		}
 	}
-	fmt.Printf("\npgbench, %d clients, %s × %d interleaved rounds (median), scale %d, Unix sockets, %d CPUs, PostgreSQL %s\n",
+	fmt.Printf("\npgbench, %d clients (rows marked \"N clients\": N), %s × %d interleaved rounds (median), scale %d, Unix sockets, %d CPUs, PostgreSQL %s\n",
 		clients, duration, rounds, scale, runtime.NumCPU(), pgVersion())
-	fmt.Printf("pgward: separate process, audit durability=write parameters=full (pgw-async: durability=async; pgw-noaudit: no statement audit lines); relay: separate process, 32 KiB copy loop; pgbouncer: pool_mode=session, auth_type=scram-sha-256\n")
+	fmt.Printf("pgward: separate process, audit durability=write parameters=full (pgw-async: durability=async; pgw-noaudit: no statement audit lines); relay: separate process, 32 KiB copy loop, a goroutine per direction; relay-loop: the same bytes through one epoll event loop on one thread; pgbouncer: pool_mode=session, auth_type=scram-sha-256\n")
 	if baselineBin != "" {
 		fmt.Printf("pgw-base, base+reuse: the baseline build %s, same configuration, in its own process\n", baselineBin)
 	}
 	fmt.Println()
-	fmt.Printf("%-22s %-10s %10s %11s %9s %9s %16s %12s\n", "workload", "path", "tps", "latency ms", "vs direct", "vs relay", "CPU s/100k stmt", "cswch/stmt")
-	for _, w := range wls {
-		direct := median(results[w.name+"|direct"])
-		relayRes := median(results[w.name+"|relay"])
+	fmt.Printf("%-28s %-11s %9s %10s %9s %9s %9s %12s %11s %10s\n", "workload", "path", "tps", "latency ms", "+ms/stmt", "vs direct", "vs bouncer", "CPU s/100k stmt", "cswch/stmt", "vs relay")
+	for _, w := range cases {
+		direct := median(results[w.label+"|direct"])
+		relayRes := median(results[w.label+"|relay"])
+		bouncer, haveBouncer := results[w.label+"|pgbouncer"]
 		for _, t := range targets {
-			if !t.runs(w) {
+			key := w.label + "|" + t.name
+			if len(results[key]) == 0 {
 				continue
 			}
-			key := w.name + "|" + t.name
 			med := median(results[key])
 			c, cs := "-", "-"
 			if t.pid != 0 && stmts[key] > 0 {
 				c = fmt.Sprintf("%.2f", cpu[key].Seconds()/stmts[key]*100000)
 				cs = fmt.Sprintf("%.2f", float64(switches[key])/stmts[key])
 			}
-			fmt.Printf("%-22s %-10s %10.0f %11.3f %8.2fx %8.2fx %16s %12s\n", w.name, t.name, med.tps, med.latencyMS, med.tps/direct.tps, med.tps/relayRes.tps, c, cs)
+			vb := "-"
+			if haveBouncer {
+				vb = fmt.Sprintf("%.2fx", med.tps/median(bouncer).tps)
+			}
+			// What the path adds to each statement's latency (pgbench's
+			// latency is per transaction).
+			added := (med.latencyMS - direct.latencyMS) / w.stmts
+			fmt.Printf("%-28s %-11s %9.0f %10.3f %9.3f %8.2fx %9s %12s %11s %9.2fx\n", w.label, t.name, med.tps, med.latencyMS, added, med.tps/direct.tps, vb, c, cs, med.tps/relayRes.tps)
 		}
+	}
+	if len(cases) > len(wls) {
+		sweepSummary(cases, clients, results)
 	}
 	if baselineBin != "" {
 		compareBaseline(wls, results, cpu, stmts)
@@ -323,6 +353,93 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 		fmt.Printf("CPU profiles: pgward %s, relay %s.relay (go tool pprof -top %s)\n", cpuprofile, cpuprofile, cpuprofile)
 	}
 	return nil
+}
+
+// loopRelayRow is -relay-loop; sweepClients and sweepWorkloads are -sweep
+// and -sweep-workloads.
+var (
+	loopRelayRow                 bool
+	sweepClients, sweepWorkloads string
+)
+
+// benchCase is a workload at a number of clients.
+type benchCase struct {
+	workload
+	clients int
+	label   string // the workload's name, and the clients when not -clients
+}
+
+// benchCases is every workload at the default number of clients, then the
+// -sweep-workloads at the -sweep client counts (named "… N clients").
+func benchCases(wls []workload, clients int) ([]benchCase, error) {
+	var out []benchCase
+	for _, w := range wls {
+		out = append(out, benchCase{w, clients, w.name})
+	}
+	if strings.TrimSpace(sweepClients) == "" {
+		return out, nil
+	}
+	for _, f := range strings.Split(sweepClients, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || n < 1 || n > 150 {
+			return nil, fmt.Errorf("-sweep %q: want client counts from 1 to 150, comma-separated", sweepClients)
+		}
+		if n == clients {
+			continue
+		}
+		for _, w := range wls {
+			if strings.Contains(","+sweepWorkloads+",", ","+w.key+",") {
+				c := benchCase{w, n, fmt.Sprintf("%s, %d client", w.name, n)}
+				if n > 1 {
+					c.label += "s"
+				}
+				out = append(out, c)
+			}
+		}
+	}
+	return out, nil
+}
+
+// sweepTarget says which paths run at the -sweep client counts: the ones
+// the issue's goals compare (direct is the limit, PgBouncer the bar).
+func sweepTarget(name string) bool {
+	switch name {
+	case "direct", "relay", "relay-loop", "pgward", "pgw-base", "pgbouncer":
+		return true
+	}
+	return false
+}
+
+// sweepSummary prints, per swept workload, pgward's ratio to PgBouncer at
+// every client count and the latency each adds per statement over direct.
+func sweepSummary(cases []benchCase, clients int, results map[string][]result) {
+	fmt.Printf("\nby clients (tps ratio to PgBouncer; latency added per statement over direct, ms):\n")
+	fmt.Printf("%-22s %8s %14s %12s %12s %12s\n", "workload", "clients", "pgward/bouncer", "relay-loop/b", "pgward +ms", "bouncer +ms")
+	sorted := append([]benchCase(nil), cases...)
+	sort.SliceStable(sorted, func(i, j int) bool {
+		return sorted[i].key < sorted[j].key || (sorted[i].key == sorted[j].key && sorted[i].clients < sorted[j].clients)
+	})
+	for _, w := range sorted {
+		if !strings.Contains(","+sweepWorkloads+",", ","+w.key+",") {
+			continue
+		}
+		get := func(path string) (result, bool) {
+			r := results[w.label+"|"+path]
+			return median(r), len(r) > 0
+		}
+		d, _ := get("direct")
+		p, okp := get("pgward")
+		b, okb := get("pgbouncer")
+		l, okl := get("relay-loop")
+		if !okp || !okb {
+			continue
+		}
+		lr := "-"
+		if okl {
+			lr = fmt.Sprintf("%.2fx", l.tps/b.tps)
+		}
+		fmt.Printf("%-22s %8d %13.2fx %12s %12.3f %12.3f\n", w.name, w.clients, p.tps/b.tps, lr, (p.latencyMS-d.latencyMS)/w.stmts, (b.latencyMS-d.latencyMS)/w.stmts)
+	}
 }
 
 // pgwardBin and baselineBin are -pgward and -baseline.
@@ -587,7 +704,7 @@ func startChild(role string, env []string, args ...string) (*exec.Cmd, error) {
 	if err := cmd.Start(); err != nil {
 		return nil, err
 	}
-	if role == "relay" {
+	if role == "relay" || role == "relay-loop" {
 		if err := waitSocket(args[0]); err != nil {
 			return nil, err
 		}
@@ -686,7 +803,7 @@ var (
 
 func pgbench(t target, w workload, clients int, d time.Duration) (result, error) {
 	args := append([]string{"-n"}, w.args...)
-	args = append(args, "-c", strconv.Itoa(clients), "-j", "2", "-T", strconv.Itoa(int(d.Seconds())),
+	args = append(args, "-c", strconv.Itoa(clients), "-j", strconv.Itoa(min(2, clients)), "-T", strconv.Itoa(int(d.Seconds())),
 		"-h", t.host, "-p", strconv.Itoa(t.port), "-U", testenv.ScramUser, t.db)
 	cmd := exec.Command("pgbench", args...)
 	cmd.Env = append(os.Environ(), t.env...)
