@@ -225,6 +225,7 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 		for _, v := range []struct{ name, durability, role string }{
 			{"pgw-async", "async", "agent"},
 			{"pgw-noaudit", "write", "noaudit"},
+			{"pgw-1cpu", "write", "agent"},
 		} {
 			vdir := filepath.Join(dir, v.name)
 			if err := os.Mkdir(vdir, 0o755); err != nil {
@@ -234,7 +235,13 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 			if err := writeAgentConfig(vdir, vcfg, pg, v.durability, "", ""); err != nil {
 				return err
 			}
-			c, err := startChild(v.role, nil, vcfg)
+			var env []string
+			if v.name == "pgw-1cpu" {
+				// The Go runtime on one P: no idle P to wake (futex) and
+				// no spinning threads for each goroutine made runnable.
+				env = []string{"GOMAXPROCS=1"}
+			}
+			c, err := startChild(v.role, env, vcfg)
 			if err != nil {
 				return err
 			}
@@ -305,7 +312,7 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 	}
 	fmt.Printf("\npgbench, %d clients (rows marked \"N clients\": N), %s × %d interleaved rounds (median), scale %d, Unix sockets, %d CPUs, PostgreSQL %s\n",
 		clients, duration, rounds, scale, runtime.NumCPU(), pgVersion())
-	fmt.Printf("pgward: separate process, audit durability=write parameters=full (pgw-async: durability=async; pgw-noaudit: no statement audit lines); relay: separate process, 32 KiB copy loop, a goroutine per direction; relay-loop: the same bytes through one epoll event loop on one thread; pgbouncer: pool_mode=session, auth_type=scram-sha-256\n")
+	fmt.Printf("pgward: separate process, audit durability=write parameters=full (pgw-async: durability=async; pgw-noaudit: no statement audit lines; pgw-1cpu: GOMAXPROCS=1); relay: separate process, 32 KiB copy loop, a goroutine per direction; relay-loop: the same bytes through one epoll event loop on one thread; pgbouncer: pool_mode=session, auth_type=scram-sha-256\n")
 	if baselineBin != "" {
 		fmt.Printf("pgw-base, base+reuse: the baseline build %s, same configuration, in its own process\n", baselineBin)
 	}
