@@ -54,10 +54,12 @@ func TestStartupParamsForwarded(t *testing.T) {
 		t.Errorf("create table in a read-only session: %v (SQLSTATE %q), want 25006", err, code)
 	}
 
-	st := h.connect(t, testenv.ScramUser, "orders", "statement_timeout=1ms")
-	_, err = st.Exec(context.Background(), "select pg_sleep(2)")
+	// 1s, not 1ms: under 1ms a backend descheduled on a loaded machine
+	// cancels any statement, the harness's own among them.
+	st := h.connect(t, testenv.ScramUser, "orders", "statement_timeout=1s")
+	_, err = st.Exec(context.Background(), "select pg_sleep(10)")
 	if code := pgCode(err); code != "57014" {
-		t.Errorf("pg_sleep(2) with statement_timeout=1ms: %v (SQLSTATE %q), want 57014", err, code)
+		t.Errorf("pg_sleep(10) with statement_timeout=1s: %v (SQLSTATE %q), want 57014", err, code)
 	}
 }
 
@@ -184,7 +186,7 @@ func TestReuseStartupParams(t *testing.T) {
 	c1.Close(ctx)
 	waitIdle(t, h, 1)
 
-	c2 := h.connect(t, testenv.ScramUser, "orders", "statement_timeout=1ms")
+	c2 := h.connect(t, testenv.ScramUser, "orders", "statement_timeout=1s") // not 1ms: see TestStartupParamsForwarded
 	if p := backendPID(t, c2); p != pid {
 		t.Fatalf("second session backend %d, want the parked %d", p, pid)
 	}
@@ -194,9 +196,9 @@ func TestReuseStartupParams(t *testing.T) {
 	if v := show(t, c2, "work_mem"); v == "1234kB" {
 		t.Errorf("second session inherited work_mem = %q", v)
 	}
-	_, err := c2.Exec(ctx, "select pg_sleep(2)")
+	_, err := c2.Exec(ctx, "select pg_sleep(10)")
 	if code := pgCode(err); code != "57014" {
-		t.Errorf("pg_sleep(2) with statement_timeout=1ms on a reused connection: %v (SQLSTATE %q), want 57014", err, code)
+		t.Errorf("pg_sleep(10) with statement_timeout=1s on a reused connection: %v (SQLSTATE %q), want 57014", err, code)
 	}
 	c2.Close(ctx)
 	waitIdle(t, h, 1)
@@ -383,15 +385,17 @@ func TestMembershipCheckIgnoresClientSearchPath(t *testing.T) {
 // TestMembershipCheckIgnoresClientTimeouts: pgward's own membership query
 // runs in the client's session, so before it was made immune it ran under
 // the client's statement_timeout and lock_timeout (startup parameters):
-// a client asking for 1ms could make the check fail, refusing its own
+// a client asking for 250ms could make the check fail, refusing its own
 // login where refuse_role_switching is on (or, where off, losing the
 // memberships from the audit). A lock on pg_auth_members, which the query
-// reads and the login does not, holds it past 1ms.
+// reads and the login does not, holds it for a second. (Not 1ms: under
+// 1ms a backend descheduled on a loaded machine cancels any statement,
+// the test's own SHOW among them.)
 func TestMembershipCheckIgnoresClientTimeouts(t *testing.T) {
 	pg := privatePG(t, testenv.Options{})
 	ctx := context.Background()
 	for _, reuse := range []bool{false, true} {
-		for _, param := range []string{"statement_timeout=1ms", "lock_timeout=1ms"} {
+		for _, param := range []string{"statement_timeout=250ms", "lock_timeout=250ms"} {
 			t.Run(fmt.Sprintf("%s reuse=%v", param, reuse), func(t *testing.T) {
 				h := newHarness(t, func(h *harness, c *Config) {
 					onPrivatePG(pg)(h, c)
@@ -415,7 +419,7 @@ func TestMembershipCheckIgnoresClientTimeouts(t *testing.T) {
 					t.Fatal(err)
 				}
 				released := make(chan error, 1)
-				time.AfterFunc(300*time.Millisecond, func() { released <- tx.Commit(ctx) })
+				time.AfterFunc(time.Second, func() { released <- tx.Commit(ctx) })
 				cfg, err := pgx.ParseConfig(h.dsn(testenv.ScramUser, "orders", param))
 				if err != nil {
 					t.Fatal(err)
@@ -431,9 +435,9 @@ func TestMembershipCheckIgnoresClientTimeouts(t *testing.T) {
 					t.Fatalf("connect with %s while the membership query waits for a lock: %v", param, err)
 				}
 				defer c.Close(ctx)
-				name, _, _ := strings.Cut(param, "=")
-				if v := show(t, c, name); v != "1ms" {
-					t.Errorf("%s = %q in the client's session, want 1ms", name, v)
+				name, value, _ := strings.Cut(param, "=")
+				if v := show(t, c, name); v != value {
+					t.Errorf("%s = %q in the client's session, want %s", name, v, value)
 				}
 			})
 		}

@@ -194,9 +194,12 @@ const (
 )
 
 // checkParams asserts what a session opened with default_transaction_read_only=on,
-// statement_timeout=1ms and work_mem=1234kB shows, after running
-// "show transaction_read_only", "show work_mem", "select pg_sleep(1)" and
-// "create temp table …".
+// statement_timeout=1s and work_mem=1234kB shows, after running
+// "show transaction_read_only", "show work_mem", "select pg_sleep(10)" and
+// "create temp table …". The timeout is a second, not a millisecond: a
+// backend descheduled for a millisecond on a loaded machine cancels any
+// statement under 1ms (the create table got 57014, not 25006, under -race
+// with CPU load).
 func checkParams(t *testing.T, r probeResult) {
 	t.Helper()
 	if v := r.value(t, 0); v != "on" {
@@ -206,14 +209,14 @@ func checkParams(t *testing.T, r probeResult) {
 		t.Errorf("%s: work_mem = %q, want 1234kB", r.Driver, v)
 	}
 	if c := r.sqlstate(t, 2); c != "57014" {
-		t.Errorf("%s: pg_sleep(1) with statement_timeout=1ms: SQLSTATE %q, want 57014", r.Driver, c)
+		t.Errorf("%s: pg_sleep(10) with statement_timeout=1s: SQLSTATE %q, want 57014", r.Driver, c)
 	}
 	if c := r.sqlstate(t, 3); c != "25006" {
 		t.Errorf("%s: create table in a read-only session: SQLSTATE %q, want 25006", r.Driver, c)
 	}
 }
 
-var paramSQL = []string{"show transaction_read_only", "show work_mem", "select pg_sleep(1)", "create temp table t14 (i int)"}
+var paramSQL = []string{"show transaction_read_only", "show work_mem", "select pg_sleep(10)", "create temp table t14 (i int)"}
 
 // checkAppName asserts that application_name in pg_stat_activity is the
 // client's name and the request_id of the last db.session.start.
@@ -242,7 +245,7 @@ func TestPsycopgThroughPgward(t *testing.T) {
 	}
 
 	t.Run("startup parameters", func(t *testing.T) {
-		opts := "options='-c default_transaction_read_only=on -c statement_timeout=1ms -c work_mem=1234kB'"
+		opts := "options='-c default_transaction_read_only=on -c statement_timeout=1s -c work_mem=1234kB'"
 		checkParams(t, psycopg(t, py, pgw(opts), nil, paramSQL...))
 		// libpq sends PGGEQO and PGTZ as the startup parameters geqo and
 		// timezone, not in options.
@@ -321,7 +324,7 @@ func TestJDBCThroughPgward(t *testing.T) {
 		// PgJDBC sends currentSchema as the startup parameter search_path.
 		schema := []string{"currentSchema=pg_catalog,public"}
 		rs := jdbc(t, cp,
-			jdbcSession{pgw, []string{"options=-c default_transaction_read_only=on -c statement_timeout=1ms -c work_mem=1234kB"}, paramSQL},
+			jdbcSession{pgw, []string{"options=-c default_transaction_read_only=on -c statement_timeout=1s -c work_mem=1234kB"}, paramSQL},
 			jdbcSession{direct, schema, []string{"show search_path"}},
 			jdbcSession{pgw, schema, []string{"show search_path"}})
 		checkParams(t, rs[0])

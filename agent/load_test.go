@@ -186,6 +186,12 @@ func TestLoadMixedTraffic(t *testing.T) {
 	var wg sync.WaitGroup
 	var ready sync.WaitGroup
 	ready.Add(sessions)
+	// The sessions log in loginsInFlight at a time, then are all held at
+	// once. All at once, 100 upstream logins (PostgreSQL forking a backend
+	// for each) on 2 cores under -race and CPU load took more than the
+	// upstream's 5 s connect_timeout: 08001 in 3 runs of 10. A login storm
+	// is not what this test measures; the steady mixed traffic is.
+	logins := make(chan struct{}, loginsInFlight)
 	for s := range sessions {
 		wg.Add(1)
 		go func() {
@@ -195,7 +201,9 @@ func TestLoadMixedTraffic(t *testing.T) {
 					firstErr.Store(fmt.Errorf("session %d: %w", s, err))
 				}
 			}
+			logins <- struct{}{}
 			c, err := pgx.Connect(ctx, h.dsn(testenv.ScramUser, "orders", "application_name=soak"))
+			<-logins
 			ready.Done()
 			if err != nil {
 				fail(err)
@@ -244,6 +252,14 @@ func TestLoadMixedTraffic(t *testing.T) {
 	}
 	wg.Wait()
 	if errs.Load() > 0 {
+		n := 0
+		for _, l := range strings.Split(h.logs.String(), "\n") {
+			if strings.Contains(l, `"level":"WARN"`) || strings.Contains(l, `"level":"ERROR"`) {
+				if n++; n <= 5 {
+					t.Logf("pgward: %s", l)
+				}
+			}
+		}
 		t.Fatalf("%d errors; first: %v", errs.Load(), firstErr.Load())
 	}
 	t.Logf("%d sessions held at once for %v: %d statements (%d COPY), %.0f/s", sessions, duration, sent.Load(), copies.Load(), float64(sent.Load())/duration.Seconds())
@@ -315,6 +331,9 @@ func TestLoadMixedTraffic(t *testing.T) {
 		time.Sleep(200 * time.Millisecond)
 	}
 }
+
+// loginsInFlight bounds TestLoadMixedTraffic's logins at its start.
+const loginsInFlight = 10
 
 var pgStatementRe = regexp.MustCompile(`(?:statement|execute [^:]*): insert into killtest values \((\d+)\)`)
 

@@ -339,9 +339,14 @@ func TestSessionsStates(t *testing.T) {
 		t.Fatal(err)
 	}
 	p.Close(ctx)
+	// The session parks its connection before it leaves the session list
+	// (its end is still being reported): wait for both.
 	var l agent.AdminSessions
-	waitFor(t, 10*time.Second, func() bool { l = h.list(t, "--upstream", "pooled"); return len(l.Parked) == 1 }, func() string { return fmt.Sprint(l) })
-	if pk := l.Parked[0]; pk.Upstream != "pooled" || pk.Role != testenv.ScramUser || pk.BackendPID != backend || len(l.Sessions) != 0 {
+	waitFor(t, 10*time.Second, func() bool {
+		l = h.list(t, "--upstream", "pooled")
+		return len(l.Parked) == 1 && len(l.Sessions) == 0
+	}, func() string { return fmt.Sprint(l) })
+	if pk := l.Parked[0]; pk.Upstream != "pooled" || pk.Role != testenv.ScramUser || pk.BackendPID != backend {
 		t.Errorf("parked: %+v (backend %d)", l, backend)
 	}
 	_, table, _ := runCLI("sessions", "--socket", h.admin)
