@@ -253,8 +253,11 @@ func TestSlowlorisClosedAtLoginTimeout(t *testing.T) {
 			// waits as long as the slow clients do.
 			t0 := time.Now()
 			slots := h.srv.slots.loginSlots(uint32(os.Getuid()))
-			ctx, cancel := context.WithTimeout(context.Background(), timeout+30*time.Second)
-			c, err := pgx.Connect(ctx, h.dsn(testenv.ScramUser, "orders"))
+			wait := timeout + 30*time.Second
+			ctx, cancel := context.WithTimeout(context.Background(), wait)
+			// The dsn's own connect_timeout (10 s) would cut the wait short:
+			// a clean-clone run under load failed there.
+			c, err := pgx.Connect(ctx, h.dsn(testenv.ScramUser, "orders", fmt.Sprintf("connect_timeout=%d", int(wait.Seconds()))))
 			cancel()
 			if err != nil {
 				t.Errorf("legitimate client during slowloris: %v", err)
