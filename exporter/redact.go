@@ -67,18 +67,29 @@ func redactSQL(sql string) (string, []int) {
 	if len(r.spans) == 0 {
 		return sql, r.params
 	}
-	var b strings.Builder
-	b.Grow(len(sql))
-	last := 0
-	for i := 0; i < len(r.spans); {
-		start, end := r.spans[i][0], r.spans[i][1]
-		for i++; i < len(r.spans) && r.spans[i][0] < end; i++ {
-			end = max(end, r.spans[i][1])
+	const redacted = "'" + redactedValue + "'"
+	// merged calls f with each run of overlapping spans as one.
+	merged := func(f func(start, end int)) {
+		for i := 0; i < len(r.spans); {
+			start, end := r.spans[i][0], r.spans[i][1]
+			for i++; i < len(r.spans) && r.spans[i][0] < end; i++ {
+				end = max(end, r.spans[i][1])
+			}
+			f(start, end)
 		}
-		b.WriteString(sql[last:start])
-		b.WriteString("'" + redactedValue + "'")
-		last = end
 	}
+	// The exact size, so that a statement of many password literals is
+	// written once, not copied each time the builder outgrows its buffer.
+	size := len(sql)
+	merged(func(start, end int) { size += len(redacted) - (end - start) })
+	var b strings.Builder
+	b.Grow(size)
+	last := 0
+	merged(func(start, end int) {
+		b.WriteString(sql[last:start])
+		b.WriteString(redacted)
+		last = end
+	})
 	b.WriteString(sql[last:])
 	return b.String(), r.params
 }
