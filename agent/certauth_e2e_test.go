@@ -32,7 +32,7 @@ const (
 // trustUser not at all. The test's cleanup stops it.
 func certPG(t *testing.T) *testenv.Postgres {
 	t.Helper()
-	postgres(t) // the harness's shared server; also skips without Postgres
+	testenv.SharedPostgres(t) // the harness's shared server; also skips without Postgres
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	pg, err := testenv.StartPostgres(ctx, testenv.Options{

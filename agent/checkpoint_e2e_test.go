@@ -175,7 +175,7 @@ func TestAuditCheckpointKeyErrors(t *testing.T) {
 	if err := cfg.Validate(); err != nil {
 		t.Fatal(err)
 	}
-	logs := &syncBuffer{}
+	logs := &testenv.SyncBuffer{}
 	_, err := New(context.Background(), Options{Config: cfg, Logger: newJSONLogger(logs)})
 	if err == nil || !strings.Contains(err.Error(), "audit.checkpoint.key") || strings.Contains(err.Error()+logs.String(), canary) {
 		t.Fatalf("bad key: %v\n%s", err, logs.String())

@@ -50,7 +50,7 @@ func TestStartupParamsForwarded(t *testing.T) {
 		t.Errorf("lock_timeout = %q, want 7s", v)
 	}
 	_, err := c.Exec(context.Background(), "create temp table t14 (i int)")
-	if code := pgCode(err); code != "25006" {
+	if code := testenv.PgCode(err); code != "25006" {
 		t.Errorf("create table in a read-only session: %v (SQLSTATE %q), want 25006", err, code)
 	}
 
@@ -58,7 +58,7 @@ func TestStartupParamsForwarded(t *testing.T) {
 	// cancels any statement, the harness's own among them.
 	st := h.connect(t, testenv.ScramUser, "orders", "statement_timeout=1s")
 	_, err = st.Exec(context.Background(), "select pg_sleep(10)")
-	if code := pgCode(err); code != "57014" {
+	if code := testenv.PgCode(err); code != "57014" {
 		t.Errorf("pg_sleep(10) with statement_timeout=1s: %v (SQLSTATE %q), want 57014", err, code)
 	}
 }
@@ -179,7 +179,7 @@ func TestReuseStartupParams(t *testing.T) {
 	ctx := context.Background()
 
 	c1 := h.connect(t, testenv.ScramUser, "orders", "default_transaction_read_only=on", "work_mem=1234kB")
-	pid := backendPID(t, c1)
+	pid := testenv.BackendPID(t, c1)
 	if v := show(t, c1, "transaction_read_only"); v != "on" {
 		t.Errorf("first session: transaction_read_only = %q, want on", v)
 	}
@@ -187,7 +187,7 @@ func TestReuseStartupParams(t *testing.T) {
 	waitIdle(t, h, 1)
 
 	c2 := h.connect(t, testenv.ScramUser, "orders", "statement_timeout=1s") // not 1ms: see TestStartupParamsForwarded
-	if p := backendPID(t, c2); p != pid {
+	if p := testenv.BackendPID(t, c2); p != pid {
 		t.Fatalf("second session backend %d, want the parked %d", p, pid)
 	}
 	if v := show(t, c2, "transaction_read_only"); v != "off" {
@@ -197,7 +197,7 @@ func TestReuseStartupParams(t *testing.T) {
 		t.Errorf("second session inherited work_mem = %q", v)
 	}
 	_, err := c2.Exec(ctx, "select pg_sleep(10)")
-	if code := pgCode(err); code != "57014" {
+	if code := testenv.PgCode(err); code != "57014" {
 		t.Errorf("pg_sleep(10) with statement_timeout=1s on a reused connection: %v (SQLSTATE %q), want 57014", err, code)
 	}
 	c2.Close(ctx)
@@ -299,11 +299,11 @@ func TestApplicationNameReuse(t *testing.T) {
 	if got, want := statActivityApp(t, c1), "first pgward:me:"+rid1; got != want {
 		t.Errorf("first session: %q, want %q", got, want)
 	}
-	pid := backendPID(t, c1)
+	pid := testenv.BackendPID(t, c1)
 	c1.Close(ctx)
 	waitIdle(t, h, 1)
 	c2 := h.connect(t, testenv.ScramUser, "orders")
-	if p := backendPID(t, c2); p != pid {
+	if p := testenv.BackendPID(t, c2); p != pid {
 		t.Fatalf("second session backend %d, want the parked %d", p, pid)
 	}
 	rid2 := lastSessionStart(t, h)

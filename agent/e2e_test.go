@@ -36,7 +36,7 @@ type harness struct {
 	agent     *Agent
 	dir       string
 	auditPath string
-	logs      *syncBuffer
+	logs      *testenv.SyncBuffer
 	trapConns *atomic.Int64
 	tp        trace.TracerProvider // set by a mutate func to export spans
 	logLevel  *slog.Level          // set by a mutate func; default debug
@@ -44,28 +44,11 @@ type harness struct {
 	cancel    context.CancelFunc
 }
 
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 const wrongPassword = "not-the-password"
 
 func newHarness(t *testing.T, mutate func(h *harness, c *Config)) *harness {
 	t.Helper()
-	pg := postgres(t)
+	pg := testenv.SharedPostgres(t)
 	dir, err := os.MkdirTemp("", "pgwa-")
 	if err != nil {
 		t.Fatal(err)
@@ -74,7 +57,7 @@ func newHarness(t *testing.T, mutate func(h *harness, c *Config)) *harness {
 	if err := os.Chmod(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	h := &harness{t: t, pg: pg, dir: dir, auditPath: filepath.Join(dir, "audit.jsonl"), logs: &syncBuffer{}, trapConns: &atomic.Int64{}}
+	h := &harness{t: t, pg: pg, dir: dir, auditPath: filepath.Join(dir, "audit.jsonl"), logs: &testenv.SyncBuffer{}, trapConns: &atomic.Int64{}}
 
 	// A socket that stands for an upstream nobody should reach: it counts dials.
 	trapPath := filepath.Join(dir, "trap.sock")

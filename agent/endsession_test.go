@@ -326,7 +326,7 @@ func TestEndTerminatesStatementThatIgnoresCancel(t *testing.T) {
 // A revoked Vault lease ends its session the same way: the running
 // statement is cancelled upstream, not left to commit.
 func TestLeaseEndCancelsRunningStatement(t *testing.T) {
-	pg := postgres(t)
+	pg := testenv.SharedPostgres(t)
 	sim := vaultsim.New(vaultsim.Options{Exec: pg.Exec, Logf: t.Logf})
 	t.Cleanup(sim.Close)
 	sim.AddDatabaseRole("database", "app", vaultsim.DatabaseRole{

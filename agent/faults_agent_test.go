@@ -2,14 +2,11 @@ package agent
 
 import (
 	"context"
-	"errors"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
-
-	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/pgward/pgward/broker"
 	"github.com/pgward/pgward/testenv"
@@ -34,14 +31,6 @@ func onPrivatePG(pg *testenv.Postgres) func(*harness, *Config) {
 		u.Address = pg.SocketPath()
 		c.Upstreams["orders"] = u
 	}
-}
-
-func pgCode(err error) string {
-	var pgErr *pgconn.PgError
-	if errors.As(err, &pgErr) {
-		return pgErr.Code
-	}
-	return ""
 }
 
 // A file backend whose file disappears or becomes unreadable keeps serving

@@ -261,7 +261,7 @@ limits: { auth_rate: -5 }
 // reload --pid` applies a good one; the first SIGTERM drains, a second
 // exits at once; with nothing open, SIGTERM exits 0.
 func TestBinaryLifecycle(t *testing.T) {
-	pg := postgres(t)
+	pg := testenv.SharedPostgres(t)
 	bin := buildPgward(t)
 	dir, err := os.MkdirTemp("", "pgwb-")
 	if err != nil {
@@ -296,13 +296,13 @@ shutdown: { grace: 30s }
 	}
 	ctx := context.Background()
 
-	start := func(t *testing.T) (*exec.Cmd, *notifyListener, *syncBuffer, chan error) {
+	start := func(t *testing.T) (*exec.Cmd, *notifyListener, *testenv.SyncBuffer, chan error) {
 		t.Helper()
 		name := fmt.Sprintf("@pgward-test-notify-%d-%d", os.Getpid(), time.Now().UnixNano())
 		l := listenNotify(t, name)
 		cmd := exec.Command(bin, "agent", "--config", cfgPath)
 		cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+name, "WATCHDOG_USEC=300000", "PGWARD_LOG_FORMAT=json")
-		stderr := &syncBuffer{}
+		stderr := &testenv.SyncBuffer{}
 		cmd.Stderr = stderr
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)

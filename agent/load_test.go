@@ -57,7 +57,7 @@ func TestThrottleFloodFromOneUID(t *testing.T) {
 					t.Error("ungranted role accepted")
 					return
 				}
-				switch pgCode(err) {
+				switch testenv.PgCode(err) {
 				case broker.CodeTooManyConnections:
 					throttled.Add(1)
 				case broker.CodeInvalidAuthorization:
@@ -301,9 +301,7 @@ func TestLoadMixedTraffic(t *testing.T) {
 	// Back to baseline. The harness keeps every debug log line in memory
 	// (~1 KiB a statement): that is the test's, not pgward's, so drop it.
 	t.Logf("harness log buffer: %d KiB", len(h.logs.String())>>10)
-	h.logs.mu.Lock()
-	h.logs.b = bytes.Buffer{}
-	h.logs.mu.Unlock()
+	h.logs.Reset()
 	end := time.Now().Add(10 * time.Second)
 	defer func() {
 		// For chasing retained memory: PGWARD_SOAK_HEAPPROFILE=file.

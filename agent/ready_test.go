@@ -9,6 +9,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/pgward/pgward/testenv"
 )
 
 // The ready line names the metrics address actually bound: with
@@ -31,7 +33,7 @@ ebpf: { enabled: "false" }
 	if err != nil {
 		t.Fatal(err)
 	}
-	var buf syncBuffer
+	var buf testenv.SyncBuffer
 	log := slog.New(slog.NewJSONHandler(&buf, nil))
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()

@@ -26,7 +26,7 @@ func TestPasswordLiteralFormsRedactedEndToEnd(t *testing.T) {
 	)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	pg := postgres(t)
+	pg := testenv.SharedPostgres(t)
 	if err := pg.Exec(ctx, fmt.Sprintf(`DROP ROLE IF EXISTS %[1]s; DROP ROLE IF EXISTS %[2]s;
 		CREATE ROLE %[1]s LOGIN CREATEROLE PASSWORD '%[3]s'; CREATE ROLE %[2]s LOGIN;
 		GRANT CONNECT ON DATABASE %[4]s TO %[2]s`, admin, target, adminPW, testenv.Database)); err != nil {

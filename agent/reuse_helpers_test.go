@@ -1,11 +1,8 @@
 package agent
 
 import (
-	"context"
 	"testing"
 	"time"
-
-	"github.com/jackc/pgx/v5"
 
 	"github.com/pgward/pgward/broker"
 )
@@ -33,13 +30,4 @@ func waitIdle(t *testing.T, h *harness, n int) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
-}
-
-func backendPID(t *testing.T, c *pgx.Conn) uint32 {
-	t.Helper()
-	var pid uint32
-	if err := c.QueryRow(context.Background(), "select pg_backend_pid()", pgx.QueryExecModeSimpleProtocol).Scan(&pid); err != nil {
-		t.Fatal(err)
-	}
-	return pid
 }

@@ -18,7 +18,7 @@ import (
 // Vault ending the session, and a Vault outage refusing clearly while an
 // upstream on the file backend keeps working.
 func TestVaultThroughAgent(t *testing.T) {
-	pg := postgres(t)
+	pg := testenv.SharedPostgres(t)
 	sim := vaultsim.New(vaultsim.Options{Exec: pg.Exec, Logf: t.Logf})
 	simClosed := false
 	t.Cleanup(func() {

@@ -78,14 +78,14 @@ func TestUpstreamRestartAndKillMidQuery(t *testing.T) {
 		defer cancel()
 		return pg.Restart(rctx)
 	})
-	if code := pgCode(err); code != CodeAdminShutdown {
+	if code := testenv.PgCode(err); code != CodeAdminShutdown {
 		t.Fatalf("query across a restart: %v; want 57P01", err)
 	}
 	works("after the restart")
 
 	c = h.connect(t, testenv.ScramUser, "orders")
 	err = queryThenFault(t, c, pg.Kill)
-	if code := pgCode(err); code != CodeConnectionFailure {
+	if code := testenv.PgCode(err); code != CodeConnectionFailure {
 		t.Fatalf("query across a kill: %v; want 08006 from pgward", err)
 	}
 	// While the upstream is down, logins are refused promptly with 08001.
@@ -170,7 +170,7 @@ func (s *stallSource) Fetch(ctx context.Context, upstream, role string) (secrets
 // listen.login_timeout, and another upstream served by a healthy backend
 // keeps working meanwhile.
 func TestSecretsBackendStallBounded(t *testing.T) {
-	pg := postgres(t)
+	pg := testenv.SharedPostgres(t)
 	dir := t.TempDir()
 	cfg := Config{
 		Listen: ListenConfig{UnixDir: dir, Port: 5432, LoginTimeout: 2 * time.Second},
@@ -219,7 +219,7 @@ func TestSecretsBackendStallBounded(t *testing.T) {
 	select {
 	case err := <-stalled:
 		el := time.Since(start)
-		if code := pgCode(err); code != CodeCannotConnect || el > 4*time.Second {
+		if code := testenv.PgCode(err); code != CodeCannotConnect || el > 4*time.Second {
 			t.Fatalf("stalled backend: %v after %v; want 08001 within login_timeout", err, el)
 		}
 		t.Logf("stalled backend refused after %v", el)

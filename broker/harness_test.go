@@ -27,14 +27,9 @@ import (
 // peer credentials, credentials from a map, and a recorder as the
 // Observer: what the broker reported, as it reported it.
 
-// sharedPG is one real Postgres for the package's end-to-end tests.
-var sharedPG *testenv.Postgres
-
 func TestMain(m *testing.M) {
 	code := m.Run()
-	if sharedPG != nil {
-		_ = sharedPG.Stop()
-	}
+	testenv.StopShared() // the end-to-end tests' one Postgres (testenv.SharedPostgres)
 	if code == 0 {
 		// Sessions must leave nothing running behind them.
 		if err := goleak.Find(goleak.IgnoreCurrent()); err != nil {
@@ -43,25 +38,6 @@ func TestMain(m *testing.M) {
 		}
 	}
 	os.Exit(code)
-}
-
-// postgres returns the shared server, starting it on first use.
-func postgres(t *testing.T) *testenv.Postgres {
-	t.Helper()
-	if sharedPG != nil {
-		return sharedPG
-	}
-	if _, err := testenv.FindBinDir(); err != nil {
-		testenv.Require(t) // skips, or fails under CI, with the install command
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
-	defer cancel()
-	pg, err := testenv.StartPostgres(ctx, testenv.Options{Logf: t.Logf})
-	if err != nil {
-		t.Fatalf("start postgres: %v", err)
-	}
-	sharedPG = pg
-	return pg
 }
 
 // harness runs a Server against the shared Postgres.
@@ -73,26 +49,9 @@ type harness struct {
 	// secrets is upstream → role → password; a mutate func may change it.
 	secrets map[string]map[string]string
 	obs     *recorder
-	logs    *syncBuffer
+	logs    *testenv.SyncBuffer
 	done    chan error
 	cancel  context.CancelFunc
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 // newHarness starts a Server with upstream "orders" (the shared Postgres,
@@ -100,7 +59,7 @@ func (s *syncBuffer) String() string {
 // (a socket that accepts and closes), after mutate had its say.
 func newHarness(t *testing.T, mutate func(h *harness, c *Config)) *harness {
 	t.Helper()
-	pg := postgres(t)
+	pg := testenv.SharedPostgres(t)
 	dir, err := os.MkdirTemp("", "pgwb-")
 	if err != nil {
 		t.Fatal(err)
@@ -109,7 +68,7 @@ func newHarness(t *testing.T, mutate func(h *harness, c *Config)) *harness {
 	if err := os.Chmod(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	h := &harness{t: t, pg: pg, dir: dir, obs: newRecorder(), logs: &syncBuffer{},
+	h := &harness{t: t, pg: pg, dir: dir, obs: newRecorder(), logs: &testenv.SyncBuffer{},
 		secrets: map[string]map[string]string{
 			"orders": {testenv.ScramUser: testenv.ScramPassword, testenv.MD5User: testenv.MD5Password, testenv.PasswordUser: testenv.PasswordPassword},
 			"trap":   {testenv.ScramUser: testenv.ScramPassword},
@@ -346,15 +305,6 @@ func eventually(t *testing.T, what string, cond func() bool) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-}
-
-// pgCode is the SQLSTATE of err, "" when it is no ErrorResponse.
-func pgCode(err error) string {
-	var pgErr *pgconn.PgError
-	if errors.As(err, &pgErr) {
-		return pgErr.Code
-	}
-	return ""
 }
 
 // waitNoSessions waits until the Server has no session left.

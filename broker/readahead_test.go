@@ -162,7 +162,7 @@ func TestUpstreamFatalBehindLoginReachesClient(t *testing.T) {
 	h := newHarness(t, onFake(fake, nil))
 	c, _ := connectListening(t, h.dsn(testenv.ScramUser, "trap"))
 	_, err := c.Exec(context.Background(), "select 1")
-	if code := pgCode(err); code != "57P01" {
+	if code := testenv.PgCode(err); code != "57P01" {
 		t.Fatalf("statement on a terminated backend: %v; want the server's 57P01", err)
 	}
 	waitNoSessions(t, h)

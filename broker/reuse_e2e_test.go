@@ -32,15 +32,6 @@ func waitIdle(t *testing.T, h *harness, n int) {
 	}
 }
 
-func backendPID(t *testing.T, c *pgx.Conn) uint32 {
-	t.Helper()
-	var pid uint32
-	if err := c.QueryRow(context.Background(), "select pg_backend_pid()", pgx.QueryExecModeSimpleProtocol).Scan(&pid); err != nil {
-		t.Fatal(err)
-	}
-	return pid
-}
-
 // TestReuseResetsSession: the second session gets the first one's backend,
 // with nothing of the first session left and the second one's parameters.
 func TestReuseResetsSession(t *testing.T) {
@@ -51,7 +42,7 @@ func TestReuseResetsSession(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	pidA := backendPID(t, a)
+	pidA := testenv.BackendPID(t, a)
 	for _, q := range []string{
 		"create temp table leftover (x int)",
 		"prepare leftover_stmt as select 1",
@@ -74,7 +65,7 @@ func TestReuseResetsSession(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer b.Close(ctx)
-	if pid := backendPID(t, b); pid != pidA {
+	if pid := testenv.BackendPID(t, b); pid != pidA {
 		t.Fatalf("session B on backend %d, want A's %d (reuse)", pid, pidA)
 	}
 	if b.PgConn().PID() != pidA {
@@ -119,7 +110,7 @@ func TestReuseCancel(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	pidA := backendPID(t, a)
+	pidA := testenv.BackendPID(t, a)
 	keyA := a.PgConn().SecretKey()
 	a.Close(ctx)
 	waitIdle(t, h, 1)
@@ -170,7 +161,7 @@ func TestReuseTerminatedParkedBackend(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	pidA := backendPID(t, a)
+	pidA := testenv.BackendPID(t, a)
 	a.Close(ctx)
 	waitIdle(t, h, 1)
 	var ok bool
@@ -187,7 +178,7 @@ func TestReuseTerminatedParkedBackend(t *testing.T) {
 	if _, err := b.Exec(ctx, "select 1"); err != nil {
 		t.Fatalf("%v\n%s", err, h.logs.String())
 	}
-	if pid := backendPID(t, b); pid == pidA {
+	if pid := testenv.BackendPID(t, b); pid == pidA {
 		t.Fatalf("session on the terminated backend %d", pid)
 	}
 	waitIdle(t, h, 0)

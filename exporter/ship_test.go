@@ -1,7 +1,6 @@
 package exporter_test
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"fmt"
@@ -101,20 +100,7 @@ func (fx *shipFixture) write(t *testing.T, n int) {
 // spoolLines returns every line of every audit file kept, oldest first.
 func spoolLines(t *testing.T, path string) []string {
 	t.Helper()
-	var out []string
-	for _, n := range auditFilesOf(t, path) {
-		f, err := os.Open(n)
-		if err != nil {
-			t.Fatal(err)
-		}
-		sc := bufio.NewScanner(f)
-		sc.Buffer(nil, 16<<20)
-		for sc.Scan() {
-			out = append(out, sc.Text())
-		}
-		f.Close()
-	}
-	return out
+	return testenv.FileLines(t, auditFilesOf(t, path)...)
 }
 
 // waitDelivered waits until every line in want has arrived at the collector

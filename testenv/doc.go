@@ -32,6 +32,9 @@
 //     Logs reads what arrived.
 //   - SendCancel: a raw CancelRequest, as a client holding BackendKeyData
 //     sends it.
+//   - SharedPostgres and StopShared: one server for a test binary's
+//     end-to-end tests, stopped from its TestMain; SyncBuffer, a log buffer
+//     goroutines write at once; PgCode and BackendPID for client-side checks.
 //
 // # Lifecycle
 //

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"fmt"
 	"os"
@@ -166,20 +165,7 @@ ebpf: { enabled: "false" }
 // auditLines returns every line of the audit files, oldest first.
 func auditLines(t *testing.T, path string) []string {
 	t.Helper()
-	var out []string
-	for _, n := range auditFilesOf(t, path) {
-		f, err := os.Open(n)
-		if err != nil {
-			t.Fatal(err)
-		}
-		sc := bufio.NewScanner(f)
-		sc.Buffer(nil, 16<<20)
-		for sc.Scan() {
-			out = append(out, sc.Text())
-		}
-		f.Close()
-	}
-	return out
+	return testenv.FileLines(t, auditFilesOf(t, path)...)
 }
 
 // auditFilesOf is exporter.AuditFiles, failing the test on an error.

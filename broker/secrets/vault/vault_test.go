@@ -7,7 +7,6 @@ package vault_test
 // the tests that need Vault to misbehave on demand skip there, saying so.
 
 import (
-	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -893,7 +892,7 @@ type harness struct {
 	kvMount   string
 	dbMount   string
 	policy    string // real mode: the policy of docs/vault.md, for logins
-	logs      *syncBuffer
+	logs      *testenv.SyncBuffer
 
 	mu      sync.Mutex
 	secrets []string // every secret the test handled: must never be logged
@@ -912,7 +911,7 @@ func (h *harness) needSim(why string) {
 
 func newHarness(t *testing.T) *harness {
 	t.Helper()
-	h := &harness{t: t, pg: testenv.Require(t), logs: &syncBuffer{}}
+	h := &harness{t: t, pg: testenv.Require(t), logs: &testenv.SyncBuffer{}}
 	if realVault() {
 		h.setupReal()
 	} else {
@@ -1161,21 +1160,4 @@ func closedAddr(t *testing.T) string {
 	addr := ln.Addr().String()
 	_ = ln.Close()
 	return "http://" + addr
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
 }
