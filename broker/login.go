@@ -240,7 +240,7 @@ func (l *login) authenticateUpstream() bool {
 	// The upstream session's application_name carries the caller.
 	l.clientApp = setAppName(l.params, l.ups.cfg.applicationName(), l.decision.Principal, l.info.RequestID)
 	ctx := l.obs.StageStart(l.ctx, StageUpstreamAuth)
-	uctx, cancel := context.WithTimeout(ctx, l.ups.cfg.connectTimeout())
+	uctx, cancel := context.WithDeadline(ctx, l.upstreamDeadline())
 	t := time.Now()
 	up, reused, err := l.s.upstreamFor(uctx, l.ups, l.role, l.cred, l.params)
 	cancel()
@@ -249,7 +249,7 @@ func (l *login) authenticateUpstream() bool {
 	if err != nil {
 		return l.refuseUpstream(err)
 	}
-	rctx, rcancel := context.WithTimeout(l.ctx, l.ups.cfg.connectTimeout())
+	rctx, rcancel := context.WithDeadline(l.ctx, l.upstreamDeadline())
 	ce, cause, err := l.s.checkRoles(rctx, l.ups, l.role, l.cred, up, &l.info, l.log)
 	rcancel()
 	if ce != nil {
@@ -258,6 +258,21 @@ func (l *login) authenticateUpstream() bool {
 	}
 	l.up, l.reused = up, reused
 	return true
+}
+
+// upstreamDeadline bounds a step of the upstream login: the upstream's
+// connect_timeout, and listen.login_timeout from the client's accept. Past
+// the login deadline the client's connection is past its deadline too: a
+// session started then could not greet the client, which would see its
+// connection closed without a word (under load, with an upstream slower
+// than login_timeout, that happened to every such login); refused before
+// it, the client is told why.
+func (l *login) upstreamDeadline() time.Time {
+	d := time.Now().Add(l.ups.cfg.connectTimeout())
+	if login := l.accepted.Add(l.st.cfg.Listen.loginTimeout()); login.Before(d) {
+		return login
+	}
+	return d
 }
 
 func (l *login) refuseUpstream(err error) bool {

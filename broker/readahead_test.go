@@ -308,3 +308,30 @@ func TestSlowLoginWriteLeavesNoReaderBehind(t *testing.T) {
 		}
 	}
 }
+
+// An upstream that answers the login after listen.login_timeout: the
+// client gets pgward's 08001, not its connection closed without a word.
+// (The upstream login was bounded by connect_timeout alone; the session
+// started, and its greeting, written under the client's login deadline,
+// which had passed, failed: the client saw EOF.)
+func TestSlowUpstreamLoginRefusedAtLoginTimeout(t *testing.T) {
+	fake := faultpg.Start(t, func(s *faultpg.Server, c net.Conn) error {
+		time.Sleep(1500 * time.Millisecond)
+		return loginBehind(nil, false, nil)(s, c)
+	})
+	h := newHarness(t, func(h *harness, c *Config) {
+		onFake(fake, nil)(h, c)
+		c.Listen.LoginTimeout = time.Second
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	c, err := pgx.Connect(ctx, h.dsn(testenv.ScramUser, "trap"))
+	if err == nil {
+		c.Close(ctx)
+		t.Fatal("logged in through an upstream slower than login_timeout")
+	}
+	if code := testenv.PgCode(err); code != CodeCannotConnect {
+		t.Fatalf("login through an upstream slower than login_timeout: %v; want pgward's 08001", err)
+	}
+	waitNoSessions(t, h)
+}
