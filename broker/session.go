@@ -178,6 +178,10 @@ func (s *Server) startSession(ctx context.Context, c net.Conn, st *serverState, 
 	}
 	sess.key = s.cancels.add(sess.up.pid, sess)
 	defer s.cancels.remove(sess.key)
+	// The login finished within login_timeout; the greeting gets its own
+	// write deadline, as an error does (sendError), so a login that ended
+	// just before the deadline is not closed without a word after it.
+	_ = c.SetWriteDeadline(time.Now().Add(2 * time.Second))
 	if err := sess.greet(); err != nil {
 		sess.up.conn.Close()
 		sess.info.EndReason = EndClientClosed
