@@ -68,8 +68,12 @@ func TestHostileSoak(t *testing.T) {
 	port := freePort(t)
 	// Every legitimate session is this uid's and may log in at once: the
 	// share is sized for the largest app, as an operator would.
+	// login_timeout as long as the upstream's connect_timeout (30 s,
+	// writeAgentConfig): a fresh login waits for PostgreSQL's own, which
+	// took 7.7 s directly at the hostile phase's peak with 300 sessions on
+	// a loaded 2-core machine, and pgward ends a login at login_timeout.
 	cfgPath := writeAgentConfig(t, dir, pg, port,
-		fmt.Sprintf("max_connections: %d", 4*sessions+200),
+		fmt.Sprintf("max_connections: %d, login_timeout: 30s", 4*sessions+200),
 		fmt.Sprintf("connections_per_uid: %d", sessions+50+announcers+fillers+streamers))
 	agent, agentErr := startTestChild(t, "agent", []string{
 		"PGWARD_CMD_CHILD=agent --config " + cfgPath,
