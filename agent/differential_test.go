@@ -360,7 +360,11 @@ func matchExecuted(server []string, audit []auditedStmt) string {
 	return fmt.Sprintf("server statement %d %q has no audit event", i, server[i])
 }
 
-var logStmt = regexp.MustCompile(`^\S+ \S+ \S+ \[(\d+)\] \S+ LOG:  (?:statement|execute(?: fetch from)? [^:]*): (.*)$`)
+var logStmt = regexp.MustCompile(`^\S+ \S+ \S+ \[(\d+)\] \S+ LOG:  (?:statement|execute(?: fetch from)? ([^:]*)): (.*)$`)
+
+// guardLogged: the server's log line of a portal guard pgward sent
+// (broker/verify.go), not a statement of the client's.
+const guardLogged = "pgward_portal_check/"
 
 // serverExecuted reads what backend pid executed between the two markers,
 // from the server's log.
@@ -380,16 +384,16 @@ func serverExecuted(t *testing.T, pg *testenv.Postgres, pid uint32, start, end s
 		want := strconv.FormatUint(uint64(pid), 10)
 		for sc.Scan() {
 			m := logStmt.FindStringSubmatch(sc.Text())
-			if m == nil || m[1] != want {
+			if m == nil || m[1] != want || strings.HasPrefix(m[2], guardLogged) {
 				continue
 			}
-			switch {
-			case strings.Contains(m[2], start):
+			switch text := m[3]; {
+			case strings.Contains(text, start):
 				in = true
-			case strings.Contains(m[2], end):
+			case strings.Contains(text, end):
 				done = in
 			case in && !done:
-				out = append(out, m[2])
+				out = append(out, text)
 			}
 		}
 		f.Close()

@@ -2,12 +2,14 @@ package agent
 
 import (
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/pgward/pgward/testenv"
 )
@@ -385,6 +387,66 @@ func TestJDBCThroughPgward(t *testing.T) {
 			t.Errorf("%s without assumeMinServerVersion: application_name = %q, want its own SET's jdbc-billing", r.Driver, v)
 		}
 	})
+}
+
+// PgJDBC with a fetch size in a transaction binds a named portal and
+// fetches from it with row-limited Executes; statements run between the
+// fetches put a guard in front of each later Execute (broker/verify.go).
+// The rows are the server's, as directly, and every Execute of the portal
+// is audited with the query's text and succeeds.
+func TestJDBCFetchSizeInterleaved(t *testing.T) {
+	cp := jdbcClasses(t)
+	h := newHarness(t, nil)
+	pgw, direct := h.jdbcVia("pgward"), h.jdbcVia("direct")
+	for _, threshold := range []string{"1", "5"} {
+		t.Run("prepareThreshold="+threshold, func(t *testing.T) {
+			outer := "select g::text from generate_series(1, 7) g where g > 0 /* fetch-" + threshold + " */"
+			spec := "interleave:2:" + outer + "|select 'between'"
+			props := []string{"prepareThreshold=" + threshold}
+			rs := jdbc(t, cp, jdbcSession{direct, props, []string{spec}}, jdbcSession{pgw, props, []string{spec}})
+			want, got := rs[0].Results, rs[1].Results
+			if len(want) != 1 || len(want[0].Rows) != 7 || !want[0].OK && want[0].SQLState != "" {
+				t.Fatalf("directly: %+v", want)
+			}
+			wj, _ := json.Marshal(want)
+			gj, _ := json.Marshal(got)
+			if string(wj) != string(gj) {
+				t.Fatalf("through pgward %s; directly %s", gj, wj)
+			}
+			var execs int
+			deadline := time.Now().Add(10 * time.Second)
+			for {
+				execs = 0
+				evs := h.auditEvents(t)
+				results := map[uint64]map[string]any{}
+				for _, ev := range evs {
+					if ev["event"] == "db.session.query.result" {
+						results[num(ev["query_ei"])] = ev
+					}
+				}
+				bad := ""
+				for _, ev := range evs {
+					if ev["event"] != "db.session.query" || ev["db_query"] != outer || ev["bind_only"] == true {
+						continue
+					}
+					if !strings.HasPrefix(asString(ev["portal_name"]), "C_") {
+						t.Fatalf("PgJDBC did not use a named portal: %v", ev)
+					}
+					execs++
+					if r := results[num(ev["ei"])]; r == nil || r["success"] != true || ev["portal_unverified"] != nil {
+						bad = fmt.Sprintf("Execute %v, result %v", ev, r)
+					}
+				}
+				if bad == "" && execs == 4 {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("%d Executes of the portal audited, want 4 (7 rows, 2 a fetch); %s", execs, bad)
+				}
+				time.Sleep(50 * time.Millisecond)
+			}
+		})
+	}
 }
 
 // TestJDBCReuse: on a reused upstream connection PgJDBC's startup

@@ -406,74 +406,168 @@ func TestReservedStatementNameRefused(t *testing.T) {
 	}
 }
 
-// A function can close a portal and open a cursor under its name (PL/pgSQL
-// OPEN of a refcursor holding that name). pgward cannot re-create a portal
-// without running it again, so it says so: an Execute of a portal after
-// other statements ran since its Bind carries portal_unverified; one that
-// follows its Bind directly does not.
-func TestAuditPortalReplacedInServerIsFlagged(t *testing.T) {
-	h := newHarness(t, nil)
-	if err := h.pg.Exec(context.Background(), `CREATE OR REPLACE FUNCTION truth_portal_swap(p text) RETURNS int LANGUAGE plpgsql AS $f$
+// portalSwapFunction creates truth_portal_swap(portal, query): PL/pgSQL
+// that closes the portal and opens a refcursor of the same name over query.
+func portalSwapFunction(t *testing.T, h *harness) {
+	t.Helper()
+	if err := h.pg.Exec(context.Background(), `CREATE OR REPLACE FUNCTION truth_portal_swap(p text, q text) RETURNS int LANGUAGE plpgsql AS $f$
 DECLARE c refcursor := p;
 BEGIN
   EXECUTE format('CLOSE %I', p);
-  OPEN c FOR SELECT 666 AS replaced;
+  OPEN c FOR EXECUTE q;
   RETURN 1;
 END $f$`); err != nil {
 		t.Fatal(err)
 	}
-	r := newProtoSession(t, h)
-	marker := "SELECT 'truth-portal-marker'"
-	r.send(1, &pgproto3.Query{String: marker})
-	bound := "SELECT 4242 AS bound"
-	if codes := r.send(1, &pgproto3.Query{String: "BEGIN"}); len(codes) != 0 {
-		t.Fatal(codes)
+}
+
+// results reads a protocol exchange up to ReadyForQuery: the first column
+// of each DataRow, and "error CODE" for each ErrorResponse.
+func (r *protoSession) results(msgs ...pgproto3.FrontendMessage) []string {
+	r.t.Helper()
+	for _, m := range msgs {
+		r.fe.Send(m)
 	}
-	if codes := r.send(1, &pgproto3.Parse{Name: "ps", Query: bound}, &pgproto3.Bind{DestinationPortal: "p1", PreparedStatement: "ps"},
-		&pgproto3.Execute{Portal: "p1", MaxRows: 1}, &pgproto3.Sync{}); len(codes) != 0 {
-		t.Fatal(codes)
-	}
-	// Recreate the portal to fetch from it again after the swap.
-	if codes := r.send(1, &pgproto3.Close{ObjectType: 'P', Name: "p1"}, &pgproto3.Bind{DestinationPortal: "p1", PreparedStatement: "ps"}, &pgproto3.Sync{}); len(codes) != 0 {
-		t.Fatal(codes)
-	}
-	if codes := r.send(1, &pgproto3.Query{String: "SELECT truth_portal_swap('p1')"}); len(codes) != 0 {
-		t.Fatal(codes)
-	}
-	r.fe.Send(&pgproto3.Execute{Portal: "p1"})
-	r.fe.Send(&pgproto3.Sync{})
 	if err := r.fe.Flush(); err != nil {
-		t.Fatal(err)
+		r.t.Fatal(err)
 	}
+	_ = r.pc.Conn().SetReadDeadline(time.Now().Add(15 * time.Second))
 	var got []string
 	for {
 		m, err := r.fe.Receive()
 		if err != nil {
-			t.Fatal(err)
+			r.t.Fatal(err)
 		}
-		if d, ok := m.(*pgproto3.DataRow); ok {
-			got = append(got, string(d.Values[0]))
-		}
-		if e, ok := m.(*pgproto3.ErrorResponse); ok {
-			got = append(got, "error "+e.Code)
-		}
-		if _, ok := m.(*pgproto3.ReadyForQuery); ok {
-			break
+		switch m := m.(type) {
+		case *pgproto3.DataRow:
+			got = append(got, string(m.Values[0]))
+		case *pgproto3.ErrorResponse:
+			got = append(got, "error "+m.Code)
+		case *pgproto3.ReadyForQuery:
+			return got
 		}
 	}
-	// What PostgreSQL 15 does: the Execute runs the function's cursor.
-	t.Logf("Execute p1 after the swap returned %q", got)
-	r.send(1, &pgproto3.Query{String: "COMMIT"})
+}
+
+// portalSwap binds portal p1 to bound, fetches one row of it, lets
+// truth_portal_swap replace p1 by a cursor over replacement (a simple Query
+// in the same transaction), then executes p1 again. It returns the rows and
+// errors of each Execute of p1 and the session's audit events for p1's
+// Executes (with their results).
+func portalSwap(t *testing.T, h *harness, bound, replacement string) (first, after []string, execs, results []map[string]any) {
+	t.Helper()
+	r := newProtoSession(t, h)
+	marker := fmt.Sprintf("SELECT 'truth-portal-marker-%d'", time.Now().UnixNano())
+	r.send(1, &pgproto3.Query{String: marker})
+	if codes := r.send(1, &pgproto3.Query{String: "BEGIN"}); len(codes) != 0 {
+		t.Fatal(codes)
+	}
+	first = r.results(&pgproto3.Parse{Name: "ps", Query: bound}, &pgproto3.Bind{DestinationPortal: "p1", PreparedStatement: "ps"},
+		&pgproto3.Execute{Portal: "p1", MaxRows: 1}, &pgproto3.Sync{})
+	swap := fmt.Sprintf("SELECT truth_portal_swap('p1', '%s')", strings.ReplaceAll(replacement, "'", "''"))
+	if codes := r.send(1, &pgproto3.Query{String: swap}); len(codes) != 0 {
+		t.Fatal(codes)
+	}
+	after = r.results(&pgproto3.Execute{Portal: "p1"}, &pgproto3.Sync{})
+	r.send(1, &pgproto3.Query{String: "ROLLBACK"})
 	r.pc.Close(context.Background())
-	queries, _ := sessionQueries(t, h, marker)
-	var execs []map[string]any
+	queries, res := sessionQueries(t, h, marker)
 	for _, q := range queries {
 		if q["portal_name"] == "p1" && q["bind_only"] != true {
 			execs = append(execs, q)
+			results = append(results, res[num(q["ei"])])
 		}
 	}
 	if len(execs) != 2 {
 		t.Fatalf("Executes of p1 audited: %v", execs)
+	}
+	return first, after, execs, results
+}
+
+// A function can close a portal and open a cursor under its name (PL/pgSQL
+// OPEN of a refcursor holding that name), so that the client's next
+// Execute of the portal runs the function's query. pgward puts a guard in
+// front of such an Execute (verify.go): the replaced portal is refused
+// with 34000, nothing of the function's query reaches the client, and the
+// audit records the Execute as failed.
+func TestAuditPortalReplacedInServerIsRefused(t *testing.T) {
+	h := newHarness(t, nil)
+	portalSwapFunction(t, h)
+	bound := "SELECT g AS bound FROM generate_series(4242, 4244) g"
+	first, after, execs, results := portalSwap(t, h, bound, "SELECT 666 AS replaced")
+	if strings.Join(first, ",") != "4242" {
+		t.Fatalf("first fetch of p1: %q", first)
+	}
+	if strings.Join(after, ",") != "error 34000" {
+		t.Fatalf("Execute of the replaced portal returned %q; want only pgward's refusal (34000)", after)
+	}
+	for i, q := range execs {
+		if q["db_query"] != bound || q["portal_unverified"] != nil {
+			t.Errorf("Execute %d audited as %v", i, q)
+		}
+	}
+	if results[0]["success"] != true {
+		t.Errorf("first Execute's result: %v", results[0])
+	}
+	if r := results[1]; r == nil || r["success"] != false || !strings.Contains(asString(r["error"]), "refused") {
+		t.Errorf("refused Execute's result: %v; want a failure naming the refusal", r)
+	}
+}
+
+// Other statements between a portal's fetches (the guard's case) leave a
+// portal nobody replaced working: the guard passes and the Execute runs the
+// rows the audit names; so does one Execute straight after another.
+func TestAuditPortalGuardPassesUntouchedPortal(t *testing.T) {
+	h := newHarness(t, nil)
+	r := newProtoSession(t, h)
+	marker := fmt.Sprintf("SELECT 'truth-portal-untouched-%d'", time.Now().UnixNano())
+	r.send(1, &pgproto3.Query{String: marker})
+	bound := "SELECT g FROM generate_series(1, 5) g"
+	var got []string
+	got = append(got, r.results(&pgproto3.Query{String: "BEGIN"})...)
+	got = append(got, r.results(&pgproto3.Parse{Name: "ps", Query: bound}, &pgproto3.Bind{DestinationPortal: "p1", PreparedStatement: "ps"},
+		&pgproto3.Execute{Portal: "p1", MaxRows: 1}, &pgproto3.Sync{})...)
+	got = append(got, r.results(&pgproto3.Execute{Portal: "p1", MaxRows: 1}, &pgproto3.Sync{})...)
+	got = append(got, r.results(&pgproto3.Query{String: "SELECT 'between'"})...)
+	got = append(got, r.results(&pgproto3.Execute{Portal: "p1", MaxRows: 1}, &pgproto3.Sync{})...)
+	// In one pipeline: another statement, then the portal again.
+	got = append(got, r.results(&pgproto3.Parse{Query: "SELECT 'piped'"}, &pgproto3.Bind{}, &pgproto3.Execute{},
+		&pgproto3.Execute{Portal: "p1", MaxRows: 1}, &pgproto3.Close{ObjectType: 'P', Name: "p1"}, &pgproto3.Sync{})...)
+	got = append(got, r.results(&pgproto3.Query{String: "COMMIT"})...)
+	if want := "1,2,between,3,piped,4"; strings.Join(got, ",") != want {
+		t.Fatalf("got %q, want %q", strings.Join(got, ","), want)
+	}
+	r.pc.Close(context.Background())
+	queries, results := sessionQueries(t, h, marker)
+	n := 0
+	for _, q := range queries {
+		if q["portal_name"] != "p1" || q["bind_only"] == true {
+			continue
+		}
+		n++
+		if q["db_query"] != bound || q["portal_unverified"] != nil || results[num(q["ei"])]["success"] != true {
+			t.Errorf("Execute of p1: %v, result %v", q, results[num(q["ei"])])
+		}
+	}
+	if n != 4 {
+		t.Fatalf("%d Executes of p1 audited, want 4", n)
+	}
+}
+
+// With upstreams.<name>.trust_named_statements pgward sends no guard: the
+// replaced portal runs, and the audit flags the Execute portal_unverified
+// (one that follows its Bind directly is not flagged).
+func TestAuditPortalReplacedTrustedIsFlagged(t *testing.T) {
+	h := newHarness(t, func(h *harness, c *Config) {
+		u := c.Upstreams["orders"]
+		u.TrustNamedStatements = true
+		c.Upstreams["orders"] = u
+	})
+	portalSwapFunction(t, h)
+	bound := "SELECT 4242 AS bound"
+	_, after, execs, _ := portalSwap(t, h, bound, "SELECT 666 AS replaced")
+	if strings.Join(after, ",") != "666" {
+		t.Fatalf("Execute after the swap returned %q; PostgreSQL runs the function's cursor", after)
 	}
 	if execs[0]["portal_unverified"] != nil {
 		t.Errorf("Execute right after its Bind flagged: %v", execs[0])

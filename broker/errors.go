@@ -121,4 +121,5 @@ func errorFields(body []byte) (code, msg string) {
 const (
 	CodeInvalidSQLStatementName = "26000"
 	CodeReservedName            = "42939"
+	CodeInvalidCursorName       = "34000" // a portal replaced or closed inside the server
 )

@@ -438,6 +438,10 @@ func (sess *session) frontendMessage(t *tracker, typ byte, body []byte) error {
 		if !ok {
 			return bad("Execute")
 		}
+		if t.verify && reserved(portal) {
+			t.refuseMessage(pending{kind: pendExecute, name: t.name(portal)}, reservedPortalRefusal)
+			return errRewrite
+		}
 		pi, wait := t.lookupPortal(portal)
 		if wait > 0 {
 			t.waitID = wait
@@ -468,10 +472,11 @@ func (sess *session) frontendMessage(t *tracker, typ byte, body []byte) error {
 		q.Index, q.Extended, q.BindOnly, q.Start, q.Rows = t.index, true, false, time.Now(), -1
 		q.Portal = t.name(portal)
 		t.runs++
+		// stale: other statements ran since this portal's Bind (or its
+		// last Execute), so code inside the server may have replaced it.
+		stale := false
 		if pi != nil {
-			// Other statements ran since this portal's Bind (or its last
-			// Execute): code inside the server may have replaced it.
-			q.PortalUnverified = pi.runs != t.runs-1
+			stale = pi.runs != t.runs-1
 			pi.runs = t.runs
 		}
 		if pi != nil && !pi.pinned {
@@ -482,8 +487,22 @@ func (sess *session) frontendMessage(t *tracker, typ byte, body []byte) error {
 		if pi != nil && pi.stmt != nil && !pi.stmt.plain {
 			p.effects = parseSQLEffects(unsafe.Slice(unsafe.StringData(pi.stmt.text), len(pi.stmt.text)))
 		}
-		t.push(p)
 		t.batch = append(t.batch, q)
+		switch {
+		case !t.verify || len(portal) == 0:
+			// The unnamed portal: code in the server can close it, never
+			// open one of that name (verify.go).
+			q.PortalUnverified = stale
+			t.push(p)
+		case pi == nil:
+			t.refuseMessage(p, unboundPortalRefusal(q.Portal))
+			return errRewrite
+		case stale:
+			t.guardedExecute(p, pi, body)
+			return errRewrite
+		default:
+			t.push(p)
+		}
 	case 'C':
 		if len(body) < 2 || (body[0] != 'S' && body[0] != 'P') {
 			return bad("Close")
@@ -492,9 +511,18 @@ func (sess *session) frontendMessage(t *tracker, typ byte, body []byte) error {
 		if !ok {
 			return bad("Close")
 		}
-		if t.verify && body[0] == 'S' && reserved(name) {
-			t.refuseMessage(pending{kind: pendClose, target: 'S', name: t.name(name)}, reservedRefusal)
+		if t.verify && reserved(name) {
+			r := reservedRefusal
+			if body[0] == 'P' {
+				r = reservedPortalRefusal
+			}
+			t.refuseMessage(pending{kind: pendClose, target: body[0], name: t.name(name)}, r)
 			return errRewrite
+		}
+		if body[0] == 'P' {
+			// Closing a portal can run code: a statement it held partly
+			// run is finished (its remaining rows, AFTER triggers).
+			t.runs++
 		}
 		t.push(pending{kind: pendClose, target: body[0], name: t.name(name)})
 	case 'D':
@@ -506,8 +534,12 @@ func (sess *session) frontendMessage(t *tracker, typ byte, body []byte) error {
 			return bad("Describe")
 		}
 		p := pending{kind: pendDescribe, target: body[0]}
-		if t.verify && body[0] == 'S' && reserved(name) {
-			t.refuseMessage(p, reservedRefusal)
+		if t.verify && reserved(name) {
+			r := reservedRefusal
+			if body[0] == 'P' {
+				r = reservedPortalRefusal
+			}
+			t.refuseMessage(p, r)
 			return errRewrite
 		}
 		if body[0] == 'S' {
@@ -615,6 +647,11 @@ func (sess *session) bind(t *tracker, body []byte) error {
 	t.pinned = append(t.pinned, pi)
 	t.batch = append(t.batch, q)
 	p := pending{kind: pendBind, name: pi.name, portal: pi, q: q}
+	if t.verify && reserved(portal) {
+		pi.stmt = nil
+		t.refuseMessage(p, reservedPortalRefusal)
+		return errRewrite
+	}
 	if !t.verify || len(stmtName) == 0 {
 		t.push(p)
 		return nil
@@ -799,6 +836,10 @@ func (sess *session) backendMessage(t *tracker, typ byte, body []byte, done []pe
 	case '2': // BindComplete
 		if h != nil && h.kind == pendBind {
 			p := t.pop()
+			if p.inj != 0 {
+				t.cut = cutDrop
+				break
+			}
 			t.dropPortal(p.name)
 			t.portals[p.name] = p.portal
 			if p.q != nil {
@@ -857,6 +898,11 @@ func (sess *session) backendMessage(t *tracker, typ byte, body []byte, done []pe
 			}
 		case pendExecute:
 			p := t.pop()
+			if p.inj != 0 {
+				// The guard passed (verify.go).
+				t.cut = cutDrop
+				break
+			}
 			switch typ {
 			case 'C':
 				tag, _, _ := cbytes(body)
@@ -890,14 +936,21 @@ func (sess *session) backendMessage(t *tracker, typ byte, body []byte, done []pe
 				code, msg = p.refuse.code, p.refuse.msg
 				t.cut, t.replacement = cutReplace, p.refuse.encode(t.replacement[:0])
 			}
-			for p.inj == injOwn {
+			guardFailed := p.inj == injGuard && code == codeDivisionByZero
+			for p.inj == injOwn || p.inj == injGuard {
 				// pgward's own Close or Parse failed (the audited text no
-				// longer parses, say): the error stands in the place of the
-				// client's message it preceded.
+				// longer parses, say), or a portal's guard did: the error
+				// stands in the place of the client's message it preceded.
 				if h := t.headp(); h == nil || h.kind == pendSync {
 					break
 				}
 				p = t.pop()
+			}
+			if guardFailed && p.inj == 0 && p.kind == pendExecute {
+				// The portal is not the one bound: the client reads why.
+				r := portalRefusal(p.name)
+				code, msg = r.code, r.msg
+				t.cut, t.replacement = cutReplace, r.encode(t.replacement[:0])
 			}
 			switch {
 			case p.q != nil:

@@ -138,3 +138,116 @@ func (t *tracker) verifiedBind(p pending, portal, tail []byte) {
 	t.push(pending{kind: pendParse, name: verifyStmt, inj: injOwn})
 	t.push(p)
 }
+
+// Verified portals. A named portal outlives the message that bound it, and
+// code running inside the server in the meantime (a function called by
+// another statement: CLOSE p, then OPEN of a refcursor holding the name p)
+// can replace it with a cursor over another query; an Execute of p would
+// then run that query while the audit names the statement bound. So an
+// Execute of a named portal after anything that can run code since the
+// portal's Bind or its last Execute (a Query, FunctionCall, Bind, Execute,
+// or Close of a portal, which can finish a partly run statement and fire
+// its triggers) goes upstream behind a guard, in the same write:
+//
+//	Close('P', guardName), Close('S', guardName)
+//	Parse(guardName, guardSQL), Bind(guardName, guardName, <portal>, <audited text>)
+//	Execute(guardName), Close('P', guardName)
+//	<the client's Execute>
+//
+// guardSQL fails (division by zero) unless pg_cursors shows a portal of
+// that name whose statement is the text pgward audited for it; the server
+// then skips the client's Execute, as it skips everything after an error
+// until Sync, and the client reads pgward's refusal (34000) in the place of
+// its Execute's answer. Nothing runs between the guard and the Execute, and
+// the guard is parsed afresh each time, so code in the server cannot have
+// replaced it either; names are schema-qualified and operators spelled
+// OPERATOR(pg_catalog.=), so no search_path makes it call user code. No
+// round trip is added: the guard is pipelined. An Execute that directly
+// follows its portal's Bind (or its own last Execute) needs no guard, and
+// an Execute of a named portal pgward never saw bound is refused.
+
+// guardName names the statement and portal of the guard.
+const guardName = reservedPrefix + "portal_check"
+
+// guardSQL returns no row when portal $1 runs the statement text $2, and
+// fails with division by zero otherwise. The same pg_cursors row would
+// carry a replacement of the same text; see docs/security-model.md.
+const guardSQL = `SELECT WHERE 0 OPERATOR(pg_catalog.=) pg_catalog.int4div(1, (SELECT pg_catalog.count(*)::pg_catalog.int4 FROM pg_catalog.pg_cursors WHERE name OPERATOR(pg_catalog.=) $1 AND statement OPERATOR(pg_catalog.=) $2))`
+
+// codeDivisionByZero is the error guardSQL fails with.
+const codeDivisionByZero = "22012"
+
+var (
+	closeGuardPortal = appendNamed(nil, 'C', 'P', guardName)
+	closeGuardStmt   = appendNamed(nil, 'C', 'S', guardName)
+	executeGuard     = func() []byte {
+		b := []byte{'E', 0, 0, 0, byte(4 + len(guardName) + 1 + 4)}
+		b = append(b, guardName...)
+		return append(b, 0, 0, 0, 0, 0)
+	}()
+)
+
+// injGuard marks the guard's Execute: its division by zero is replaced by
+// portalRefusal, and any error it gets stands in the place of the client's
+// Execute.
+const injGuard uint8 = injRefuse + 1
+
+func portalRefusal(name string) *refusal {
+	return &refusal{code: CodeInvalidCursorName,
+		msg: `pgward refused to execute portal "` + name + `": it is no longer the portal this session bound`,
+		detail: "Code that ran inside the server since the portal's Bind closed it, or replaced it with a cursor over another query, " +
+			"so executing it would not run the statement pgward audited. Bind the statement again."}
+}
+
+func unboundPortalRefusal(name string) *refusal {
+	return &refusal{code: CodeInvalidCursorName,
+		msg:    `portal "` + name + `" was not bound in this session`,
+		detail: "pgward executes only portals it saw bound (Bind, or SQL DECLARE); code running inside the server may have opened this one."}
+}
+
+var reservedPortalRefusal = &refusal{code: CodeReservedName,
+	msg:    `portal names starting with "` + reservedPrefix + `" are reserved by pgward`,
+	detail: "pgward uses them to check that a portal still runs the statement it audited; choose another name."}
+
+// guardedExecute sends, in place of the client's Execute p of portal pi
+// (body: the Execute's body), the guard and then the Execute. Called with
+// mu held.
+func (t *tracker) guardedExecute(p pending, pi *portalInfo, body []byte) {
+	text := pi.stmtText()
+	b := append(t.rewrite[:0], closeGuardPortal...)
+	b = append(b, closeGuardStmt...)
+	// Parse: two text parameters.
+	b = append(b, 'P')
+	b = binary.BigEndian.AppendUint32(b, uint32(4+len(guardName)+1+len(guardSQL)+1+2+8))
+	b = append(b, guardName...)
+	b = append(b, 0)
+	b = append(b, guardSQL...)
+	b = append(b, 0, 0, 2, 0, 0, 0, 25, 0, 0, 0, 25)
+	// Bind: the portal's name and the text audited, as text.
+	b = append(b, 'B')
+	b = binary.BigEndian.AppendUint32(b, uint32(4+2*(len(guardName)+1)+2+2+4+len(pi.name)+4+len(text)+2))
+	b = append(b, guardName...)
+	b = append(b, 0)
+	b = append(b, guardName...)
+	b = append(b, 0, 0, 0, 0, 2)
+	b = binary.BigEndian.AppendUint32(b, uint32(len(pi.name)))
+	b = append(b, pi.name...)
+	b = binary.BigEndian.AppendUint32(b, uint32(len(text)))
+	b = append(b, text...)
+	b = append(b, 0, 0)
+	b = append(b, executeGuard...)
+	b = append(b, closeGuardPortal...)
+	// The client's Execute.
+	b = append(b, 'E')
+	b = binary.BigEndian.AppendUint32(b, uint32(4+len(body)))
+	b = append(b, body...)
+	t.rewrite = b
+	own := pending{kind: pendClose, target: 'P', name: guardName, inj: injOwn}
+	t.push(own)
+	t.push(pending{kind: pendClose, target: 'S', name: guardName, inj: injOwn})
+	t.push(pending{kind: pendParse, name: guardName, inj: injOwn})
+	t.push(pending{kind: pendBind, name: guardName, inj: injOwn})
+	t.push(pending{kind: pendExecute, name: guardName, inj: injGuard})
+	t.push(own)
+	t.push(p)
+}

@@ -9,6 +9,12 @@
 // "connect": {"ok": true} or the error, "results": [{"rows": [[text, ...]]}
 // or the error, ...]}; an error is {"sqlstate": ..., "message": ...}.
 //
+// An SQL of the form "interleave:N:OUTER|INNER" runs OUTER (a
+// PreparedStatement) in a transaction with fetch size N — PgJDBC binds a
+// named portal and fetches N rows per Execute — and runs INNER between
+// the rows it reads, so that other statements run between the portal's
+// Executes; each result row is [OUTER's first column, INNER's].
+//
 // PgJDBC speaks TCP only; pgward listens on a Unix socket. The property
 // socketFactory=Probe$UnixSocketFactory with socketFactoryArg=<socket file>
 // connects PgJDBC's socket to the socket file instead (JDK 16+ Unix domain
@@ -26,6 +32,7 @@ import java.nio.channels.Channels;
 import java.nio.channels.SocketChannel;
 import java.sql.Connection;
 import java.sql.DriverManager;
+import java.sql.PreparedStatement;
 import java.sql.ResultSet;
 import java.sql.SQLException;
 import java.sql.Statement;
@@ -73,7 +80,9 @@ public class Probe {
             first = false;
             try (Statement st = conn.createStatement()) {
                 List<List<String>> rows = new ArrayList<>();
-                if (st.execute(args[i])) {
+                if (args[i].startsWith("interleave:")) {
+                    interleave(conn, args[i], rows);
+                } else if (st.execute(args[i])) {
                     try (ResultSet rs = st.getResultSet()) {
                         int n = rs.getMetaData().getColumnCount();
                         while (rs.next()) {
@@ -99,6 +108,37 @@ public class Probe {
         }
         conn.close();
         System.out.println(out.append("]}"));
+    }
+
+    static void interleave(Connection conn, String spec, List<List<String>> rows) throws SQLException {
+        String[] parts = spec.split(":", 3);
+        String[] sqls = parts[2].split("\\|", 2);
+        conn.setAutoCommit(false);
+        try (PreparedStatement outer = conn.prepareStatement(sqls[0]);
+             PreparedStatement inner = conn.prepareStatement(sqls[1])) {
+            outer.setFetchSize(Integer.parseInt(parts[1]));
+            try (ResultSet rs = outer.executeQuery()) {
+                while (rs.next()) {
+                    List<String> row = new ArrayList<>();
+                    row.add(rs.getString(1));
+                    try (ResultSet irs = inner.executeQuery()) {
+                        irs.next();
+                        row.add(irs.getString(1));
+                    }
+                    rows.add(row);
+                }
+            }
+            conn.commit();
+        } finally {
+            if (!conn.isClosed()) {
+                try {
+                    conn.rollback();
+                } catch (SQLException e) {
+                    // The transaction is already over.
+                }
+                conn.setAutoCommit(true);
+            }
+        }
     }
 
     static void err(StringBuilder out, SQLException e) {
