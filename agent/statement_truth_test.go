@@ -416,6 +416,13 @@ BEGIN
   EXECUTE format('CLOSE %I', p);
   OPEN c FOR EXECUTE q;
   RETURN 1;
+END $f$;
+CREATE OR REPLACE FUNCTION truth_portal_swap_using(p text, q text, v int) RETURNS int LANGUAGE plpgsql AS $f$
+DECLARE c refcursor := p;
+BEGIN
+  EXECUTE format('CLOSE %I', p);
+  OPEN c FOR EXECUTE q USING v;
+  RETURN 1;
 END $f$`); err != nil {
 		t.Fatal(err)
 	}
@@ -514,6 +521,40 @@ func TestAuditPortalReplacedInServerIsRefused(t *testing.T) {
 	}
 }
 
+// A cursor opened in the portal's place over the very text pgward audited,
+// with another parameter value, has the same pg_cursors.statement; its
+// creation time tells it apart from the portal recorded after the Bind.
+func TestAuditPortalReplacedSameTextIsRefused(t *testing.T) {
+	h := newHarness(t, nil)
+	portalSwapFunction(t, h)
+	r := newProtoSession(t, h)
+	marker := fmt.Sprintf("SELECT 'truth-portal-same-%d'", time.Now().UnixNano())
+	r.send(1, &pgproto3.Query{String: marker})
+	bound := "SELECT g + $1::int AS v FROM generate_series(0, 2) g"
+	var got []string
+	got = append(got, r.results(&pgproto3.Query{String: "BEGIN"})...)
+	got = append(got, r.results(&pgproto3.Parse{Name: "ps", Query: bound}, &pgproto3.Bind{DestinationPortal: "p1", PreparedStatement: "ps", Parameters: [][]byte{[]byte("1")}},
+		&pgproto3.Execute{Portal: "p1", MaxRows: 1}, &pgproto3.Sync{})...)
+	swap := fmt.Sprintf("SELECT truth_portal_swap_using('p1', '%s', 665)", bound)
+	got = append(got, r.results(&pgproto3.Query{String: swap})...)
+	got = append(got, r.results(&pgproto3.Execute{Portal: "p1"}, &pgproto3.Sync{})...)
+	got = append(got, r.results(&pgproto3.Query{String: "ROLLBACK"})...)
+	if want := "1,1,error 34000"; strings.Join(got, ",") != want {
+		t.Fatalf("got %q, want %q: the cursor of the same text with parameter 665 must not run", strings.Join(got, ","), want)
+	}
+	r.pc.Close(context.Background())
+	queries, results := sessionQueries(t, h, marker)
+	var execs []bool
+	for _, q := range queries {
+		if q["portal_name"] == "p1" && q["bind_only"] != true {
+			execs = append(execs, results[num(q["ei"])]["success"] == true)
+		}
+	}
+	if fmt.Sprint(execs) != "[true false]" {
+		t.Fatalf("Executes of p1 audited with success %v, want [true false]", execs)
+	}
+}
+
 // Other statements between a portal's fetches (the guard's case) leave a
 // portal nobody replaced working: the guard passes and the Execute runs the
 // rows the audit names; so does one Execute straight after another.
@@ -533,8 +574,13 @@ func TestAuditPortalGuardPassesUntouchedPortal(t *testing.T) {
 	// In one pipeline: another statement, then the portal again.
 	got = append(got, r.results(&pgproto3.Parse{Query: "SELECT 'piped'"}, &pgproto3.Bind{}, &pgproto3.Execute{},
 		&pgproto3.Execute{Portal: "p1", MaxRows: 1}, &pgproto3.Close{ObjectType: 'P', Name: "p1"}, &pgproto3.Sync{})...)
+	// All in one write: a portal bound, fetched, another statement, the
+	// portal again (its record is read before the other statement runs).
+	got = append(got, r.results(&pgproto3.Bind{DestinationPortal: "p2", PreparedStatement: "ps"}, &pgproto3.Execute{Portal: "p2", MaxRows: 1},
+		&pgproto3.Parse{Query: "SELECT 'same write'"}, &pgproto3.Bind{}, &pgproto3.Execute{},
+		&pgproto3.Execute{Portal: "p2", MaxRows: 1}, &pgproto3.Sync{})...)
 	got = append(got, r.results(&pgproto3.Query{String: "COMMIT"})...)
-	if want := "1,2,between,3,piped,4"; strings.Join(got, ",") != want {
+	if want := "1,2,between,3,piped,4,1,same write,2"; strings.Join(got, ",") != want {
 		t.Fatalf("got %q, want %q", strings.Join(got, ","), want)
 	}
 	r.pc.Close(context.Background())
@@ -551,6 +597,22 @@ func TestAuditPortalGuardPassesUntouchedPortal(t *testing.T) {
 	}
 	if n != 4 {
 		t.Fatalf("%d Executes of p1 audited, want 4", n)
+	}
+}
+
+// The swap and the Execute in one write with the Bind: refused all the same.
+func TestAuditPortalReplacedInOneWriteIsRefused(t *testing.T) {
+	h := newHarness(t, nil)
+	portalSwapFunction(t, h)
+	r := newProtoSession(t, h)
+	got := r.results(&pgproto3.Query{String: "BEGIN"})
+	got = append(got, r.results(&pgproto3.Parse{Name: "ps", Query: "SELECT g FROM generate_series(1, 3) g"},
+		&pgproto3.Bind{DestinationPortal: "p3", PreparedStatement: "ps"}, &pgproto3.Execute{Portal: "p3", MaxRows: 1},
+		&pgproto3.Parse{Query: "SELECT truth_portal_swap('p3', 'SELECT 666')"}, &pgproto3.Bind{}, &pgproto3.Execute{},
+		&pgproto3.Execute{Portal: "p3", MaxRows: 1}, &pgproto3.Sync{})...)
+	got = append(got, r.results(&pgproto3.Query{String: "ROLLBACK"})...)
+	if want := "1,1,error 34000"; strings.Join(got, ",") != want {
+		t.Fatalf("got %q, want %q", strings.Join(got, ","), want)
 	}
 }
 

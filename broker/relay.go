@@ -200,7 +200,11 @@ func (sess *session) pumpClient(tr *tracker, upDone <-chan struct{}) error {
 				// (a Bind and its Execute share one event).
 				out = append(out, rd.pending()[base:fwd]...)
 				out = append(out, tr.rewrite...)
-				base = fwd + frameSize(rd.pending()[fwd:])
+				base = fwd
+				if !tr.before {
+					base += frameSize(rd.pending()[fwd:])
+				}
+				tr.before = false // else the message is read again after what was sent
 				if len(out) > relayBufSize {
 					// Bounded: audit what was read so far and send it.
 					if err := auditBatch(); err != nil {
@@ -315,6 +319,8 @@ func (sess *session) pumpUpstream(tr *tracker, clientGone func() bool) {
 		}
 		saidWhy = typ == 'E' && fatalError(body)
 		done = sess.backendMessage(tr, typ, body, done)
+		// A portal's record (verify.go) is a DataRow, read only then.
+		fs.want['D'] = tr.wantRow
 		if tr.cut != 0 {
 			return errCut
 		}

@@ -81,6 +81,8 @@ type pending struct {
 	// error replaced by refuse.
 	inj    uint8
 	refuse *refusal
+	// record: the portal an injRecord Execute reads the identity of.
+	record *portalInfo
 }
 
 // stmtInfo is a prepared statement as the server has it.
@@ -110,6 +112,12 @@ type portalInfo struct {
 	// runs: tracker.runs after its Bind or its last Execute; a later value
 	// at an Execute means other statements ran in between.
 	runs int64
+	// The portal's record (verify.go): recordID is the id of the Execute
+	// that reads it (0: not sent); created its pg_cursors.creation_time
+	// (binary), valid when recorded.
+	recordID int64
+	created  int64
+	recorded bool
 }
 
 // maxInFlight bounds the client messages awaiting an answer. Past it the
@@ -146,20 +154,28 @@ type tracker struct {
 
 	// Client pump only.
 	index   int64
-	batch   []*QueryEvent     // statements of the read being scanned, audited before it is forwarded
-	pinned  []*portalInfo     // portals an unaudited Execute points into
-	spare   []*portalInfo     // portals to reuse
-	waitID  int64             // a barrier: wait until this message was answered
-	runs    int64             // Query, FunctionCall, Bind and Execute messages read
-	verify  bool              // verified Binds of named statements (verify.go)
-	rewrite []byte            // errRewrite: what is sent in place of the message read
-	skipped []pending         // discarded by the server: reported once audited
-	tags    map[string]string // interned command tags; upstream pump only
+	batch   []*QueryEvent // statements of the read being scanned, audited before it is forwarded
+	pinned  []*portalInfo // portals an unaudited Execute points into
+	spare   []*portalInfo // portals to reuse
+	waitID  int64         // a barrier: wait until this message was answered
+	runs    int64         // Query, FunctionCall, Bind, Execute and portal Close messages read
+	verify  bool          // verified Binds of named statements (verify.go)
+	rewrite []byte        // errRewrite: what is sent in place of the message read
+	// before: errRewrite sends rewrite before the message read, which is
+	// then read again (a portal's record, verify.go).
+	before bool
+	// unrecorded: named portals bound in this segment whose identity is
+	// not recorded yet (verify.go).
+	unrecorded []*portalInfo
+	skipped    []pending         // discarded by the server: reported once audited
+	tags       map[string]string // interned command tags; upstream pump only
 
 	// Upstream pump only: the answer just inspected is taken out of the
 	// stream (cutDrop) or replaced by replacement (cutReplace).
 	cut         uint8
 	replacement []byte
+	// wantRow: the next DataRow answers a portal's record (verify.go).
+	wantRow bool
 }
 
 func newTracker() *tracker {
@@ -378,6 +394,9 @@ func (sess *session) frontendMessage(t *tracker, typ byte, body []byte) error {
 		t.waitID = t.queue[t.head].id
 		return errBarrier
 	}
+	if len(t.unrecorded) > 0 && t.recordBefore(typ, body) {
+		return errRewrite
+	}
 	switch typ {
 	case 'Q':
 		text, _, ok := cbytes(body)
@@ -447,6 +466,11 @@ func (sess *session) frontendMessage(t *tracker, typ byte, body []byte) error {
 			t.waitID = wait
 			return errBarrier
 		}
+		if t.verify && pi != nil && pi.runs != t.runs && pi.recordID > t.answered {
+			// Its guard needs the record still on its way (verify.go).
+			t.waitID = pi.recordID
+			return errBarrier
+		}
 		var q *QueryEvent
 		if pi != nil {
 			// A Bind of this portal read together with this Execute shares
@@ -496,6 +520,9 @@ func (sess *session) frontendMessage(t *tracker, typ byte, body []byte) error {
 			t.push(p)
 		case pi == nil:
 			t.refuseMessage(p, unboundPortalRefusal(q.Portal))
+			return errRewrite
+		case stale && !pi.recorded:
+			t.refuseMessage(p, unrecordedPortalRefusal(q.Portal))
 			return errRewrite
 		case stale:
 			t.guardedExecute(p, pi, body)
@@ -605,6 +632,7 @@ func (sess *session) bind(t *tracker, body []byte) error {
 	pi.stmt = si
 	t.runs++
 	pi.runs = t.runs
+	pi.recordID, pi.created, pi.recorded = 0, 0, false
 	pi.params = pi.params[:0]
 	pi.buf = pi.buf[:0]
 	type span struct{ off, n int }
@@ -651,6 +679,9 @@ func (sess *session) bind(t *tracker, body []byte) error {
 		pi.stmt = nil
 		t.refuseMessage(p, reservedPortalRefusal)
 		return errRewrite
+	}
+	if t.verify && len(portal) > 0 && !t.skipping {
+		t.unrecorded = append(t.unrecorded, pi)
 	}
 	if !t.verify || len(stmtName) == 0 {
 		t.push(p)
@@ -815,6 +846,8 @@ func (sess *session) backendMessage(t *tracker, typ byte, body []byte, done []pe
 	defer t.mu.Unlock()
 	before := t.answered
 	defer func() {
+		h := t.headp()
+		t.wantRow = h != nil && h.inj == injRecord
 		if t.answered != before {
 			select {
 			case t.wake <- struct{}{}:
@@ -859,6 +892,11 @@ func (sess *session) backendMessage(t *tracker, typ byte, body []byte, done []pe
 			} else {
 				t.dropPortal(p.name)
 			}
+		}
+	case 'D': // DataRow: read only when it answers a record (verify.go)
+		if h != nil && h.inj == injRecord {
+			recordRow(h.record, body)
+			t.cut = cutDrop
 		}
 	case 't': // ParameterDescription
 		if h != nil && h.kind == pendDescribe && h.stmt != nil && len(body) >= 2 {
@@ -937,7 +975,7 @@ func (sess *session) backendMessage(t *tracker, typ byte, body []byte, done []pe
 				t.cut, t.replacement = cutReplace, p.refuse.encode(t.replacement[:0])
 			}
 			guardFailed := p.inj == injGuard && code == codeDivisionByZero
-			for p.inj == injOwn || p.inj == injGuard {
+			for p.inj == injOwn || p.inj == injGuard || p.inj == injRecord {
 				// pgward's own Close or Parse failed (the audited text no
 				// longer parses, say), or a portal's guard did: the error
 				// stands in the place of the client's message it preceded.

@@ -163,8 +163,9 @@ func (t *tracker) verifiedBind(p pending, portal, tail []byte) {
 // replaced it either; names are schema-qualified and operators spelled
 // OPERATOR(pg_catalog.=), so no search_path makes it call user code. No
 // round trip is added: the guard is pipelined. An Execute that directly
-// follows its portal's Bind (or its own last Execute) needs no guard, and
-// an Execute of a named portal pgward never saw bound is refused.
+// follows its portal's Bind (or its own last Execute) needs no guard; an
+// Execute of a named portal pgward never saw bound, or one it could not
+// record (below), is refused.
 
 // guardName names the statement and portal of the guard.
 const guardName = reservedPrefix + "portal_check"
@@ -172,7 +173,11 @@ const guardName = reservedPrefix + "portal_check"
 // guardSQL returns no row when portal $1 runs the statement text $2, and
 // fails with division by zero otherwise. The same pg_cursors row would
 // carry a replacement of the same text; see docs/security-model.md.
-const guardSQL = `SELECT WHERE 0 OPERATOR(pg_catalog.=) pg_catalog.int4div(1, (SELECT pg_catalog.count(*)::pg_catalog.int4 FROM pg_catalog.pg_cursors WHERE name OPERATOR(pg_catalog.=) $1 AND statement OPERATOR(pg_catalog.=) $2))`
+const guardSQL = `SELECT WHERE 0 OPERATOR(pg_catalog.=) pg_catalog.int4div(1, (SELECT pg_catalog.count(*)::pg_catalog.int4 FROM pg_catalog.pg_cursors WHERE name OPERATOR(pg_catalog.=) $1 AND statement OPERATOR(pg_catalog.=) $2 AND creation_time OPERATOR(pg_catalog.=) $3))`
+
+// recordSQL reads a portal's creation time (recorded before anything but
+// the portal's own Executes ran since its Bind).
+const recordSQL = `SELECT creation_time FROM pg_catalog.pg_cursors WHERE name OPERATOR(pg_catalog.=) $1`
 
 // codeDivisionByZero is the error guardSQL fails with.
 const codeDivisionByZero = "22012"
@@ -205,6 +210,13 @@ func unboundPortalRefusal(name string) *refusal {
 		detail: "pgward executes only portals it saw bound (Bind, or SQL DECLARE); code running inside the server may have opened this one."}
 }
 
+func unrecordedPortalRefusal(name string) *refusal {
+	return &refusal{code: CodeInvalidCursorName,
+		msg: `pgward cannot check portal "` + name + `" after other statements ran`,
+		detail: "pgward records a portal's identity after its Bind, before anything else runs; it could not for this one (a cursor opened by SQL DECLARE, " +
+			"or a portal whose Bind a simple Query or FunctionCall followed before any Sync). Execute it before other statements, use FETCH for a SQL cursor, or Bind the statement again."}
+}
+
 var reservedPortalRefusal = &refusal{code: CodeReservedName,
 	msg:    `portal names starting with "` + reservedPrefix + `" are reserved by pgward`,
 	detail: "pgward uses them to check that a portal still runs the statement it audited; choose another name."}
@@ -216,24 +228,35 @@ func (t *tracker) guardedExecute(p pending, pi *portalInfo, body []byte) {
 	text := pi.stmtText()
 	b := append(t.rewrite[:0], closeGuardPortal...)
 	b = append(b, closeGuardStmt...)
-	// Parse: two text parameters.
+	// Parse: name and text (text), creation time (timestamptz).
 	b = append(b, 'P')
-	b = binary.BigEndian.AppendUint32(b, uint32(4+len(guardName)+1+len(guardSQL)+1+2+8))
+	b = binary.BigEndian.AppendUint32(b, uint32(4+len(guardName)+1+len(guardSQL)+1+2+12))
 	b = append(b, guardName...)
 	b = append(b, 0)
 	b = append(b, guardSQL...)
-	b = append(b, 0, 0, 2, 0, 0, 0, 25, 0, 0, 0, 25)
-	// Bind: the portal's name and the text audited, as text.
+	b = append(b, 0, 0, 3, 0, 0, 0, 25, 0, 0, 0, 25, 0, 0, 0x04, 0xa0)
+	// Bind: the portal's name and the text audited as text, its recorded
+	// creation time in binary (NULL, which matches nothing, if none).
+	created := 8
+	if !pi.recorded {
+		created = 0
+	}
 	b = append(b, 'B')
-	b = binary.BigEndian.AppendUint32(b, uint32(4+2*(len(guardName)+1)+2+2+4+len(pi.name)+4+len(text)+2))
+	b = binary.BigEndian.AppendUint32(b, uint32(4+2*(len(guardName)+1)+2+6+2+4+len(pi.name)+4+len(text)+4+created+2))
 	b = append(b, guardName...)
 	b = append(b, 0)
 	b = append(b, guardName...)
-	b = append(b, 0, 0, 0, 0, 2)
+	b = append(b, 0, 0, 3, 0, 0, 0, 0, 0, 1, 0, 3)
 	b = binary.BigEndian.AppendUint32(b, uint32(len(pi.name)))
 	b = append(b, pi.name...)
 	b = binary.BigEndian.AppendUint32(b, uint32(len(text)))
 	b = append(b, text...)
+	if pi.recorded {
+		b = append(b, 0, 0, 0, 8)
+		b = binary.BigEndian.AppendUint64(b, uint64(pi.created))
+	} else {
+		b = append(b, 0xff, 0xff, 0xff, 0xff)
+	}
 	b = append(b, 0, 0)
 	b = append(b, executeGuard...)
 	b = append(b, closeGuardPortal...)
@@ -250,4 +273,117 @@ func (t *tracker) guardedExecute(p pending, pi *portalInfo, body []byte) {
 	t.push(pending{kind: pendExecute, name: guardName, inj: injGuard})
 	t.push(own)
 	t.push(p)
+}
+
+// Recording a portal. The guard compares a portal's creation time, too:
+// a cursor opened in its place over the same text (with other parameter
+// values, or under another search_path) has the same statement, but is
+// created by a later message, so with a later statement start time. So
+// before anything but a named portal's own Executes can run after its
+// Bind, pgward reads its pg_cursors.creation_time and keeps it: before the
+// next Bind, Execute of another portal, or portal Close of the segment, or
+// else before its Sync, it sends (answers taken out of the stream)
+//
+//	Close('P', guardName), Close('S', guardName)
+//	Parse(guardName, recordSQL), Bind(guardName, guardName, <portal>)
+//	Execute(guardName), Close('P', guardName)
+//
+// A portal whose record is still on its way is not guarded before the
+// answer came (a barrier: one round trip, only for a pipelined guard); an
+// Execute that needs a guard of a portal without a record (the segment
+// failed first; a simple Query or FunctionCall followed its Bind before
+// any Sync; a cursor of SQL DECLARE) is refused.
+
+// injRecord marks a record's Execute: its DataRow is the portal's
+// creation time.
+const injRecord uint8 = injGuard + 1
+
+// recordBefore sends the records of the portals bound in this segment and
+// not recorded yet, if the message typ (body) about to be read could run
+// code or ends the segment. The message is then read again (t.before).
+// Called with mu held.
+func (t *tracker) recordBefore(typ byte, body []byte) bool {
+	var except []byte // a portal's own Execute runs nothing else
+	switch typ {
+	case 'B', 'S':
+	case 'E':
+		except, _, _ = cbytes(body)
+		except = nameKey(except)
+	case 'C':
+		if len(body) < 2 || body[0] != 'P' {
+			return false
+		}
+		except, _, _ = cbytes(body[1:])
+		except = nameKey(except)
+	case 'Q', 'F':
+		// Not in a segment of the extended protocol: a record that failed
+		// would make the server skip this message until a Sync that will
+		// not come. These portals stay without a record.
+		clear(t.unrecorded)
+		t.unrecorded = t.unrecorded[:0]
+		return false
+	default:
+		return false
+	}
+	if typ == 'S' && t.copyIgnoring > 0 && t.copies == t.copyIgnoring-1 {
+		return false
+	}
+	b := t.rewrite[:0]
+	kept := t.unrecorded[:0]
+	for _, pi := range t.unrecorded {
+		if pi.name == string(except) {
+			if typ == 'E' {
+				kept = append(kept, pi)
+			}
+			continue
+		}
+		if t.skipping {
+			continue // the server discards it: the segment failed
+		}
+		b = append(b, closeGuardPortal...)
+		b = append(b, closeGuardStmt...)
+		b = append(b, 'P')
+		b = binary.BigEndian.AppendUint32(b, uint32(4+len(guardName)+1+len(recordSQL)+1+2+4))
+		b = append(b, guardName...)
+		b = append(b, 0)
+		b = append(b, recordSQL...)
+		b = append(b, 0, 0, 1, 0, 0, 0, 25)
+		b = append(b, 'B')
+		b = binary.BigEndian.AppendUint32(b, uint32(4+2*(len(guardName)+1)+2+2+4+len(pi.name)+4))
+		b = append(b, guardName...)
+		b = append(b, 0)
+		b = append(b, guardName...)
+		b = append(b, 0, 0, 0, 0, 1)
+		b = binary.BigEndian.AppendUint32(b, uint32(len(pi.name)))
+		b = append(b, pi.name...)
+		b = append(b, 0, 1, 0, 1) // the result in binary
+		b = append(b, executeGuard...)
+		b = append(b, closeGuardPortal...)
+		own := pending{kind: pendClose, target: 'P', name: guardName, inj: injOwn}
+		t.push(own)
+		t.push(pending{kind: pendClose, target: 'S', name: guardName, inj: injOwn})
+		t.push(pending{kind: pendParse, name: guardName, inj: injOwn})
+		t.push(pending{kind: pendBind, name: guardName, inj: injOwn})
+		t.push(pending{kind: pendExecute, name: guardName, inj: injRecord, record: pi})
+		pi.recordID = t.lastID
+		t.push(own)
+	}
+	for i := len(kept); i < len(t.unrecorded); i++ {
+		t.unrecorded[i] = nil
+	}
+	t.unrecorded = kept
+	if len(b) == 0 {
+		return false
+	}
+	t.rewrite, t.before = b, true
+	return true
+}
+
+// recordRow takes a record's DataRow: one binary timestamptz. Called with
+// mu held.
+func recordRow(pi *portalInfo, body []byte) {
+	if len(body) == 2+4+8 && binary.BigEndian.Uint16(body) == 1 && binary.BigEndian.Uint32(body[2:]) == 8 {
+		pi.created = int64(binary.BigEndian.Uint64(body[6:]))
+		pi.recorded = true
+	}
 }
