@@ -25,8 +25,9 @@ import (
 // simple queries — failing ones included (duplicate and unknown names, type
 // and syntax errors, errors mid-pipeline, row limits, SQL-level PREPARE,
 // DEALLOCATE, DISCARD ALL, DECLARE, and functions and DO blocks that swap or
-// deallocate named statements from inside the server) — go through pgward to a PostgreSQL that
-// logs every statement it executes (log_statement = all). For every
+// deallocate named statements, or replace portal p1, from inside the
+// server) — go through pgward to a PostgreSQL that logs every statement it
+// executes (log_statement = all). For every
 // statement the server executed, in order, the audit must have an event
 // with the same text; every audit event the server did not execute must be
 // recorded as failed.
@@ -58,6 +59,19 @@ func TestAuditMatchesServer(t *testing.T) {
 	// with no message pgward sees: DEALLOCATE name (if it exists), then
 	// PREPARE name AS body (unless body is empty).
 	swapFunctions(t, pg, "difft")
+	// Code inside the server that replaces portal p1 by a cursor over
+	// another query (verify.go's guard refuses the next Execute of p1).
+	if err := pg.Exec(ctx, `CREATE OR REPLACE FUNCTION difft_portal(p text, q text) RETURNS int LANGUAGE plpgsql AS $f$
+DECLARE c refcursor := p;
+BEGIN
+  IF EXISTS (SELECT 1 FROM pg_catalog.pg_cursors WHERE name = p) THEN
+    EXECUTE format('CLOSE %I', p);
+  END IF;
+  OPEN c FOR EXECUTE q;
+  RETURN 1;
+END $f$`); err != nil {
+		t.Fatal(err)
+	}
 	var stop time.Time
 	if d, err := time.ParseDuration(os.Getenv("PGWARD_DIFF_DURATION")); err == nil && d > 0 {
 		stop = time.Now().Add(d)
@@ -204,11 +218,13 @@ func diffProgram(r *rand.Rand, marker int) []diffStep {
 	return steps
 }
 
-// swapCall is a statement that swaps or deallocates a named statement from
-// inside the server (swapFunctions).
+// swapCall is a statement that swaps or deallocates a named statement, or
+// replaces portal p1, from inside the server (swapFunctions, difft_portal).
 func swapCall(r *rand.Rand, k int) string {
 	name := fmt.Sprintf("s%d", 1+r.IntN(2))
-	switch r.IntN(4) {
+	switch r.IntN(5) {
+	case 4:
+		return fmt.Sprintf("SELECT difft_portal('p1', 'SELECT generate_series(1, 3) + %d AS portal_swapped')", k)
 	case 0:
 		return fmt.Sprintf("SELECT difft_plpgsql('%s', '') AS dealloc%d", name, k)
 	case 1:

@@ -148,7 +148,7 @@ func (sess *session) pumpClient(tr *tracker, upDone <-chan struct{}) error {
 	// forward sends the first n pending bytes (as out for the first base).
 	forward := func(n int) error {
 		var err error
-		if base > 0 {
+		if len(out) > 0 { // base may be 0: sent before the message at 0
 			out = append(out, rd.pending()[base:n]...)
 			_, err = sess.up.conn.Write(out)
 			if cap(out) > 4*relayBufSize {

@@ -42,7 +42,10 @@ import (
 // with the text it audited, then the client's Bind of that one
 // (verify.go). Nothing runs between the Parse and the Bind, so what the
 // server plans and executes is the audited text; the answers to pgward's
-// own messages are taken out of the stream the client reads.
+// own messages are taken out of the stream the client reads. A named
+// portal can be replaced the same way; an Execute of one after other code
+// ran goes upstream behind a guard that fails unless the portal is still
+// the one bound (verify.go).
 
 type pendingKind uint8
 

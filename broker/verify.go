@@ -150,12 +150,14 @@ func (t *tracker) verifiedBind(p pending, portal, tail []byte) {
 // its triggers) goes upstream behind a guard, in the same write:
 //
 //	Close('P', guardName), Close('S', guardName)
-//	Parse(guardName, guardSQL), Bind(guardName, guardName, <portal>, <audited text>)
+//	Parse(guardName, guardSQL)
+//	Bind(guardName, guardName, <portal>, <audited text>, <recorded creation time>)
 //	Execute(guardName), Close('P', guardName)
 //	<the client's Execute>
 //
 // guardSQL fails (division by zero) unless pg_cursors shows a portal of
-// that name whose statement is the text pgward audited for it; the server
+// that name whose statement is the text pgward audited for it and whose
+// creation time is the one recorded after its Bind (below); the server
 // then skips the client's Execute, as it skips everything after an error
 // until Sync, and the client reads pgward's refusal (34000) in the place of
 // its Execute's answer. Nothing runs between the guard and the Execute, and
@@ -170,9 +172,8 @@ func (t *tracker) verifiedBind(p pending, portal, tail []byte) {
 // guardName names the statement and portal of the guard.
 const guardName = reservedPrefix + "portal_check"
 
-// guardSQL returns no row when portal $1 runs the statement text $2, and
-// fails with division by zero otherwise. The same pg_cursors row would
-// carry a replacement of the same text; see docs/security-model.md.
+// guardSQL returns no row when portal $1 runs the statement text $2 and was
+// created at $3, and fails with division by zero otherwise.
 const guardSQL = `SELECT WHERE 0 OPERATOR(pg_catalog.=) pg_catalog.int4div(1, (SELECT pg_catalog.count(*)::pg_catalog.int4 FROM pg_catalog.pg_cursors WHERE name OPERATOR(pg_catalog.=) $1 AND statement OPERATOR(pg_catalog.=) $2 AND creation_time OPERATOR(pg_catalog.=) $3))`
 
 // recordSQL reads a portal's creation time (recorded before anything but
