@@ -227,15 +227,8 @@ var reservedPortalRefusal = &refusal{code: CodeReservedName,
 // mu held.
 func (t *tracker) guardedExecute(p pending, pi *portalInfo, body []byte) {
 	text := pi.stmtText()
-	b := append(t.rewrite[:0], closeGuardPortal...)
-	b = append(b, closeGuardStmt...)
 	// Parse: name and text (text), creation time (timestamptz).
-	b = append(b, 'P')
-	b = binary.BigEndian.AppendUint32(b, uint32(4+len(guardName)+1+len(guardSQL)+1+2+12))
-	b = append(b, guardName...)
-	b = append(b, 0)
-	b = append(b, guardSQL...)
-	b = append(b, 0, 0, 3, 0, 0, 0, 25, 0, 0, 0, 25, 0, 0, 0x04, 0xa0)
+	b := appendGuardParse(t.rewrite[:0], guardSQL, 0, 3, 0, 0, 0, 25, 0, 0, 0, 25, 0, 0, 0x04, 0xa0)
 	// Bind: the portal's name and the text audited as text, its recorded
 	// creation time in binary (NULL, which matches nothing, if none).
 	created := 8
@@ -266,14 +259,38 @@ func (t *tracker) guardedExecute(p pending, pi *portalInfo, body []byte) {
 	b = binary.BigEndian.AppendUint32(b, uint32(4+len(body)))
 	b = append(b, body...)
 	t.rewrite = b
+	t.pushGuard(injGuard, nil)
+	t.push(p)
+}
+
+// appendGuardParse appends Close('P') and Close('S') of guardName, then a
+// Parse of sql under that name declaring the parameter types in oids (the
+// count and the oids, as on the wire).
+func appendGuardParse(b []byte, sql string, oids ...byte) []byte {
+	b = append(b, closeGuardPortal...)
+	b = append(b, closeGuardStmt...)
+	b = append(b, 'P')
+	b = binary.BigEndian.AppendUint32(b, uint32(4+len(guardName)+1+len(sql)+1+len(oids)))
+	b = append(b, guardName...)
+	b = append(b, 0)
+	b = append(b, sql...)
+	b = append(b, 0)
+	return append(b, oids...)
+}
+
+// pushGuard queues pgward's messages of a guard or a record (inj tells
+// which): Close, Close, Parse, Bind, Execute, Close. It returns the id of
+// the Execute. Called with mu held.
+func (t *tracker) pushGuard(inj uint8, record *portalInfo) int64 {
 	own := pending{kind: pendClose, target: 'P', name: guardName, inj: injOwn}
 	t.push(own)
 	t.push(pending{kind: pendClose, target: 'S', name: guardName, inj: injOwn})
 	t.push(pending{kind: pendParse, name: guardName, inj: injOwn})
 	t.push(pending{kind: pendBind, name: guardName, inj: injOwn})
-	t.push(pending{kind: pendExecute, name: guardName, inj: injGuard})
+	t.push(pending{kind: pendExecute, name: guardName, inj: inj, record: record})
+	id := t.lastID
 	t.push(own)
-	t.push(p)
+	return id
 }
 
 // Recording a portal. The guard compares a portal's creation time, too:
@@ -341,14 +358,7 @@ func (t *tracker) recordBefore(typ byte, body []byte) bool {
 		if t.skipping {
 			continue // the server discards it: the segment failed
 		}
-		b = append(b, closeGuardPortal...)
-		b = append(b, closeGuardStmt...)
-		b = append(b, 'P')
-		b = binary.BigEndian.AppendUint32(b, uint32(4+len(guardName)+1+len(recordSQL)+1+2+4))
-		b = append(b, guardName...)
-		b = append(b, 0)
-		b = append(b, recordSQL...)
-		b = append(b, 0, 0, 1, 0, 0, 0, 25)
+		b = appendGuardParse(b, recordSQL, 0, 1, 0, 0, 0, 25)
 		b = append(b, 'B')
 		b = binary.BigEndian.AppendUint32(b, uint32(4+2*(len(guardName)+1)+2+2+4+len(pi.name)+4))
 		b = append(b, guardName...)
@@ -360,14 +370,7 @@ func (t *tracker) recordBefore(typ byte, body []byte) bool {
 		b = append(b, 0, 1, 0, 1) // the result in binary
 		b = append(b, executeGuard...)
 		b = append(b, closeGuardPortal...)
-		own := pending{kind: pendClose, target: 'P', name: guardName, inj: injOwn}
-		t.push(own)
-		t.push(pending{kind: pendClose, target: 'S', name: guardName, inj: injOwn})
-		t.push(pending{kind: pendParse, name: guardName, inj: injOwn})
-		t.push(pending{kind: pendBind, name: guardName, inj: injOwn})
-		t.push(pending{kind: pendExecute, name: guardName, inj: injRecord, record: pi})
-		pi.recordID = t.lastID
-		t.push(own)
+		pi.recordID = t.pushGuard(injRecord, pi)
 	}
 	for i := len(kept); i < len(t.unrecorded); i++ {
 		t.unrecorded[i] = nil
