@@ -376,6 +376,11 @@ func TestReservedStatementNameRefused(t *testing.T) {
 		&pgproto3.Bind{PreparedStatement: "pgward_v1"},
 		&pgproto3.Describe{ObjectType: 'S', Name: "pgward_v1"},
 		&pgproto3.Close{ObjectType: 'S', Name: "pgward_v1"},
+		// Portal names too: pgward's portal guard uses them.
+		&pgproto3.Bind{DestinationPortal: "pgward_portal_check"},
+		&pgproto3.Execute{Portal: "pgward_portal_check"},
+		&pgproto3.Describe{ObjectType: 'P', Name: "pgward_p"},
+		&pgproto3.Close{ObjectType: 'P', Name: "pgward_p"},
 	} {
 		r.fe.Send(m)
 		r.fe.Send(&pgproto3.Sync{})
