@@ -672,3 +672,47 @@ func TestTrustNamedStatementsBindsByName(t *testing.T) {
 		t.Fatalf("rows %d, want %d: the Bind should have run the server's s1", n, before+1)
 	}
 }
+
+// A simple Query that fails before it runs (here a syntax error) leaves the
+// server's unnamed portal as it was; pgward cannot tell where the Query
+// failed and forgets the portal. Once a ROLLBACK TO (sent through a named
+// portal) clears the error, an Execute of the unnamed portal would run the
+// INSERT it still holds, audited with no text at all. pgward refuses an
+// Execute of an unnamed portal it did not see bound (34000), and the
+// INSERT does not run.
+func TestAuditUnnamedPortalAfterFailedQueryIsRefused(t *testing.T) {
+	h := newHarness(t, nil)
+	r := newProtoSession(t, h)
+	marker := fmt.Sprintf("SELECT 'truth-unnamed-%d'", time.Now().UnixNano())
+	r.send(1, &pgproto3.Query{String: marker})
+	var got []string
+	got = append(got, r.results(&pgproto3.Query{String: "CREATE TEMP TABLE truth_unnamed (x int)"})...)
+	got = append(got, r.results(&pgproto3.Query{String: "BEGIN"})...)
+	insert := "INSERT INTO truth_unnamed VALUES (7) RETURNING x"
+	got = append(got, r.results(
+		&pgproto3.Parse{Query: insert}, &pgproto3.Bind{},
+		&pgproto3.Parse{Name: "sp", Query: "SAVEPOINT s"}, &pgproto3.Bind{DestinationPortal: "psp", PreparedStatement: "sp"}, &pgproto3.Execute{Portal: "psp"},
+		&pgproto3.Sync{})...)
+	got = append(got, r.results(&pgproto3.Query{String: "SELEC broken"})...)
+	got = append(got, r.results(
+		&pgproto3.Parse{Name: "rb", Query: "ROLLBACK TO s"}, &pgproto3.Bind{DestinationPortal: "prb", PreparedStatement: "rb"}, &pgproto3.Execute{Portal: "prb"},
+		&pgproto3.Sync{})...)
+	got = append(got, r.results(&pgproto3.Execute{}, &pgproto3.Sync{})...)
+	got = append(got, r.results(&pgproto3.Query{String: "ROLLBACK"})...)
+	// On the code before, the Execute ran the INSERT: its row, 7, came
+	// back where pgward's 34000 is now.
+	if want := "error 42601,error 34000"; strings.Join(got, ",") != want {
+		t.Fatalf("got %q, want %q: the INSERT the unnamed portal held must not run", strings.Join(got, ","), want)
+	}
+	r.pc.Close(context.Background())
+	queries, results := sessionQueries(t, h, marker)
+	var unnamed []string
+	for _, q := range queries {
+		if q["extended"] == true && q["portal_name"] == "" && q["bind_only"] != true {
+			unnamed = append(unnamed, fmt.Sprintf("%q success=%v", q["db_query"], results[num(q["ei"])]["success"]))
+		}
+	}
+	if want := `["" success=false]`; fmt.Sprint(unnamed) != want {
+		t.Errorf("Executes of the unnamed portal audited as %v, want %v (refused, nothing ran)", unnamed, want)
+	}
+}

@@ -516,12 +516,17 @@ func (sess *session) frontendMessage(t *tracker, typ byte, body []byte) error {
 		}
 		t.batch = append(t.batch, q)
 		switch {
-		case !t.verify || len(portal) == 0:
+		case !t.verify || (len(portal) == 0 && pi != nil):
 			// The unnamed portal: code in the server can close it, never
 			// open one of that name (verify.go).
 			q.PortalUnverified = stale
 			t.push(p)
 		case pi == nil:
+			// For the unnamed portal too: a simple Query that failed
+			// before it ran (a syntax error, 25P02) leaves the server's
+			// unnamed portal as it was, while pgward, which cannot tell
+			// where the Query failed, forgot it; after a ROLLBACK TO the
+			// portal would run with no text in the audit.
 			t.refuseMessage(p, unboundPortalRefusal(q.Portal))
 			return errRewrite
 		case stale && !pi.recorded:

@@ -206,6 +206,11 @@ func portalRefusal(name string) *refusal {
 }
 
 func unboundPortalRefusal(name string) *refusal {
+	if name == "" {
+		return &refusal{code: CodeInvalidCursorName,
+			msg:    "pgward does not know what the unnamed portal holds: it was not bound since the last simple Query or transaction end",
+			detail: "A simple Query replaces the unnamed portal unless it fails before it runs; pgward executes the unnamed portal only after a Bind it saw. Bind the statement again."}
+	}
 	return &refusal{code: CodeInvalidCursorName,
 		msg:    `portal "` + name + `" was not bound in this session`,
 		detail: "pgward executes only portals it saw bound (Bind, or SQL DECLARE); code running inside the server may have opened this one."}
