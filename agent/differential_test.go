@@ -139,7 +139,11 @@ func diffProgram(r *rand.Rand, marker int) []diffStep {
 	}
 	simple := func() string {
 		k := next()
-		switch r.IntN(15) {
+		switch r.IntN(17) {
+		case 15:
+			return "ROLLBACK TO sp"
+		case 16:
+			return "SAVEPOINT sp"
 		case 0:
 			return "BEGIN"
 		case 1:
@@ -171,6 +175,12 @@ func diffProgram(r *rand.Rand, marker int) []diffStep {
 		}
 	}
 	var steps []diffStep
+	if r.IntN(2) == 0 {
+		// Half the programs run in a transaction block, where portals
+		// outlive a Sync and a failed simple Query leaves the unnamed
+		// portal as it was (ROLLBACK TO clears the error).
+		steps = append(steps, diffStep{&pgproto3.Query{String: "BEGIN"}, "Query BEGIN"}, diffStep{&pgproto3.Query{String: "SAVEPOINT sp"}, "Query SAVEPOINT sp"})
+	}
 	count := 20 + r.IntN(40)
 	for range count {
 		switch w := r.IntN(100); {
