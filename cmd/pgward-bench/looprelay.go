@@ -6,7 +6,6 @@ import (
 	"os"
 	"os/signal"
 	"runtime"
-	"runtime/pprof"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -24,13 +23,7 @@ import (
 // for the peer with poll(2): pgbench's messages are small, so that is rare
 // and only costs this bench relay, never correctness.
 func runLoopRelay(listen, upstream string) int {
-	if p := os.Getenv("PGWARD_BENCH_CPUPROFILE"); p != "" {
-		f, err := os.Create(p)
-		if err == nil {
-			_ = pprof.StartCPUProfile(f)
-			defer func() { pprof.StopCPUProfile(); f.Close() }()
-		}
-	}
+	defer profileCPU()()
 	if err := loopRelay(listen, upstream); err != nil {
 		fmt.Fprintln(os.Stderr, "relay-loop:", err)
 		return 1

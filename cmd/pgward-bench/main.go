@@ -495,13 +495,7 @@ ebpf: { enabled: "false" }
 
 // runAgent is the pgward child: the agent with the config at path until SIGTERM.
 func runAgent(path string) int {
-	if p := os.Getenv("PGWARD_BENCH_CPUPROFILE"); p != "" {
-		f, err := os.Create(p)
-		if err == nil {
-			_ = pprof.StartCPUProfile(f)
-			defer func() { pprof.StopCPUProfile(); f.Close() }()
-		}
-	}
+	defer profileCPU()()
 	cfg, err := agent.LoadConfig(path)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "agent config:", err)
@@ -603,13 +597,7 @@ func (noStatementSession) Result(context.Context, *broker.QueryEvent)           
 // copied byte for byte to and from a new connection to upstream, with a
 // 32 KiB buffer each way (what any userspace relay pays, and no more).
 func runRelay(listen, upstream string) int {
-	if p := os.Getenv("PGWARD_BENCH_CPUPROFILE"); p != "" {
-		f, err := os.Create(p)
-		if err == nil {
-			_ = pprof.StartCPUProfile(f)
-			defer func() { pprof.StopCPUProfile(); f.Close() }()
-		}
-	}
+	defer profileCPU()()
 	ln, err := net.Listen("unix", listen)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "relay:", err)
@@ -901,4 +889,20 @@ func pgVersion() string {
 	}
 	f := strings.Fields(string(out))
 	return f[len(f)-1]
+}
+
+// profileCPU starts a CPU profile of this child process when the bench
+// asked for one (PGWARD_BENCH_CPUPROFILE, from -cpuprofile), and returns
+// what stops it.
+func profileCPU() (stop func()) {
+	p := os.Getenv("PGWARD_BENCH_CPUPROFILE")
+	if p == "" {
+		return func() {}
+	}
+	f, err := os.Create(p)
+	if err != nil {
+		return func() {}
+	}
+	_ = pprof.StartCPUProfile(f)
+	return func() { pprof.StopCPUProfile(); f.Close() }
 }
