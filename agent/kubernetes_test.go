@@ -105,18 +105,39 @@ func TestPodIndexWatch(t *testing.T) {
 	idx := startIndex(t, client, 0)
 	ctx := context.Background()
 
-	// The list and the watch ask for this node's pods only.
+	// The list and the watch ask for this node's pods only. WaitForSync
+	// returns once the list is in; the watch starts after it, so the
+	// test waits for it to be recorded instead of reading the actions
+	// once (CI saw only the list, 1 run in ~20).
 	var selectors []string
-	for _, a := range client.Actions() {
-		switch a := a.(type) {
-		case k8stesting.ListAction:
-			selectors = append(selectors, "list "+a.GetListRestrictions().Fields.String())
-		case k8stesting.WatchAction:
-			selectors = append(selectors, "watch "+a.GetWatchRestrictions().Fields.String())
+	restrictions := func() []string {
+		var out []string
+		for _, a := range client.Actions() {
+			switch a := a.(type) {
+			case k8stesting.ListAction:
+				out = append(out, "list "+a.GetListRestrictions().Fields.String())
+			case k8stesting.WatchAction:
+				out = append(out, "watch "+a.GetWatchRestrictions().Fields.String())
+			}
 		}
+		return out
 	}
-	if len(selectors) < 2 || !strings.Contains(strings.Join(selectors, ","), "list spec.nodeName=node-a") || !strings.Contains(strings.Join(selectors, ","), "watch spec.nodeName=node-a") {
-		t.Fatalf("list/watch restrictions %q, want spec.nodeName=node-a on both", selectors)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		selectors = restrictions()
+		joined := strings.Join(selectors, ",")
+		if strings.Contains(joined, "list spec.nodeName=node-a") && strings.Contains(joined, "watch spec.nodeName=node-a") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("list/watch restrictions %q, want spec.nodeName=node-a on both", selectors)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	for _, s := range selectors {
+		if !strings.HasSuffix(s, " spec.nodeName=node-a") {
+			t.Fatalf("list/watch restriction %q, want spec.nodeName=node-a on every one (all: %q)", s, selectors)
+		}
 	}
 
 	pod, ok := idx.PodFor(ids[0])
