@@ -49,6 +49,9 @@ type ListenConfig struct {
 	// (and, like it, now caps only the messages pgward inspects). Setting
 	// both to different values is an error.
 	MaxMessageSize int `yaml:"max_message_size"`
+	// EventLoop relays sessions on an epoll event loop (eventloop.go)
+	// instead of a goroutine per direction. Off by default.
+	EventLoop bool `yaml:"event_loop"`
 }
 
 // UpstreamConfig is one Postgres server clients may use, by name.

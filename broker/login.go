@@ -303,6 +303,7 @@ func (l *login) refuseUpstream(err error) bool {
 // openSession makes the session and registers it with the server; it
 // refuses when the server is shutting down.
 func (l *login) openSession() bool {
+	l.attachLoop()
 	l.sess = &session{
 		srv: l.s, info: l.info, claim: l.claim, log: l.log, ctx: l.ctx,
 		client: l.c, up: l.up, ups: l.ups, lease: l.cred.Lease, cred: l.cred,
@@ -314,6 +315,44 @@ func (l *login) openSession() bool {
 		return l.refuse(refuse(CodeAdminShutdown, "", "pgward is shutting down", "Reconnect in a moment."), "refused: shutting down", nil)
 	}
 	return true
+}
+
+// attachLoop moves the client and upstream sockets to the event loop
+// (listen.event_loop, eventloop.go) when both are plain sockets; else the
+// session relays with a goroutine per direction.
+func (l *login) attachLoop() {
+	if !l.st.cfg.Listen.EventLoop || !loopable(l.c) || !loopable(l.up.conn) {
+		return
+	}
+	loop, err := sharedLoop()
+	if err != nil {
+		l.log.Warn("event loop unavailable; relaying with goroutines", "err", err)
+		return
+	}
+	up, ok, err := loop.attach(l.up.conn)
+	if !ok {
+		if err != nil {
+			l.log.Warn("event loop: could not take the upstream socket; relaying with goroutines", "err", err)
+		}
+		return
+	}
+	l.up.conn = up
+	c, ok, err := loop.attach(l.c)
+	if !ok {
+		if err != nil {
+			l.log.Warn("event loop: could not take the client socket; relaying with goroutines", "err", err)
+		}
+		return
+	}
+	l.c = c
+}
+
+func loopable(c net.Conn) bool {
+	switch c.(type) {
+	case *net.UnixConn, *net.TCPConn, *loopConn:
+		return true
+	}
+	return false
 }
 
 // started tells the Observer the session starts (its audit record, durable

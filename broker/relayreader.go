@@ -31,6 +31,7 @@ var relayBufPool = sync.Pool{New: func() any { b := make([]byte, relayBufSize); 
 type relayReader struct {
 	conn   net.Conn
 	rc     syscall.RawConn // nil: plain conn.Read
+	lc     *loopConn       // the event loop's socket (eventloop.go): idles without a buffer too
 	buf    *[]byte         // nil while idle (rc != nil)
 	big    []byte          // a buffer grown past relayBufSize for one large message
 	budget *bufferBudget   // what big is counted against
@@ -48,6 +49,7 @@ type relayReader struct {
 
 func newRelayReader(c net.Conn, budget *bufferBudget) *relayReader {
 	r := &relayReader{conn: c, budget: budget}
+	r.lc, _ = c.(*loopConn)
 	if sc, ok := c.(syscall.Conn); ok {
 		if rc, err := sc.SyscallConn(); err == nil {
 			r.rc = rc
@@ -146,9 +148,43 @@ func (r *relayReader) consume(k int) {
 		}
 		r.budget.giveBack(r)
 	}
-	if r.n == 0 && r.rc != nil {
+	if r.n == 0 && (r.rc != nil || r.lc != nil) {
 		r.idle()
 	}
+}
+
+// readInline reads once from the event loop's socket without waiting
+// (errWouldBlock: nothing there). full reports that the read filled the
+// buffer: more may be waiting.
+func (r *relayReader) readInline(c *loopConn) (m int, full bool, err error) {
+	if r.seeded {
+		r.seeded = false
+		return r.n, true, nil
+	}
+	b := r.bytes()
+	if r.n == len(b) {
+		return 0, false, errWouldBlock // not reached: room made space, or the pump waits for it
+	}
+	m, err = c.readInline(b[r.n:])
+	if err != nil {
+		if r.n == 0 {
+			r.idle()
+		}
+		return 0, false, err
+	}
+	full = m == len(b)-r.n
+	r.n += m
+	return m, full, nil
+}
+
+// mustGrow reports whether room(need) would grow the buffer (and so may
+// wait for buffer memory).
+func (r *relayReader) mustGrow(need int) bool {
+	if r.n == 0 {
+		return false
+	}
+	b := r.bytes()
+	return need > len(b) && r.n >= len(b)
 }
 
 // room makes space for the next read when the pending bytes are the start

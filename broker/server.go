@@ -221,6 +221,13 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	}
 	s.listeners[ln] = struct{}{}
 	s.mu.Unlock()
+	if s.state.Load().cfg.Listen.EventLoop {
+		// Started before the first session, so that its two descriptors
+		// are the agent's own from the start (eventloop.go).
+		if _, err := sharedLoop(); err != nil {
+			s.log.Warn("event loop unavailable; sessions relay with goroutines", "err", err)
+		}
+	}
 	stop := context.AfterFunc(ctx, func() { ln.Close() })
 	defer stop()
 	defer func() {

@@ -172,6 +172,9 @@ func (s *Server) startSession(ctx context.Context, c net.Conn, st *serverState, 
 		return
 	}
 	sess := l.sess
+	if sess.client != c {
+		defer sess.client.Close() // the event loop's socket (handle closes c)
+	}
 	defer s.removeSession(sess)
 	if !l.started() {
 		return
@@ -181,7 +184,7 @@ func (s *Server) startSession(ctx context.Context, c net.Conn, st *serverState, 
 	// The login finished within login_timeout; the greeting gets its own
 	// write deadline, as an error does (sendError), so a login that ended
 	// just before the deadline is not closed without a word after it.
-	_ = c.SetWriteDeadline(time.Now().Add(2 * time.Second))
+	_ = sess.client.SetWriteDeadline(time.Now().Add(2 * time.Second))
 	if err := sess.greet(); err != nil {
 		sess.up.conn.Close()
 		sess.info.EndReason = EndClientClosed
@@ -189,7 +192,7 @@ func (s *Server) startSession(ctx context.Context, c net.Conn, st *serverState, 
 		sess.obs.End(sess.ctx)
 		return
 	}
-	_ = c.SetDeadline(time.Time{})
+	_ = sess.client.SetDeadline(time.Time{})
 	releaseLoginSlot(ctx) // logged in: the connection no longer holds a login slot
 	sess.run()
 }

@@ -1,0 +1,571 @@
+package broker
+
+import (
+	"errors"
+	"io"
+	"net"
+	"os"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// The event loop (listen.event_loop) relays a session's messages without a
+// goroutine hand-off per message. The Go runtime's netpoller wakes a
+// goroutine for every message: a read that finds nothing, a park, an
+// epoll_wait, a wake-up and a switch (docs/performance.md). With the loop,
+// a session's two sockets are taken out of the netpoller after the login
+// (loopConn) and put in one epoll set served by one locked OS thread, as
+// PgBouncer's libevent loop is; when a socket is readable the loop runs the
+// pump of that direction right there (relay.go: scan, audit, write to the
+// peer without blocking) and goes back to epoll_wait.
+//
+// Whatever must wait — a write to a peer that does not read, a barrier
+// waiting for the server's answers, a wait for buffer memory, the end of a
+// session — is handed to the pump's own goroutine, which waits as it would
+// without the loop (the blocking net.Conn methods of loopConn wait for the
+// loop's readiness notes), then gives the socket back to the loop.
+
+// eventLoop is one epoll set on one locked OS thread.
+type eventLoop struct {
+	epfd   int
+	wakeFD int // eventfd: kicks pending
+
+	mu    sync.Mutex
+	conns map[uint64]*loopConn
+	next  uint64
+	kicks []*loopConn // run their inline handler once (under mu)
+}
+
+var (
+	theLoop     *eventLoop
+	theLoopErr  error
+	theLoopOnce sync.Once
+)
+
+// sharedLoop starts the process's event loop on first use.
+func sharedLoop() (*eventLoop, error) {
+	theLoopOnce.Do(func() {
+		theLoop, theLoopErr = newEventLoop()
+		if theLoopErr == nil {
+			go theLoop.run()
+		}
+	})
+	return theLoop, theLoopErr
+}
+
+const wakeID = 0
+
+func newEventLoop() (*eventLoop, error) {
+	ep, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	if err != nil {
+		return nil, os.NewSyscallError("epoll_create1", err)
+	}
+	wfd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err != nil {
+		unix.Close(ep)
+		return nil, os.NewSyscallError("eventfd", err)
+	}
+	if err := unix.EpollCtl(ep, unix.EPOLL_CTL_ADD, wfd, &unix.EpollEvent{Events: unix.EPOLLIN}); err != nil {
+		unix.Close(ep)
+		unix.Close(wfd)
+		return nil, os.NewSyscallError("epoll_ctl", err)
+	}
+	return &eventLoop{epfd: ep, wakeFD: wfd, conns: map[uint64]*loopConn{}, next: wakeID + 1}, nil
+}
+
+func (l *eventLoop) run() {
+	runtime.LockOSThread()
+	events := make([]unix.EpollEvent, 256)
+	var kicks []*loopConn
+	for {
+		n, err := unix.EpollWait(l.epfd, events, -1)
+		if err != nil {
+			continue // EINTR
+		}
+		for i := range events[:n] {
+			ev := &events[i]
+			id := uint64(uint32(ev.Fd)) | uint64(uint32(ev.Pad))<<32
+			if id == wakeID {
+				var b [8]byte
+				_, _ = unix.Read(l.wakeFD, b[:])
+				l.mu.Lock()
+				kicks, l.kicks = l.kicks, kicks[:0]
+				l.mu.Unlock()
+				for _, c := range kicks {
+					c.kicked.Store(false)
+					c.readable()
+				}
+				clear(kicks)
+				continue
+			}
+			l.mu.Lock()
+			c := l.conns[id]
+			l.mu.Unlock()
+			if c == nil {
+				continue // closed since epoll_wait returned
+			}
+			if ev.Events&unix.EPOLLOUT != 0 {
+				notify(c.wch)
+			}
+			if ev.Events&(unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 {
+				// The peer shut down (or an error): a short read no
+				// longer means nothing is left; the end is read too.
+				c.hup.Store(true)
+			}
+			if ev.Events&^unix.EPOLLOUT != 0 {
+				c.readable()
+			}
+		}
+	}
+}
+
+// kick makes the loop run c's inline handler (or wake its reader) once.
+func (l *eventLoop) kick(c *loopConn) {
+	if c.kicked.Swap(true) {
+		return
+	}
+	l.mu.Lock()
+	l.kicks = append(l.kicks, c)
+	l.mu.Unlock()
+	var one = [8]byte{1}
+	_, _ = unix.Write(l.wakeFD, one[:])
+}
+
+func notify(ch chan struct{}) {
+	select {
+	case ch <- struct{}{}:
+	default:
+	}
+}
+
+// errWouldBlock: an inline read found nothing, or an inline write could not
+// send everything (the rest waits in loopConn.unsent).
+var errWouldBlock = errors.New("would block")
+
+// loopConn is a session socket taken out of the Go runtime's netpoller and
+// served by the event loop. Its net.Conn methods block as a net.Conn's do
+// (waiting for the loop's readiness notes, with deadlines); readInline and
+// writeInline never block and are what the loop thread uses.
+type loopConn struct {
+	loop *eventLoop
+	id   uint64
+	fd   int // under mu; -1 once closed
+	// inline is the handler the loop runs on the loop thread when the
+	// socket is readable; nil while a goroutine owns the reading.
+	inline atomic.Pointer[func()]
+	kicked atomic.Bool
+	// hup: the peer shut down its side; readers read on to the end.
+	hup atomic.Bool
+
+	mu     sync.Mutex // the descriptor: every system call on it holds mu
+	unsent []byte     // written by writeInline or Write, not yet sent (in order)
+	outOn  bool       // EPOLLOUT is in the registration (a writer waits)
+	wmu    sync.Mutex // one blocking writer at a time
+
+	rch, wch chan struct{} // readiness notes from the loop (capacity 1)
+	done     chan struct{} // closed by Close
+	rdl, wdl atomic.Int64  // deadlines, Unix nanoseconds; 0 none
+	dlch     chan struct{} // a deadline changed: blocked callers look again
+	timer    *time.Timer   // kicks an inline reader at its deadline (under mu)
+
+	laddr, raddr net.Addr
+	network      string
+}
+
+// attachLoop takes c out of the netpoller: its descriptor is duplicated and
+// c closed, and the duplicate joins the loop's epoll set. Only plain Unix
+// and TCP connections qualify (TLS keeps its net.Conn); ok is false for the
+// others, and c is then untouched.
+func (l *eventLoop) attach(c net.Conn) (lc *loopConn, ok bool, err error) {
+	if lc, ok := c.(*loopConn); ok {
+		return lc, true, nil
+	}
+	switch c.(type) {
+	case *net.UnixConn, *net.TCPConn:
+	default:
+		return nil, false, nil
+	}
+	sc := c.(syscall.Conn)
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return nil, false, err
+	}
+	fd := -1
+	var derr error
+	if err := rc.Control(func(s uintptr) { fd, derr = unix.FcntlInt(s, unix.F_DUPFD_CLOEXEC, 0) }); err != nil {
+		return nil, false, err
+	}
+	if derr != nil {
+		return nil, false, os.NewSyscallError("fcntl", derr)
+	}
+	if err := unix.SetNonblock(fd, true); err != nil {
+		unix.Close(fd)
+		return nil, false, os.NewSyscallError("fcntl", err)
+	}
+	lc = &loopConn{
+		loop: l, fd: fd,
+		rch: make(chan struct{}, 1), wch: make(chan struct{}, 1), done: make(chan struct{}), dlch: make(chan struct{}),
+		laddr: c.LocalAddr(), raddr: c.RemoteAddr(), network: c.LocalAddr().Network(),
+	}
+	l.mu.Lock()
+	lc.id = l.next
+	l.next++
+	l.conns[lc.id] = lc
+	l.mu.Unlock()
+	if err := unix.EpollCtl(l.epfd, unix.EPOLL_CTL_ADD, fd, lc.event(false)); err != nil {
+		l.mu.Lock()
+		delete(l.conns, lc.id)
+		l.mu.Unlock()
+		unix.Close(fd)
+		return nil, false, os.NewSyscallError("epoll_ctl", err)
+	}
+	// The original leaves the netpoller; the socket stays open through fd.
+	c.Close()
+	return lc, true, nil
+}
+
+func (c *loopConn) event(out bool) *unix.EpollEvent {
+	ev := &unix.EpollEvent{Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLET, Fd: int32(uint32(c.id)), Pad: int32(uint32(c.id >> 32))}
+	if out {
+		ev.Events |= unix.EPOLLOUT
+	}
+	return ev
+}
+
+// readable runs on the loop thread.
+func (c *loopConn) readable() {
+	if h := c.inline.Load(); h != nil {
+		(*h)()
+		return
+	}
+	notify(c.rch)
+}
+
+// drained reports whether a read that did not fill its buffer left the
+// socket empty (no end waiting behind the data).
+func (c *loopConn) drained() bool { return !c.hup.Load() }
+
+// setInline makes h the socket's reader on the loop thread (nil: a
+// goroutine reads). Setting a handler runs it once, for what arrived
+// while no one was looking.
+func (c *loopConn) setInline(h *func()) {
+	c.inline.Store(h)
+	if h != nil {
+		c.loop.kick(c)
+	}
+}
+
+func (c *loopConn) deadlineErr(dl *atomic.Int64) error {
+	if d := dl.Load(); d != 0 && time.Now().UnixNano() >= d {
+		return os.ErrDeadlineExceeded
+	}
+	return nil
+}
+
+func (c *loopConn) opErr(op string, err error) error {
+	if err == nil || err == io.EOF {
+		return err
+	}
+	if errors.Is(err, net.ErrClosed) || errors.Is(err, os.ErrDeadlineExceeded) {
+		return &net.OpError{Op: op, Net: c.network, Source: c.laddr, Addr: c.raddr, Err: err}
+	}
+	return &net.OpError{Op: op, Net: c.network, Source: c.laddr, Addr: c.raddr, Err: os.NewSyscallError(op, err)}
+}
+
+// readInline reads once without waiting: errWouldBlock when there is
+// nothing, io.EOF at the end, a deadline or closed error as Read gives.
+func (c *loopConn) readInline(b []byte) (int, error) {
+	if err := c.deadlineErr(&c.rdl); err != nil {
+		return 0, c.opErr("read", err)
+	}
+	c.mu.Lock()
+	if c.fd < 0 {
+		c.mu.Unlock()
+		return 0, c.opErr("read", net.ErrClosed)
+	}
+	n, err := ignoringEINTRRead(c.fd, b)
+	c.mu.Unlock()
+	switch {
+	case err == unix.EAGAIN:
+		return 0, errWouldBlock
+	case err != nil:
+		return 0, c.opErr("read", err)
+	case n == 0 && len(b) > 0:
+		return 0, io.EOF
+	}
+	return n, nil
+}
+
+func ignoringEINTRRead(fd int, b []byte) (int, error) {
+	for {
+		n, err := unix.Read(fd, b)
+		if err != unix.EINTR {
+			return n, err
+		}
+	}
+}
+
+// Read blocks until something was read, the end, the deadline or Close.
+func (c *loopConn) Read(b []byte) (int, error) {
+	if len(b) == 0 {
+		return 0, nil
+	}
+	for {
+		n, err := c.readInline(b)
+		if err != errWouldBlock {
+			return n, err
+		}
+		if err := c.wait(c.rch, &c.rdl, "read"); err != nil {
+			return 0, err
+		}
+	}
+}
+
+// wait waits for a note on ch, the deadline in dl, or Close.
+func (c *loopConn) wait(ch chan struct{}, dl *atomic.Int64, op string) error {
+	var t *time.Timer
+	stop := func() {
+		if t != nil {
+			t.Stop()
+			t = nil
+		}
+	}
+	for {
+		c.mu.Lock()
+		dlch := c.dlch
+		c.mu.Unlock()
+		var tc <-chan time.Time
+		if d := dl.Load(); d != 0 {
+			left := time.Until(time.Unix(0, d))
+			if left <= 0 {
+				return c.opErr(op, os.ErrDeadlineExceeded)
+			}
+			t = time.NewTimer(left)
+			tc = t.C
+		}
+		select {
+		case <-ch:
+			stop()
+			return nil
+		case <-c.done:
+			stop()
+			return c.opErr(op, net.ErrClosed)
+		case <-tc:
+			return c.opErr(op, os.ErrDeadlineExceeded)
+		case <-dlch:
+			stop()
+		}
+	}
+}
+
+// writeInline sends b without waiting, behind anything unsent; what the
+// socket does not take now is kept in order (errWouldBlock), to be sent by
+// flush.
+func (c *loopConn) writeInline(b []byte) error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.fd < 0 {
+		return c.opErr("write", net.ErrClosed)
+	}
+	if len(c.unsent) > 0 {
+		c.unsent = append(c.unsent, b...)
+		return errWouldBlock
+	}
+	n, err := c.writeLocked(b)
+	if err != nil && err != unix.EAGAIN {
+		return c.opErr("write", err)
+	}
+	if n < len(b) {
+		c.unsent = append(c.unsent, b[n:]...)
+		return errWouldBlock
+	}
+	return nil
+}
+
+func (c *loopConn) writeLocked(b []byte) (int, error) {
+	sent := 0
+	for sent < len(b) {
+		n, err := unix.Write(c.fd, b[sent:])
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return sent, err
+		}
+		sent += n
+	}
+	return sent, nil
+}
+
+// pendingOut reports whether written bytes wait to be sent.
+func (c *loopConn) pendingOut() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return len(c.unsent) > 0
+}
+
+// Write sends b, after anything unsent, waiting for the peer to read.
+func (c *loopConn) Write(b []byte) (int, error) {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if err := c.deadlineErr(&c.wdl); err != nil {
+		return 0, c.opErr("write", err)
+	}
+	err := c.writeInline(b)
+	if err == nil {
+		return len(b), nil
+	}
+	if err != errWouldBlock {
+		return 0, err
+	}
+	if err := c.flushLocked(); err != nil {
+		// What is left of b is not sent (a deadline, Close, a reset).
+		c.mu.Lock()
+		left := min(len(c.unsent), len(b))
+		c.unsent = c.unsent[:len(c.unsent)-left]
+		c.mu.Unlock()
+		return len(b) - left, err
+	}
+	return len(b), nil
+}
+
+// flush sends what writeInline left, waiting for the peer to read.
+func (c *loopConn) flush() error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	return c.flushLocked()
+}
+
+func (c *loopConn) flushLocked() error {
+	for {
+		c.mu.Lock()
+		if c.fd < 0 {
+			c.mu.Unlock()
+			return c.opErr("write", net.ErrClosed)
+		}
+		if len(c.unsent) == 0 {
+			if c.outOn {
+				c.outOn = false
+				_ = unix.EpollCtl(c.loop.epfd, unix.EPOLL_CTL_MOD, c.fd, c.event(false))
+			}
+			c.mu.Unlock()
+			return nil
+		}
+		n, err := c.writeLocked(c.unsent)
+		c.unsent = c.unsent[:copy(c.unsent, c.unsent[n:])]
+		if err != nil && err != unix.EAGAIN {
+			c.mu.Unlock()
+			return c.opErr("write", err)
+		}
+		if len(c.unsent) == 0 {
+			if cap(c.unsent) > 4*relayBufSize {
+				c.unsent = nil
+			}
+			c.mu.Unlock()
+			continue
+		}
+		if !c.outOn {
+			// Told when the peer has read: an edge after this MOD.
+			c.outOn = true
+			select {
+			case <-c.wch:
+			default:
+			}
+			_ = unix.EpollCtl(c.loop.epfd, unix.EPOLL_CTL_MOD, c.fd, c.event(true))
+		}
+		c.mu.Unlock()
+		if err := c.wait(c.wch, &c.wdl, "write"); err != nil {
+			return err
+		}
+	}
+}
+
+// Close closes the socket; a reader, writer or inline handler sees
+// net.ErrClosed.
+func (c *loopConn) Close() error {
+	c.mu.Lock()
+	if c.fd < 0 {
+		c.mu.Unlock()
+		return c.opErr("close", net.ErrClosed)
+	}
+	_ = unix.EpollCtl(c.loop.epfd, unix.EPOLL_CTL_DEL, c.fd, nil)
+	err := unix.Close(c.fd)
+	c.fd = -1
+	c.unsent = nil
+	if c.timer != nil {
+		c.timer.Stop()
+	}
+	c.mu.Unlock()
+	c.loop.mu.Lock()
+	delete(c.loop.conns, c.id)
+	c.loop.mu.Unlock()
+	close(c.done)
+	if c.inline.Load() != nil {
+		c.loop.kick(c)
+	}
+	if err != nil {
+		return c.opErr("close", err)
+	}
+	return nil
+}
+
+// CloseWrite shuts down the writing side (a clean end tells the server).
+func (c *loopConn) CloseWrite() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.fd < 0 {
+		return c.opErr("close", net.ErrClosed)
+	}
+	return c.opErr("close", unix.Shutdown(c.fd, unix.SHUT_WR))
+}
+
+func (c *loopConn) LocalAddr() net.Addr  { return c.laddr }
+func (c *loopConn) RemoteAddr() net.Addr { return c.raddr }
+
+func (c *loopConn) SetDeadline(t time.Time) error {
+	c.setDeadline(&c.rdl, t)
+	c.setDeadline(&c.wdl, t)
+	return nil
+}
+
+func (c *loopConn) SetReadDeadline(t time.Time) error {
+	c.setDeadline(&c.rdl, t)
+	return nil
+}
+
+func (c *loopConn) SetWriteDeadline(t time.Time) error {
+	c.setDeadline(&c.wdl, t)
+	return nil
+}
+
+func (c *loopConn) setDeadline(dl *atomic.Int64, t time.Time) {
+	var d int64
+	if !t.IsZero() {
+		d = t.UnixNano()
+	}
+	dl.Store(d)
+	c.mu.Lock()
+	close(c.dlch) // blocked callers look again
+	c.dlch = make(chan struct{})
+	if dl == &c.rdl {
+		if c.timer != nil {
+			c.timer.Stop()
+			c.timer = nil
+		}
+		// An inline reader is not waiting anywhere: it is told at the
+		// deadline, and reads the timeout as a blocked Read would.
+		if d != 0 && c.fd >= 0 {
+			if left := time.Until(t); left <= 0 {
+				c.loop.kick(c)
+			} else {
+				c.timer = time.AfterFunc(left, func() { c.loop.kick(c) })
+			}
+		}
+	}
+	c.mu.Unlock()
+}

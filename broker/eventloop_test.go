@@ -1,0 +1,272 @@
+package broker
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgproto3"
+
+	"github.com/pgward/pgward/testenv"
+)
+
+// The event loop (listen.event_loop): the same sessions as without it —
+// the broker's whole suite also runs with it on (PGWARD_TEST_EVENT_LOOP=1,
+// make test's loop step) — and the properties only an event loop can
+// break: a client that does not read must not stall the other sessions,
+// large messages still pass in both directions, and the sessions really
+// ran on the loop.
+
+func loopHarness(t *testing.T) *harness {
+	return newHarness(t, func(_ *harness, c *Config) { c.Listen.EventLoop = true })
+}
+
+// loopSessions counts the live sessions whose two sockets are the loop's.
+func loopSessions(h *harness) (loop, all int) {
+	h.srv.mu.Lock()
+	defer h.srv.mu.Unlock()
+	for sess := range h.srv.sessions {
+		all++
+		_, a := sess.client.(*loopConn)
+		_, b := sess.up.conn.(*loopConn)
+		if a && b {
+			loop++
+		}
+	}
+	return loop, all
+}
+
+func TestEventLoopRelaysAndAudits(t *testing.T) {
+	h := loopHarness(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	c := h.connect(t, testenv.ScramUser, "orders", "application_name=loop-audit")
+	if loop, all := loopSessions(h); loop != 1 || all != 1 {
+		t.Fatalf("sessions on the event loop: %d of %d, want 1 of 1", loop, all)
+	}
+	if _, err := c.Exec(ctx, "CREATE TEMP TABLE loopt (id int, v text)"); err != nil {
+		t.Fatal(err)
+	}
+	// Simple, extended (unnamed), prepared (named, verified), a pipeline.
+	for i := 0; i < 50; i++ {
+		if _, err := c.Exec(ctx, fmt.Sprintf("INSERT INTO loopt VALUES (%d, 'simple')", i), pgx.QueryExecModeSimpleProtocol); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.Exec(ctx, "INSERT INTO loopt VALUES ($1, 'extended')", pgx.QueryExecModeExec, i); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.Exec(ctx, "INSERT INTO loopt VALUES ($1, 'prepared')", i); err != nil {
+			t.Fatal(err)
+		}
+	}
+	b := &pgx.Batch{}
+	for i := 0; i < 100; i++ {
+		b.Queue("INSERT INTO loopt VALUES ($1, 'batch')", 1000+i)
+	}
+	if err := c.SendBatch(ctx, b).Close(); err != nil {
+		t.Fatal(err)
+	}
+	// A result far larger than the relay's buffer, and a statement too.
+	var n int
+	var total int64
+	rows, err := c.Query(ctx, "SELECT i, repeat('x', 1000) FROM generate_series(1, 5000) i")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for rows.Next() {
+		var i int
+		var s string
+		if err := rows.Scan(&i, &s); err != nil {
+			t.Fatal(err)
+		}
+		n++
+		total += int64(len(s))
+	}
+	if rows.Err() != nil || n != 5000 || total != 5000*1000 {
+		t.Fatalf("large result: %d rows, %d bytes, err %v", n, total, rows.Err())
+	}
+	big := strings.Repeat("y", 300<<10)
+	var got int
+	if err := c.QueryRow(ctx, "SELECT length($1::text)", big).Scan(&got); err != nil || got != len(big) {
+		t.Fatalf("large parameter: %d, %v", got, err)
+	}
+	var count int
+	if err := c.QueryRow(ctx, "SELECT count(*) FROM loopt").Scan(&count); err != nil || count != 250 {
+		t.Fatalf("rows inserted: %d, %v; want 250", count, err)
+	}
+	c.Close(ctx)
+	waitNoSessions(t, h)
+
+	// Every statement audited, with its text, and completed.
+	var sess *recSession
+	for _, s := range h.obs.started() {
+		if len(s.stmts) > 100 {
+			s := s
+			sess = &s
+		}
+	}
+	if sess == nil {
+		t.Fatal("no audited session")
+	}
+	kinds := map[string]int{}
+	for _, q := range sess.stmts {
+		if strings.HasPrefix(q.Text, "INSERT INTO loopt") {
+			kinds[q.Text[strings.LastIndex(q.Text, "'")-1:]]++
+			if strings.Contains(q.Text, "$1") && (len(q.Params) != 1 || len(q.Params[0].Value) == 0) {
+				t.Fatalf("audited %q without its parameter: %+v", q.Text, q.Params)
+			}
+		}
+	}
+	inserts := 0
+	for _, q := range sess.stmts {
+		if strings.HasPrefix(q.Text, "INSERT INTO loopt") {
+			inserts++
+		}
+	}
+	if inserts != 250 {
+		t.Fatalf("audited %d INSERTs, want 250 (%v)", inserts, kinds)
+	}
+	done := 0
+	for _, q := range sess.results {
+		if q.Tag == "INSERT 0 1" {
+			done++
+		}
+	}
+	if done != 250 {
+		for _, q := range sess.results {
+			if strings.HasPrefix(q.Text, "INSERT INTO loopt") && q.Tag != "INSERT 0 1" {
+				t.Logf("%+v", q)
+				break
+			}
+		}
+		t.Fatalf("%d INSERTs completed with INSERT 0 1 in the audit, want 250", done)
+	}
+	if !sess.ended || sess.end.EndReason != EndClientClosed {
+		t.Fatalf("session end: ended %v, reason %q", sess.ended, sess.end.EndReason)
+	}
+}
+
+// A client that asks for a large result and does not read it fills its
+// socket: the loop must go on serving every other session meanwhile.
+func TestEventLoopSlowReaderDoesNotStallOthers(t *testing.T) {
+	h := loopHarness(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	stalled, _ := rawSession(t, h, map[string]string{"application_name": "loop-stalled"})
+	q, _ := (&pgproto3.Query{String: "SELECT repeat('z', 1000) FROM generate_series(1, 200000)"}).Encode(nil)
+	if _, err := stalled.Write(q); err != nil {
+		t.Fatal(err)
+	}
+	// 200 MB are on their way; this client reads none of it for now.
+	c := h.connect(t, testenv.ScramUser, "orders")
+	for i := 0; i < 200; i++ {
+		qctx, qcancel := context.WithTimeout(ctx, 5*time.Second)
+		var v int
+		err := c.QueryRow(qctx, "SELECT $1::int", i).Scan(&v)
+		qcancel()
+		if err != nil || v != i {
+			t.Fatalf("query %d beside a stalled session: %d, %v", i, v, err)
+		}
+	}
+	if loop, all := loopSessions(h); loop != 2 || all != 2 {
+		t.Fatalf("sessions on the event loop: %d of %d, want 2 of 2", loop, all)
+	}
+	// The stalled client now reads all of it: nothing lost.
+	fe := pgproto3.NewFrontend(stalled, stalled)
+	_ = stalled.SetReadDeadline(time.Now().Add(60 * time.Second))
+	rows := 0
+	for {
+		m, err := fe.Receive()
+		if err != nil {
+			t.Fatalf("after %d rows: %v", rows, err)
+		}
+		if d, ok := m.(*pgproto3.DataRow); ok {
+			if len(d.Values) != 1 || len(d.Values[0]) != 1000 {
+				t.Fatalf("row %d: %d values", rows, len(d.Values))
+			}
+			rows++
+		}
+		if _, ok := m.(*pgproto3.ReadyForQuery); ok {
+			break
+		}
+	}
+	if rows != 200000 {
+		t.Fatalf("stalled client read %d rows, want 200000", rows)
+	}
+}
+
+// Many sessions at once through the one loop thread, each checking its
+// own answers: no answer reaches the wrong client.
+func TestEventLoopConcurrentSessions(t *testing.T) {
+	h := loopHarness(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	var wg sync.WaitGroup
+	errs := make(chan error, 32)
+	for w := 0; w < 32; w++ {
+		wg.Add(1)
+		go func(w int) {
+			defer wg.Done()
+			c, err := pgx.Connect(ctx, h.dsn(testenv.ScramUser, "orders"))
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer c.Close(context.Background())
+			for i := 0; i < 100; i++ {
+				var s string
+				want := fmt.Sprintf("%d-%d", w, i)
+				mode := []pgx.QueryExecMode{pgx.QueryExecModeSimpleProtocol, pgx.QueryExecModeExec, pgx.QueryExecModeCacheStatement}[i%3]
+				if err := c.QueryRow(ctx, "SELECT $1::text", mode, want).Scan(&s); err != nil || s != want {
+					errs <- fmt.Errorf("worker %d query %d: %q, %v", w, i, s, err)
+					return
+				}
+			}
+		}(w)
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	waitNoSessions(t, h)
+}
+
+// The end of a session while its sockets are the loop's: the server going
+// away mid-session, and a client leaving in the middle of a message.
+func TestEventLoopSessionEnds(t *testing.T) {
+	h := loopHarness(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+
+	// The backend is terminated by the server: the client hears it.
+	c := h.connect(t, testenv.ScramUser, "orders", "application_name=loop-killed")
+	admin, err := h.pg.Admin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer admin.Close(ctx)
+	if _, err := admin.Exec(ctx, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE '%loop-killed%'"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Exec(ctx, "SELECT 1"); err == nil {
+		t.Fatal("a query on a terminated backend succeeded")
+	}
+
+	// A client that stops mid-message and shuts down its side.
+	raw, _ := rawSession(t, h, map[string]string{"application_name": "loop-midmsg"})
+	_, _ = raw.Write(append([]byte{'Q', 0, 0, 0x10, 0}, "insert into never_ran"...))
+	raw.(*net.UnixConn).CloseWrite()
+	_ = raw.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.Copy(io.Discard, raw); err != nil {
+		t.Fatalf("client side not closed cleanly: %v", err)
+	}
+	h.pg.WaitBackendsGone(t, "loop-midmsg")
+	waitNoSessions(t, h)
+}
