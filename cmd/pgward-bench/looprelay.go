@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"os/signal"
 	"runtime"
@@ -71,6 +72,7 @@ func loopRelay(listen, upstream string) error {
 	}()
 
 	peer := map[int]int{} // each side's other side
+	shadows := map[int]net.Conn{}
 	closePair := func(fd int) {
 		p, ok := peer[fd]
 		if !ok {
@@ -78,6 +80,12 @@ func loopRelay(listen, upstream string) error {
 		}
 		delete(peer, fd)
 		delete(peer, p)
+		for _, x := range []int{fd, p} {
+			if c, ok := shadows[x]; ok {
+				c.Close()
+				delete(shadows, x)
+			}
+		}
 		unix.Close(fd) // closing removes them from the epoll set
 		unix.Close(p)
 	}
@@ -95,6 +103,29 @@ func loopRelay(listen, upstream string) error {
 			return -1, err
 		}
 		return fd, nil
+	}
+	// PGWARD_BENCH_LOOP_NETPOLL=1: every descriptor is also registered
+	// with the Go runtime's netpoller (a net.Conn on a dup of it, as a
+	// session's connections are in pgward), with a goroutine waiting in
+	// the netpoller, to measure what that registration costs the loop.
+	netpollToo := os.Getenv("PGWARD_BENCH_LOOP_NETPOLL") == "1"
+	shadow := func(fd int) {
+		d, err := unix.Dup(fd)
+		if err != nil {
+			return
+		}
+		f := os.NewFile(uintptr(d), "shadow")
+		c, err := net.FileConn(f)
+		f.Close()
+		if err == nil {
+			shadows[fd] = c
+		}
+	}
+	if netpollToo {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err == nil {
+			go func() { _, _ = l.Accept() }()
+		}
 	}
 	buf := make([]byte, 32<<10)
 	events := make([]unix.EpollEvent, 128)
@@ -121,6 +152,10 @@ func loopRelay(listen, upstream string) error {
 					if err != nil {
 						unix.Close(c)
 						continue
+					}
+					if netpollToo {
+						shadow(c)
+						shadow(u)
 					}
 					peer[c], peer[u] = u, c
 					if watch(c) != nil || watch(u) != nil {

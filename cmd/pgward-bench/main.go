@@ -14,6 +14,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"flag"
 	"fmt"
@@ -64,6 +65,8 @@ func main() {
 	flag.BoolVar(&shipAudit, "ship", false, "also run select-only through a pgward that ships its audit (audit.otlp) to a real OpenTelemetry Collector (bin/otelcol), the pgw-ship row, and report events written vs shipped and the lag")
 	flag.StringVar(&pgwardBin, "pgward", "", "run the pgward and pgw+reuse rows with this pgward binary (`pgward agent --config`) instead of this program re-executed (make bench BASELINE=… passes bin/pgward, so both builds run the same way)")
 	flag.StringVar(&baselineBin, "baseline", "", "a pgward binary built from another commit: runs as the pgw-base (and base+reuse) rows in the same interleaved rounds, and the ratios of pgward to it are printed at the end (make bench BASELINE=<git rev>)")
+	flag.BoolVar(&eventLoopRow, "event-loop", true, "also run the pgw-loop row: pgward as the pgward row with listen.event_loop on (its sessions relayed on one epoll event loop)")
+	flag.BoolVar(&loopNetpollRow, "loop-netpoll", false, "also run the loop-netpoll row: relay-loop with every socket also registered with the Go runtime's netpoller, as a net.Conn's is (what leaving them there would cost an event loop)")
 	flag.BoolVar(&loopRelayRow, "relay-loop", true, "also run the relay-loop row: the minimal relay driven by one epoll event loop on one thread, as PgBouncer is (the ceiling of an event-loop relay in Go on this machine)")
 	flag.StringVar(&sweepClients, "sweep", "1,64", "client counts to run besides -clients, for the -sweep-workloads (comma-separated; empty for none)")
 	flag.StringVar(&sweepWorkloads, "sweep-workloads", "simple", "workloads run at the -sweep client counts")
@@ -164,6 +167,16 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 		}
 		defer stopChild(loop)
 		targets = append(targets, target{name: "relay-loop", host: loopDir, db: testenv.Database, port: 5432, env: pw, pid: loop.Process.Pid})
+		if loopNetpollRow {
+			npDir := filepath.Join(dir, "loop-netpoll")
+			_ = os.Mkdir(npDir, 0o755)
+			np, err := startChild("relay-loop", []string{"PGWARD_BENCH_LOOP_NETPOLL=1"}, filepath.Join(npDir, ".s.PGSQL.5432"), pg.SocketPath())
+			if err != nil {
+				return err
+			}
+			defer stopChild(np)
+			targets = append(targets, target{name: "loop-netpoll", host: npDir, db: testenv.Database, port: 5432, env: pw, pid: np.Process.Pid})
+		}
 	}
 
 	// pgward in its own process.
@@ -193,6 +206,35 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 		return fmt.Errorf("pgward did not start: %w", err)
 	}
 	targets = append(targets, target{name: "pgward", host: dir, db: "bench", port: 5432, pid: pgw.Process.Pid})
+	if eventLoopRow {
+		// The same configuration with listen.event_loop: the sessions
+		// relayed on one epoll loop (broker/eventloop.go).
+		ldir := filepath.Join(dir, "pgw-loop")
+		if err := os.Mkdir(ldir, 0o755); err != nil {
+			return err
+		}
+		lcfg := filepath.Join(ldir, "pgward.yaml")
+		if err := writeAgentConfig(ldir, lcfg, pg, "write", "", ""); err != nil {
+			return err
+		}
+		if err := withEventLoop(lcfg); err != nil {
+			return err
+		}
+		var lp *exec.Cmd
+		if pgwardBin != "" {
+			lp, err = startBinary(pgwardBin, ldir, lcfg)
+		} else {
+			lp, err = startChild("agent", nil, lcfg)
+		}
+		if err != nil {
+			return err
+		}
+		defer stopChild(lp)
+		if err := waitSocket(filepath.Join(ldir, ".s.PGSQL.5432")); err != nil {
+			return fmt.Errorf("pgw-loop did not start: %w", err)
+		}
+		targets = append(targets, target{name: "pgw-loop", host: ldir, db: "bench", port: 5432, pid: lp.Process.Pid})
+	}
 	// The same pgward process, upstream connection reuse on (connect workload only).
 	targets = append(targets, target{name: "pgw+reuse", host: dir, db: "benchreuse", port: 5432, pid: pgw.Process.Pid, only: "connect"})
 	if baselineBin != "" {
@@ -362,11 +404,12 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 	return nil
 }
 
-// loopRelayRow is -relay-loop; sweepClients and sweepWorkloads are -sweep
-// and -sweep-workloads.
+// loopRelayRow is -relay-loop, eventLoopRow -event-loop, loopNetpollRow
+// -loop-netpoll; sweepClients and sweepWorkloads are -sweep and
+// -sweep-workloads.
 var (
-	loopRelayRow                 bool
-	sweepClients, sweepWorkloads string
+	loopRelayRow, eventLoopRow, loopNetpollRow bool
+	sweepClients, sweepWorkloads               string
 )
 
 // benchCase is a workload at a number of clients.
@@ -411,7 +454,7 @@ func benchCases(wls []workload, clients int) ([]benchCase, error) {
 // the issue's goals compare (direct is the limit, PgBouncer the bar).
 func sweepTarget(name string) bool {
 	switch name {
-	case "direct", "relay", "relay-loop", "pgward", "pgw-base", "pgbouncer":
+	case "direct", "relay", "relay-loop", "pgward", "pgw-loop", "pgw-base", "pgbouncer":
 		return true
 	}
 	return false
@@ -421,7 +464,7 @@ func sweepTarget(name string) bool {
 // every client count and the latency each adds per statement over direct.
 func sweepSummary(cases []benchCase, clients int, results map[string][]result) {
 	fmt.Printf("\nby clients (tps ratio to PgBouncer; latency added per statement over direct, ms):\n")
-	fmt.Printf("%-22s %8s %14s %12s %12s %12s\n", "workload", "clients", "pgward/bouncer", "relay-loop/b", "pgward +ms", "bouncer +ms")
+	fmt.Printf("%-22s %8s %14s %12s %12s %12s %12s %12s\n", "workload", "clients", "pgward/bouncer", "pgw-loop/b", "relay-loop/b", "pgward +ms", "pgw-loop +ms", "bouncer +ms")
 	sorted := append([]benchCase(nil), cases...)
 	sort.SliceStable(sorted, func(i, j int) bool {
 		return sorted[i].key < sorted[j].key || (sorted[i].key == sorted[j].key && sorted[i].clients < sorted[j].clients)
@@ -445,7 +488,11 @@ func sweepSummary(cases []benchCase, clients int, results map[string][]result) {
 		if okl {
 			lr = fmt.Sprintf("%.2fx", l.tps/b.tps)
 		}
-		fmt.Printf("%-22s %8d %13.2fx %12s %12.3f %12.3f\n", w.name, w.clients, p.tps/b.tps, lr, (p.latencyMS-d.latencyMS)/w.stmts, (b.latencyMS-d.latencyMS)/w.stmts)
+		pl, pll := "-", "-"
+		if e, ok := get("pgw-loop"); ok {
+			pl, pll = fmt.Sprintf("%.2fx", e.tps/b.tps), fmt.Sprintf("%.3f", (e.latencyMS-d.latencyMS)/w.stmts)
+		}
+		fmt.Printf("%-22s %8d %13.2fx %12s %12s %12.3f %12s %12.3f\n", w.name, w.clients, p.tps/b.tps, pl, lr, (p.latencyMS-d.latencyMS)/w.stmts, pll, (b.latencyMS-d.latencyMS)/w.stmts)
 	}
 }
 
@@ -491,6 +538,19 @@ audit: { path: %[7]q, durability: %[8]s, parameters: full, max_size: 268435456, 
 ebpf: { enabled: "false" }
 `, dir, pg.SocketPath(), testenv.Database, secretsPath, os.Getuid(), testenv.ScramUser, auditPath(dir), durability, auditExtra) + extra
 	return os.WriteFile(path, []byte(cfg), 0o600)
+}
+
+// withEventLoop turns listen.event_loop on in the config at path.
+func withEventLoop(path string) error {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return err
+	}
+	out := bytes.Replace(b, []byte("port: 5432 }"), []byte("port: 5432, event_loop: true }"), 1)
+	if bytes.Equal(out, b) {
+		return fmt.Errorf("%s: no listen line to add event_loop to", path)
+	}
+	return os.WriteFile(path, out, 0o600)
 }
 
 // runAgent is the pgward child: the agent with the config at path until SIGTERM.
