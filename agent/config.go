@@ -346,6 +346,9 @@ func (c *Config) Validate() error {
 	if err := c.Admin.validate(); err != nil {
 		errs = append(errs, err)
 	}
+	if c.Listen.EventLoop && c.Audit.Durability == exporter.DurabilityFsync {
+		fe("listen.event_loop", "cannot be combined with audit.durability fsync: the loop would wait for each statement's fsync with every session behind it; use durability write, or leave event_loop off")
+	}
 	if c.Metrics.Listen != "" {
 		// The same resolution net.Listen does when the agent starts.
 		if _, err := net.ResolveTCPAddr("tcp", c.Metrics.Listen); err != nil {

@@ -66,6 +66,8 @@ ebpf: { enabled: maybe }
 			"pgward.yaml:11: secrets.backend",
 			"pgward.yaml:12: ebpf.enabled",
 		}},
+		{"event loop with fsync", "listen: { event_loop: true }\naudit: { durability: fsync }\n",
+			[]string{"pgward.yaml:1: listen.event_loop: cannot be combined with audit.durability fsync"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -312,6 +312,9 @@ func (l *login) openSession() bool {
 	l.sess.reused = l.reused
 	if !l.s.addSession(l.sess) {
 		l.up.conn.Close()
+		if lc, ok := l.c.(*loopConn); ok {
+			defer lc.Close() // after the refusal is sent (handle closes only the original)
+		}
 		return l.refuse(refuse(CodeAdminShutdown, "", "pgward is shutting down", "Reconnect in a moment."), "refused: shutting down", nil)
 	}
 	return true
