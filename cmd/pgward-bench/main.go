@@ -224,7 +224,12 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 		if pgwardBin != "" {
 			lp, err = startBinary(pgwardBin, ldir, lcfg)
 		} else {
-			lp, err = startChild("agent", nil, lcfg)
+			var env []string
+			if cpuprofile != "" {
+				abs, _ := filepath.Abs(cpuprofile)
+				env = append(env, "PGWARD_BENCH_CPUPROFILE="+abs+".loop")
+			}
+			lp, err = startChild("agent", env, lcfg)
 		}
 		if err != nil {
 			return err
@@ -399,7 +404,7 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 	if cpuprofile != "" {
 		stopChild(pgw)
 		stopChild(relay)
-		fmt.Printf("CPU profiles: pgward %s, relay %s.relay (go tool pprof -top %s)\n", cpuprofile, cpuprofile, cpuprofile)
+		fmt.Printf("CPU profiles: pgward %s, pgw-loop %s.loop, relay %s.relay (go tool pprof -top %s)\n", cpuprofile, cpuprofile, cpuprofile, cpuprofile)
 	}
 	return nil
 }
