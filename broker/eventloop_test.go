@@ -1,10 +1,13 @@
 package broker
 
 import (
+	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -263,4 +266,123 @@ func TestEventLoopSessionEnds(t *testing.T) {
 	}
 	h.pg.WaitBackendsGone(t, "loop-midmsg")
 	waitNoSessions(t, h)
+}
+
+// loopPair is a connected pair of Unix sockets, one side on the loop.
+func loopPair(t *testing.T) (*loopConn, net.Conn) {
+	t.Helper()
+	loop, err := sharedLoop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("unix", t.TempDir()+"/s")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	peer, err := net.Dial("unix", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { peer.Close() })
+	c, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	lc, ok, err := loop.attach(c)
+	if !ok || err != nil {
+		t.Fatalf("attach: %v %v", ok, err)
+	}
+	t.Cleanup(func() { lc.Close() })
+	return lc, peer
+}
+
+// loopConn keeps a net.Conn's promises: deadlines, Close waking a blocked
+// Read, writes in order when the peer is slow, EOF.
+func TestLoopConnIsANetConn(t *testing.T) {
+	lc, peer := loopPair(t)
+	buf := make([]byte, 64)
+
+	// A read deadline in the past, then in the near future.
+	_ = lc.SetReadDeadline(time.Unix(1, 0))
+	if _, err := lc.Read(buf); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("read past the deadline: %v", err)
+	}
+	_ = lc.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+	start := time.Now()
+	if _, err := lc.Read(buf); !errors.Is(err, os.ErrDeadlineExceeded) || time.Since(start) < 40*time.Millisecond {
+		t.Fatalf("read with a 50 ms deadline: %v after %v", err, time.Since(start))
+	}
+	_ = lc.SetReadDeadline(time.Time{})
+
+	// A blocked Read gets what the peer writes.
+	go func() { time.Sleep(20 * time.Millisecond); _, _ = peer.Write([]byte("hello")) }()
+	if n, err := lc.Read(buf); err != nil || string(buf[:n]) != "hello" {
+		t.Fatalf("read %q, %v", buf[:n], err)
+	}
+
+	// 8 MB written while the peer reads slowly arrive whole and in order.
+	want := make([]byte, 8<<20)
+	for i := range want {
+		want[i] = byte(i * 7)
+	}
+	got := make(chan []byte)
+	go func() {
+		var all []byte
+		b := make([]byte, 1500)
+		for len(all) < len(want) {
+			n, err := peer.Read(b)
+			if err != nil {
+				break
+			}
+			all = append(all, b[:n]...)
+			if len(all)%(1<<20) < 1500 {
+				time.Sleep(5 * time.Millisecond)
+			}
+		}
+		got <- all
+	}()
+	// Half through writeInline (what the loop thread does), the rest
+	// through Write, which waits behind it.
+	if err := lc.writeInline(want[:4<<20]); err != nil && err != errWouldBlock {
+		t.Fatal(err)
+	}
+	if n, err := lc.Write(want[4<<20:]); err != nil || n != 4<<20 {
+		t.Fatalf("write: %d, %v", n, err)
+	}
+	if all := <-got; !bytes.Equal(all, want) {
+		t.Fatalf("peer read %d bytes, not the 8 MB written in order", len(all))
+	}
+
+	// A write deadline with a peer that reads nothing.
+	_ = lc.SetWriteDeadline(time.Now().Add(100 * time.Millisecond))
+	if _, err := lc.Write(make([]byte, 16<<20)); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("write to a peer that does not read: %v", err)
+	}
+
+	// Close wakes a blocked Read with net.ErrClosed.
+	errc := make(chan error, 1)
+	_ = lc.SetWriteDeadline(time.Time{})
+	go func() { _, err := lc.Read(buf); errc <- err }()
+	time.Sleep(20 * time.Millisecond)
+	lc.Close()
+	select {
+	case err := <-errc:
+		if !errors.Is(err, net.ErrClosed) {
+			t.Fatalf("read after Close: %v", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Close did not wake the blocked Read")
+	}
+}
+
+// The peer's end of the stream reads as io.EOF after the data before it.
+func TestLoopConnEOF(t *testing.T) {
+	lc, peer := loopPair(t)
+	_, _ = peer.Write([]byte("last words"))
+	peer.(*net.UnixConn).CloseWrite()
+	b, err := io.ReadAll(lc)
+	if err != nil || string(b) != "last words" {
+		t.Fatalf("read %q, %v", b, err)
+	}
 }
