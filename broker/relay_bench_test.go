@@ -62,12 +62,31 @@ type relayFixture struct {
 	done   chan struct{}
 }
 
-func newRelayFixture(tb testing.TB) *relayFixture { return newRelayFixtureFor(tb, UpstreamConfig{}) }
+func newRelayFixture(tb testing.TB) *relayFixture {
+	return newRelayFixtureFor(tb, UpstreamConfig{}, false)
+}
 
-func newRelayFixtureFor(tb testing.TB, ucfg UpstreamConfig) *relayFixture {
+// newRelayFixtureFor: with loop, pgward's two sockets are on the event
+// loop (listen.event_loop).
+func newRelayFixtureFor(tb testing.TB, ucfg UpstreamConfig, loop bool) *relayFixture {
 	tb.Helper()
 	cl, clSrv := socketPair(tb)
 	upCli, upSrv := socketPair(tb)
+	if loop {
+		l, err := sharedLoop()
+		if err != nil {
+			tb.Fatal(err)
+		}
+		a, _, err := l.attach(clSrv)
+		if err != nil {
+			tb.Fatal(err)
+		}
+		u, _, err := l.attach(upCli)
+		if err != nil {
+			tb.Fatal(err)
+		}
+		clSrv, upCli = a, u
+	}
 	obs := &countingObserver{}
 	srv := &Server{obs: obs, log: slog.New(slog.DiscardHandler)}
 	srv.state.Store(&serverState{cfg: Config{}})
@@ -195,10 +214,13 @@ func BenchmarkRelay(b *testing.B) {
 		setup []byte
 		req   []byte
 		trust bool
-	}{{"simple", nil, simple, false}, {"extended", nil, ext, false},
-		{"prepared-verified", prepare, prep, false}, {"prepared-trusted", prepare, prep, true}} {
+		loop  bool
+	}{{"simple", nil, simple, false, false}, {"extended", nil, ext, false, false},
+		{"prepared-verified", prepare, prep, false, false}, {"prepared-trusted", prepare, prep, true, false},
+		{"simple-loop", nil, simple, false, true}, {"extended-loop", nil, ext, false, true},
+		{"prepared-verified-loop", prepare, prep, false, true}} {
 		b.Run(bc.name, func(b *testing.B) {
-			f := newRelayFixtureFor(b, UpstreamConfig{TrustNamedStatements: bc.trust})
+			f := newRelayFixtureFor(b, UpstreamConfig{TrustNamedStatements: bc.trust}, bc.loop)
 			buf := make([]byte, 4096)
 			if bc.setup != nil {
 				roundTrip(b, f.client, bc.setup, buf)
