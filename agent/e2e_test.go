@@ -360,12 +360,12 @@ func TestCancel(t *testing.T) {
 	c := h.connect(t, testenv.ScramUser, "orders")
 	// pgx's cancel: PgConn.CancelRequest dials the same socket with the
 	// BackendKeyData pgward handed out.
+	// The cancel goes once the server runs the statement (a cancel that
+	// overtakes it is ignored, and the sleep runs its 20 s).
+	backend := testenv.BackendPID(t, c)
 	start := time.Now()
 	go func() {
-		time.Sleep(300 * time.Millisecond)
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		if err := c.PgConn().CancelRequest(ctx); err != nil {
+		if err := h.pg.CancelWhenRunning(c, backend, "select pg_sleep(20)"); err != nil {
 			t.Errorf("cancel request: %v", err)
 		}
 	}()

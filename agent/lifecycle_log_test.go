@@ -134,11 +134,9 @@ func TestOneLogLinePerLifecycleEvent(t *testing.T) {
 			return msgs
 		}
 		c := h.connect(t, testenv.ScramUser, "orders")
+		backend := testenv.BackendPID(t, c)
 		go func() {
-			time.Sleep(300 * time.Millisecond)
-			cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-			defer cancel()
-			if err := c.PgConn().CancelRequest(cctx); err != nil {
+			if err := h.pg.CancelWhenRunning(c, backend, "select pg_sleep(20)"); err != nil {
 				t.Errorf("cancel request: %v", err)
 			}
 		}()

@@ -7,7 +7,6 @@ import (
 	"os"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -52,11 +51,20 @@ func TestObservabilityEndToEnd(t *testing.T) {
 	if _, err := c.PgConn().CopyFrom(ctx, strings.NewReader("1\ta\n2\tb\n3\tc\n"), "copy obs from stdin"); err != nil {
 		t.Fatal(err)
 	}
+	// The backend's pid from the server (a query on c would be audited).
+	admin, err := h.pg.Admin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var backend uint32
+	if err := admin.QueryRow(ctx, "select pid from pg_stat_activity where starts_with(application_name, 'obs-test')").Scan(&backend); err != nil {
+		t.Fatalf("the session's backend: %v", err)
+	}
+	admin.Close(ctx)
 	go func() {
-		time.Sleep(300 * time.Millisecond)
-		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		defer cancel()
-		_ = c.PgConn().CancelRequest(cctx)
+		if err := h.pg.CancelWhenRunning(c, backend, "select pg_sleep(10)"); err != nil {
+			t.Errorf("cancel request: %v", err)
+		}
 	}()
 	if _, err := c.Exec(ctx, "select pg_sleep(10)"); err == nil {
 		t.Fatal("pg_sleep not cancelled")

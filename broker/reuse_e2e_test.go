@@ -127,10 +127,9 @@ func TestReuseCancel(t *testing.T) {
 		t.Errorf("session B got session A's cancel secret")
 	}
 	go func() {
-		time.Sleep(300 * time.Millisecond)
-		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		defer cancel()
-		_ = b.PgConn().CancelRequest(cctx)
+		if err := h.pg.CancelWhenRunning(b, pidA, "select pg_sleep(20)"); err != nil {
+			t.Errorf("cancel request: %v", err)
+		}
 	}()
 	start := time.Now()
 	_, err = b.Exec(ctx, "select pg_sleep(20)")
