@@ -434,23 +434,35 @@ ebpf: { enabled: "false" }
 		}
 	}
 	f.Close()
-	// Statements Postgres executed, from its log (log_statement=all).
-	time.Sleep(500 * time.Millisecond) // let the logger flush
-	logb, err := os.ReadFile(pg.LogFile())
-	if err != nil {
-		t.Fatal(err)
-	}
-	executed := map[string]bool{}
-	for _, m := range pgStatementRe.FindAllSubmatch(logb, -1) {
-		executed[string(m[1])] = true
-	}
 	var rows int
 	admin, err := pg.Admin(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer admin.Close(ctx)
-	admin.QueryRow(ctx, "select count(*) from killtest").Scan(&rows)
+	if err := admin.QueryRow(ctx, "select count(*) from killtest").Scan(&rows); err != nil {
+		t.Fatal(err)
+	}
+	// Statements Postgres executed, from its log (log_statement=all): each
+	// row's INSERT is logged before it ran, so the log is read until it has
+	// at least as many as there are rows (the logger writes behind; a fixed
+	// wait for it could compare the audit with part of the log).
+	executed := map[string]bool{}
+	for deadline := time.Now().Add(15 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		logb, err := os.ReadFile(pg.LogFile())
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, m := range pgStatementRe.FindAllSubmatch(logb, -1) {
+			executed[string(m[1])] = true
+		}
+		if len(executed) >= rows {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the server log has %d of the INSERTs after 15 s, the table %d rows", len(executed), rows)
+		}
+	}
 	t.Logf("SIGKILL after %d statements issued: %d audit lines verify, %d statements audited, %d in the server log, %d rows", next.Load(), n, len(audited), len(executed), rows)
 	if len(executed) < 100 || rows == 0 {
 		t.Fatalf("too little load to prove anything: %d executed", len(executed))
