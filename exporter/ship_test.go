@@ -252,8 +252,12 @@ func TestShipCollectorKilledMidStream(t *testing.T) {
 			col.Kill()
 		}
 		if i == 20 {
-			if v := metricValue(t, fx.reg, "pgward_audit_ship_failures_total"); v == 0 {
-				time.Sleep(1500 * time.Millisecond) // let an export fail against the dead collector
+			// Let an export fail against the dead collector: waited for,
+			// not a fixed 1.5 s a loaded machine can outrun.
+			for deadline := time.Now().Add(10 * time.Second); metricValue(t, fx.reg, "pgward_audit_ship_failures_total") == 0; time.Sleep(50 * time.Millisecond) {
+				if time.Now().After(deadline) {
+					t.Fatal("no export failed in 10 s against the dead collector")
+				}
 			}
 			if err := col.Start(context.Background()); err != nil {
 				t.Fatal(err)
@@ -289,9 +293,13 @@ func TestShipCollectorStalls(t *testing.T) {
 	if d := time.Since(t0); d > 5*time.Second {
 		t.Errorf("5000 audit events took %v while the collector stalled", d)
 	}
-	time.Sleep(1500 * time.Millisecond) // past the shipper's 1 s timeout
-	if v := metricValue(t, fx.reg, "pgward_audit_ship_lag_events"); v == 0 {
-		t.Error("pgward_audit_ship_lag_events is 0 while the collector stalls")
+	// The lag is reported once an export has failed (the shipper's 1 s
+	// timeout): waited for, not read once after a fixed sleep, which a
+	// loaded machine can outrun.
+	for deadline := time.Now().Add(10 * time.Second); metricValue(t, fx.reg, "pgward_audit_ship_lag_events") == 0; time.Sleep(50 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("pgward_audit_ship_lag_events is still 0 10 s into the collector's stall")
+		}
 	}
 	if err := col.Resume(); err != nil {
 		t.Fatal(err)
