@@ -272,7 +272,7 @@ func TestHostileMemoryBounded(t *testing.T) {
 	// 561 ms at a stretch); two, or one far over it, is pgward.
 	if len(over) > 1 || len(farOver) > 0 {
 		t.Errorf("%d of %d granted logins with a query took %v or more longer than the same login straight to PostgreSQL at the same moment (or over twice it, when that took longer than %v) during the attack, %d of them over %v longer (one login over the first bound is allowed, none over the second): %s",
-			len(over), len(logins), hostileLoginMax, hostileLoginMax, len(farOver), 2*hostileLoginMax, strings.Join(over, ", "))
+			len(over), len(logins), hostileLoginMax, hostileLoginMax, len(farOver), hostileLoginMax*3/2, strings.Join(over, ", "))
 	} else if len(over) == 1 {
 		t.Logf("one granted login over the bound (allowed once): %s", over[0])
 	}
@@ -448,10 +448,11 @@ func loginBound(direct time.Duration) time.Duration {
 }
 
 // loginHardBound is what no granted login may take during the attack:
-// twice loginBound's margin. One login between the two bounds is allowed
-// (see the check).
+// direct + 1.5 s, or triple the direct login. One login between the two
+// bounds is allowed (see the check). Before the growth semaphore the first
+// login of the attack took 2.1–5.4 s against 0.22–0.64 s direct.
 func loginHardBound(direct time.Duration) time.Duration {
-	return direct + max(2*hostileLoginMax, 2*direct)
+	return direct + max(hostileLoginMax*3/2, 2*direct)
 }
 
 // envLoginClient makes this test binary a login client (TestMain): for
