@@ -120,6 +120,34 @@ func (p *inlinePump) handoff(ev pumpEvent) {
 	p.wake <- ev
 }
 
+// onReadable runs on the loop thread when the pump's socket is readable:
+// it reads and processes (process reports the pump's end) until the socket
+// is drained or the pump must wait, which its goroutine then does.
+func (p *inlinePump) onReadable(rd *relayReader, process func(m int) (bool, error)) {
+	for {
+		m, full, rerr := rd.readInline(p.lc)
+		if rerr == errWouldBlock {
+			return
+		}
+		if rerr != nil {
+			p.resume, p.rerr = resumeRead, rerr
+			p.handoff(pumpEvent{})
+			return
+		}
+		if end, err := process(m); end {
+			p.handoff(pumpEvent{end: true, err: err})
+			return
+		}
+		if p.resume != resumeFlush || p.peer.pendingOut() {
+			p.handoff(pumpEvent{})
+			return
+		}
+		if !full && p.lc.drained() {
+			return
+		}
+	}
+}
+
 // goInline gives the pump to the loop and waits until the loop hands it
 // back; it flushes what the peer did not take.
 func (p *inlinePump) goInline() (pumpEvent, error) {
@@ -209,7 +237,7 @@ func (sess *session) pumpClient(tr *tracker, upDone <-chan struct{}) error {
 		}
 	}
 	cp.wake = make(chan pumpEvent, 1)
-	cp.handler = cp.onReadable
+	cp.handler = func() { cp.onReadable(cp.rd, func(m int) (bool, error) { return cp.process(m, nil) }) }
 	for {
 		ev, ferr := cp.goInline()
 		if ev.end {
@@ -220,32 +248,6 @@ func (sess *session) pumpClient(tr *tracker, upDone <-chan struct{}) error {
 		}
 		if end, err := cp.resumeWork(); end {
 			return err
-		}
-	}
-}
-
-// onReadable runs on the loop thread when the client's socket is readable.
-func (cp *clientPump) onReadable() {
-	for {
-		m, full, rerr := cp.rd.readInline(cp.lc)
-		if rerr == errWouldBlock {
-			return
-		}
-		if rerr != nil {
-			cp.resume, cp.rerr = resumeRead, rerr
-			cp.handoff(pumpEvent{})
-			return
-		}
-		if end, err := cp.process(m, nil); end {
-			cp.handoff(pumpEvent{end: true, err: err})
-			return
-		}
-		if cp.resume != resumeFlush || cp.peer.pendingOut() {
-			cp.handoff(pumpEvent{})
-			return
-		}
-		if !full && cp.lc.drained() {
-			return
 		}
 	}
 }
@@ -549,39 +551,13 @@ func (sess *session) pumpUpstream(tr *tracker, clientGone func() bool) {
 		}
 	}
 	up.wake = make(chan pumpEvent, 1)
-	up.handler = up.onReadable
+	up.handler = func() { up.onReadable(up.rd, func(m int) (bool, error) { return up.process(m, nil), nil }) }
 	for {
 		ev, ferr := up.goInline()
 		if ev.end || ferr != nil {
 			return
 		}
 		if up.resumeWork() {
-			return
-		}
-	}
-}
-
-// onReadable runs on the loop thread when the upstream socket is readable.
-func (up *upstreamPump) onReadable() {
-	for {
-		m, full, rerr := up.rd.readInline(up.lc)
-		if rerr == errWouldBlock {
-			return
-		}
-		if rerr != nil {
-			up.resume, up.rerr = resumeRead, rerr
-			up.handoff(pumpEvent{})
-			return
-		}
-		if up.process(m, nil) {
-			up.handoff(pumpEvent{end: true})
-			return
-		}
-		if up.resume != resumeFlush || up.peer.pendingOut() {
-			up.handoff(pumpEvent{})
-			return
-		}
-		if !full && up.lc.drained() {
 			return
 		}
 	}

@@ -184,27 +184,14 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 	if err := writeAgentConfig(dir, cfgPath, pg, "write", "", ""); err != nil {
 		return err
 	}
-	var pgw *exec.Cmd
-	if pgwardBin != "" {
-		if cpuprofile != "" {
-			fmt.Fprintln(os.Stderr, "-cpuprofile: no profile of the pgward row with -pgward (only of the relay)")
-		}
-		pgw, err = startBinary(pgwardBin, dir, cfgPath)
-	} else {
-		var env []string
-		if cpuprofile != "" {
-			abs, _ := filepath.Abs(cpuprofile)
-			env = append(env, "PGWARD_BENCH_CPUPROFILE="+abs)
-		}
-		pgw, err = startChild("agent", env, cfgPath)
+	if pgwardBin != "" && cpuprofile != "" {
+		fmt.Fprintln(os.Stderr, "-cpuprofile: no profile of the pgward rows with -pgward (only of the relay)")
 	}
+	pgw, err := startPgward("pgward", dir, cfgPath, cpuprofile, "")
 	if err != nil {
 		return err
 	}
 	defer stopChild(pgw)
-	if err := waitSocket(filepath.Join(dir, ".s.PGSQL.5432")); err != nil {
-		return fmt.Errorf("pgward did not start: %w", err)
-	}
 	targets = append(targets, target{name: "pgward", host: dir, db: "bench", port: 5432, pid: pgw.Process.Pid})
 	if eventLoopRow {
 		// The same configuration with listen.event_loop: the sessions
@@ -220,24 +207,11 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 		if err := withEventLoop(lcfg); err != nil {
 			return err
 		}
-		var lp *exec.Cmd
-		if pgwardBin != "" {
-			lp, err = startBinary(pgwardBin, ldir, lcfg)
-		} else {
-			var env []string
-			if cpuprofile != "" {
-				abs, _ := filepath.Abs(cpuprofile)
-				env = append(env, "PGWARD_BENCH_CPUPROFILE="+abs+".loop")
-			}
-			lp, err = startChild("agent", env, lcfg)
-		}
+		lp, err := startPgward("pgw-loop", ldir, lcfg, cpuprofile, ".loop")
 		if err != nil {
 			return err
 		}
 		defer stopChild(lp)
-		if err := waitSocket(filepath.Join(ldir, ".s.PGSQL.5432")); err != nil {
-			return fmt.Errorf("pgw-loop did not start: %w", err)
-		}
 		targets = append(targets, target{name: "pgw-loop", host: ldir, db: "bench", port: 5432, pid: lp.Process.Pid})
 	}
 	// The same pgward process, upstream connection reuse on (connect workload only).
@@ -543,6 +517,32 @@ audit: { path: %[7]q, durability: %[8]s, parameters: full, max_size: 268435456, 
 ebpf: { enabled: "false" }
 `, dir, pg.SocketPath(), testenv.Database, secretsPath, os.Getuid(), testenv.ScramUser, auditPath(dir), durability, auditExtra) + extra
 	return os.WriteFile(path, []byte(cfg), 0o600)
+}
+
+// startPgward starts a pgward row's process (the -pgward binary, or this
+// program as the agent child, with its CPU profile at cpuprofile+suffix)
+// and waits for its socket.
+func startPgward(name, dir, cfg, cpuprofile, suffix string) (*exec.Cmd, error) {
+	var c *exec.Cmd
+	var err error
+	if pgwardBin != "" {
+		c, err = startBinary(pgwardBin, dir, cfg)
+	} else {
+		var env []string
+		if cpuprofile != "" {
+			abs, _ := filepath.Abs(cpuprofile)
+			env = append(env, "PGWARD_BENCH_CPUPROFILE="+abs+suffix)
+		}
+		c, err = startChild("agent", env, cfg)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if err := waitSocket(filepath.Join(dir, ".s.PGSQL.5432")); err != nil {
+		stopChild(c)
+		return nil, fmt.Errorf("%s did not start: %w", name, err)
+	}
+	return c, nil
 }
 
 // withEventLoop turns listen.event_loop on in the config at path.
