@@ -177,12 +177,21 @@ func TestAuditGroupCommitPartialWrite(t *testing.T) {
 	}
 	st, _ := os.Stat(path)
 	// Three result lines wait for the next durable write; the disk has room
-	// for two and a half of them.
+	// for two and a half of them. The sink's own flush (within
+	// resultFlushDelay) is kept from writing them first: marked as armed,
+	// it arms no timer (CI once saw it write one line before the lock below).
+	a.file().mu.Lock()
+	a.file().flushOn = true
+	a.file().mu.Unlock()
 	for _, q := range qs {
 		q.Success, q.Rows = true, 1
 		obs.QueryDone(ctx, s, q)
 	}
 	a.file().mu.Lock()
+	if n := a.file().pendN; n != 3 {
+		a.file().mu.Unlock()
+		t.Fatalf("%d result lines staged, want the 3 just completed", n)
+	}
 	lineLen := int64(len(a.file().pend)) / 3
 	a.file().f = &budgetFile{File: a.file().f.(*os.File), limit: st.Size() + lineLen*5/2}
 	a.file().mu.Unlock()
