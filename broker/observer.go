@@ -307,6 +307,19 @@ type SessionObserver interface {
 	End(ctx context.Context)
 }
 
+// StatementStager is a SessionObserver that can split Statements in two,
+// for the event loop (listen.event_loop): StageStatements takes the
+// statements of one client read and returns without waiting for their
+// audit to be durable; CommitStatements waits for it, and returns what
+// Statements would have (an error: none may be forwarded). The loop stages
+// the reads of one epoll round and then commits them, so one audit write
+// serves them all. A session has at most one stage outstanding, and
+// every stage is committed; qs stays valid until the commit returns.
+type StatementStager interface {
+	StageStatements(ctx context.Context, qs []*QueryEvent)
+	CommitStatements(ctx context.Context) error
+}
+
 // NopObserver observes nothing.
 type NopObserver struct{}
 

@@ -519,6 +519,12 @@ func (a *FileSink) awaitLocked(start int) error {
 	w := a.waiterPl.Get().(*waiter)
 	*w = waiter{start: start, end: len(a.pend)}
 	a.waiters = append(a.waiters, w)
+	return a.waitLocked(w)
+}
+
+// waitLocked waits until w's lines are written (see awaitLocked) and
+// recycles w.
+func (a *FileSink) waitLocked(w *waiter) error {
 	for !w.done {
 		if a.writing {
 			a.cond.Wait()
@@ -729,15 +735,45 @@ func (a *FileSink) commitBatch(event EventKind, bodies []*[]byte) error {
 		}
 		return err
 	}
+	var t StageTicket
+	a.stageBodies(bodies, &t)
+	return a.WaitStaged(&t)
+}
+
+// StageBatch is the first half of AppendBatch (Stager): the lines are
+// chained and staged for the next write, which it does not wait for. The
+// rare paths (a reopen, a cut, a rotation) and async mode store them
+// before it returns; WaitStaged then reports how that went.
+func (a *FileSink) StageBatch(es []Event, t *StageTicket) {
+	*t = StageTicket{}
+	if len(es) == 0 {
+		return
+	}
+	var small [8]*[]byte
+	bodies := small[:0]
+	for _, e := range es {
+		b := a.getBuf()
+		*b = append(*b, e.Body...)
+		bodies = append(bodies, b)
+	}
+	if a.ch != nil {
+		t.err = a.commitBatch(es[0].Kind, bodies) // queued
+		return
+	}
+	a.stageBodies(bodies, t)
+}
+
+// stageBodies stages (or, on a rare path, writes) durable lines and
+// recycles their buffers.
+func (a *FileSink) stageBodies(bodies []*[]byte, t *StageTicket) {
 	total := int64(0)
 	for _, b := range bodies {
 		total += int64(len(*b)) + 110
 	}
 	a.mu.Lock()
-	var err error
 	if a.unusualLocked(total, false) {
 		a.drainLocked()
-		err = a.writeBatchLocked(bodies)
+		t.err = a.writeBatchLocked(bodies)
 		a.checkpointIfDueLocked()
 	} else {
 		start := len(a.pend)
@@ -745,14 +781,31 @@ func (a *FileSink) commitBatch(event EventKind, bodies []*[]byte) error {
 			a.stageLocked(b)
 		}
 		a.pendDur += len(bodies)
-		cp := a.stageCheckpointIfDueLocked()
-		err = a.awaitLocked(start)
-		a.checkpointDoneLocked(cp, err)
+		t.cp = a.stageCheckpointIfDueLocked()
+		t.w = a.waiterPl.Get().(*waiter)
+		*t.w = waiter{start: start, end: len(a.pend)}
+		a.waiters = append(a.waiters, t.w)
 	}
 	a.mu.Unlock()
 	for _, b := range bodies {
 		a.putBuf(b)
 	}
+}
+
+// WaitStaged returns once the lines of t are written (with everything
+// staged before it, in one write(2) when no write is in flight), with what
+// their write returned (Stager).
+func (a *FileSink) WaitStaged(t *StageTicket) error {
+	if t.w == nil {
+		err := t.err
+		*t = StageTicket{}
+		return err
+	}
+	a.mu.Lock()
+	err := a.waitLocked(t.w)
+	a.checkpointDoneLocked(t.cp, err)
+	a.mu.Unlock()
+	*t = StageTicket{}
 	return err
 }
 

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -380,3 +381,99 @@ func counterValue(t *testing.T, reg prometheus.Gatherer, name string) float64 {
 	t.Fatalf("no counter %s", name)
 	return 0
 }
+
+// The event loop stages the statements of the reads of one round and then
+// commits them (Stager): the first commit writes every staged line with
+// one write(2), the others find theirs written; nothing is written or
+// handed to a copy before its commit; a failed write fails every commit
+// of it, and the chain goes on.
+func TestAuditStagedReadsShareOneWrite(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.jsonl")
+	fs, err := OpenFileSink(AuditConfig{Path: path, Durability: DurabilityWrite}, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ff := &faultyFile{File: fs.f.(*os.File)}
+	fs.f = ff
+	copySink := &stagedCopy{}
+	a := NewAudit(ParamsFull, nil, nil, fs, copySink)
+	obs := NewObserver(nil, nil, a)
+	ctx := context.Background()
+	var sessions []*session
+	for i := range 3 {
+		info := &broker.SessionInfo{RequestID: fmt.Sprintf("r%d", i), SessionID: fmt.Sprintf("s%d", i), Success: true}
+		if err := obs.SessionStart(ctx, info); err != nil {
+			t.Fatal(err)
+		}
+		sessions = append(sessions, obs.sessionOf(info))
+	}
+	lines := func() string {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return string(b)
+	}
+	round := func(tag string) {
+		for i, st := range sessions {
+			st.StageStatements(ctx, []*broker.QueryEvent{{Index: 1, Text: fmt.Sprintf("SELECT '%s-%d'", tag, i)}})
+		}
+	}
+
+	before, copied := ff.writes.Load(), copySink.n.Load() // the session starts
+	round("one")
+	if n := ff.writes.Load() - before; n != 0 || strings.Contains(lines(), "one-") || copySink.n.Load() != copied {
+		t.Fatalf("staging wrote %d times, or the file or the copy has a staged line", n)
+	}
+	for i, st := range sessions {
+		if err := st.CommitStatements(ctx); err != nil {
+			t.Fatalf("commit %d: %v", i, err)
+		}
+		if i == 0 {
+			for j := range sessions {
+				if !strings.Contains(lines(), fmt.Sprintf("one-%d", j)) {
+					t.Fatalf("after the first commit, session %d's line is not in the file", j)
+				}
+			}
+		}
+	}
+	if n := ff.writes.Load() - before; n != 1 {
+		t.Fatalf("three staged reads took %d writes, want 1", n)
+	}
+	if n := copySink.n.Load() - copied; n != 3 {
+		t.Fatalf("the copy got %d events after the commits, want 3", n)
+	}
+
+	// The write fails: every commit of the round fails, no line of it stays.
+	ff.set(true, false, false)
+	round("two")
+	for i, st := range sessions {
+		if err := st.CommitStatements(ctx); !errors.Is(err, ErrAuditUnavailable) {
+			t.Fatalf("commit %d with the disk failing: %v", i, err)
+		}
+	}
+	ff.set(false, false, false)
+	if strings.Contains(lines(), "two-") || copySink.n.Load()-copied != 3 {
+		t.Fatal("a line of the failed round is in the file or the copy")
+	}
+	round("three")
+	for i, st := range sessions {
+		if err := st.CommitStatements(ctx); err != nil {
+			t.Fatalf("commit %d after the disk recovered: %v", i, err)
+		}
+	}
+	if err := a.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := VerifyFiles(path); err != nil || n != 3+3+3 {
+		t.Fatalf("chain: %d lines, %v; want 9 (3 starts, 2 rounds)", n, err)
+	}
+}
+
+// stagedCopy is a sink after the audit file that counts what it gets.
+type stagedCopy struct{ n atomic.Int64 }
+
+func (c *stagedCopy) Append(Event) error           { c.n.Add(1); return nil }
+func (c *stagedCopy) AppendBatch(es []Event) error { c.n.Add(int64(len(es))); return nil }
+func (c *stagedCopy) Flush() error                 { return nil }
+func (c *stagedCopy) Close() error                 { return nil }

@@ -84,6 +84,12 @@ type session struct {
 	ei      int64
 	pending []pendingQuery
 	ended   bool
+
+	// The statements staged and not yet committed (StageStatements);
+	// only the session's client pump touches these.
+	staged  []*broker.QueryEvent
+	audited bool // staged with an audit event or a span
+	sq      stagedQueries
 }
 
 type pendingQuery struct {
@@ -94,7 +100,10 @@ type pendingQuery struct {
 	span     trace.Span // nil when the trace is not sampled
 }
 
-var _ broker.SessionObserver = (*session)(nil)
+var (
+	_ broker.SessionObserver = (*session)(nil)
+	_ broker.StatementStager = (*session)(nil)
+)
 
 // spanID is the id of a statement's span; zero without one.
 func spanID(sp trace.Span) trace.SpanID {
@@ -318,11 +327,20 @@ func (r *request) Started(ctx context.Context, ar *broker.AuthRequest, s *broker
 // forwarded, with one write to the audit file: all are durable before any
 // is forwarded, and an error means none may be.
 func (st *session) Statements(ctx context.Context, qs []*broker.QueryEvent) error {
+	st.StageStatements(ctx, qs)
+	return st.CommitStatements(ctx)
+}
+
+// StageStatements is Statements' first half (broker.StatementStager): the
+// events are encoded, chained and staged for the audit file's next write,
+// which CommitStatements waits for. qs stays the caller's until then.
+func (st *session) StageStatements(ctx context.Context, qs []*broker.QueryEvent) {
 	o, s := st.o, st.s
+	st.staged = qs
 	recording := st.span.IsRecording()
-	if len(qs) == 0 || (o.audit == nil && !recording) {
-		o.m.queries.Add(float64(len(qs)))
-		return nil
+	st.audited = len(qs) > 0 && (o.audit != nil || recording)
+	if !st.audited {
+		return
 	}
 	// The span id of each statement goes into its audit event (span_id).
 	var small [8]trace.SpanID
@@ -343,17 +361,17 @@ func (st *session) Statements(ctx context.Context, qs []*broker.QueryEvent) erro
 	}
 	st.mu.Unlock()
 	if o.audit != nil {
-		var err error
-		if len(qs) == 1 {
-			var span trace.SpanID
-			if len(spans) > 0 {
-				span = spans[0]
-			}
-			err = o.audit.query(time.Now(), st.hdr, s, qs[0], first, span)
-		} else {
-			err = o.audit.queryBatch(time.Now(), st.hdr, s, qs, first, spans)
-		}
-		if err != nil {
+		o.audit.stageQueries(&st.sq, time.Now(), st.hdr, s, qs, first, spans)
+	}
+}
+
+// CommitStatements returns once the statements staged are durable (nil:
+// they may be forwarded); an error means none may be.
+func (st *session) CommitStatements(ctx context.Context) error {
+	o, s, qs := st.o, st.s, st.staged
+	st.staged = nil
+	if st.audited && o.audit != nil {
+		if err := o.audit.waitQueries(&st.sq); err != nil {
 			st.mu.Lock()
 			n := max(0, len(st.pending)-len(qs))
 			for _, p := range st.pending[n:] {
@@ -367,7 +385,7 @@ func (st *session) Statements(ctx context.Context, qs []*broker.QueryEvent) erro
 		}
 	}
 	o.m.queries.Add(float64(len(qs)))
-	if o.log.Enabled(ctx, slog.LevelDebug) {
+	if st.audited && o.log.Enabled(ctx, slog.LevelDebug) {
 		for _, q := range qs {
 			o.log.DebugContext(ctx, "statement", append(sessionAttrs(s), "query_index", q.Index, "extended", q.Extended)...)
 		}

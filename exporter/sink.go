@@ -53,6 +53,28 @@ type Sink interface {
 	Close() error
 }
 
+// Stager is a durable Sink that can split AppendBatch in two, for the
+// event loop (listen.event_loop: broker.StatementStager): StageBatch takes
+// the events and returns without waiting for them to be stored;
+// WaitStaged returns when they are, with what AppendBatch would have
+// returned. Everything staged before a wait is stored with it, so the
+// reads of many sessions staged in one loop round share one write. Every
+// stage is waited for, once, before its statements are forwarded.
+type Stager interface {
+	StageBatch(es []Event, t *StageTicket)
+	WaitStaged(t *StageTicket) error
+}
+
+var _ Stager = (*FileSink)(nil)
+
+// StageTicket is one staged batch (Stager). The zero value is ready to
+// use; WaitStaged resets it for the next stage.
+type StageTicket struct {
+	w   *waiter
+	cp  *Checkpoint // a checkpoint staged with the batch
+	err error       // stored (or failed) while staging: async mode, the rare paths
+}
+
 // AuditMetrics is what the audit trail reports to Prometheus; *Metrics
 // implements it. Audit counts the events it hands over; a sink counts its
 // failures, its losses and the events it writes of its own (checkpoints).
@@ -193,40 +215,68 @@ func (a *Audit) sessionEnd(now time.Time, s *broker.SessionInfo, ei int64) error
 	return a.append(kindSessionEnd, a.enc.sessionEnd(now, s, ei))
 }
 
-func (a *Audit) query(now time.Time, h *sessionHeader, s *broker.SessionInfo, q *broker.QueryEvent, ei int64, span trace.SpanID) error {
-	return a.append(kindQuery, a.enc.query(now, h, s, q, ei, span))
+// stagedQueries is the db.session.query events of one client read, staged
+// on the durable sink (Stager) and waited for by waitQueries. A session
+// has one, reused for each read.
+type stagedQueries struct {
+	t    StageTicket
+	es   []Event
+	bufs []*[]byte // es's bodies, kept for the copies until the durable sink stored them
+	n    int       // events staged
 }
 
-// queryBatch audits the statements of one client read, stored together;
-// spans[i] (when spans is not nil) is the span id of qs[i].
-func (a *Audit) queryBatch(now time.Time, h *sessionHeader, s *broker.SessionInfo, qs []*broker.QueryEvent, ei int64, spans []trace.SpanID) error {
-	bp := a.batch.Get().(*[]Event)
-	es := (*bp)[:0]
-	var small [8]*[]byte
-	bufs := small[:0]
+// stageQueries encodes the statements of one client read and stages them
+// on the durable sink; spans[i] (when spans is not nil) is the span id of
+// qs[i]. A sink that cannot stage stores them now.
+func (a *Audit) stageQueries(sq *stagedQueries, now time.Time, h *sessionHeader, s *broker.SessionInfo, qs []*broker.QueryEvent, ei int64, spans []trace.SpanID) {
 	for i, q := range qs {
 		var span trace.SpanID
 		if i < len(spans) {
 			span = spans[i]
 		}
 		b := a.enc.query(now, h, s, q, ei+int64(i), span)
-		bufs = append(bufs, b)
-		es = append(es, Event{Kind: kindQuery, Body: *b})
+		sq.bufs = append(sq.bufs, b)
+		sq.es = append(sq.es, Event{Kind: kindQuery, Body: *b})
 	}
-	err := a.sink.AppendBatch(es)
+	sq.n = len(qs)
+	if st, ok := a.sink.(Stager); ok {
+		st.StageBatch(sq.es, &sq.t)
+	} else {
+		sq.t = StageTicket{err: a.sink.AppendBatch(sq.es)}
+	}
+	if len(a.copies) == 0 {
+		sq.recycle(a.enc)
+	}
+}
+
+// waitQueries returns once the staged statements are stored (nil: they
+// may be forwarded), then hands them to the copies.
+func (a *Audit) waitQueries(sq *stagedQueries) error {
+	var err error
+	if st, ok := a.sink.(Stager); ok {
+		err = st.WaitStaged(&sq.t)
+	} else {
+		err, sq.t = sq.t.err, StageTicket{}
+	}
 	if err == nil {
-		for _, c := range a.copies {
-			c.done(a.log, c.s.AppendBatch(es))
+		if len(sq.es) > 0 {
+			for _, c := range a.copies {
+				c.done(a.log, c.s.AppendBatch(sq.es))
+			}
 		}
-		a.m.AuditEvents(kindQuery, len(es))
+		a.m.AuditEvents(kindQuery, sq.n)
 	}
-	for _, b := range bufs {
-		a.enc.putBuf(b)
-	}
-	clear(es)
-	*bp = es[:0]
-	a.batch.Put(bp)
+	sq.recycle(a.enc)
 	return err
+}
+
+func (sq *stagedQueries) recycle(enc *encoder) {
+	for _, b := range sq.bufs {
+		enc.putBuf(b)
+	}
+	clear(sq.bufs)
+	clear(sq.es)
+	sq.bufs, sq.es = sq.bufs[:0], sq.es[:0]
 }
 
 func (a *Audit) queryResult(now time.Time, h *sessionHeader, s *broker.SessionInfo, q *broker.QueryEvent, ei, queryEI int64, span trace.SpanID, password bool) error {
