@@ -37,6 +37,14 @@ import (
 // PGWARD_DIFF_DURATION (a Go duration) stops starting sessions after that
 // long, whichever comes first.
 func TestAuditMatchesServer(t *testing.T) {
+	// Both relays: the goroutine pumps, and the event loop, which stages
+	// the audit of a round's reads and writes them together.
+	for _, loop := range []bool{false, true} {
+		t.Run(map[bool]string{false: "goroutines", true: "event-loop"}[loop], func(t *testing.T) { testAuditMatchesServer(t, loop) })
+	}
+}
+
+func testAuditMatchesServer(t *testing.T, loop bool) {
 	sessions := 12
 	if v, err := strconv.Atoi(os.Getenv("PGWARD_DIFF_SESSIONS")); err == nil && v > 0 {
 		sessions = v
@@ -50,6 +58,7 @@ func TestAuditMatchesServer(t *testing.T) {
 		u := c.Upstreams["orders"]
 		u.Address = pg.SocketPath()
 		c.Upstreams["orders"] = u
+		c.Listen.EventLoop = loop
 	})
 	ctx := context.Background()
 	if err := pg.Exec(ctx, "CREATE TABLE IF NOT EXISTS difft (n int); GRANT ALL ON difft TO "+testenv.ScramUser); err != nil {

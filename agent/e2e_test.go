@@ -125,8 +125,14 @@ trap:
 		Metrics: MetricsConfig{Listen: "127.0.0.1:0"},
 		EBPF:    EBPFConfig{Enabled: "false"},
 	}
+	// make test's event-loop step runs this suite again with every session
+	// on the event loop (listen.event_loop), where fsync allows it.
+	cfg.Listen.EventLoop = os.Getenv("PGWARD_TEST_EVENT_LOOP") == "1"
 	if mutate != nil {
 		mutate(h, cfg)
+	}
+	if cfg.Audit.Durability == exporter.DurabilityFsync {
+		cfg.Listen.EventLoop = false
 	}
 	if err := cfg.Validate(); err != nil {
 		t.Fatalf("test config invalid: %v", err)

@@ -297,6 +297,12 @@ func scrapeAll(t *testing.T, h *harness) map[string]float64 {
 // With the audit log failing mid-session, no further statement reaches
 // Postgres, the client gets 58030, and new sessions are refused.
 func TestAuditFailClosed(t *testing.T) {
+	for _, loop := range []bool{false, true} {
+		t.Run(map[bool]string{false: "goroutines", true: "event-loop"}[loop], func(t *testing.T) { testAuditFailClosed(t, loop) })
+	}
+}
+
+func testAuditFailClosed(t *testing.T, loop bool) {
 	testenv.RequireRoot(t)
 	dir, err := os.MkdirTemp("", "pgwa-audit-")
 	if err != nil {
@@ -307,7 +313,7 @@ func TestAuditFailClosed(t *testing.T) {
 		t.Fatalf("mount tmpfs: %v %s", err, out)
 	}
 	defer execCommand("umount", "-l", dir)
-	h := newHarness(t, func(h *harness, c *Config) { c.Audit.Path = dir + "/audit.jsonl" })
+	h := newHarness(t, func(h *harness, c *Config) { c.Audit.Path = dir + "/audit.jsonl"; c.Listen.EventLoop = loop })
 	h.auditPath = dir + "/audit.jsonl"
 	ctx := context.Background()
 	admin, err := h.pg.Admin(ctx)

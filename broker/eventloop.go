@@ -39,6 +39,11 @@ type eventLoop struct {
 	conns map[uint64]*loopConn
 	next  uint64
 	kicks []*loopConn // run their inline handler once (under mu)
+
+	// after holds what runs once a round's events are handled (loop
+	// thread only): the client pumps whose reads were staged for the
+	// round's one audit write (relay.go, commit).
+	after, afterSpare []*func()
 }
 
 var (
@@ -83,7 +88,13 @@ func (l *eventLoop) run() {
 	events := make([]unix.EpollEvent, 256)
 	var kicks []*loopConn
 	for {
-		n, err := unix.EpollWait(l.epfd, events, -1)
+		// Commits staged while the last ones ran wait for this round:
+		// look at the sockets without blocking, then run them.
+		wait := -1
+		if len(l.after) > 0 {
+			wait = 0
+		}
+		n, err := unix.EpollWait(l.epfd, events, wait)
 		if err != nil {
 			continue // EINTR
 		}
@@ -121,7 +132,25 @@ func (l *eventLoop) run() {
 				c.readable()
 			}
 		}
+		l.runAfter()
 	}
+}
+
+// afterRound runs h once the events of this round are handled (loop
+// thread).
+func (l *eventLoop) afterRound(h *func()) { l.after = append(l.after, h) }
+
+// runAfter runs what the round's handlers left for its end. What those
+// leave in turn waits for the next round, so that a session that keeps
+// sending cannot keep the loop from the other sockets.
+func (l *eventLoop) runAfter() {
+	hs := l.after
+	l.after = l.afterSpare[:0]
+	for _, h := range hs {
+		(*h)()
+	}
+	clear(hs)
+	l.afterSpare = hs[:0]
 }
 
 // kick makes the loop run c's inline handler (or wake its reader) once.
@@ -163,7 +192,8 @@ type loopConn struct {
 	hup atomic.Bool
 
 	mu     sync.Mutex // the descriptor: every system call on it holds mu
-	unsent []byte     // written by writeInline or Write, not yet sent (in order)
+	unsent []byte     // written by writeInline, not yet sent (in order)
+	busy   bool       // a Write is sending from its caller's buffer: unsent goes after it
 	outOn  bool       // EPOLLOUT is in the registration (a writer waits)
 	wmu    sync.Mutex // one blocking writer at a time
 
@@ -365,14 +395,16 @@ func (c *loopConn) wait(ch chan struct{}, dl *atomic.Int64, op string) error {
 
 // writeInline sends b without waiting, behind anything unsent; what the
 // socket does not take now is kept in order (errWouldBlock), to be sent by
-// flush.
+// flush. The inline pumps write at most a standard read's worth (a grown
+// buffer is processed by the pump's goroutine: relay.go), so that copy is
+// bounded as the goroutine relay's read buffer is.
 func (c *loopConn) writeInline(b []byte) error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.fd < 0 {
 		return c.opErr("write", net.ErrClosed)
 	}
-	if len(c.unsent) > 0 {
+	if len(c.unsent) > 0 || c.busy {
 		c.unsent = append(c.unsent, b...)
 		return errWouldBlock
 	}
@@ -409,65 +441,71 @@ func (c *loopConn) pendingOut() bool {
 	return len(c.unsent) > 0
 }
 
-// Write sends b, after anything unsent, waiting for the peer to read.
+// Write sends b, after anything unsent, waiting for the peer to read. It
+// sends from b itself: a large message stays in the caller's (counted)
+// buffer until the peer has read it, never copied.
 func (c *loopConn) Write(b []byte) (int, error) {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
 	if err := c.deadlineErr(&c.wdl); err != nil {
 		return 0, c.opErr("write", err)
 	}
-	err := c.writeInline(b)
-	if err == nil {
-		return len(b), nil
-	}
-	if err != errWouldBlock {
+	if err := c.send(nil); err != nil {
 		return 0, err
 	}
-	if err := c.flushLocked(); err != nil {
-		// What is left of b is not sent (a deadline, Close, a reset).
-		c.mu.Lock()
-		left := min(len(c.unsent), len(b))
-		c.unsent = c.unsent[:len(c.unsent)-left]
-		c.mu.Unlock()
-		return len(b) - left, err
-	}
-	return len(b), nil
+	c.mu.Lock()
+	c.busy = true // an inline write meanwhile goes behind b (unsent)
+	c.mu.Unlock()
+	sent := 0
+	err := c.send(func(fd int) (bool, error) {
+		n, err := c.writeLocked(b[sent:])
+		sent += n
+		return sent == len(b), err
+	})
+	c.mu.Lock()
+	c.busy = false
+	c.mu.Unlock()
+	return sent, err
 }
 
 // flush sends what writeInline left, waiting for the peer to read.
 func (c *loopConn) flush() error {
 	c.wmu.Lock()
 	defer c.wmu.Unlock()
-	return c.flushLocked()
+	return c.send(nil)
 }
 
-func (c *loopConn) flushLocked() error {
+// send writes until put reports that it is done (nil: until nothing is
+// unsent), waiting for the peer to read in between. Under wmu.
+func (c *loopConn) send(put func(fd int) (bool, error)) error {
+	if put == nil {
+		put = func(fd int) (bool, error) {
+			n, err := c.writeLocked(c.unsent)
+			c.unsent = c.unsent[:copy(c.unsent, c.unsent[n:])]
+			if len(c.unsent) == 0 && cap(c.unsent) > 4*relayBufSize {
+				c.unsent = nil
+			}
+			return len(c.unsent) == 0, err
+		}
+	}
 	for {
 		c.mu.Lock()
 		if c.fd < 0 {
 			c.mu.Unlock()
 			return c.opErr("write", net.ErrClosed)
 		}
-		if len(c.unsent) == 0 {
+		done, err := put(c.fd)
+		if err != nil && err != unix.EAGAIN {
+			c.mu.Unlock()
+			return c.opErr("write", err)
+		}
+		if done {
 			if c.outOn {
 				c.outOn = false
 				_ = unix.EpollCtl(c.loop.epfd, unix.EPOLL_CTL_MOD, c.fd, c.event(false))
 			}
 			c.mu.Unlock()
 			return nil
-		}
-		n, err := c.writeLocked(c.unsent)
-		c.unsent = c.unsent[:copy(c.unsent, c.unsent[n:])]
-		if err != nil && err != unix.EAGAIN {
-			c.mu.Unlock()
-			return c.opErr("write", err)
-		}
-		if len(c.unsent) == 0 {
-			if cap(c.unsent) > 4*relayBufSize {
-				c.unsent = nil
-			}
-			c.mu.Unlock()
-			continue
 		}
 		if !c.outOn {
 			// Told when the peer has read: an edge after this MOD.

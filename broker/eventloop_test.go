@@ -15,6 +15,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgproto3"
+	"golang.org/x/sys/unix"
 
 	"github.com/pgward/pgward/testenv"
 )
@@ -384,5 +385,128 @@ func TestLoopConnEOF(t *testing.T) {
 	b, err := io.ReadAll(lc)
 	if err != nil || string(b) != "last words" {
 		t.Fatalf("read %q, %v", b, err)
+	}
+}
+
+// A message larger than a standard read, answered to a client that does
+// not read it, stays in the pump's counted buffer (limits.buffer_memory)
+// until the client has read it: the loop keeps no uncounted copy of it.
+func TestEventLoopStalledPeerMemoryCounted(t *testing.T) {
+	h := loopHarness(t)
+	stalled, fe := rawSession(t, h, map[string]string{"application_name": "loop-counted"})
+	// The server's ErrorResponse repeats the value: about 1 MB, an
+	// inspected message (the upstream pump holds it whole).
+	value := strings.Repeat("9x", 512<<10)
+	q, _ := (&pgproto3.Query{String: "SELECT '" + value + "'::int"}).Encode(nil)
+	if _, err := stalled.Write(q); err != nil {
+		t.Fatal(err)
+	}
+	unsent := func() (n int) {
+		theLoop.mu.Lock()
+		defer theLoop.mu.Unlock()
+		for _, c := range theLoop.conns {
+			c.mu.Lock()
+			n += len(c.unsent)
+			c.mu.Unlock()
+		}
+		return n
+	}
+	// While the client reads nothing, the rest of the answer is held in a
+	// counted buffer, and at most a standard read waits uncounted.
+	deadline := time.Now().Add(20 * time.Second)
+	for h.srv.budget.inUse.Load() < 512<<10 {
+		if time.Now().After(deadline) {
+			t.Fatalf("buffer memory in use %d B while a 1 MB answer waits for its client; unsent %d B",
+				h.srv.budget.inUse.Load(), unsent())
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	time.Sleep(300 * time.Millisecond)
+	if in, u := h.srv.budget.inUse.Load(), unsent(); in < 512<<10 || u > 2*relayBufSize {
+		t.Fatalf("a 1 MB answer waiting for its client: %d B counted, %d B kept uncounted (want ≥ 512 KiB, ≤ %d)", in, u, 2*relayBufSize)
+	}
+	// The client reads it all.
+	_ = stalled.SetReadDeadline(time.Now().Add(30 * time.Second))
+	for {
+		m, err := fe.Receive()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if e, ok := m.(*pgproto3.ErrorResponse); ok {
+			if e.Code != "22P02" || !strings.Contains(e.Message, value) {
+				t.Fatalf("error %s with a message of %d bytes", e.Code, len(e.Message))
+			}
+		}
+		if _, ok := m.(*pgproto3.ReadyForQuery); ok {
+			break
+		}
+	}
+	stalled.Close()
+	waitNoSessions(t, h)
+	if in := h.srv.budget.inUse.Load(); in != 0 {
+		t.Fatalf("buffer memory still in use after the session: %d B", in)
+	}
+}
+
+// A socket that never runs dry does not keep the loop thread: after
+// inlineReads reads the pump yields and is kicked to go on.
+func TestEventLoopYieldsToOtherSessions(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root for SO_SNDBUFFORCE (a send buffer that holds 4 MB); CI runs as root")
+	}
+	lc, peer := loopPair(t)
+	raw, err := peer.(*net.UnixConn).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var serr error
+	if err := raw.Control(func(fd uintptr) { serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUFFORCE, 8<<20) }); err != nil || serr != nil {
+		t.Fatal(err, serr)
+	}
+	// 4 MB wait in the socket before the pump first looks: one wake-up
+	// could read 128 full reads.
+	const total = 4 << 20
+	if n, err := peer.Write(make([]byte, total)); err != nil || n != total {
+		t.Fatalf("prefill: %d, %v", n, err)
+	}
+	var budget bufferBudget
+	rd := newRelayReader(lc, &budget)
+	defer rd.release()
+	p := &inlinePump{lc: lc, peer: lc, wake: make(chan pumpEvent, 1)}
+	var mu sync.Mutex
+	var runs []int
+	got, cur := 0, 0
+	done := make(chan struct{})
+	p.handler = func() {
+		cur = 0
+		p.onReadable(rd, func(m int) (bool, error) {
+			cur++
+			got += rd.n
+			rd.consume(rd.n)
+			if got == total {
+				close(done)
+			}
+			return false, nil
+		})
+		mu.Lock()
+		runs = append(runs, cur)
+		mu.Unlock()
+	}
+	p.inline = true
+	lc.setInline(&p.handler)
+	select {
+	case <-done:
+	case <-time.After(20 * time.Second):
+		t.Fatalf("read %d of %d bytes", got, total)
+	}
+	lc.setInline(nil)
+	mu.Lock()
+	defer mu.Unlock()
+	most := 0
+	for _, r := range runs {
+		most = max(most, r)
+	}
+	if most > inlineReads || len(runs) < total/relayBufSize/inlineReads {
+		t.Fatalf("wake-ups %d, most reads in one %d (want at most %d)", len(runs), most, inlineReads)
 	}
 }

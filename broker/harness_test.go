@@ -205,6 +205,7 @@ type recSession struct {
 	info    *SessionInfo
 	start   SessionInfo // as it was at Started
 	stmts   []QueryEvent
+	staged  []QueryEvent // StageStatements, until CommitStatements
 	results []QueryEvent
 	ended   bool
 	end     SessionInfo // as it was at End
@@ -253,7 +254,14 @@ func copyQuery(q *QueryEvent) QueryEvent {
 	return c
 }
 
-func (s *recSession) Statements(_ context.Context, qs []*QueryEvent) error {
+func (s *recSession) Statements(ctx context.Context, qs []*QueryEvent) error {
+	s.StageStatements(ctx, qs)
+	return s.CommitStatements(ctx)
+}
+
+// StageStatements copies the statements (StatementStager: the event loop
+// stages); CommitStatements records them.
+func (s *recSession) StageStatements(_ context.Context, qs []*QueryEvent) {
 	s.rec.mu.Lock()
 	defer s.rec.mu.Unlock()
 	for _, q := range qs {
@@ -264,8 +272,15 @@ func (s *recSession) Statements(_ context.Context, qs []*QueryEvent) error {
 		c := QueryEvent{Index: q.Index, Statement: q.Statement, Portal: q.Portal,
 			Extended: q.Extended, BindOnly: q.BindOnly, PortalUnverified: q.PortalUnverified,
 			FunctionOID: q.FunctionOID, RoleChange: q.RoleChange, Start: q.Start, Text: q.Text, Params: q.Params}
-		s.stmts = append(s.stmts, copyQuery(&c))
+		s.staged = append(s.staged, copyQuery(&c))
 	}
+}
+
+func (s *recSession) CommitStatements(context.Context) error {
+	s.rec.mu.Lock()
+	defer s.rec.mu.Unlock()
+	s.stmts = append(s.stmts, s.staged...)
+	s.staged = s.staged[:0]
 	return nil
 }
 func (s *recSession) Result(_ context.Context, q *QueryEvent) {

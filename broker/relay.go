@@ -95,6 +95,8 @@ const (
 	resumeRoom                       // wait for buffer memory (room(need))
 	resumeBarrier                    // ask for the server's answers and wait, then scan on
 	resumeTooLarge                   // refuse the message over limits.max_message_bytes
+	resumeProcess                    // process m bytes read into a grown buffer, and read on while it lasts
+	resumeCommit                     // (on the loop thread) the read's statements are staged: commit, forward, go on
 )
 
 // pumpEvent is what the loop thread tells a pump's goroutine.
@@ -112,6 +114,9 @@ type inlinePump struct {
 	resume   resumeKind
 	rerr     error // resumeRead
 	need     int   // resumeRoom
+	m        int   // resumeProcess
+	more     bool  // the last read may have left bytes in the socket
+	again    bool  // the socket was readable while a commit was pending
 }
 
 // handoff gives the pump to its goroutine (from the loop thread).
@@ -120,11 +125,28 @@ func (p *inlinePump) handoff(ev pumpEvent) {
 	p.wake <- ev
 }
 
+// inlineReads bounds the reads of one socket per wake-up: a session whose
+// socket never runs dry (a stream both peers keep up with) yields the loop
+// thread to the others after this many, and is kicked to go on.
+const inlineReads = 16
+
 // onReadable runs on the loop thread when the pump's socket is readable:
 // it reads and processes (process reports the pump's end) until the socket
-// is drained or the pump must wait, which its goroutine then does.
+// is drained or the pump must wait, which its goroutine then does. A read
+// into a grown buffer (a message over relayBufSize) is processed by the
+// goroutine too, which writes it from that counted buffer: the loop
+// thread's writes, and what it keeps of them for a slow peer, stay within
+// a standard read.
 func (p *inlinePump) onReadable(rd *relayReader, process func(m int) (bool, error)) {
-	for {
+	if p.resume == resumeCommit {
+		p.again = true // read on after the commit (commitH)
+		return
+	}
+	for reads := 0; ; reads++ {
+		if reads == inlineReads {
+			p.lc.loop.kick(p.lc)
+			return
+		}
 		m, full, rerr := rd.readInline(p.lc)
 		if rerr == errWouldBlock {
 			return
@@ -134,18 +156,36 @@ func (p *inlinePump) onReadable(rd *relayReader, process func(m int) (bool, erro
 			p.handoff(pumpEvent{})
 			return
 		}
-		if end, err := process(m); end {
-			p.handoff(pumpEvent{end: true, err: err})
-			return
-		}
-		if p.resume != resumeFlush || p.peer.pendingOut() {
+		if rd.big != nil {
+			p.resume, p.m = resumeProcess, m
 			p.handoff(pumpEvent{})
 			return
 		}
-		if !full && p.lc.drained() {
+		p.more = full || !p.lc.drained()
+		if !p.next(process(m)) {
 			return
 		}
 	}
+}
+
+// next says whether the inline pump reads on after a read was processed
+// (end, err: process's result); if not, the pump waits for the round's
+// audit write (resumeCommit), for its socket, or is handed to its
+// goroutine.
+func (p *inlinePump) next(end bool, err error) bool {
+	switch {
+	case end:
+		p.handoff(pumpEvent{end: true, err: err})
+		return false
+	case p.resume == resumeCommit:
+		return false
+	case p.resume != resumeFlush || p.peer.pendingOut():
+		p.handoff(pumpEvent{})
+		return false
+	}
+	more := p.more || p.again
+	p.again = false
+	return more
 }
 
 // goInline gives the pump to the loop and waits until the loop hands it
@@ -181,9 +221,17 @@ type clientPump struct {
 	// a read still goes in one write, audited as a whole.
 	out  []byte
 	base int
-	// resumeTooLarge
-	tl  *MessageTooLargeError
-	fwd int
+	// resumeTooLarge; resumeCommit (fwd, need, barrier)
+	tl      *MessageTooLargeError
+	fwd     int
+	need    int
+	barrier bool
+	// stager splits the audit of a read in two on the loop thread: the
+	// reads of one round are staged, then committed with one audit write
+	// (eventLoop.afterRound). nil without the loop or with an observer
+	// that cannot stage.
+	stager  StatementStager
+	commitH func()
 }
 
 // pumpClient runs the client pump until the client ends the session
@@ -238,6 +286,12 @@ func (sess *session) pumpClient(tr *tracker, upDone <-chan struct{}) error {
 	}
 	cp.wake = make(chan pumpEvent, 1)
 	cp.handler = func() { cp.onReadable(cp.rd, func(m int) (bool, error) { return cp.process(m, nil) }) }
+	cp.stager, _ = sess.obs.(StatementStager)
+	cp.commitH = func() {
+		if cp.next(cp.commit()) {
+			cp.handler()
+		}
+	}
 	for {
 		ev, ferr := cp.goInline()
 		if ev.end {
@@ -269,6 +323,13 @@ func (cp *clientPump) resumeWork() (bool, error) {
 		return cp.process(1, nil)
 	case resumeTooLarge:
 		return true, cp.tooLarge(cp.tl, cp.fwd)
+	case resumeProcess:
+		end, err := cp.process(cp.m, nil)
+		for !end && cp.rd.big != nil {
+			m, rerr := cp.rd.read()
+			end, err = cp.process(m, rerr)
+		}
+		return end, err
 	}
 	return false, nil
 }
@@ -277,11 +338,19 @@ func (cp *clientPump) auditBatch() error {
 	// Audit first: nothing reaches the database unaudited. The
 	// statements of one read are audited together, all durable
 	// before any of them is forwarded.
+	var err error
 	if len(cp.tr.batch) > 0 {
-		if err := cp.sess.audit(cp.tr.batch); err != nil {
-			cp.sess.terminate(EndAuditUnavailable, CodeIOError, "pgward's audit log is unavailable, so the statement was not sent; the session is closed", "")
-			return err
-		}
+		err = cp.sess.audit(cp.tr.batch)
+	}
+	return cp.audited(err)
+}
+
+// audited ends the audit of a read; an error (the audit trail is
+// unavailable) ends the session.
+func (cp *clientPump) audited(err error) error {
+	if err != nil {
+		cp.sess.terminate(EndAuditUnavailable, CodeIOError, "pgward's audit log is unavailable, so the statement was not sent; the session is closed", "")
+		return err
 	}
 	cp.tr.unpin()
 	return nil
@@ -398,39 +467,92 @@ func (cp *clientPump) process(m int, rerr error) (bool, error) {
 			}
 			continue
 		}
+		if cp.inline && cp.stager != nil && len(tr.batch) > 0 {
+			// The forward waits for the round's audit write (commit).
+			sess.auditing(tr.batch)
+			cp.stager.StageStatements(sess.ctx, tr.batch)
+			cp.resume, cp.fwd, cp.need, cp.barrier = resumeCommit, fwd, need, barrier
+			cp.lc.loop.afterRound(&cp.commitH)
+			return false, nil
+		}
 		if err := cp.auditBatch(); err != nil {
 			return true, err
 		}
-		if err := cp.forward(fwd); err != nil {
+		switch st, err := cp.sent(fwd, need, barrier); st {
+		case stepEnd:
 			return true, err
-		}
-		if len(tr.skipped) > 0 {
-			// Sent while the server discards messages until Sync.
-			sess.finish(tr, tr.skipped)
-			clear(tr.skipped)
-			tr.skipped = tr.skipped[:0]
-		}
-		if !barrier {
-			if !cp.terminated {
-				if cp.inline && rd.mustGrow(need) {
-					cp.resume, cp.need = resumeRoom, need
-					return false, nil
-				}
-				if err := rd.room(need, cp.gone); err != nil {
-					return true, errUpstreamGone
-				}
-			}
-			break
-		}
-		if cp.inline {
-			cp.resume = resumeBarrier
+		case stepWait:
 			return false, nil
-		}
-		if err := cp.barrierWait(); err != nil {
-			return true, err
+		case stepDone:
+			return cp.after(rerr)
 		}
 	}
 	return cp.after(rerr)
+}
+
+// step is what a pump does after a read's statements were forwarded.
+type step uint8
+
+const (
+	stepDone step = iota // the read is through
+	stepScan             // scan on (after a barrier)
+	stepWait             // inline: resume says what to wait for
+	stepEnd              // the pump ended
+)
+
+// sent forwards the first fwd pending bytes, whose statements are audited,
+// and makes room for the rest of a message of need bytes (or, at a
+// barrier, waits for the server's answers).
+func (cp *clientPump) sent(fwd, need int, barrier bool) (step, error) {
+	sess, tr, rd := cp.sess, cp.tr, cp.rd
+	if err := cp.forward(fwd); err != nil {
+		return stepEnd, err
+	}
+	if len(tr.skipped) > 0 {
+		// Sent while the server discards messages until Sync.
+		sess.finish(tr, tr.skipped)
+		clear(tr.skipped)
+		tr.skipped = tr.skipped[:0]
+	}
+	if !barrier {
+		if !cp.terminated {
+			if cp.inline && rd.mustGrow(need) {
+				cp.resume, cp.need = resumeRoom, need
+				return stepWait, nil
+			}
+			if err := rd.room(need, cp.gone); err != nil {
+				return stepEnd, errUpstreamGone
+			}
+		}
+		return stepDone, nil
+	}
+	if cp.inline {
+		cp.resume = resumeBarrier
+		return stepWait, nil
+	}
+	if err := cp.barrierWait(); err != nil {
+		return stepEnd, err
+	}
+	return stepScan, nil
+}
+
+// commit (on the loop thread, after the round's events) waits for the
+// staged statements' audit write, then forwards them and goes on as
+// process would have.
+func (cp *clientPump) commit() (bool, error) {
+	cp.resume = resumeFlush
+	err := cp.stager.CommitStatements(cp.sess.ctx)
+	auditedText(cp.tr.batch)
+	if err := cp.audited(err); err != nil {
+		return true, err
+	}
+	switch st, err := cp.sent(cp.fwd, cp.need, cp.barrier); st {
+	case stepEnd:
+		return true, err
+	case stepDone:
+		return cp.after(nil)
+	}
+	return false, nil // stepWait; inline, a barrier waits (resumeBarrier)
 }
 
 // after ends the pump after a Terminate or a read that failed.
@@ -570,6 +692,13 @@ func (up *upstreamPump) resumeWork() bool {
 		return up.process(0, up.rerr)
 	case resumeRoom:
 		return up.process(0, up.rd.room(up.need, up.gone))
+	case resumeProcess:
+		end := up.process(up.m, nil)
+		for !end && up.rd.big != nil {
+			m, rerr := up.rd.read()
+			end = up.process(m, rerr)
+		}
+		return end
 	}
 	return false
 }

@@ -28,6 +28,13 @@ func (o *countingObserver) Statements(_ context.Context, qs []*QueryEvent) error
 	return nil
 }
 
+// StageStatements and CommitStatements: the event loop's split of
+// Statements (StatementStager), so that the -loop cases stage.
+func (o *countingObserver) StageStatements(ctx context.Context, qs []*QueryEvent) {
+	_ = o.Statements(ctx, qs)
+}
+func (o *countingObserver) CommitStatements(context.Context) error { return nil }
+
 func (o *countingObserver) Result(_ context.Context, q *QueryEvent) {
 	o.done.Add(1)
 }

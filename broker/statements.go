@@ -1105,17 +1105,28 @@ func (t *tracker) waitAnswered(upDone <-chan struct{}) bool {
 // forwarded. The text of a simple Query points into the relay buffer, so it
 // is cleared once the observer has seen it.
 func (sess *session) audit(events []*QueryEvent) error {
+	sess.auditing(events)
+	err := sess.obs.Statements(sess.ctx, events)
+	auditedText(events)
+	return err
+}
+
+// auditing completes the statements of a read before they are audited.
+func (sess *session) auditing(events []*QueryEvent) {
 	for _, q := range events {
 		q.RoleChange = roleChange(q.Text)
 	}
 	sess.live.began(events)
-	err := sess.obs.Statements(sess.ctx, events)
+}
+
+// auditedText drops what the tracker no longer needs of audited
+// statements: a simple Query's text.
+func auditedText(events []*QueryEvent) {
 	for _, q := range events {
 		if !q.Extended {
 			q.Text = ""
 		}
 	}
-	return err
 }
 
 // unfinished reports the statements the session ended before the server
