@@ -65,6 +65,7 @@ func main() {
 	flag.BoolVar(&shipAudit, "ship", false, "also run select-only through a pgward that ships its audit (audit.otlp) to a real OpenTelemetry Collector (bin/otelcol), the pgw-ship row, and report events written vs shipped and the lag")
 	flag.StringVar(&pgwardBin, "pgward", "", "run the pgward and pgw+reuse rows with this pgward binary (`pgward agent --config`) instead of this program re-executed (make bench BASELINE=… passes bin/pgward, so both builds run the same way)")
 	flag.StringVar(&baselineBin, "baseline", "", "a pgward binary built from another commit: runs as the pgw-base (and base+reuse) rows in the same interleaved rounds, and the ratios of pgward to it are printed at the end (make bench BASELINE=<git rev>)")
+	flag.BoolVar(&baselineLoop, "baseline-event-loop", false, "run the -baseline build with listen.event_loop on, and compare pgw-loop with it")
 	flag.BoolVar(&eventLoopRow, "event-loop", true, "also run the pgw-loop row: pgward as the pgward row with listen.event_loop on (its sessions relayed on one epoll event loop)")
 	flag.BoolVar(&loopNetpollRow, "loop-netpoll", false, "also run the loop-netpoll row: relay-loop with every socket also registered with the Go runtime's netpoller, as a net.Conn's is (what leaving them there would cost an event loop)")
 	flag.BoolVar(&loopRelayRow, "relay-loop", true, "also run the relay-loop row: the minimal relay driven by one epoll event loop on one thread, as PgBouncer is (the ceiling of an event-loop relay in Go on this machine)")
@@ -196,15 +197,8 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 	if eventLoopRow {
 		// The same configuration with listen.event_loop: the sessions
 		// relayed on one epoll loop (broker/eventloop.go).
-		ldir := filepath.Join(dir, "pgw-loop")
-		if err := os.Mkdir(ldir, 0o755); err != nil {
-			return err
-		}
-		lcfg := filepath.Join(ldir, "pgward.yaml")
-		if err := writeAgentConfig(ldir, lcfg, pg, "write", "", ""); err != nil {
-			return err
-		}
-		if err := withEventLoop(lcfg); err != nil {
+		ldir, lcfg, err := agentDir(dir, "pgw-loop", pg, true)
+		if err != nil {
 			return err
 		}
 		lp, err := startPgward("pgw-loop", ldir, lcfg, cpuprofile, ".loop")
@@ -217,13 +211,10 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 	// The same pgward process, upstream connection reuse on (connect workload only).
 	targets = append(targets, target{name: "pgw+reuse", host: dir, db: "benchreuse", port: 5432, pid: pgw.Process.Pid, only: "connect"})
 	if baselineBin != "" {
-		// The other build, same configuration, its rows right after ours.
-		bdir := filepath.Join(dir, "pgw-base")
-		if err := os.Mkdir(bdir, 0o755); err != nil {
-			return err
-		}
-		bcfg := filepath.Join(bdir, "pgward.yaml")
-		if err := writeAgentConfig(bdir, bcfg, pg, "write", "", ""); err != nil {
+		// The other build, same configuration (with -baseline-event-loop,
+		// pgw-loop's), its rows right after ours.
+		bdir, bcfg, err := agentDir(dir, "pgw-base", pg, baselineLoop)
+		if err != nil {
 			return err
 		}
 		base, err := startBinary(baselineBin, bdir, bcfg)
@@ -478,6 +469,9 @@ func sweepSummary(cases []benchCase, clients int, results map[string][]result) {
 // pgwardBin and baselineBin are -pgward and -baseline.
 var pgwardBin, baselineBin string
 
+// baselineLoop is -baseline-event-loop.
+var baselineLoop bool
+
 // auditDir is -audit-dir: where the audit files go (default: beside the config).
 var auditDir string
 
@@ -543,6 +537,26 @@ func startPgward(name, dir, cfg, cpuprofile, suffix string) (*exec.Cmd, error) {
 		return nil, fmt.Errorf("%s did not start: %w", name, err)
 	}
 	return c, nil
+}
+
+// agentDir makes the directory of a second pgward row, name, under dir and
+// writes its configuration (the pgward row's, with listen.event_loop when
+// loop).
+func agentDir(dir, name string, pg *testenv.Postgres, loop bool) (string, string, error) {
+	d := filepath.Join(dir, name)
+	if err := os.Mkdir(d, 0o755); err != nil {
+		return "", "", err
+	}
+	cfg := filepath.Join(d, "pgward.yaml")
+	if err := writeAgentConfig(d, cfg, pg, "write", "", ""); err != nil {
+		return "", "", err
+	}
+	if loop {
+		if err := withEventLoop(cfg); err != nil {
+			return "", "", err
+		}
+	}
+	return d, cfg, nil
 }
 
 // withEventLoop turns listen.event_loop on in the config at path.
@@ -737,7 +751,11 @@ func compareBaseline(wls []workload, results map[string][]result, cpu map[string
 	fmt.Printf("\nthis build vs the baseline %s (same run; tps > 1 and latency, CPU < 1 are better)\n\n", baselineBin)
 	fmt.Printf("%-22s %-22s %10s %14s %10s\n", "workload", "rows", "tps ratio", "latency ratio", "CPU ratio")
 	for _, w := range wls {
-		for _, p := range [][2]string{{"pgward", "pgw-base"}, {"pgw+reuse", "base+reuse"}} {
+		pairs := [][2]string{{"pgward", "pgw-base"}, {"pgw+reuse", "base+reuse"}}
+		if baselineLoop {
+			pairs = [][2]string{{"pgw-loop", "pgw-base"}}
+		}
+		for _, p := range pairs {
 			ours, base := results[w.name+"|"+p[0]], results[w.name+"|"+p[1]]
 			if len(ours) == 0 || len(base) == 0 {
 				continue
