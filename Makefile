@@ -80,8 +80,10 @@ unit: otelcol
 	$(REPORT) -step race -- $(GO) test -json -race -count=1 -timeout 15m -skip '^(TestHostileMemoryBounded|TestHostileSoak)$$' ./... || rc=1; \
 	: "The load test once more, for 60 s without -race, where RSS back to"; \
 	: "baseline can be asserted (make soak: 500 sessions for 5 minutes)."; \
-	: "The broker's suite once more with every session on the event loop (listen.event_loop)."; \
+	: "The broker's suite once more with every session on the event loop (listen.event_loop),"; \
+	: "and the hostile-memory bounds with it (without -race: they assert RSS)."; \
 	PGWARD_TEST_EVENT_LOOP=1 $(REPORT) -step event-loop -- $(GO) test -json -race -count=1 -timeout 10m ./broker/ || rc=1; \
+	PGWARD_TEST_EVENT_LOOP=1 $(REPORT) -step event-loop-hostile -- $(GO) test -json -count=1 -timeout 10m -v -run '^(TestHostileMemoryBounded|TestLargeMessagesThroughBoundedAgent)$$' ./cmd/pgward/ || rc=1; \
 	PGWARD_SOAK_DURATION=60s $(REPORT) -step load -- $(GO) test -json -count=1 -timeout 5m -run '^TestLoadMixedTraffic$$' ./agent/ || rc=1; \
 	: "The idle-session scale test once more without -race: 10,000 sessions"; \
 	: "(as many as RLIMIT_NOFILE allows) and RSS per session asserted; the"; \

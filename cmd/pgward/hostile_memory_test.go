@@ -642,6 +642,11 @@ func writeHostileConfig(t *testing.T, dir string, pg *testenv.Postgres, port int
 // empty, adds keys to listen and to limits ("k: v, k: v").
 func writeAgentConfig(t *testing.T, dir string, pg *testenv.Postgres, port int, moreListen, moreLimits string) string {
 	t.Helper()
+	if os.Getenv("PGWARD_TEST_EVENT_LOOP") == "1" {
+		// make test's event-loop step: the hostile bounds with every
+		// session on the event loop (listen.event_loop).
+		moreListen = strings.TrimPrefix(moreListen+", event_loop: true", ", ")
+	}
 	if moreListen != "" {
 		moreListen = ", " + moreListen
 	}
