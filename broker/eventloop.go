@@ -482,7 +482,9 @@ func (c *loopConn) send(put func(fd int) (bool, error)) error {
 		put = func(fd int) (bool, error) {
 			n, err := c.writeLocked(c.unsent)
 			c.unsent = c.unsent[:copy(c.unsent, c.unsent[n:])]
-			if len(c.unsent) == 0 && cap(c.unsent) > 4*relayBufSize {
+			if len(c.unsent) == 0 {
+				// Sent: a session keeps no buffer between slow writes
+				// (the goroutine relay's goes back to its pool too).
 				c.unsent = nil
 			}
 			return len(c.unsent) == 0, err

@@ -197,6 +197,25 @@ func TestEventLoopSlowReaderDoesNotStallOthers(t *testing.T) {
 	if rows != 200000 {
 		t.Fatalf("stalled client read %d rows, want 200000", rows)
 	}
+	// All sent: no session keeps a buffer for what its client was slow
+	// to read.
+	held := func() (n int) {
+		h.srv.mu.Lock()
+		defer h.srv.mu.Unlock()
+		for sess := range h.srv.sessions {
+			if lc, ok := sess.client.(*loopConn); ok {
+				lc.mu.Lock()
+				n += cap(lc.unsent)
+				lc.mu.Unlock()
+			}
+		}
+		return n
+	}
+	for deadline := time.Now().Add(2 * time.Second); held() != 0; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the sessions keep %d bytes of unsent buffer after everything was sent", held())
+		}
+	}
 }
 
 // Many sessions at once through the one loop thread, each checking its
