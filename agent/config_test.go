@@ -68,6 +68,8 @@ ebpf: { enabled: maybe }
 		}},
 		{"event loop with fsync", "listen: { event_loop: true }\naudit: { durability: fsync }\n",
 			[]string{"pgward.yaml:1: listen.event_loop: cannot be combined with audit.durability fsync"}},
+		{"event loop threads", "listen: { event_loop: true, event_loop_threads: -1 }\n",
+			[]string{"listen.event_loop_threads: must be between 1 and 256 (0: the default, 1)"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -52,6 +52,10 @@ type ListenConfig struct {
 	// EventLoop relays sessions on an epoll event loop (eventloop.go)
 	// instead of a goroutine per direction. Off by default.
 	EventLoop bool `yaml:"event_loop"`
+	// EventLoopThreads is how many event loops (one locked OS thread
+	// each) share the sessions, round robin; 0 means the default, 1.
+	// Read when a listener starts.
+	EventLoopThreads int `yaml:"event_loop_threads"`
 }
 
 // UpstreamConfig is one Postgres server clients may use, by name.
@@ -499,6 +503,9 @@ func (c *Config) Validate() error {
 	}
 	if c.Listen.MaxConnections < 0 {
 		add(fieldErr("listen.max_connections", "must not be negative"))
+	}
+	if n := c.Listen.EventLoopThreads; n < 0 || n > maxEventLoops {
+		add(fieldErr("listen.event_loop_threads", "must be between 1 and %d (0: the default, 1)", maxEventLoops))
 	}
 	if c.Listen.MaxMessageSize < 0 || c.Listen.MaxMessageSize > maxWireMessage {
 		add(fieldErr("listen.max_message_size", "must be between 0 (default) and %d", maxWireMessage))

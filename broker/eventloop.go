@@ -47,20 +47,53 @@ type eventLoop struct {
 }
 
 var (
-	theLoop     *eventLoop
-	theLoopErr  error
-	theLoopOnce sync.Once
+	loopsMu  sync.Mutex
+	theLoops []*eventLoop // under loopsMu; only ever appended to
+	loopNext atomic.Uint32
 )
 
-// sharedLoop starts the process's event loop on first use.
-func sharedLoop() (*eventLoop, error) {
-	theLoopOnce.Do(func() {
-		theLoop, theLoopErr = newEventLoop()
-		if theLoopErr == nil {
-			go theLoop.run()
+// maxEventLoops bounds listen.event_loop_threads.
+const maxEventLoops = 256
+
+// startLoops makes sure the process runs at least n event loops (0: one),
+// starting what is missing.
+func startLoops(n int) error {
+	n = min(max(n, 1), maxEventLoops)
+	loopsMu.Lock()
+	defer loopsMu.Unlock()
+	for len(theLoops) < n {
+		l, err := newEventLoop()
+		if err != nil {
+			return err
 		}
-	})
-	return theLoop, theLoopErr
+		theLoops = append(theLoops, l)
+		go l.run()
+	}
+	return nil
+}
+
+// loops returns the event loops started so far.
+func loops() []*eventLoop {
+	loopsMu.Lock()
+	defer loopsMu.Unlock()
+	return theLoops
+}
+
+// sharedLoop returns the first event loop (starting it if need be).
+func sharedLoop() (*eventLoop, error) {
+	if err := startLoops(1); err != nil {
+		return nil, err
+	}
+	return loops()[0], nil
+}
+
+// pickLoop returns the loop for a new session: round robin.
+func pickLoop() (*eventLoop, error) {
+	if err := startLoops(1); err != nil {
+		return nil, err
+	}
+	ls := loops()
+	return ls[int(loopNext.Add(1)%uint32(len(ls)))], nil
 }
 
 const wakeID = 0

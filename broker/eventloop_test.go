@@ -421,12 +421,14 @@ func TestEventLoopStalledPeerMemoryCounted(t *testing.T) {
 		t.Fatal(err)
 	}
 	unsent := func() (n int) {
-		theLoop.mu.Lock()
-		defer theLoop.mu.Unlock()
-		for _, c := range theLoop.conns {
-			c.mu.Lock()
-			n += len(c.unsent)
-			c.mu.Unlock()
+		for _, l := range loops() {
+			l.mu.Lock()
+			for _, c := range l.conns {
+				c.mu.Lock()
+				n += len(c.unsent)
+				c.mu.Unlock()
+			}
+			l.mu.Unlock()
 		}
 		return n
 	}
@@ -496,20 +498,21 @@ func TestEventLoopYieldsToOtherSessions(t *testing.T) {
 	var runs []int
 	got, cur := 0, 0
 	done := make(chan struct{})
+	closeDone := sync.OnceFunc(func() { close(done) })
 	p.handler = func() {
 		cur = 0
 		p.onReadable(rd, func(m int) (bool, error) {
 			cur++
 			got += rd.n
 			rd.consume(rd.n)
-			if got == total {
-				close(done)
-			}
 			return false, nil
 		})
 		mu.Lock()
 		runs = append(runs, cur)
 		mu.Unlock()
+		if got == total {
+			closeDone() // after this wake-up is counted
+		}
 	}
 	p.inline = true
 	lc.setInline(&p.handler)
@@ -527,5 +530,39 @@ func TestEventLoopYieldsToOtherSessions(t *testing.T) {
 	}
 	if most > inlineReads || len(runs) < total/relayBufSize/inlineReads {
 		t.Fatalf("wake-ups %d, most reads in one %d (want at most %d)", len(runs), most, inlineReads)
+	}
+}
+
+// With listen.event_loop_threads at 2, sessions are spread over two event
+// loops, a session's two sockets on the same loop.
+func TestEventLoopSpreadsSessions(t *testing.T) {
+	h := newHarness(t, func(_ *harness, c *Config) { c.Listen.EventLoop, c.Listen.EventLoopThreads = true, 2 })
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	const n = 6
+	for range n {
+		c := h.connect(t, testenv.ScramUser, "orders")
+		if err := c.Ping(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Serve started them before the first session.
+	if got := len(loops()); got < 2 {
+		t.Fatalf("%d event loops running, want at least 2", got)
+	}
+	used := map[*eventLoop]int{}
+	h.srv.mu.Lock()
+	for sess := range h.srv.sessions {
+		a, _ := sess.client.(*loopConn)
+		b, _ := sess.up.conn.(*loopConn)
+		if a == nil || b == nil || a.loop != b.loop {
+			h.srv.mu.Unlock()
+			t.Fatalf("a session's sockets are not on one loop: %v, %v", a, b)
+		}
+		used[a.loop]++
+	}
+	h.srv.mu.Unlock()
+	if want := min(len(loops()), n); len(used) != want {
+		t.Fatalf("%d sessions on %d of %d loops, want %d: %v", n, len(used), len(loops()), want, used)
 	}
 }

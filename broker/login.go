@@ -327,7 +327,10 @@ func (l *login) attachLoop() {
 	if !l.st.cfg.Listen.EventLoop || !loopable(l.c) || !loopable(l.up.conn) {
 		return
 	}
-	loop, err := sharedLoop()
+	loop, err := pickLoop()
+	if lc, ok := l.up.conn.(*loopConn); ok {
+		loop, err = lc.loop, nil // a reused upstream stays on its loop; the client joins it
+	}
 	if err != nil {
 		l.log.Warn("event loop unavailable; relaying with goroutines", "err", err)
 		return

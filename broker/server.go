@@ -224,7 +224,7 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	if s.state.Load().cfg.Listen.EventLoop {
 		// Started before the first session, so that its two descriptors
 		// are the agent's own from the start (eventloop.go).
-		if _, err := sharedLoop(); err != nil {
+		if err := startLoops(s.state.Load().cfg.Listen.EventLoopThreads); err != nil {
 			s.log.Warn("event loop unavailable; sessions relay with goroutines", "err", err)
 		}
 	}
