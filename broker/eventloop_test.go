@@ -499,7 +499,14 @@ func TestEventLoopYieldsToOtherSessions(t *testing.T) {
 	got, cur := 0, 0
 	done := make(chan struct{})
 	closeDone := sync.OnceFunc(func() { close(done) })
+	var hmu sync.Mutex // held by a wake-up; stopped: the test took rd back
+	stopped := false
 	p.handler = func() {
+		hmu.Lock()
+		defer hmu.Unlock()
+		if stopped {
+			return
+		}
 		cur = 0
 		p.onReadable(rd, func(m int) (bool, error) {
 			cur++
@@ -522,6 +529,9 @@ func TestEventLoopYieldsToOtherSessions(t *testing.T) {
 		t.Fatalf("read %d of %d bytes", got, total)
 	}
 	lc.setInline(nil)
+	hmu.Lock() // a wake-up that loaded the handler before that has ended
+	stopped = true
+	hmu.Unlock()
 	mu.Lock()
 	defer mu.Unlock()
 	most := 0
