@@ -123,11 +123,13 @@ func (l *eventLoop) run() {
 	for {
 		// Commits staged while the last ones ran wait for this round:
 		// look at the sockets without blocking, then run them.
-		wait := -1
+		var n int
+		var err error
 		if len(l.after) > 0 {
-			wait = 0
+			n, err = rawEpollPoll(l.epfd, events)
+		} else {
+			n, err = unix.EpollWait(l.epfd, events, -1)
 		}
-		n, err := unix.EpollWait(l.epfd, events, wait)
 		if err != nil {
 			continue // EINTR
 		}
@@ -136,7 +138,7 @@ func (l *eventLoop) run() {
 			id := uint64(uint32(ev.Fd)) | uint64(uint32(ev.Pad))<<32
 			if id == wakeID {
 				var b [8]byte
-				_, _ = unix.Read(l.wakeFD, b[:])
+				_, _ = rawRead(l.wakeFD, b[:])
 				l.mu.Lock()
 				kicks, l.kicks = l.kicks, kicks[:0]
 				l.mu.Unlock()
@@ -195,7 +197,7 @@ func (l *eventLoop) kick(c *loopConn) {
 	l.kicks = append(l.kicks, c)
 	l.mu.Unlock()
 	var one = [8]byte{1}
-	_, _ = unix.Write(l.wakeFD, one[:])
+	_, _ = rawWrite(l.wakeFD, one[:])
 }
 
 func notify(ch chan struct{}) {
@@ -366,7 +368,7 @@ func (c *loopConn) readInline(b []byte) (int, error) {
 
 func ignoringEINTRRead(fd int, b []byte) (int, error) {
 	for {
-		n, err := unix.Read(fd, b)
+		n, err := rawRead(fd, b)
 		if err != unix.EINTR {
 			return n, err
 		}
@@ -455,7 +457,7 @@ func (c *loopConn) writeInline(b []byte) error {
 func (c *loopConn) writeLocked(b []byte) (int, error) {
 	sent := 0
 	for sent < len(b) {
-		n, err := unix.Write(c.fd, b[sent:])
+		n, err := rawWrite(c.fd, b[sent:])
 		if err == unix.EINTR {
 			continue
 		}
