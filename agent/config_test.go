@@ -70,6 +70,8 @@ ebpf: { enabled: maybe }
 			[]string{"pgward.yaml:1: listen.event_loop: cannot be combined with audit.durability fsync"}},
 		{"event loop threads", "listen: { event_loop: true, event_loop_threads: -1 }\n",
 			[]string{"listen.event_loop_threads: must be between 1 and 256 (0: the default, 1)"}},
+		{"event loop nice", "listen: { event_loop: true, event_loop_nice: -21 }\n",
+			[]string{"listen.event_loop_nice: must be between -20 and 19 (a nice value; 0: the process's own)"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -56,6 +56,10 @@ type ListenConfig struct {
 	// each) share the sessions, round robin; 0 means the default, 1.
 	// Read when a listener starts.
 	EventLoopThreads int `yaml:"event_loop_threads"`
+	// EventLoopNice is the nice value of the event loops' threads
+	// (-20..19; 0 leaves them as the process is). Read when a listener
+	// starts.
+	EventLoopNice int `yaml:"event_loop_nice"`
 }
 
 // UpstreamConfig is one Postgres server clients may use, by name.
@@ -506,6 +510,9 @@ func (c *Config) Validate() error {
 	}
 	if n := c.Listen.EventLoopThreads; n < 0 || n > maxEventLoops {
 		add(fieldErr("listen.event_loop_threads", "must be between 1 and %d (0: the default, 1)", maxEventLoops))
+	}
+	if n := c.Listen.EventLoopNice; n < -20 || n > 19 {
+		add(fieldErr("listen.event_loop_nice", "must be between -20 and 19 (a nice value; 0: the process's own)"))
 	}
 	if c.Listen.MaxMessageSize < 0 || c.Listen.MaxMessageSize > maxWireMessage {
 		add(fieldErr("listen.max_message_size", "must be between 0 (default) and %d", maxWireMessage))

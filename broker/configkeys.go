@@ -47,6 +47,7 @@ var Keys = []Key{
 	{Path: "listen.login_timeout", Default: DefaultLoginTimeout, Doc: "from accept to a relaying session"},
 	{Path: "listen.event_loop", Default: false, Doc: "relay sessions on one epoll event loop instead of a goroutine per direction (plain Unix/TCP sockets; TLS upstreams keep the goroutines)"},
 	{Path: "listen.event_loop_threads", Default: 1, Doc: "how many event loops (one locked OS thread each) share the sessions, round robin; more lowers the tail latency of hundreds of busy sessions and costs CPU per statement"},
+	{Path: "listen.event_loop_nice", Default: 0, Doc: "nice value of the event loops' threads (-20..19; 0: the process's own); a negative value keeps hundreds of busy sessions' tail latency down and needs CAP_SYS_NICE or RLIMIT_NICE"},
 	{Path: "listen.max_message_size", DefaultDoc: "—", Doc: "deprecated spelling of limits.max_message_bytes"},
 
 	{Path: "upstreams.<name>.address", DefaultDoc: "required", Doc: "host:port, or a socket file path"},

@@ -44,6 +44,9 @@ type eventLoop struct {
 	// thread only): the client pumps whose reads were staged for the
 	// round's one audit write (relay.go, commit).
 	after, afterSpare []*func()
+
+	tid     int           // the loop's OS thread, set before started closes
+	started chan struct{} // closed once run has locked its thread
 }
 
 var (
@@ -68,7 +71,37 @@ func startLoops(n int) error {
 		}
 		theLoops = append(theLoops, l)
 		go l.run()
+		<-l.started
+		if loopsNice != 0 {
+			_ = unix.Setpriority(unix.PRIO_PROCESS, l.tid, loopsNice)
+		}
 	}
+	return nil
+}
+
+// loopsNice is the nice value last given to the loops' threads (under
+// loopsMu).
+var loopsNice int
+
+// setLoopsNice gives every event loop's thread the nice value n
+// (listen.event_loop_nice), and loops started later too. One thread
+// serving every session gets one runnable thread's share of the CPUs, as
+// each backend and client does; with hundreds of busy sessions that share
+// is what their tail latency waits for (docs/performance.md). A negative
+// value needs CAP_SYS_NICE or an RLIMIT_NICE that allows it; when it is
+// refused the loops keep the priority they had and the error is returned.
+func setLoopsNice(n int) error {
+	loopsMu.Lock()
+	defer loopsMu.Unlock()
+	if n == loopsNice {
+		return nil
+	}
+	for _, l := range theLoops {
+		if err := unix.Setpriority(unix.PRIO_PROCESS, l.tid, n); err != nil {
+			return os.NewSyscallError("setpriority", err)
+		}
+	}
+	loopsNice = n
 	return nil
 }
 
@@ -113,11 +146,13 @@ func newEventLoop() (*eventLoop, error) {
 		unix.Close(wfd)
 		return nil, os.NewSyscallError("epoll_ctl", err)
 	}
-	return &eventLoop{epfd: ep, wakeFD: wfd, conns: map[uint64]*loopConn{}, next: wakeID + 1}, nil
+	return &eventLoop{epfd: ep, wakeFD: wfd, conns: map[uint64]*loopConn{}, next: wakeID + 1, started: make(chan struct{})}, nil
 }
 
 func (l *eventLoop) run() {
 	runtime.LockOSThread()
+	l.tid = unix.Gettid()
+	close(l.started)
 	events := make([]unix.EpollEvent, 256)
 	var kicks []*loopConn
 	for {

@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -575,4 +576,56 @@ func TestEventLoopSpreadsSessions(t *testing.T) {
 	if want := min(len(loops()), n); len(used) != want {
 		t.Fatalf("%d sessions on %d of %d loops, want %d: %v", n, len(used), len(loops()), want, used)
 	}
+}
+
+// listen.event_loop_nice gives the loops' threads, and only them, that nice
+// value.
+func TestEventLoopNice(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root (CAP_SYS_NICE) for a negative nice value; CI runs as root")
+	}
+	t.Cleanup(func() {
+		if err := setLoopsNice(0); err != nil {
+			t.Error(err)
+		}
+	})
+	h := newHarness(t, func(_ *harness, c *Config) {
+		c.Listen.EventLoop, c.Listen.EventLoopThreads, c.Listen.EventLoopNice = true, 2, -7
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	c := h.connect(t, testenv.ScramUser, "orders")
+	if err := c.Ping(ctx); err != nil {
+		t.Fatal(err)
+	}
+	ls := loops()
+	if len(ls) < 2 {
+		t.Fatalf("%d event loops, want at least 2", len(ls))
+	}
+	for _, l := range ls {
+		if got := threadNice(t, l.tid); got != -7 {
+			t.Errorf("loop thread %d has nice %d, want -7", l.tid, got)
+		}
+	}
+	if got := threadNice(t, os.Getpid()); got != 0 {
+		t.Errorf("the main thread has nice %d, want 0: only the loops' threads change", got)
+	}
+}
+
+// threadNice reads the nice value of one of this process's threads.
+func threadNice(t *testing.T, tid int) int {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/self/task/%d/stat", tid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Fields after the command name (in parentheses): state is field 3,
+	// nice field 19.
+	rest := string(b[bytes.LastIndexByte(b, ')')+2:])
+	f := strings.Fields(rest)
+	n, err := strconv.Atoi(f[19-3])
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
 }

@@ -224,8 +224,11 @@ func (s *Server) Serve(ctx context.Context, ln net.Listener) error {
 	if s.state.Load().cfg.Listen.EventLoop {
 		// Started before the first session, so that its two descriptors
 		// are the agent's own from the start (eventloop.go).
-		if err := startLoops(s.state.Load().cfg.Listen.EventLoopThreads); err != nil {
+		lc := s.state.Load().cfg.Listen
+		if err := startLoops(lc.EventLoopThreads); err != nil {
 			s.log.Warn("event loop unavailable; sessions relay with goroutines", "err", err)
+		} else if err := setLoopsNice(lc.EventLoopNice); err != nil {
+			s.log.Warn("listen.event_loop_nice not applied; the event loops run at the process's priority: give pgward CAP_SYS_NICE, or an RLIMIT_NICE that allows it (systemd: LimitNICE=)", "nice", lc.EventLoopNice, "err", err)
 		}
 	}
 	stop := context.AfterFunc(ctx, func() { ln.Close() })
