@@ -67,6 +67,7 @@ func main() {
 	flag.StringVar(&baselineBin, "baseline", "", "a pgward binary built from another commit: runs as the pgw-base (and base+reuse) rows in the same interleaved rounds, and the ratios of pgward to it are printed at the end (make bench BASELINE=<git rev>)")
 	flag.BoolVar(&baselineLoop, "baseline-event-loop", false, "run the -baseline build with listen.event_loop on, and compare pgw-loop with it")
 	flag.BoolVar(&eventLoopRow, "event-loop", true, "also run the pgw-loop row: pgward as the pgward row with listen.event_loop on (its sessions relayed on one epoll event loop)")
+	flag.IntVar(&loopNice, "loop-nice", 0, "run the pgw-loop row with listen.event_loop_nice at this value (-20..19; a negative one needs root or CAP_SYS_NICE)")
 	flag.BoolVar(&loopNetpollRow, "loop-netpoll", false, "also run the loop-netpoll row: relay-loop with every socket also registered with the Go runtime's netpoller, as a net.Conn's is (what leaving them there would cost an event loop)")
 	flag.BoolVar(&loopRelayRow, "relay-loop", true, "also run the relay-loop row: the minimal relay driven by one epoll event loop on one thread, as PgBouncer is (the ceiling of an event-loop relay in Go on this machine)")
 	flag.StringVar(&sweepClients, "sweep", "1,64", "client counts to run besides -clients, for the -sweep-workloads (comma-separated; empty for none)")
@@ -197,7 +198,7 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 	if eventLoopRow {
 		// The same configuration with listen.event_loop: the sessions
 		// relayed on one epoll loop (broker/eventloop.go).
-		ldir, lcfg, err := agentDir(dir, "pgw-loop", pg, true)
+		ldir, lcfg, err := agentDir(dir, "pgw-loop", pg, true, loopNice)
 		if err != nil {
 			return err
 		}
@@ -213,7 +214,7 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 	if baselineBin != "" {
 		// The other build, same configuration (with -baseline-event-loop,
 		// pgw-loop's), its rows right after ours.
-		bdir, bcfg, err := agentDir(dir, "pgw-base", pg, baselineLoop)
+		bdir, bcfg, err := agentDir(dir, "pgw-base", pg, baselineLoop, 0)
 		if err != nil {
 			return err
 		}
@@ -325,6 +326,9 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 	fmt.Printf("\npgbench, %d clients (rows marked \"N clients\": N), %s × %d interleaved rounds (median), scale %d, Unix sockets, %d CPUs, PostgreSQL %s\n",
 		clients, duration, rounds, scale, runtime.NumCPU(), pgVersion())
 	fmt.Printf("pgward: separate process, audit durability=write parameters=full (pgw-async: durability=async; pgw-noaudit: no statement audit lines; pgw-1cpu: GOMAXPROCS=1); relay: separate process, 32 KiB copy loop, a goroutine per direction; relay-loop: the same bytes through one epoll event loop on one thread; pgbouncer: pool_mode=session, auth_type=scram-sha-256\n")
+	if loopNice != 0 && eventLoopRow {
+		fmt.Printf("pgw-loop: listen.event_loop_nice %d (its loop thread's nice value)\n", loopNice)
+	}
 	if baselineBin != "" {
 		fmt.Printf("pgw-base, base+reuse: the baseline build %s, same configuration, in its own process\n", baselineBin)
 	}
@@ -380,6 +384,7 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 var (
 	loopRelayRow, eventLoopRow, loopNetpollRow bool
 	sweepClients, sweepWorkloads               string
+	loopNice                                   int // -loop-nice
 )
 
 // benchCase is a workload at a number of clients.
@@ -541,8 +546,8 @@ func startPgward(name, dir, cfg, cpuprofile, suffix string) (*exec.Cmd, error) {
 
 // agentDir makes the directory of a second pgward row, name, under dir and
 // writes its configuration (the pgward row's, with listen.event_loop when
-// loop).
-func agentDir(dir, name string, pg *testenv.Postgres, loop bool) (string, string, error) {
+// loop, and listen.event_loop_nice when nice is not 0).
+func agentDir(dir, name string, pg *testenv.Postgres, loop bool, nice int) (string, string, error) {
 	d := filepath.Join(dir, name)
 	if err := os.Mkdir(d, 0o755); err != nil {
 		return "", "", err
@@ -552,20 +557,25 @@ func agentDir(dir, name string, pg *testenv.Postgres, loop bool) (string, string
 		return "", "", err
 	}
 	if loop {
-		if err := withEventLoop(cfg); err != nil {
+		if err := withEventLoop(cfg, nice); err != nil {
 			return "", "", err
 		}
 	}
 	return d, cfg, nil
 }
 
-// withEventLoop turns listen.event_loop on in the config at path.
-func withEventLoop(path string) error {
+// withEventLoop turns listen.event_loop on in the config at path, with
+// listen.event_loop_nice when nice is not 0.
+func withEventLoop(path string, nice int) error {
 	b, err := os.ReadFile(path)
 	if err != nil {
 		return err
 	}
-	out := bytes.Replace(b, []byte("port: 5432 }"), []byte("port: 5432, event_loop: true }"), 1)
+	add := "port: 5432, event_loop: true }"
+	if nice != 0 {
+		add = fmt.Sprintf("port: 5432, event_loop: true, event_loop_nice: %d }", nice)
+	}
+	out := bytes.Replace(b, []byte("port: 5432 }"), []byte(add), 1)
 	if bytes.Equal(out, b) {
 		return fmt.Errorf("%s: no listen line to add event_loop to", path)
 	}
