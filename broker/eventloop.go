@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/pgward/pgward/broker/rawio"
 )
 
 // The event loop (listen.event_loop) relays a session's messages without a
@@ -161,7 +163,7 @@ func (l *eventLoop) run() {
 		var n int
 		var err error
 		if len(l.after) > 0 {
-			n, err = rawEpollPoll(l.epfd, events)
+			n, err = rawio.EpollPoll(l.epfd, events)
 		} else {
 			n, err = unix.EpollWait(l.epfd, events, -1)
 		}
@@ -173,7 +175,7 @@ func (l *eventLoop) run() {
 			id := uint64(uint32(ev.Fd)) | uint64(uint32(ev.Pad))<<32
 			if id == wakeID {
 				var b [8]byte
-				_, _ = rawRead(l.wakeFD, b[:])
+				_, _ = rawio.Read(l.wakeFD, b[:])
 				l.mu.Lock()
 				kicks, l.kicks = l.kicks, kicks[:0]
 				l.mu.Unlock()
@@ -232,7 +234,7 @@ func (l *eventLoop) kick(c *loopConn) {
 	l.kicks = append(l.kicks, c)
 	l.mu.Unlock()
 	var one = [8]byte{1}
-	_, _ = rawWrite(l.wakeFD, one[:])
+	_, _ = rawio.Write(l.wakeFD, one[:])
 }
 
 func notify(ch chan struct{}) {
@@ -403,7 +405,7 @@ func (c *loopConn) readInline(b []byte) (int, error) {
 
 func ignoringEINTRRead(fd int, b []byte) (int, error) {
 	for {
-		n, err := rawRead(fd, b)
+		n, err := rawio.Read(fd, b)
 		if err != unix.EINTR {
 			return n, err
 		}
@@ -492,7 +494,7 @@ func (c *loopConn) writeInline(b []byte) error {
 func (c *loopConn) writeLocked(b []byte) (int, error) {
 	sent := 0
 	for sent < len(b) {
-		n, err := rawWrite(c.fd, b[sent:])
+		n, err := rawio.Write(c.fd, b[sent:])
 		if err == unix.EINTR {
 			continue
 		}

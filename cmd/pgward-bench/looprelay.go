@@ -10,6 +10,8 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/pgward/pgward/broker/rawio"
 )
 
 // runLoopRelay is the relay-loop child: the minimal relay of runRelay,
@@ -168,7 +170,7 @@ func loopRelay(listen, upstream string) error {
 			if !ok {
 				continue // closed earlier in this batch
 			}
-			m, err := unix.Read(fd, buf)
+			m, err := rawio.Read(fd, buf)
 			if err == unix.EAGAIN {
 				continue
 			}
@@ -187,7 +189,7 @@ func loopRelay(listen, upstream string) error {
 // socket is full.
 func writeAll(fd int, b []byte) error {
 	for len(b) > 0 {
-		n, err := unix.Write(fd, b)
+		n, err := rawio.Write(fd, b)
 		if err == unix.EAGAIN {
 			pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLOUT}}
 			if _, err := unix.Poll(pfd, -1); err != nil && err != unix.EINTR {
