@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -653,4 +654,69 @@ func threadNice(t *testing.T, tid int) int {
 		t.Fatal(err)
 	}
 	return n
+}
+
+// When setpriority is refused (no CAP_SYS_NICE, an RLIMIT_NICE that does
+// not allow it), setLoopsNice returns the error and the loops keep their
+// priority. Capabilities are per thread: this drops CAP_SYS_NICE from the
+// calling thread only, which is then discarded.
+func TestEventLoopNiceRefused(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root to start with CAP_SYS_NICE and drop it; CI runs as root")
+	}
+	// An RLIMIT_NICE of 0 allows no lowering without CAP_SYS_NICE (the
+	// soft limit may always be lowered, and raised back to the hard one).
+	var rl unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NICE, &rl); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Setrlimit(unix.RLIMIT_NICE, &unix.Rlimit{Cur: 0, Max: rl.Max}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := unix.Setrlimit(unix.RLIMIT_NICE, &rl); err != nil {
+			t.Error(err)
+		}
+	})
+	if err := startLoops(1); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := setLoopsNice(0); err != nil {
+			t.Error(err)
+		}
+	})
+	done := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread() // never unlocked: the thread ends with the goroutine
+		hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+		var data [2]unix.CapUserData
+		if err := unix.Capget(&hdr, &data[0]); err != nil {
+			done <- err
+			return
+		}
+		data[0].Effective &^= 1 << unix.CAP_SYS_NICE
+		if err := unix.Capset(&hdr, &data[0]); err != nil {
+			done <- err
+			return
+		}
+		err := setLoopsNice(-5)
+		if err == nil {
+			done <- errors.New("setLoopsNice(-5) without CAP_SYS_NICE succeeded")
+			return
+		}
+		if !errors.Is(err, unix.EACCES) && !errors.Is(err, unix.EPERM) {
+			done <- fmt.Errorf("setLoopsNice(-5) without CAP_SYS_NICE: %v, want EACCES or EPERM", err)
+			return
+		}
+		done <- nil
+	}()
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range loops() {
+		if got := threadNice(t, l.tid); got != 0 {
+			t.Errorf("loop thread %d has nice %d after a refused change, want 0", l.tid, got)
+		}
+	}
 }
