@@ -114,14 +114,6 @@ func loops() []*eventLoop {
 	return theLoops
 }
 
-// sharedLoop returns the first event loop (starting it if need be).
-func sharedLoop() (*eventLoop, error) {
-	if err := startLoops(1); err != nil {
-		return nil, err
-	}
-	return loops()[0], nil
-}
-
 // pickLoop returns the loop for a new session: round robin.
 func pickLoop() (*eventLoop, error) {
 	if err := startLoops(1); err != nil {

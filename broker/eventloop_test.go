@@ -720,3 +720,12 @@ func TestEventLoopNiceRefused(t *testing.T) {
 		}
 	}
 }
+
+// sharedLoop returns the first event loop (starting it if need be), for
+// tests that drive one loop directly.
+func sharedLoop() (*eventLoop, error) {
+	if err := startLoops(1); err != nil {
+		return nil, err
+	}
+	return loops()[0], nil
+}

@@ -327,9 +327,12 @@ func (l *login) attachLoop() {
 	if !l.st.cfg.Listen.EventLoop || !loopable(l.c) || !loopable(l.up.conn) {
 		return
 	}
-	loop, err := pickLoop()
+	var loop *eventLoop
+	var err error
 	if lc, ok := l.up.conn.(*loopConn); ok {
-		loop, err = lc.loop, nil // a reused upstream stays on its loop; the client joins it
+		loop = lc.loop // a reused upstream stays on its loop; the client joins it
+	} else {
+		loop, err = pickLoop()
 	}
 	if err != nil {
 		l.log.Warn("event loop unavailable; relaying with goroutines", "err", err)
