@@ -235,11 +235,19 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 		// audit durability "async" (the same work, the write(2) off the
 		// statement's path), and pgward with no statement audit lines at
 		// all (sessions still audited; metrics and logs as usual).
-		for _, v := range []struct{ name, durability, role string }{
-			{"pgw-async", "async", "agent"},
-			{"pgw-noaudit", "write", "noaudit"},
-			{"pgw-1cpu", "write", "agent"},
+		for _, v := range []struct {
+			name, durability, role string
+			loop                   bool
+		}{
+			{"pgw-async", "async", "agent", false},
+			{"pgw-noaudit", "write", "noaudit", false},
+			{"pgw-1cpu", "write", "agent", false},
+			// pgw-loop's audit cost: the loop without statement audit lines.
+			{"loop-noaudit", "write", "noaudit", true},
 		} {
+			if v.loop && !eventLoopRow {
+				continue
+			}
 			vdir := filepath.Join(dir, v.name)
 			if err := os.Mkdir(vdir, 0o755); err != nil {
 				return err
@@ -247,6 +255,11 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 			vcfg := filepath.Join(vdir, "pgward.yaml")
 			if err := writeAgentConfig(vdir, vcfg, pg, v.durability, "", ""); err != nil {
 				return err
+			}
+			if v.loop {
+				if err := withEventLoop(vcfg, loopNice); err != nil {
+					return err
+				}
 			}
 			var env []string
 			if v.name == "pgw-1cpu" {
@@ -295,6 +308,7 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 	}
 	results := map[string][]result{}
 	cpu := map[string]time.Duration{}
+	ucpu := map[string]time.Duration{} // the user-mode part of cpu
 	switches := map[string]int64{}
 	stmts := map[string]float64{}
 	for r := 0; r < rounds; r++ {
@@ -304,6 +318,7 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 					continue
 				}
 				before, beforeCS := procCPU(t.pid), procSwitches(t.pid)
+				beforeU := procUserCPU(t.pid)
 				if ship != nil && t.name == ship.target.name {
 					ship.before()
 				}
@@ -316,6 +331,7 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 				}
 				key := w.label + "|" + t.name
 				cpu[key] += procCPU(t.pid) - before
+				ucpu[key] += procUserCPU(t.pid) - beforeU
 				switches[key] += procSwitches(t.pid) - beforeCS
 				stmts[key] += res.tps * duration.Seconds() * w.stmts
 				results[key] = append(results[key], res)
@@ -325,7 +341,7 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 	}
 	fmt.Printf("\npgbench, %d clients (rows marked \"N clients\": N), %s × %d interleaved rounds (median), scale %d, Unix sockets, %d CPUs, PostgreSQL %s\n",
 		clients, duration, rounds, scale, runtime.NumCPU(), pgVersion())
-	fmt.Printf("pgward: separate process, audit durability=write parameters=full (pgw-async: durability=async; pgw-noaudit: no statement audit lines; pgw-1cpu: GOMAXPROCS=1); relay: separate process, 32 KiB copy loop, a goroutine per direction; relay-loop: the same bytes through one epoll event loop on one thread; pgbouncer: pool_mode=session, auth_type=scram-sha-256\n")
+	fmt.Printf("pgward: separate process, audit durability=write parameters=full (pgw-async: durability=async; pgw-noaudit: no statement audit lines; pgw-1cpu: GOMAXPROCS=1; loop-noaudit: pgw-loop without statement audit lines); relay: separate process, 32 KiB copy loop, a goroutine per direction; relay-loop: the same bytes through one epoll event loop on one thread; pgbouncer: pool_mode=session, auth_type=scram-sha-256\n")
 	if loopNice != 0 && eventLoopRow {
 		fmt.Printf("pgw-loop: listen.event_loop_nice %d (its loop thread's nice value)\n", loopNice)
 	}
@@ -333,7 +349,7 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 		fmt.Printf("pgw-base, base+reuse: the baseline build %s, same configuration, in its own process\n", baselineBin)
 	}
 	fmt.Println()
-	fmt.Printf("%-28s %-11s %9s %10s %9s %9s %9s %12s %11s %10s\n", "workload", "path", "tps", "latency ms", "+ms/stmt", "vs direct", "vs bouncer", "CPU s/100k stmt", "cswch/stmt", "vs relay")
+	fmt.Printf("%-28s %-11s %9s %10s %9s %9s %9s %12s %6s %11s %10s\n", "workload", "path", "tps", "latency ms", "+ms/stmt", "vs direct", "vs bouncer", "CPU s/100k stmt", "user", "cswch/stmt", "vs relay")
 	for _, w := range cases {
 		direct := median(results[w.label+"|direct"])
 		relayRes := median(results[w.label+"|relay"])
@@ -344,10 +360,13 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 				continue
 			}
 			med := median(results[key])
-			c, cs := "-", "-"
+			c, cs, u := "-", "-", "-"
 			if t.pid != 0 && stmts[key] > 0 {
 				c = fmt.Sprintf("%.2f", cpu[key].Seconds()/stmts[key]*100000)
 				cs = fmt.Sprintf("%.2f", float64(switches[key])/stmts[key])
+				if cpu[key] > 0 {
+					u = fmt.Sprintf("%.0f%%", 100*ucpu[key].Seconds()/cpu[key].Seconds())
+				}
 			}
 			vb := "-"
 			if haveBouncer {
@@ -356,7 +375,7 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 			// What the path adds to each statement's latency (pgbench's
 			// latency is per transaction).
 			added := (med.latencyMS - direct.latencyMS) / w.stmts
-			fmt.Printf("%-28s %-11s %9.0f %10.3f %9.3f %8.2fx %9s %12s %11s %9.2fx\n", w.label, t.name, med.tps, med.latencyMS, added, med.tps/direct.tps, vb, c, cs, med.tps/relayRes.tps)
+			fmt.Printf("%-28s %-11s %9.0f %10.3f %9.3f %8.2fx %9s %12s %6s %11s %9.2fx\n", w.label, t.name, med.tps, med.latencyMS, added, med.tps/direct.tps, vb, c, u, cs, med.tps/relayRes.tps)
 		}
 	}
 	if len(cases) > len(wls) {
@@ -920,18 +939,32 @@ func median(rs []result) result {
 
 // procCPU is the user+system CPU time of process pid (0: none).
 func procCPU(pid int) time.Duration {
+	ut, st := procTimes(pid)
+	return ut + st
+}
+
+// procUserCPU is the user-mode CPU time of process pid (0: none): with
+// procCPU, how much of a row's CPU is its own code rather than the
+// kernel's (system calls, faults, wake-ups).
+func procUserCPU(pid int) time.Duration {
+	ut, _ := procTimes(pid)
+	return ut
+}
+
+// procTimes is utime and stime of /proc/pid/stat.
+func procTimes(pid int) (user, sys time.Duration) {
 	if pid == 0 {
-		return 0
+		return 0, 0
 	}
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
-		return 0
+		return 0, 0
 	}
 	s := string(b)
 	f := strings.Fields(s[strings.LastIndexByte(s, ')')+2:])
 	ut, _ := strconv.ParseInt(f[11], 10, 64)
 	st, _ := strconv.ParseInt(f[12], 10, 64)
-	return time.Duration(ut+st) * time.Second / 100 // USER_HZ
+	return time.Duration(ut) * time.Second / 100, time.Duration(st) * time.Second / 100 // USER_HZ
 }
 
 // procSwitches is the number of context switches (voluntary and not) of
