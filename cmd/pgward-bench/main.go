@@ -309,6 +309,7 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 	results := map[string][]result{}
 	cpu := map[string]time.Duration{}
 	ucpu := map[string]time.Duration{} // the user-mode part of cpu
+	rqwait := map[string]time.Duration{} // runnable, waiting for a CPU
 	switches := map[string]int64{}
 	stmts := map[string]float64{}
 	for r := 0; r < rounds; r++ {
@@ -318,7 +319,7 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 					continue
 				}
 				before, beforeCS := procCPU(t.pid), procSwitches(t.pid)
-				beforeU := procUserCPU(t.pid)
+				beforeU, beforeRQ := procUserCPU(t.pid), procRunDelay(t.pid)
 				if ship != nil && t.name == ship.target.name {
 					ship.before()
 				}
@@ -332,6 +333,7 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 				key := w.label + "|" + t.name
 				cpu[key] += procCPU(t.pid) - before
 				ucpu[key] += procUserCPU(t.pid) - beforeU
+				rqwait[key] += procRunDelay(t.pid) - beforeRQ
 				switches[key] += procSwitches(t.pid) - beforeCS
 				stmts[key] += res.tps * duration.Seconds() * w.stmts
 				results[key] = append(results[key], res)
@@ -349,7 +351,7 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 		fmt.Printf("pgw-base, base+reuse: the baseline build %s, same configuration, in its own process\n", baselineBin)
 	}
 	fmt.Println()
-	fmt.Printf("%-28s %-11s %9s %10s %9s %9s %9s %12s %6s %11s %10s\n", "workload", "path", "tps", "latency ms", "+ms/stmt", "vs direct", "vs bouncer", "CPU s/100k stmt", "user", "cswch/stmt", "vs relay")
+	fmt.Printf("%-28s %-11s %9s %10s %9s %9s %9s %12s %6s %11s %10s %10s\n", "workload", "path", "tps", "latency ms", "+ms/stmt", "vs direct", "vs bouncer", "CPU s/100k stmt", "user", "cswch/stmt", "rq µs/stmt", "vs relay")
 	for _, w := range cases {
 		direct := median(results[w.label+"|direct"])
 		relayRes := median(results[w.label+"|relay"])
@@ -360,8 +362,9 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 				continue
 			}
 			med := median(results[key])
-			c, cs, u := "-", "-", "-"
+			c, cs, u, rq := "-", "-", "-", "-"
 			if t.pid != 0 && stmts[key] > 0 {
+				rq = fmt.Sprintf("%.1f", rqwait[key].Seconds()/stmts[key]*1e6)
 				c = fmt.Sprintf("%.2f", cpu[key].Seconds()/stmts[key]*100000)
 				cs = fmt.Sprintf("%.2f", float64(switches[key])/stmts[key])
 				if cpu[key] > 0 {
@@ -375,7 +378,7 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 			// What the path adds to each statement's latency (pgbench's
 			// latency is per transaction).
 			added := (med.latencyMS - direct.latencyMS) / w.stmts
-			fmt.Printf("%-28s %-11s %9.0f %10.3f %9.3f %8.2fx %9s %12s %6s %11s %9.2fx\n", w.label, t.name, med.tps, med.latencyMS, added, med.tps/direct.tps, vb, c, u, cs, med.tps/relayRes.tps)
+			fmt.Printf("%-28s %-11s %9.0f %10.3f %9.3f %8.2fx %9s %12s %6s %11s %10s %9.2fx\n", w.label, t.name, med.tps, med.latencyMS, added, med.tps/direct.tps, vb, c, u, cs, rq, med.tps/relayRes.tps)
 		}
 	}
 	if len(cases) > len(wls) {
@@ -949,6 +952,32 @@ func procCPU(pid int) time.Duration {
 func procUserCPU(pid int) time.Duration {
 	ut, _ := procTimes(pid)
 	return ut
+}
+
+// procRunDelay is how long the threads of process pid were runnable but
+// waiting for a CPU (the second field of each thread's schedstat, summed):
+// what the kernel's scheduler, not the path's own work, adds to its
+// latency. Threads that exited are not counted.
+func procRunDelay(pid int) time.Duration {
+	if pid == 0 {
+		return 0
+	}
+	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	if err != nil {
+		return 0
+	}
+	var sum int64
+	for _, t := range tasks {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/schedstat", pid, t.Name()))
+		if err != nil {
+			continue
+		}
+		if f := strings.Fields(string(b)); len(f) >= 2 {
+			v, _ := strconv.ParseInt(f[1], 10, 64)
+			sum += v
+		}
+	}
+	return time.Duration(sum)
 }
 
 // procTimes is utime and stime of /proc/pid/stat.
