@@ -308,7 +308,7 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 	}
 	results := map[string][]result{}
 	cpu := map[string]time.Duration{}
-	ucpu := map[string]time.Duration{} // the user-mode part of cpu
+	ucpu := map[string]time.Duration{}   // the user-mode part of cpu
 	rqwait := map[string]time.Duration{} // runnable, waiting for a CPU
 	switches := map[string]int64{}
 	stmts := map[string]float64{}
