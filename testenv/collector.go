@@ -136,11 +136,31 @@ func StartCollector(ctx context.Context, dir string) (*Collector, error) {
 	if err != nil {
 		return nil, err
 	}
-	gp, err := freePort()
+	// The ports are picked free and handed to the collector, which binds
+	// them a moment later: another process (a test beside this one) may
+	// take one first. Then pick again, as the postmaster's start does.
+	for attempt := 0; ; attempt++ {
+		c, err := startCollectorOnce(ctx, dir, bin)
+		if attempt < 4 && errors.Is(err, errCollectorPortInUse) {
+			continue
+		}
+		return c, err
+	}
+}
+
+// collectorPort picks a receiver's port (a variable for tests).
+var collectorPort = freePort
+
+// errCollectorPortInUse: the collector could not bind a receiver's port.
+var errCollectorPortInUse = errors.New("collector port in use")
+
+// startCollectorOnce is StartCollector on one pick of free ports.
+func startCollectorOnce(ctx context.Context, dir, bin string) (*Collector, error) {
+	gp, err := collectorPort()
 	if err != nil {
 		return nil, err
 	}
-	hp, err := freePort()
+	hp, err := collectorPort()
 	if err != nil {
 		return nil, err
 	}
@@ -241,7 +261,11 @@ func (c *Collector) Start(ctx context.Context) error {
 		select {
 		case <-done:
 			c.proc = nil
-			return fmt.Errorf("collector exited during startup: %s", lastLines(readFrom(c.LogPath, logStart), 20))
+			out := readFrom(c.LogPath, logStart)
+			if bytes.Contains(out, []byte("address already in use")) {
+				return fmt.Errorf("%w: collector exited during startup: %s", errCollectorPortInUse, lastLines(out, 20))
+			}
+			return fmt.Errorf("collector exited during startup: %s", lastLines(out, 20))
 		case <-ctx.Done():
 			c.killLocked()
 			return fmt.Errorf("wait for collector: %w: %s", ctx.Err(), lastLines(readFrom(c.LogPath, logStart), 20))

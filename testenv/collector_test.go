@@ -3,6 +3,7 @@ package testenv_test
 import (
 	"bytes"
 	"context"
+	"net"
 	"net/http"
 	"testing"
 	"time"
@@ -103,4 +104,36 @@ func waitLogs(t *testing.T, c *testenv.Collector, n int) []testenv.LogRecord {
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+// A port picked free can be taken by another process before the collector
+// binds it (tests run side by side): the collector then exits, and
+// StartCollector picks other ports and starts it again.
+func TestCollectorPortTakenRetries(t *testing.T) {
+	taken, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer taken.Close()
+	busy := taken.Addr().(*net.TCPAddr).Port
+	picks := 0
+	testenv.SetCollectorPort(t, func() (int, error) {
+		picks++
+		if picks == 1 {
+			return busy, nil // the gRPC receiver's, on the first attempt
+		}
+		return testenv.FreePort()
+	})
+	c := testenv.RequireCollector(t)
+	if picks != 4 {
+		t.Errorf("%d ports picked, want 4 (two attempts of two)", picks)
+	}
+	if c.GRPCAddr == taken.Addr().String() {
+		t.Fatalf("the collector reports the taken port %s", c.GRPCAddr)
+	}
+	conn, err := net.DialTimeout("tcp", c.GRPCAddr, time.Second)
+	if err != nil {
+		t.Fatalf("the restarted collector's gRPC receiver: %v", err)
+	}
+	conn.Close()
 }
