@@ -318,8 +318,8 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 				if !t.runs(w.workload) || (w.clients != clients && !sweepTarget(t.name)) {
 					continue
 				}
-				before, beforeCS := procCPU(t.pid), procSwitches(t.pid)
-				beforeU, beforeRQ := procUserCPU(t.pid), procRunDelay(t.pid)
+				beforeU, beforeS := procTimes(t.pid) // one read: user and total agree
+				beforeCS, beforeRQ := procSwitches(t.pid), procRunDelay(t.pid)
 				if ship != nil && t.name == ship.target.name {
 					ship.before()
 				}
@@ -331,8 +331,9 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 					ship.after(w.name, duration)
 				}
 				key := w.label + "|" + t.name
-				cpu[key] += procCPU(t.pid) - before
-				ucpu[key] += procUserCPU(t.pid) - beforeU
+				afterU, afterS := procTimes(t.pid)
+				cpu[key] += afterU + afterS - beforeU - beforeS
+				ucpu[key] += afterU - beforeU
 				rqwait[key] += procRunDelay(t.pid) - beforeRQ
 				switches[key] += procSwitches(t.pid) - beforeCS
 				stmts[key] += res.tps * duration.Seconds() * w.stmts
@@ -940,20 +941,6 @@ func median(rs []result) result {
 	return s[len(s)/2]
 }
 
-// procCPU is the user+system CPU time of process pid (0: none).
-func procCPU(pid int) time.Duration {
-	ut, st := procTimes(pid)
-	return ut + st
-}
-
-// procUserCPU is the user-mode CPU time of process pid (0: none): with
-// procCPU, how much of a row's CPU is its own code rather than the
-// kernel's (system calls, faults, wake-ups).
-func procUserCPU(pid int) time.Duration {
-	ut, _ := procTimes(pid)
-	return ut
-}
-
 // procRunDelay is how long the threads of process pid were runnable but
 // waiting for a CPU (the second field of each thread's schedstat, summed):
 // what the kernel's scheduler, not the path's own work, adds to its
@@ -980,7 +967,9 @@ func procRunDelay(pid int) time.Duration {
 	return time.Duration(sum)
 }
 
-// procTimes is utime and stime of /proc/pid/stat.
+// procTimes is utime and stime of /proc/pid/stat (0: none): the user part
+// is how much of a row's CPU is its own code rather than the kernel's
+// (system calls, faults, wake-ups).
 func procTimes(pid int) (user, sys time.Duration) {
 	if pid == 0 {
 		return 0, 0
