@@ -125,8 +125,10 @@ func TestCollectorPortTakenRetries(t *testing.T) {
 		return testenv.FreePort()
 	})
 	c := testenv.RequireCollector(t)
-	if picks != 4 {
-		t.Errorf("%d ports picked, want 4 (two attempts of two)", picks)
+	// Two attempts of two ports at least: more if another test beside
+	// this one takes a port of the second attempt too.
+	if picks < 4 || picks%2 != 0 {
+		t.Errorf("%d ports picked, want two per attempt and at least two attempts", picks)
 	}
 	if c.GRPCAddr == taken.Addr().String() {
 		t.Fatalf("the collector reports the taken port %s", c.GRPCAddr)
