@@ -45,8 +45,12 @@ import (
 //
 // With no endpoint set (or OTEL_TRACES_EXPORTER=none) the provider still
 // mints trace and span ids — the broker uses the session's trace id as
-// request_id — but exports nothing. Spans that are not sampled also carry
-// valid ids.
+// request_id — but records no span, whatever the sampler: a span no
+// exporter takes is work per statement for nothing (about 1.7 µs and
+// 1.6 KB per statement on the development machine, BenchmarkStatementSpan;
+// the observer starts no statement span under a session span that is not
+// recording). Spans not recorded still carry valid ids; the audit's
+// span_id, which would name a span no backend has, is then absent.
 //
 // shutdown flushes queued spans and stops the exporter; call it once on exit.
 func NewTracerProvider(ctx context.Context, env func(string) string, opts ...TracingOption) (trace.TracerProvider, func(context.Context) error, error) {
@@ -74,6 +78,8 @@ func NewTracerProvider(ctx context.Context, env func(string) string, opts ...Tra
 	}
 	if exp != nil {
 		tpOpts = append(tpOpts, sdktrace.WithBatcher(exp))
+	} else {
+		tpOpts = append(tpOpts, sdktrace.WithSampler(sdktrace.NeverSample()))
 	}
 	tp := sdktrace.NewTracerProvider(tpOpts...)
 	return tp, tp.Shutdown, nil
