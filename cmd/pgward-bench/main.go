@@ -605,7 +605,11 @@ func withEventLoop(path string, nice int) error {
 	return os.WriteFile(path, out, 0o600)
 }
 
-// runAgent is the pgward child: the agent with the config at path until SIGTERM.
+// runAgent is the pgward child: the agent with the config at path until
+// SIGTERM, with its logger and tracer provider made as `pgward agent`
+// makes them (the JSON logger at PGWARD_LOG_LEVEL, warn as startBinary
+// sets it, here discarded; the tracer provider from the OTEL_* variables),
+// so that its rows measure what `pgward agent` does.
 func runAgent(path string) int {
 	defer profileCPU()()
 	cfg, err := agent.LoadConfig(path)
@@ -615,7 +619,23 @@ func runAgent(path string) int {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
 	defer stop()
-	opts := agent.Options{Config: cfg, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}
+	log, err := exporter.NewLogger(io.Discard, func(k string) string {
+		if v := os.Getenv(k); v != "" || k != "PGWARD_LOG_LEVEL" {
+			return v
+		}
+		return "warn"
+	})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "agent:", err)
+		return 1
+	}
+	tp, shutdownTracing, err := exporter.NewTracerProvider(ctx, os.Getenv)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "agent: tracing:", err)
+		return 1
+	}
+	defer shutdownTracing(context.Background())
+	opts := agent.Options{Config: cfg, Logger: log, TracerProvider: tp}
 	a, err := agent.New(ctx, opts)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "agent:", err)
