@@ -119,6 +119,12 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 		return err
 	}
 	defer pg.Stop()
+	server, err := newServerCPU(pg)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "no server µs/stmt column:", err)
+	} else {
+		defer server.close()
+	}
 	fmt.Fprintf(os.Stderr, "pgbench -i -s %d…\n", scale)
 	initCmd := exec.Command("pgbench", "-i", "-q", "-s", strconv.Itoa(scale), "-h", pg.SocketDir, "-p", strconv.Itoa(pg.Port), "-U", testenv.ScramUser, testenv.Database)
 	initCmd.Env = append(os.Environ(), "PGPASSWORD="+testenv.ScramPassword)
@@ -311,6 +317,7 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 	ucpu := map[string]time.Duration{}   // the user-mode part of cpu
 	rqwait := map[string]time.Duration{} // runnable, waiting for a CPU
 	switches := map[string]int64{}
+	srvcpu := map[string]time.Duration{} // the server's CPU (serverCPU)
 	stmts := map[string]float64{}
 	for r := 0; r < rounds; r++ {
 		for _, w := range cases {
@@ -320,6 +327,7 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 				}
 				beforeU, beforeS := procTimes(t.pid) // one read: user and total agree
 				beforeCS, beforeRQ := procSwitches(t.pid), procRunDelay(t.pid)
+				beforeSrv := server.at()
 				if ship != nil && t.name == ship.target.name {
 					ship.before()
 				}
@@ -332,6 +340,7 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 				}
 				key := w.label + "|" + t.name
 				afterU, afterS := procTimes(t.pid)
+				srvcpu[key] += server.at() - beforeSrv
 				cpu[key] += afterU + afterS - beforeU - beforeS
 				ucpu[key] += afterU - beforeU
 				rqwait[key] += procRunDelay(t.pid) - beforeRQ
@@ -352,7 +361,7 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 		fmt.Printf("pgw-base, base+reuse: the baseline build %s, same configuration, in its own process\n", baselineBin)
 	}
 	fmt.Println()
-	fmt.Printf("%-28s %-11s %9s %10s %9s %9s %9s %12s %6s %11s %10s %10s\n", "workload", "path", "tps", "latency ms", "+ms/stmt", "vs direct", "vs bouncer", "CPU s/100k stmt", "user", "cswch/stmt", "rq µs/stmt", "vs relay")
+	fmt.Printf("%-28s %-11s %9s %10s %9s %9s %9s %12s %6s %11s %10s %14s %10s\n", "workload", "path", "tps", "latency ms", "+ms/stmt", "vs direct", "vs bouncer", "CPU s/100k stmt", "user", "cswch/stmt", "rq µs/stmt", "server µs/stmt", "vs relay")
 	for _, w := range cases {
 		direct := median(results[w.label+"|direct"])
 		relayRes := median(results[w.label+"|relay"])
@@ -363,7 +372,10 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 				continue
 			}
 			med := median(results[key])
-			c, cs, u, rq := "-", "-", "-", "-"
+			c, cs, u, rq, srv := "-", "-", "-", "-", "-"
+			if server != nil && stmts[key] > 0 {
+				srv = fmt.Sprintf("%.1f", srvcpu[key].Seconds()/stmts[key]*1e6)
+			}
 			if t.pid != 0 && stmts[key] > 0 {
 				rq = fmt.Sprintf("%.1f", rqwait[key].Seconds()/stmts[key]*1e6)
 				c = fmt.Sprintf("%.2f", cpu[key].Seconds()/stmts[key]*100000)
@@ -379,7 +391,7 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 			// What the path adds to each statement's latency (pgbench's
 			// latency is per transaction).
 			added := (med.latencyMS - direct.latencyMS) / w.stmts
-			fmt.Printf("%-28s %-11s %9.0f %10.3f %9.3f %8.2fx %9s %12s %6s %11s %10s %9.2fx\n", w.label, t.name, med.tps, med.latencyMS, added, med.tps/direct.tps, vb, c, u, cs, rq, med.tps/relayRes.tps)
+			fmt.Printf("%-28s %-11s %9.0f %10.3f %9.3f %8.2fx %9s %12s %6s %11s %10s %14s %9.2fx\n", w.label, t.name, med.tps, med.latencyMS, added, med.tps/direct.tps, vb, c, u, cs, rq, srv, med.tps/relayRes.tps)
 		}
 	}
 	if len(cases) > len(wls) {
