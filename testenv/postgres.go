@@ -516,7 +516,7 @@ func (p *Postgres) killTreeLocked(pm *postmaster) {
 	// Stopped, the postmaster neither forks nor reaps, so the pids of its
 	// children stay theirs (at worst zombies) until it is killed last.
 	_ = pm.proc.Signal(syscall.SIGSTOP)
-	kids := childrenOf(pm.pid)
+	kids := ChildrenOf(pm.pid)
 	for _, k := range kids {
 		_ = syscall.Kill(k, syscall.SIGKILL)
 	}
@@ -550,7 +550,8 @@ func (p *Postgres) releaseStaleShmem() {
 	_ = os.Remove(pidFile)
 }
 
-func childrenOf(ppid int) []int {
+// ChildrenOf lists the processes whose parent is ppid (from /proc).
+func ChildrenOf(ppid int) []int {
 	ents, err := os.ReadDir("/proc")
 	if err != nil {
 		return nil

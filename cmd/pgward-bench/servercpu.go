@@ -59,7 +59,7 @@ func newServerCPU(pg *testenv.Postgres) (*serverCPU, error) {
 		s.close()
 		return nil, fmt.Errorf("move the postmaster into %s: %w", dir, err)
 	}
-	for _, pid := range childrenOf(pm) {
+	for _, pid := range testenv.ChildrenOf(pm) {
 		_ = s.move(pid, dir) // one that exited meanwhile does not matter
 	}
 	if _, err := s.usage(); err != nil {
@@ -112,31 +112,4 @@ func (s *serverCPU) close() {
 		}
 	}
 	_ = os.Remove(s.dir)
-}
-
-// childrenOf lists the processes whose parent is pid.
-func childrenOf(pid int) []int {
-	stats, _ := filepath.Glob("/proc/[0-9]*/stat")
-	var out []int
-	for _, p := range stats {
-		b, err := os.ReadFile(p)
-		if err != nil {
-			continue
-		}
-		s := string(b)
-		i := strings.LastIndexByte(s, ')')
-		if i < 0 {
-			continue
-		}
-		f := strings.Fields(s[i+1:])
-		if len(f) < 2 {
-			continue
-		}
-		if ppid, _ := strconv.Atoi(f[1]); ppid == pid {
-			if c, err := strconv.Atoi(filepath.Base(filepath.Dir(p))); err == nil {
-				out = append(out, c)
-			}
-		}
-	}
-	return out
 }
