@@ -31,7 +31,7 @@ type Cgroup struct {
 func NewCgroup(tb testing.TB, parent string) Cgroup {
 	tb.Helper()
 	if parent == "" {
-		root, err := cgroup2Root()
+		root, err := Cgroup2Root()
 		if err != nil {
 			SkipUnlessCI(tb, "no cgroup2: %v", err)
 		}
@@ -112,7 +112,7 @@ func (cg Cgroup) Enter(tb testing.TB) {
 			orig = rest
 		}
 	}
-	root, err := cgroup2Root()
+	root, err := Cgroup2Root()
 	if err != nil {
 		tb.Fatal(err)
 	}
@@ -127,11 +127,11 @@ func (cg Cgroup) Enter(tb testing.TB) {
 	})
 }
 
-// cgroup2Root returns the cgroup v2 mount point: /sys/fs/cgroup/unified on
+// Cgroup2Root returns the cgroup v2 mount point: /sys/fs/cgroup/unified on
 // hybrid v1/v2 hosts, /sys/fs/cgroup on unified ones, else the first cgroup2
 // mount in /proc/self/mountinfo. (bpf.Cgroup2Root is the product's own; the
 // bpf package's tests import testenv, so testenv cannot import bpf.)
-func cgroup2Root() (string, error) {
+func Cgroup2Root() (string, error) {
 	for _, p := range []string{"/sys/fs/cgroup/unified", "/sys/fs/cgroup"} {
 		var st unix.Statfs_t
 		if unix.Statfs(p, &st) == nil && st.Type == unix.CGROUP2_SUPER_MAGIC {

@@ -8,7 +8,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/pgward/pgward/bpf"
 	"github.com/pgward/pgward/testenv"
 )
 
@@ -27,7 +26,7 @@ type serverCPU struct {
 // fails, and the column shows "-", where that cannot be done (not root, no
 // cgroup2).
 func newServerCPU(pg *testenv.Postgres) (*serverCPU, error) {
-	root, err := bpf.Cgroup2Root()
+	root, err := testenv.Cgroup2Root()
 	if err != nil {
 		return nil, err
 	}

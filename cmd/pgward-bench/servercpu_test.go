@@ -11,7 +11,6 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
-	"github.com/pgward/pgward/bpf"
 	"github.com/pgward/pgward/testenv"
 )
 
@@ -83,7 +82,7 @@ func TestServerCPU(t *testing.T) {
 // cgroupOf is the cgroup2 directory of pid.
 func cgroupOf(t *testing.T, pid int) string {
 	t.Helper()
-	root, err := bpf.Cgroup2Root()
+	root, err := testenv.Cgroup2Root()
 	if err != nil {
 		t.Fatal(err)
 	}
