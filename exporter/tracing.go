@@ -70,16 +70,16 @@ func NewTracerProvider(ctx context.Context, env func(string) string, opts ...Tra
 	if err != nil {
 		return nil, nil, fmt.Errorf("tracing resource: %w", err)
 	}
-	tpOpts := []sdktrace.TracerProviderOption{sdktrace.WithSampler(sampler), sdktrace.WithResource(res)}
-
 	exp, err := newSpanExporter(ctx, env, o)
 	if err != nil {
 		return nil, nil, err
 	}
+	if exp == nil {
+		sampler = sdktrace.NeverSample() // OTEL_TRACES_SAMPLER was still checked above
+	}
+	tpOpts := []sdktrace.TracerProviderOption{sdktrace.WithSampler(sampler), sdktrace.WithResource(res)}
 	if exp != nil {
 		tpOpts = append(tpOpts, sdktrace.WithBatcher(exp))
-	} else {
-		tpOpts = append(tpOpts, sdktrace.WithSampler(sdktrace.NeverSample()))
 	}
 	tp := sdktrace.NewTracerProvider(tpOpts...)
 	return tp, tp.Shutdown, nil
