@@ -562,7 +562,7 @@ func startPgward(name, dir, cfg, cpuprofile, suffix string) (*exec.Cmd, error) {
 	if pgwardBin != "" {
 		c, err = startBinary(pgwardBin, dir, cfg)
 	} else {
-		var env []string
+		env := []string{"PGWARD_LOG_LEVEL=warn"} // as startBinary runs the binary
 		if cpuprofile != "" {
 			abs, _ := filepath.Abs(cpuprofile)
 			env = append(env, "PGWARD_BENCH_CPUPROFILE="+abs+suffix)
@@ -619,8 +619,9 @@ func withEventLoop(path string, nice int) error {
 
 // runAgent is the pgward child: the agent with the config at path until
 // SIGTERM, with its logger and tracer provider made as `pgward agent`
-// makes them (the JSON logger at PGWARD_LOG_LEVEL, warn as startBinary
-// sets it, here discarded; the tracer provider from the OTEL_* variables),
+// makes them (the JSON logger at PGWARD_LOG_LEVEL, which startPgward sets
+// to warn as startBinary does, here discarded; the tracer provider from the
+// OTEL_* variables),
 // so that its rows measure what `pgward agent` does.
 func runAgent(path string) int {
 	defer profileCPU()()
@@ -631,12 +632,7 @@ func runAgent(path string) int {
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
 	defer stop()
-	log, err := exporter.NewLogger(io.Discard, func(k string) string {
-		if v := os.Getenv(k); v != "" || k != "PGWARD_LOG_LEVEL" {
-			return v
-		}
-		return "warn"
-	})
+	log, err := exporter.NewLogger(io.Discard, os.Getenv)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "agent:", err)
 		return 1
