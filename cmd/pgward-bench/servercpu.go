@@ -19,6 +19,7 @@ import (
 type serverCPU struct {
 	dir  string // the server's cgroup
 	home string // the cgroup its processes go back to when the bench ends
+	pm   int    // the postmaster's pid
 }
 
 // newServerCPU moves the server's processes into a new cgroup under the
@@ -52,7 +53,7 @@ func newServerCPU(pg *testenv.Postgres) (*serverCPU, error) {
 	if err != nil {
 		return nil, err
 	}
-	s := &serverCPU{dir: dir, home: home}
+	s := &serverCPU{dir: dir, home: home, pm: pm}
 	// The postmaster first, so that what it forks meanwhile lands in dir.
 	if err := s.move(pm, dir); err != nil {
 		s.close()
