@@ -15,6 +15,7 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"flag"
 	"fmt"
@@ -72,6 +73,7 @@ func main() {
 	flag.BoolVar(&loopRelayRow, "relay-loop", true, "also run the relay-loop row: the minimal relay driven by one epoll event loop on one thread, as PgBouncer is (the ceiling of an event-loop relay in Go on this machine)")
 	flag.StringVar(&sweepClients, "sweep", "1,64", "client counts to run besides -clients, for the -sweep-workloads (comma-separated; empty for none)")
 	flag.StringVar(&sweepWorkloads, "sweep-workloads", "simple", "workloads run at the -sweep client counts")
+	flag.StringVar(&sharedBuffers, "shared-buffers", "256MB", "shared_buffers of the bench's PostgreSQL server (kB, MB or GB); the default holds the tables and indexes of scale 10 (about 170 MB), which are read into it before the first round, as a production server holds its working set; \"\" for testenv's 32MB, where select-only statements copy pages in from the kernel's page cache")
 	flag.StringVar(&auditDir, "audit-dir", "", "directory for pgward's audit files (default: the bench's temporary directory, under $TMPDIR); put it on the file system production would use")
 	flag.Parse()
 	if err := run(*duration, *rounds, *clients, *scale, *only, *cpuprofile, *decompose); err != nil {
@@ -114,7 +116,14 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 		return fmt.Errorf("pgbench not found: apt-get install -y postgresql-contrib")
 	}
 	fmt.Fprintln(os.Stderr, "starting a private PostgreSQL…")
-	pg, err := testenv.StartPostgres(ctx, testenv.Options{MaxConnections: 200})
+	opts := testenv.Options{MaxConnections: 200}
+	if sharedBuffers != "" {
+		if !sharedBuffersRE.MatchString(sharedBuffers) {
+			return fmt.Errorf("-shared-buffers %q: want a size such as 256MB (kB, MB or GB), or \"\" for testenv's 32MB", sharedBuffers)
+		}
+		opts.ExtraConf = append(opts.ExtraConf, "shared_buffers = "+sharedBuffers)
+	}
+	pg, err := testenv.StartPostgres(ctx, opts)
 	if err != nil {
 		return err
 	}
@@ -130,6 +139,11 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 	initCmd.Env = append(os.Environ(), "PGPASSWORD="+testenv.ScramPassword)
 	if out, err := initCmd.CombinedOutput(); err != nil {
 		return fmt.Errorf("pgbench -i: %v\n%s", err, out)
+	}
+	if sharedBuffers != "" {
+		if err := prewarm(ctx, pg); err != nil {
+			return err
+		}
 	}
 
 	dir, err := os.MkdirTemp("", "pgwb-")
@@ -351,8 +365,8 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 			}
 		}
 	}
-	fmt.Printf("\npgbench, %d clients (rows marked \"N clients\": N), %s × %d interleaved rounds (median), scale %d, Unix sockets, %d CPUs, PostgreSQL %s\n",
-		clients, duration, rounds, scale, runtime.NumCPU(), pgVersion())
+	fmt.Printf("\npgbench, %d clients (rows marked \"N clients\": N), %s × %d interleaved rounds (median), scale %d, shared_buffers %s, Unix sockets, %d CPUs, PostgreSQL %s\n",
+		clients, duration, rounds, scale, cmp.Or(sharedBuffers, "32MB"), runtime.NumCPU(), pgVersion())
 	fmt.Printf("pgward: separate process, audit durability=write parameters=full (pgw-async: durability=async; pgw-noaudit: no statement audit lines; pgw-1cpu: GOMAXPROCS=1; loop-noaudit: pgw-loop without statement audit lines); relay: separate process, 32 KiB copy loop, a goroutine per direction; relay-loop: the same bytes through one epoll event loop on one thread; pgbouncer: pool_mode=session, auth_type=scram-sha-256\n")
 	if loopNice != 0 && eventLoopRow {
 		fmt.Printf("pgw-loop: listen.event_loop_nice %d (its loop thread's nice value)\n", loopNice)
@@ -419,8 +433,32 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 var (
 	loopRelayRow, eventLoopRow, loopNetpollRow bool
 	sweepClients, sweepWorkloads               string
-	loopNice                                   int // -loop-nice
+	loopNice                                   int    // -loop-nice
+	sharedBuffers                              string // -shared-buffers
 )
+
+var sharedBuffersRE = regexp.MustCompile(`^[1-9][0-9]*(kB|MB|GB)$`)
+
+// prewarm reads pgbench's tables and indexes into shared buffers, so the
+// first round's first row does not pay for reading them in.
+func prewarm(ctx context.Context, pg *testenv.Postgres) error {
+	conn, err := pg.Admin(ctx)
+	if err != nil {
+		return err
+	}
+	defer conn.Close(ctx)
+	if _, err := conn.Exec(ctx, "CREATE EXTENSION IF NOT EXISTS pg_prewarm"); err != nil {
+		return fmt.Errorf("-shared-buffers needs the pg_prewarm extension (Debian's postgresql-15 package has it): %w", err)
+	}
+	var blocks int64
+	if err := conn.QueryRow(ctx, `SELECT coalesce(sum(pg_prewarm(c.oid)), 0) FROM pg_class c
+		JOIN pg_namespace n ON n.oid = c.relnamespace
+		WHERE n.nspname = 'public' AND c.relname LIKE 'pgbench\_%' AND c.relkind IN ('r', 'i')`).Scan(&blocks); err != nil {
+		return fmt.Errorf("prewarm: %w", err)
+	}
+	fmt.Fprintf(os.Stderr, "read pgbench's tables and indexes into shared_buffers (%s): %d MiB\n", sharedBuffers, blocks*8/1024)
+	return nil
+}
 
 // benchCase is a workload at a number of clients.
 type benchCase struct {
