@@ -375,7 +375,7 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 		fmt.Printf("pgw-base, base+reuse: the baseline build %s, same configuration, in its own process\n", baselineBin)
 	}
 	fmt.Println()
-	fmt.Printf("%-28s %-11s %9s %10s %9s %9s %9s %12s %6s %11s %10s %14s %10s\n", "workload", "path", "tps", "latency ms", "+ms/stmt", "vs direct", "vs bouncer", "CPU s/100k stmt", "user", "cswch/stmt", "rq µs/stmt", "server µs/stmt", "vs relay")
+	fmt.Printf("%-28s %-11s %9s %10s %9s %9s %9s %11s %12s %6s %11s %10s %14s %10s\n", "workload", "path", "tps", "latency ms", "+ms/stmt", "vs direct", "vs bouncer", "per round", "CPU s/100k stmt", "user", "cswch/stmt", "rq µs/stmt", "server µs/stmt", "vs relay")
 	for _, w := range cases {
 		direct := median(results[w.label+"|direct"])
 		relayRes := median(results[w.label+"|relay"])
@@ -398,14 +398,17 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 					u = fmt.Sprintf("%.0f%%", 100*ucpu[key].Seconds()/cpu[key].Seconds())
 				}
 			}
-			vb := "-"
+			vb, vbr := "-", "-"
 			if haveBouncer {
 				vb = fmt.Sprintf("%.2fx", med.tps/median(bouncer).tps)
+				if lo, hi, ok := roundRatios(results[key], bouncer); ok {
+					vbr = fmt.Sprintf("%.2f–%.2f", lo, hi)
+				}
 			}
 			// What the path adds to each statement's latency (pgbench's
 			// latency is per transaction).
 			added := (med.latencyMS - direct.latencyMS) / w.stmts
-			fmt.Printf("%-28s %-11s %9.0f %10.3f %9.3f %8.2fx %9s %12s %6s %11s %10s %14s %9.2fx\n", w.label, t.name, med.tps, med.latencyMS, added, med.tps/direct.tps, vb, c, u, cs, rq, srv, med.tps/relayRes.tps)
+			fmt.Printf("%-28s %-11s %9.0f %10.3f %9.3f %8.2fx %9s %11s %12s %6s %11s %10s %14s %9.2fx\n", w.label, t.name, med.tps, med.latencyMS, added, med.tps/direct.tps, vb, vbr, c, u, cs, rq, srv, med.tps/relayRes.tps)
 		}
 	}
 	if len(cases) > len(wls) {
@@ -996,6 +999,28 @@ func pgbench(t target, w workload, clients int, d time.Duration) (result, error)
 	tps, _ := strconv.ParseFloat(string(m[1]), 64)
 	lat, _ := strconv.ParseFloat(string(l[1]), 64)
 	return result{tps, lat}, nil
+}
+
+// roundRatios gives the lowest and highest of the rounds' tps ratios of rs
+// to bouncer, each round against PgBouncer's run of the same round (the
+// rounds are interleaved, so both have one result per round, in order).
+func roundRatios(rs, bouncer []result) (lo, hi float64, ok bool) {
+	if len(rs) == 0 || len(rs) != len(bouncer) {
+		return 0, 0, false
+	}
+	for i, r := range rs {
+		if bouncer[i].tps <= 0 {
+			return 0, 0, false
+		}
+		q := r.tps / bouncer[i].tps
+		if i == 0 || q < lo {
+			lo = q
+		}
+		if i == 0 || q > hi {
+			hi = q
+		}
+	}
+	return lo, hi, true
 }
 
 func median(rs []result) result {
