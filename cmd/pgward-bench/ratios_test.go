@@ -12,7 +12,7 @@ func TestRoundRatios(t *testing.T) {
 		t.Errorf("roundRatios = %v, %v, %v; want 0.8, 1.5, true", lo, hi, ok)
 	}
 	for name, b := range map[string][]result{
-		"a round missing": bouncer[:2],
+		"a round missing":  bouncer[:2],
 		"no PgBouncer tps": {{tps: 100}, {tps: 0}, {tps: 60}},
 	} {
 		if _, _, ok := roundRatios(rs, b); ok {
