@@ -73,9 +73,13 @@ func main() {
 	flag.BoolVar(&loopRelayRow, "relay-loop", true, "also run the relay-loop row: the minimal relay driven by one epoll event loop on one thread, as PgBouncer is (the ceiling of an event-loop relay in Go on this machine)")
 	flag.StringVar(&sweepClients, "sweep", "1,64", "client counts to run besides -clients, for the -sweep-workloads (comma-separated; empty for none)")
 	flag.StringVar(&sweepWorkloads, "sweep-workloads", "simple", "workloads run at the -sweep client counts")
-	flag.StringVar(&sharedBuffers, "shared-buffers", "256MB", "shared_buffers of the bench's PostgreSQL server (kB, MB or GB); the default holds the tables and indexes of scale 10 (about 170 MB), which are read into it before the first round, as a production server holds its working set; \"\" for testenv's 32MB, where select-only statements copy pages in from the kernel's page cache")
+	flag.StringVar(&sharedBuffers, "shared-buffers", "256MB", "shared_buffers of the bench's PostgreSQL server (kB, MB or GB); the default holds the tables and indexes of scale 10 (about 150 MiB), which are read into it before the first round, as a production server holds its working set; \"\" for testenv's 32MB, where select-only statements copy pages in from the kernel's page cache")
 	flag.StringVar(&auditDir, "audit-dir", "", "directory for pgward's audit files (default: the bench's temporary directory, under $TMPDIR); put it on the file system production would use")
 	flag.Parse()
+	if sharedBuffers != "" && !sharedBuffersRE.MatchString(sharedBuffers) {
+		fmt.Fprintf(os.Stderr, "pgward-bench: -shared-buffers %q: want a size such as 256MB (kB, MB or GB), or \"\" for testenv's 32MB\n", sharedBuffers)
+		os.Exit(2)
+	}
 	if err := run(*duration, *rounds, *clients, *scale, *only, *cpuprofile, *decompose); err != nil {
 		fmt.Fprintln(os.Stderr, "pgward-bench:", err)
 		os.Exit(1)
@@ -118,9 +122,6 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 	fmt.Fprintln(os.Stderr, "starting a private PostgreSQL…")
 	opts := testenv.Options{MaxConnections: 200}
 	if sharedBuffers != "" {
-		if !sharedBuffersRE.MatchString(sharedBuffers) {
-			return fmt.Errorf("-shared-buffers %q: want a size such as 256MB (kB, MB or GB), or \"\" for testenv's 32MB", sharedBuffers)
-		}
 		opts.ExtraConf = append(opts.ExtraConf, "shared_buffers = "+sharedBuffers)
 	}
 	pg, err := testenv.StartPostgres(ctx, opts)
