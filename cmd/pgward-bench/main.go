@@ -17,6 +17,7 @@ import (
 	"bytes"
 	"cmp"
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -115,7 +116,11 @@ func (t target) runs(w workload) bool {
 }
 
 func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile string, decompose bool) error {
-	ctx := context.Background()
+	// SIGINT or SIGTERM stops the pgbench running and returns, so that the
+	// deferred clean-ups stop the children and the server and remove the
+	// temporary files and the server's cgroup.
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
 	if _, err := exec.LookPath("pgbench"); err != nil {
 		return fmt.Errorf("pgbench not found: apt-get install -y postgresql-contrib")
 	}
@@ -136,9 +141,11 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 		defer server.close()
 	}
 	fmt.Fprintf(os.Stderr, "pgbench -i -s %d…\n", scale)
-	initCmd := exec.Command("pgbench", "-i", "-q", "-s", strconv.Itoa(scale), "-h", pg.SocketDir, "-p", strconv.Itoa(pg.Port), "-U", testenv.ScramUser, testenv.Database)
+	initCmd := exec.CommandContext(ctx, "pgbench", "-i", "-q", "-s", strconv.Itoa(scale), "-h", pg.SocketDir, "-p", strconv.Itoa(pg.Port), "-U", testenv.ScramUser, testenv.Database)
 	initCmd.Env = append(os.Environ(), "PGPASSWORD="+testenv.ScramPassword)
-	if out, err := initCmd.CombinedOutput(); err != nil {
+	if out, err := initCmd.CombinedOutput(); ctx.Err() != nil {
+		return errInterrupted
+	} else if err != nil {
 		return fmt.Errorf("pgbench -i: %v\n%s", err, out)
 	}
 	if sharedBuffers != "" {
@@ -346,7 +353,10 @@ func run(duration time.Duration, rounds, clients, scale int, only, cpuprofile st
 				if ship != nil && t.name == ship.target.name {
 					ship.before()
 				}
-				res, err := pgbench(t, w.workload, w.clients, duration)
+				res, err := pgbench(ctx, t, w.workload, w.clients, duration)
+				if ctx.Err() != nil {
+					return errInterrupted
+				}
 				if err != nil {
 					return fmt.Errorf("%s %s: %w", w.label, t.name, err)
 				}
@@ -982,11 +992,14 @@ var (
 	latRe = regexp.MustCompile(`latency average = ([0-9.]+) ms`)
 )
 
-func pgbench(t target, w workload, clients int, d time.Duration) (result, error) {
+// errInterrupted is run's error when a signal stopped it.
+var errInterrupted = errors.New("interrupted: stopped the children and the server, removed the temporary files")
+
+func pgbench(ctx context.Context, t target, w workload, clients int, d time.Duration) (result, error) {
 	args := append([]string{"-n"}, w.args...)
 	args = append(args, "-c", strconv.Itoa(clients), "-j", strconv.Itoa(min(2, clients)), "-T", strconv.Itoa(int(d.Seconds())),
 		"-h", t.host, "-p", strconv.Itoa(t.port), "-U", testenv.ScramUser, t.db)
-	cmd := exec.Command("pgbench", args...)
+	cmd := exec.CommandContext(ctx, "pgbench", args...)
 	cmd.Env = append(os.Environ(), t.env...)
 	out, err := cmd.CombinedOutput()
 	if err != nil {
