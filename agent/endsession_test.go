@@ -38,10 +38,15 @@ func endFixture(t *testing.T, h *harness, table string) *pgx.Conn {
 		"drop table if exists " + table,
 		"create table " + table + " (n int)",
 		"grant select, insert on " + table + " to public",
+		"drop function if exists stubborn_sleep(float8)",
 		// Each catches every cancel (a loop of blocks), so only
 		// pg_terminate_backend (FATAL, not catchable) stops it early.
-		`create or replace function stubborn_sleep(s float8) returns void language plpgsql as $$
-declare t0 timestamptz := clock_timestamp();
+		// One CancelRequest can interrupt a backend twice: the postmaster
+		// sends SIGINT to the backend and then to its process group, and
+		// under load the second can come after the first was handled,
+		// between two statements of a handler or of the loop, outside any
+		// block. The functions' outer handlers catch that second one.
+		`create or replace function stubborn_sleep(s float8, t0 timestamptz default clock_timestamp()) returns void language plpgsql as $$
 begin
   loop
     begin
@@ -50,6 +55,8 @@ begin
     exception when query_canceled then null;
     end;
   end loop;
+exception when query_canceled then
+  perform stubborn_sleep(s, t0);
 end $$`,
 		`create or replace function stubborn_done(s float8) returns int language plpgsql as $$
 begin
@@ -60,6 +67,9 @@ begin
     return 1;
   end;
   return 0;
+exception when query_canceled then
+  perform stubborn_sleep(s);
+  return 1;
 end $$`,
 		`create or replace function stubborn_hang() returns int language plpgsql as $$
 begin
